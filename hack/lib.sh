@@ -1,0 +1,40 @@
+# Shared settings for the hack/ scripts. Source it; do not run it.
+# Two places: CACHE (outside the clone, survives fresh clones: venv, unpacked Milvus, models, cargo target)
+# and STATE (inside the clone, ignored: service data, logs, pid files).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${IMAGEINDEX_CACHE:-$HOME/.cache/imageindex}
+STATE=${IMAGEINDEX_STATE:-$ROOT/.state}
+VENV=$CACHE/venv
+PY=$VENV/bin/python
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
+
+MILVUS_PORT=${MILVUS_PORT:-19530}
+MILVUS_HEALTH_PORT=${MILVUS_HEALTH_PORT:-9091}
+MYSQL_PORT=${MYSQL_PORT:-3307}
+S3_PORT=${S3_PORT:-8333}
+MYSQL_USER=imageindex
+MYSQL_PASSWORD=${MYSQL_PASSWORD:-imageindex-local}
+MYSQL_DB=imageindex
+S3_ACCESS_KEY=${S3_ACCESS_KEY:-imageindex}
+S3_SECRET_KEY=${S3_SECRET_KEY:-imageindex-local-secret}
+
+log() { printf '\033[1m[hack]\033[0m %s\n' "$*" >&2; }
+
+# wait_for NAME SECONDS CMD...: poll CMD until it succeeds or the deadline passes.
+wait_for() {
+  local name=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then log "$name did not become ready in ${secs}s"; return 1; fi
+    sleep 0.3
+  done
+}
+
+# Running PID from a pid file, or nothing.
+running_pid() {
+  local f=$STATE/$1.pid
+  [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && cat "$f"
+}
+
+ort_dylib() { ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1; }

@@ -1,0 +1,7 @@
+//! Image -> vector: decoding, the reference preprocessing, and the model.
+pub mod model;
+pub mod preprocess;
+pub mod worker;
+
+pub use model::{Device, Model, ModelOptions};
+pub use preprocess::{DecodeError, DecodeLimits, Preprocessor, TENSOR_LEN};

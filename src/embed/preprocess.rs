@@ -1,0 +1,320 @@
+//! Decoding and the reference preprocessing, torchvision's ResNet50 transform:
+//! `Resize(256, bilinear, antialias) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet)`,
+//! applied to the image converted to RGB as PIL's `convert("RGB")` does (alpha dropped, grey replicated).
+//! The resize is a separable convolution whose support widens with the downscale factor, which is
+//! what PIL does and what `fast_image_resize`'s bilinear convolution implements.
+
+use std::io::Cursor;
+
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+
+/// Side of the square the model sees.
+pub const CROP: u32 = 224;
+/// Shorter side after the resize, before the centre crop.
+pub const RESIZE: u32 = 256;
+/// Elements of one preprocessed image: 3 x 224 x 224, CHW.
+pub const TENSOR_LEN: usize = 3 * (CROP as usize) * (CROP as usize);
+const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Guards against hostile or accidental inputs.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits {
+    /// Most pixels a decoded image may have (width x height). The header is read first, so a
+    /// decompression bomb is refused before anything is allocated for it.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        // PIL refuses above 2 x 89.5 MP; 64 MP covers any camera and keeps a decode under 200 MB.
+        Self { max_pixels: 64_000_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a supported image (JPEG, PNG or WebP expected)")]
+    Unsupported,
+    #[error("image is {width}x{height} = {pixels} pixels, more than the limit of {limit}")]
+    TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
+    #[error("image has no pixels")]
+    Empty,
+    #[error("corrupt {format} image: {source}")]
+    Corrupt { format: &'static str, source: image::ImageError },
+    #[error("truncated JPEG image: the data ends before the end-of-image marker")]
+    TruncatedJpeg,
+}
+
+/// Sniffs the format from the bytes (never the file name) and returns it if we decode it.
+pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
+    match image::guess_format(bytes).ok()? {
+        f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) => Some(f),
+        _ => None,
+    }
+}
+
+/// Decodes JPEG, PNG or WebP bytes to RGB8, applying the EXIF orientation.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<image::RgbImage, DecodeError> {
+    let format = sniff(bytes).ok_or(DecodeError::Unsupported)?;
+    let name = match format {
+        ImageFormat::Jpeg => "JPEG",
+        ImageFormat::Png => "PNG",
+        _ => "WebP",
+    };
+    // The JPEG decoder fills missing data with grey instead of failing; check the structure first.
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(DecodeError::TruncatedJpeg);
+    }
+    let corrupt = |source| DecodeError::Corrupt { format: name, source };
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut lim = Limits::default();
+    // Backstop for decoders that allocate beyond the frame (the explicit check below gives the message).
+    lim.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(64 << 20));
+    reader.limits(lim);
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels == 0 {
+        return Err(DecodeError::Empty);
+    }
+    if pixels > limits.max_pixels {
+        return Err(DecodeError::TooLarge { width, height, pixels, limit: limits.max_pixels });
+    }
+    let orientation = decoder.orientation().map_err(corrupt)?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    img.apply_orientation(orientation);
+    Ok(match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
+}
+
+/// Walks a JPEG's segments and entropy-coded data and says whether it reaches the EOI marker.
+/// Segments are skipped by their length (so an EXIF thumbnail's own EOI is not mistaken for ours);
+/// in entropy-coded data, 0xFF is followed by 0x00 (stuffing) or RSTn unless a marker starts.
+pub fn jpeg_is_complete(b: &[u8]) -> bool {
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        // A marker: one or more 0xFF, then its code.
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&code) = b.get(i) else { return false };
+        i += 1;
+        match code {
+            0xD9 => return true,
+            0x01 | 0xD0..=0xD7 => continue, // no length
+            _ => {}
+        }
+        let Some(len) = b.get(i..i + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else { return false };
+        if len < 2 {
+            return false;
+        }
+        i += len;
+        if code == 0xDA {
+            // Scan data up to the next real marker.
+            loop {
+                let Some(off) = b.get(i..).and_then(|rest| rest.iter().position(|&x| x == 0xFF)) else { return false };
+                i += off;
+                match b.get(i + 1) {
+                    None => return false,
+                    Some(0x00 | 0xD0..=0xD7) => i += 2,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// torchvision's `Resize(256)` output size: the shorter side becomes 256, the longer one
+/// `int(256 * long / short)` (truncated, as torchvision computes it).
+pub fn resized_size(width: u32, height: u32) -> (u32, u32) {
+    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let long_new = ((RESIZE as u64 * long as u64) / short as u64) as u32;
+    if width <= height { (RESIZE, long_new) } else { (long_new, RESIZE) }
+}
+
+/// torchvision's `CenterCrop` offset: `int(round((size - crop) / 2))`, with Python's
+/// round-half-to-even (so 58.5 rounds to 58, not 59).
+pub fn crop_offset(size: u32, crop: u32) -> u32 {
+    let twice = size.saturating_sub(crop); // (size - crop) / 2 == twice / 2
+    let (q, r) = (twice / 2, twice % 2);
+    if r == 1 && q % 2 == 1 { q + 1 } else { q }
+}
+
+/// Reusable preprocessing state (the resizer keeps its scratch buffers between images).
+#[derive(Default)]
+pub struct Preprocessor {
+    resizer: Resizer,
+}
+
+impl Preprocessor {
+    /// RGB8 image -> normalised CHW tensor, written into `out` (`TENSOR_LEN` floats).
+    pub fn tensor_into(&mut self, img: image::RgbImage, out: &mut [f32]) {
+        assert_eq!(out.len(), TENSOR_LEN);
+        let (w, h) = img.dimensions();
+        let (rw, rh) = resized_size(w, h);
+        let src = Image::from_vec_u8(w, h, img.into_raw(), PixelType::U8x3).expect("RgbImage buffer has w*h*3 bytes");
+        let mut dst = Image::new(rw, rh, PixelType::U8x3);
+        let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        self.resizer.resize(&src, &mut dst, &opts).expect("same pixel types");
+
+        let (left, top) = (crop_offset(rw, CROP) as usize, crop_offset(rh, CROP) as usize);
+        let buf = dst.buffer();
+        let plane = (CROP * CROP) as usize;
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
+        let shift: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
+        for y in 0..CROP as usize {
+            let row = &buf[((top + y) * rw as usize + left) * 3..][..CROP as usize * 3];
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                let i = y * CROP as usize + x;
+                for c in 0..3 {
+                    out[c * plane + i] = px[c] as f32 * scale[c] + shift[c];
+                }
+            }
+        }
+    }
+
+    /// Bytes -> tensor: decode, then preprocess.
+    pub fn from_bytes(&mut self, bytes: &[u8], limits: DecodeLimits) -> Result<Vec<f32>, DecodeError> {
+        let img = decode(bytes, limits)?;
+        let mut out = vec![0.0; TENSOR_LEN];
+        self.tensor_into(img, &mut out);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_matches_torchvision_sizes() {
+        assert_eq!(resized_size(451, 300), (384, 256)); // int(256 * 451 / 300) = 384
+        assert_eq!(resized_size(300, 451), (256, 384));
+        assert_eq!(resized_size(512, 512), (256, 256));
+        assert_eq!(resized_size(741, 500), (379, 256)); // 379.39 truncated
+    }
+
+    #[test]
+    fn crop_offset_rounds_half_to_even() {
+        assert_eq!(crop_offset(256, 224), 16);
+        assert_eq!(crop_offset(341, 224), 58); // round(58.5) = 58 in Python
+        assert_eq!(crop_offset(343, 224), 60); // round(59.5) = 60
+        assert_eq!(crop_offset(379, 224), 78); // round(77.5) = 78
+        assert_eq!(crop_offset(224, 224), 0);
+    }
+
+    #[test]
+    fn sniffing_ignores_names_and_refuses_text() {
+        assert!(sniff(b"hello, I am a text file named cat.jpg").is_none());
+        assert!(matches!(decode(b"GIF89a....", DecodeLimits::default()), Err(DecodeError::Unsupported)));
+    }
+}
+
+/// Parity with torchvision, on the committed fixtures (tests/fixtures/README.md says how they were made).
+#[cfg(test)]
+mod parity {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    /// Our tensor for `image`, as 8-bit levels (undoing the normalisation), next to the reference levels.
+    fn levels(image: &str, reference: &str) -> (Vec<f32>, Vec<u8>) {
+        let t = Preprocessor::default().from_bytes(&fixture(image), DecodeLimits::default()).unwrap();
+        let plane = TENSOR_LEN / 3;
+        let ours = t.iter().enumerate().map(|(i, x)| (x * STD[i / plane] + MEAN[i / plane]) * 255.0).collect();
+        (ours, fixture(reference))
+    }
+
+    /// (max, mean) absolute difference in grey levels.
+    fn diff(ours: &[f32], reference: &[u8]) -> (f32, f32) {
+        assert_eq!(ours.len(), reference.len());
+        let d: Vec<f32> = ours.iter().zip(reference).map(|(a, &b)| (a - b as f32).abs()).collect();
+        (d.iter().cloned().fold(0.0, f32::max), d.iter().sum::<f32>() / d.len() as f32)
+    }
+
+    #[test]
+    fn matches_torchvision_on_png_jpeg_grey_and_rgba() {
+        for stem in ["chelsea.png", "rocket.jpg", "camera.png", "logo.png"] {
+            let base = stem.split('.').next().unwrap();
+            let (ours, reference) = levels(stem, &format!("{base}.levels.u8"));
+            let (max, mean) = diff(&ours, &reference);
+            eprintln!("{stem}: max {max:.3} mean {mean:.4} grey levels");
+            // PIL and fast_image_resize both resample in 8-bit fixed point; they differ by
+            // rounding, and JPEG decoders (libjpeg-turbo vs zune-jpeg) by their IDCT/upsampling.
+            // Measured: PNGs max 1 level, mean 0.06-0.20; the JPEG max 2, mean 0.075.
+            let (max_ok, mean_ok) = if stem.ends_with(".jpg") { (3.0, 0.15) } else { (1.001, 0.25) };
+            assert!(max <= max_ok && mean <= mean_ok, "{stem}: max {max} mean {mean} grey levels off torchvision");
+        }
+    }
+
+    #[test]
+    fn lossless_webp_gives_the_png_tensor() {
+        let (ours, reference) = levels("chelsea.webp", "chelsea.levels.u8");
+        let (max, _) = diff(&ours, &reference);
+        assert!(max <= 1.001, "webp max diff {max}");
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        let img = decode(&fixture("rocket-exif6.jpg"), DecodeLimits::default()).unwrap();
+        assert_eq!(img.dimensions(), (640, 427), "stored 427x640 sideways, shown 640x427");
+        let (ours, reference) = levels("rocket-exif6.jpg", "rocket.levels.u8");
+        let (_, mean) = diff(&ours, &reference);
+        // Re-encoded at quality 95, so not exact; a wrong rotation is off by tens of levels.
+        assert!(mean < 3.0, "rotated rocket mean diff {mean} grey levels");
+    }
+
+    #[test]
+    fn bombs_are_refused_from_the_header() {
+        // A 20000x20000 PNG header: refused before any pixel is allocated.
+        let mut png = Vec::new();
+        let enc = image::codecs::png::PngEncoder::new(&mut png);
+        image::ImageEncoder::write_image(enc, &[0u8; 3 * 64 * 64], 64, 64, image::ExtendedColorType::Rgb8).unwrap();
+        // Patch the IHDR width/height (bytes 16..24) and its CRC.
+        png[16..20].copy_from_slice(&20000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&20000u32.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        match decode(&png, DecodeLimits::default()) {
+            Err(DecodeError::TooLarge { width: 20000, height: 20000, .. }) => {}
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused() {
+        let jpeg = fixture("rocket.jpg");
+        assert!(jpeg_is_complete(&jpeg));
+        assert!(jpeg_is_complete(&fixture("rocket-exif6.jpg")), "EXIF segment skipped by length");
+        for cut in [jpeg.len() / 3, jpeg.len() - 2, 20] {
+            let err = decode(&jpeg[..cut], DecodeLimits::default()).map(|_| ()).unwrap_err();
+            assert!(matches!(err, DecodeError::TruncatedJpeg), "cut at {cut}: {err}");
+        }
+        // Trailing bytes after the EOI (motion photos append a video) are fine.
+        let mut longer = jpeg.clone();
+        longer.extend_from_slice(b"appended video bytes");
+        assert!(decode(&longer, DecodeLimits::default()).is_ok());
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+}

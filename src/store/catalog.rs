@@ -1,0 +1,229 @@
+//! The catalog in MySQL/MariaDB (sqlx, migrations embedded from `migrations/`): one row per
+//! object with its etag, size, content hash and state, plus one row per sync run.
+//! Every statement binds its values; nothing is built by string concatenation.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::{QueryBuilder, Row};
+
+/// What the catalog knows of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub id: i64,
+    pub key: String,
+    pub etag: Option<String>,
+    pub size: u64,
+    pub indexed: bool,
+}
+
+/// A finished object, to be recorded.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub id: i64,
+    pub key: String,
+    pub etag: Option<String>,
+    pub size: u64,
+    pub content_hash: Option<String>,
+    /// None = indexed; Some(reason) = failed.
+    pub error: Option<String>,
+}
+
+/// Counts for one collection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub indexed: u64,
+    pub failed: u64,
+}
+
+/// Progress of one run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunProgress {
+    pub discovered: u64,
+    pub planned: u64,
+    pub indexed: u64,
+    pub failed: u64,
+    pub deleted: u64,
+}
+
+/// A failed object and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Failure {
+    pub key: String,
+    pub error: String,
+}
+
+#[derive(Clone)]
+pub struct Catalog {
+    pool: MySqlPool,
+    collection: String,
+    model: String,
+}
+
+impl Catalog {
+    /// Connects and applies the migrations.
+    pub async fn connect(url: &str, collection: &str, model: &str) -> Result<Self> {
+        let opts: MySqlConnectOptions = url.parse().context("bad MySQL URL (mysql://user:pass@host:3306/db)")?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .context("connecting to MySQL")?;
+        sqlx::migrate!().run(&pool).await.context("applying catalog migrations")?;
+        Ok(Self { pool, collection: collection.to_string(), model: model.to_string() })
+    }
+
+    /// Every entry of this collection whose id falls in `shard` of `shards` (id mod shards).
+    pub async fn entries(&self, shard: u32, shards: u32) -> Result<HashMap<String, Entry>> {
+        let rows =
+            sqlx::query("SELECT id, object_key, etag, size, state FROM images WHERE collection = ? AND MOD(id, ?) = ?")
+                .bind(&self.collection)
+                .bind(shards)
+                .bind(shard)
+                .fetch_all(&self.pool)
+                .await
+                .context("reading the catalog")?;
+        rows.into_iter()
+            .map(|r| {
+                let e = Entry {
+                    id: r.try_get("id")?,
+                    key: r.try_get("object_key")?,
+                    etag: r.try_get("etag")?,
+                    size: r.try_get::<i64, _>("size")? as u64,
+                    indexed: r.try_get::<String, _>("state")? == "indexed",
+                };
+                Ok((e.key.clone(), e))
+            })
+            .collect()
+    }
+
+    /// Upserts finished objects (indexed or failed) in one statement.
+    pub async fn record(&self, records: &[Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut qb = QueryBuilder::new(
+            "INSERT INTO images (collection, id, object_key, etag, size, content_hash, state, error, model, indexed_at) ",
+        );
+        qb.push_values(records, |mut b, r| {
+            let ok = r.error.is_none();
+            b.push_bind(&self.collection)
+                .push_bind(r.id)
+                .push_bind(&r.key)
+                .push_bind(&r.etag)
+                .push_bind(r.size as i64)
+                .push_bind(&r.content_hash)
+                .push_bind(if ok { "indexed" } else { "failed" })
+                .push_bind(&r.error)
+                .push_bind(&self.model)
+                .push(if ok { "CURRENT_TIMESTAMP(3)" } else { "NULL" });
+        });
+        qb.push(
+            " ON DUPLICATE KEY UPDATE object_key = VALUES(object_key), etag = VALUES(etag), size = VALUES(size), \
+             content_hash = VALUES(content_hash), state = VALUES(state), error = VALUES(error), \
+             model = VALUES(model), indexed_at = VALUES(indexed_at)",
+        );
+        qb.build().execute(&self.pool).await.context("writing the catalog")?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, ids: &[i64]) -> Result<()> {
+        for chunk in ids.chunks(1000) {
+            let mut qb = QueryBuilder::new("DELETE FROM images WHERE collection = ");
+            qb.push_bind(&self.collection).push(" AND id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build().execute(&self.pool).await.context("deleting from the catalog")?;
+        }
+        Ok(())
+    }
+
+    pub async fn counts(&self) -> Result<Counts> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM images WHERE collection = ? GROUP BY state")
+            .bind(&self.collection)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut c = Counts::default();
+        for r in rows {
+            let n = r.try_get::<i64, _>("n")? as u64;
+            match r.try_get::<String, _>("state")?.as_str() {
+                "indexed" => c.indexed = n,
+                _ => c.failed = n,
+            }
+        }
+        Ok(c)
+    }
+
+    pub async fn failures(&self, limit: u32) -> Result<Vec<Failure>> {
+        let rows = sqlx::query(
+            "SELECT object_key, error FROM images WHERE collection = ? AND state = 'failed' ORDER BY object_key LIMIT ?",
+        )
+        .bind(&self.collection)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Failure {
+                    key: r.try_get("object_key")?,
+                    error: r.try_get::<Option<String>, _>("error")?.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// The key an id stands for, when it is indexed.
+    pub async fn key_of(&self, id: i64) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT object_key FROM images WHERE collection = ? AND id = ? AND state = 'indexed'")
+            .bind(&self.collection)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn start_run(&self, shard: u32, shards: u32) -> Result<i64> {
+        let res = sqlx::query("INSERT INTO runs (collection, shard, shards, status) VALUES (?, ?, ?, 'running')")
+            .bind(&self.collection)
+            .bind(shard)
+            .bind(shards)
+            .execute(&self.pool)
+            .await?;
+        Ok(res.last_insert_id() as i64)
+    }
+
+    pub async fn update_run(&self, run: i64, p: &RunProgress) -> Result<()> {
+        sqlx::query("UPDATE runs SET discovered = ?, planned = ?, indexed = ?, failed = ?, deleted = ? WHERE id = ?")
+            .bind(p.discovered as i64)
+            .bind(p.planned as i64)
+            .bind(p.indexed as i64)
+            .bind(p.failed as i64)
+            .bind(p.deleted as i64)
+            .bind(run)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_run(&self, run: i64, p: &RunProgress, error: Option<&str>) -> Result<()> {
+        self.update_run(run, p).await?;
+        sqlx::query("UPDATE runs SET status = ?, error = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?")
+            .bind(if error.is_some() { "failed" } else { "succeeded" })
+            .bind(error)
+            .bind(run)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// MySQL answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,315 @@
+//! Vectors in Milvus (milvus-sdk-rust 3, against a 2.3+ server).
+//! Schema: `id` INT64 primary key (derived from the object key, so re-runs upsert instead of
+//! duplicating), `key` VARCHAR (the object key), `embedding` FLOAT_VECTOR(dim).
+//! Known gaps of the 3.x SDK against a 2.3 server are avoided: no `rows()` on results (column
+//! accessors instead) and no get/delete by `Ids` (an `id in [..]` filter instead).
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, bail};
+use milvus::v2::prelude::*;
+use milvus::v2::{self as sdk};
+
+pub const ID: &str = "id";
+pub const KEY: &str = "key";
+pub const VECTOR: &str = "embedding";
+/// Longest object key we store (S3 allows 1024 bytes).
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// The vector index: what kind, and how distances are measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum IndexKind {
+    /// Graph index, cosine similarity (higher is closer). The default.
+    #[value(name = "HNSW")]
+    #[serde(rename = "HNSW")]
+    Hnsw,
+    /// Inverted lists, L2 distance (lower is closer): what the Milvus bootcamp uses.
+    #[value(name = "IVF_FLAT")]
+    #[serde(rename = "IVF_FLAT")]
+    IvfFlat,
+}
+
+impl IndexKind {
+    fn params(self) -> IndexParam {
+        let p = IndexParam::new().field_name(VECTOR);
+        match self {
+            IndexKind::Hnsw => p
+                .index_type(IndexType::Hnsw)
+                .metric_type(MetricType::Cosine)
+                .extra_params(HashMap::from([("M".into(), "16".into()), ("efConstruction".into(), "200".into())])),
+            IndexKind::IvfFlat => p
+                .index_type(IndexType::IvfFlat)
+                .metric_type(MetricType::L2)
+                .extra_params(HashMap::from([("nlist".into(), NLIST.to_string())])),
+        }
+    }
+
+    /// Search parameters. Near-duplicate margins can be tiny, so searches are generous:
+    /// IVF_FLAT probes every list (exact), HNSW uses a wide beam.
+    fn search_params(self, topk: usize) -> HashMap<String, String> {
+        match self {
+            IndexKind::Hnsw => HashMap::from([("ef".into(), (topk * 4).max(256).to_string())]),
+            IndexKind::IvfFlat => HashMap::from([("nprobe".into(), NLIST.to_string())]),
+        }
+    }
+
+    /// Cosine is a similarity (higher is closer); L2 a distance.
+    pub fn higher_is_closer(self) -> bool {
+        self == IndexKind::Hnsw
+    }
+}
+
+const NLIST: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct MilvusConfig {
+    /// `http://host:19530`
+    pub url: String,
+    /// `user:password`, where the server has authentication on.
+    pub token: Option<String>,
+    pub collection: String,
+    pub index: IndexKind,
+}
+
+/// One search hit.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Hit {
+    pub id: i64,
+    pub key: String,
+    /// The raw Milvus score: cosine similarity for HNSW/COSINE, L2 distance for IVF_FLAT/L2.
+    pub score: f32,
+}
+
+pub struct VectorStore {
+    client: ClientV2,
+    collection: String,
+    index: IndexKind,
+}
+
+impl VectorStore {
+    pub async fn connect(cfg: &MilvusConfig) -> Result<Self> {
+        let mut conn = ConnectConfig::new().uri(cfg.url.clone());
+        if let Some(t) = &cfg.token {
+            conn = conn.token(t.clone());
+        }
+        let client = ClientV2::new(&conn).await.with_context(|| format!("connecting to Milvus at {}", cfg.url))?;
+        Ok(Self { client, collection: cfg.collection.clone(), index: cfg.index })
+    }
+
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    pub fn index_kind(&self) -> IndexKind {
+        self.index
+    }
+
+    /// Creates the collection and its index if missing, refuses one whose shape differs, and loads it.
+    pub async fn ensure_collection(&self, dim: usize) -> Result<()> {
+        let name = self.collection.as_str();
+        if self.exists().await? {
+            self.check_schema(dim).await?;
+        } else {
+            let schema = sdk::CollectionSchema::new()
+                .description("imageindex: one row per image object")
+                .add_field(sdk::FieldSchema::new().name(ID).data_type(DataType::Int64).primary_key(true).auto_id(false))
+                .add_field(
+                    sdk::FieldSchema::new().name(KEY).data_type(DataType::VarChar).max_length(MAX_KEY_LEN as u32),
+                )
+                .add_field(sdk::FieldSchema::new().name(VECTOR).data_type(DataType::FloatVector).dimension(dim as u32));
+            let created = self
+                .client
+                .create_collection(CreateCollectionRequest::builder().collection_name(name).schema(schema).build()?)
+                .await;
+            // Shards of one Job start together: another may have created it first.
+            if let Err(e) = created {
+                if !self.exists().await? {
+                    return Err(e).with_context(|| format!("creating collection {name}"));
+                }
+                self.check_schema(dim).await?;
+            }
+        }
+        // Milvus 2.3 answers "index not found" rather than an empty list.
+        let has_index =
+            match self.client.list_indexes(ListIndexesRequest::builder().collection_name(name).build()?).await {
+                Ok(r) => !r.index_names().is_empty(),
+                Err(e) if e.to_string().contains("index not found") => false,
+                Err(e) => return Err(e).context("listing indexes"),
+            };
+        if !has_index {
+            // Creating an identical index twice is a no-op on the server, so a race here is harmless.
+            self.client
+                .create_index(
+                    CreateIndexRequest::builder()
+                        .collection_name(name)
+                        .index_params(vec![self.index.params()])
+                        .build()?,
+                )
+                .await
+                .with_context(|| format!("creating the {:?} index on {name}", self.index))?;
+        }
+        self.client
+            .load_collection(LoadCollectionRequest::builder().collection_name(name).build()?)
+            .await
+            .with_context(|| format!("loading collection {name}"))?;
+        Ok(())
+    }
+
+    async fn check_schema(&self, dim: usize) -> Result<()> {
+        let desc = self
+            .client
+            .describe_collection(DescribeCollectionRequest::builder().collection_name(&self.collection).build()?)
+            .await?;
+        let fields = desc.description().get_schema().get_fields();
+        let vector = fields.iter().find(|f| f.get_name() == VECTOR);
+        match vector.map(|f| f.get_dimension()) {
+            Some(d) if d as usize == dim => {}
+            Some(d) => bail!("collection {} holds {d}-d vectors but the model makes {dim}-d ones", self.collection),
+            None => bail!("collection {} exists but was not made by imageindex (no {VECTOR} field)", self.collection),
+        }
+        if !fields.iter().any(|f| f.get_name() == KEY) {
+            bail!("collection {} exists but was not made by imageindex (no {KEY} field)", self.collection);
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces rows by id.
+    pub async fn upsert(&self, ids: Vec<i64>, keys: Vec<String>, vectors: Vec<Vec<f32>>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let insert = InsertRequest::builder()
+            .collection_name(&self.collection)
+            .columns(vec![
+                FieldData::int64(ID, ids),
+                FieldData::varchar(KEY, keys),
+                FieldData::float_vector(VECTOR, vectors),
+            ])
+            .build()?;
+        self.client.upsert(UpsertRequest::builder().insert(insert).build()?).await.context("Milvus upsert")?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, ids: &[i64]) -> Result<()> {
+        for chunk in ids.chunks(1000) {
+            self.client
+                .delete(DeleteRequest::builder().collection_name(&self.collection).filter(id_filter(chunk)).build()?)
+                .await
+                .context("Milvus delete")?;
+        }
+        Ok(())
+    }
+
+    /// Seals what was written, so that counts and searches see it without waiting.
+    pub async fn flush(&self) -> Result<()> {
+        self.client
+            .flush(
+                FlushRequest::builder().collection_names([self.collection.as_str()]).wait_flushed_ms(60_000).build()?,
+            )
+            .await
+            .context("Milvus flush")?;
+        Ok(())
+    }
+
+    /// Rows in the collection (deleted ones excluded), read with Strong consistency.
+    pub async fn count(&self) -> Result<u64> {
+        let resp = self
+            .client
+            .query(
+                QueryRequest::builder()
+                    .collection_name(&self.collection)
+                    .output_fields(["count(*)"])
+                    .consistency_level(ConsistencyLevel::Strong)
+                    .build()?,
+            )
+            .await
+            .context("Milvus count")?;
+        let col = resp.results().get_output_field("count(*)").context("count(*) missing from Milvus reply")?;
+        Ok(col.as_int64().and_then(|v| v.first().copied()).unwrap_or(0) as u64)
+    }
+
+    /// Ids among `ids` that are in the collection.
+    pub async fn existing(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(1000) {
+            let resp = self
+                .client
+                .query(
+                    QueryRequest::builder()
+                        .collection_name(&self.collection)
+                        .filter(id_filter(chunk))
+                        .output_fields([ID])
+                        .consistency_level(ConsistencyLevel::Strong)
+                        .build()?,
+                )
+                .await?;
+            if let Some(col) = resp.results().get_output_field(ID).and_then(|c| c.as_int64()) {
+                out.extend_from_slice(col);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Nearest neighbours of one vector, best first. Bounded consistency: a search does not wait
+    /// for the latest writes (Strong costs ~200 ms a query on 2.3).
+    pub async fn search(&self, vector: Vec<f32>, topk: usize) -> Result<Vec<Hit>> {
+        let resp = self
+            .client
+            .search(
+                SearchRequest::builder()
+                    .collection_name(&self.collection)
+                    .vector_field(VECTOR)
+                    .vectors(SearchVectors::Float(vec![vector]))
+                    .output_fields([KEY])
+                    .limit(topk as i64)
+                    .extra_params(self.index.search_params(topk))
+                    .consistency_level(ConsistencyLevel::Bounded)
+                    .build()?,
+            )
+            .await
+            .context("Milvus search")?;
+        let Some(result) = resp.results().iter().next() else { return Ok(vec![]) };
+        let ids = match result.get_ids() {
+            Ids::Int64(v) => v.clone(),
+            _ => bail!("collection {} does not have integer ids; not an imageindex collection", self.collection),
+        };
+        let keys = result.get_output_field(KEY).and_then(|c| c.as_varchar()).context("search reply lacks keys")?;
+        Ok(ids
+            .into_iter()
+            .zip(keys)
+            .zip(result.get_scores())
+            .map(|((id, key), &score)| Hit { id, key: key.clone(), score })
+            .collect())
+    }
+
+    pub async fn drop_collection(&self) -> Result<()> {
+        self.client
+            .drop_collection(DropCollectionRequest::builder().collection_name(&self.collection).build()?)
+            .await
+            .context("dropping collection")?;
+        Ok(())
+    }
+
+    async fn exists(&self) -> Result<bool> {
+        let r = self
+            .client
+            .has_collection(HasCollectionRequest::builder().collection_name(&self.collection).build()?)
+            .await
+            .context("asking Milvus for the collection")?;
+        Ok(r.exists())
+    }
+
+    /// Milvus is reachable and the collection is there.
+    pub async fn ready(&self) -> Result<()> {
+        if !self.exists().await? {
+            bail!("collection {} does not exist", self.collection);
+        }
+        Ok(())
+    }
+}
+
+/// `id in [1,2,3]`: ids are integers we made, so formatting them is safe.
+fn id_filter(ids: &[i64]) -> String {
+    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    format!("{ID} in [{}]", list.join(","))
+}

@@ -1,0 +1,147 @@
+//! The image source: a bucket or folder behind `object_store`, listed with include globs.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use url::Url;
+
+/// Default include patterns: the formats we decode.
+pub const DEFAULT_INCLUDE: &[&str] = &["**/*.jpg", "**/*.jpeg", "**/*.png", "**/*.webp"];
+
+/// One listed object. `key` is relative to the source prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    pub key: String,
+    pub etag: Option<String>,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SourceConfig {
+    /// `s3://bucket/prefix/` or `file:///path` (a bare path also works).
+    pub url: String,
+    /// S3-compatible endpoint (MinIO, SeaweedFS, ...); path-style requests are used.
+    pub endpoint: Option<String>,
+    pub include: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Source {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    include: GlobSet,
+}
+
+impl Source {
+    pub fn open(cfg: &SourceConfig) -> Result<Self> {
+        let url = parse_url(&cfg.url)?;
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
+            "s3" => {
+                let bucket = url.host_str().context("s3 URL has no bucket")?;
+                // Keys and region come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod with a Secret.
+                let mut b =
+                    AmazonS3Builder::from_env().with_bucket_name(bucket).with_virtual_hosted_style_request(false);
+                if let Some(ep) = &cfg.endpoint {
+                    b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
+                }
+                (Arc::new(b.build().context("configuring the S3 client")?), Path::parse(url.path())?)
+            }
+            "file" => {
+                let dir = url.to_file_path().map_err(|_| anyhow::anyhow!("bad file URL {url}"))?;
+                if !dir.is_dir() {
+                    bail!("{} is not a directory", dir.display());
+                }
+                (Arc::new(LocalFileSystem::new_with_prefix(&dir)?), Path::default())
+            }
+            other => bail!("unsupported source scheme {other}:// (s3:// and file:// are supported)"),
+        };
+        let patterns: Vec<&str> = if cfg.include.is_empty() {
+            DEFAULT_INCLUDE.to_vec()
+        } else {
+            cfg.include.iter().map(String::as_str).collect()
+        };
+        let mut set = GlobSetBuilder::new();
+        for p in patterns {
+            // Case-insensitive: photo.JPG is as much a photo as photo.jpg.
+            set.add(Glob::new(&p.to_lowercase()).with_context(|| format!("bad include glob {p:?}"))?);
+        }
+        Ok(Self { store, prefix, include: set.build()? })
+    }
+
+    fn location(&self, key: &str) -> Result<Path> {
+        let key = Path::parse(key).with_context(|| format!("bad object key {key:?}"))?;
+        let mut loc = self.prefix.clone();
+        loc.extend(key.parts());
+        Ok(loc)
+    }
+
+    /// Every object under the prefix that an include glob matches, sorted by key.
+    pub async fn list(&self) -> Result<Vec<Object>> {
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let metas: Vec<_> = self.store.list(prefix).try_collect().await.context("listing the source")?;
+        let strip = self.prefix.as_ref().len();
+        let mut out: Vec<Object> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let full = m.location.as_ref();
+                let key = full[strip..].trim_start_matches('/').to_string();
+                self.include.is_match(key.to_lowercase()).then_some(Object { key, etag: m.e_tag, size: m.size })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let loc = self.location(key)?;
+        Ok(self.store.get(&loc).await?.bytes().await?)
+    }
+
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        self.store.put(&self.location(key)?, data.into()).await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.store.delete(&self.location(key)?).await?;
+        Ok(())
+    }
+}
+
+fn parse_url(s: &str) -> Result<Url> {
+    match Url::parse(s) {
+        Ok(u) => Ok(u),
+        // A bare path: a local folder.
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            let abs = std::path::absolute(s)?;
+            Url::from_directory_path(&abs).map_err(|_| anyhow::anyhow!("bad path {s}"))
+        }
+        Err(e) => Err(e).with_context(|| format!("bad source URL {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lists_a_folder_with_globs_case_insensitively() {
+        let dir = std::env::temp_dir().join(format!("imageindex-src-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        for f in ["x.jpg", "a/y.PNG", "a/b/z.webp", "notes.txt", "a/b/w.gif"] {
+            std::fs::write(dir.join(f), b"data").unwrap();
+        }
+        let src = Source::open(&SourceConfig { url: dir.display().to_string(), ..Default::default() }).unwrap();
+        let keys: Vec<_> = src.list().await.unwrap().into_iter().map(|o| o.key).collect();
+        assert_eq!(keys, ["a/b/z.webp", "a/y.PNG", "x.jpg"]);
+        assert_eq!(src.get("a/y.PNG").await.unwrap().as_ref(), b"data");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
