@@ -37,4 +37,12 @@ running_pid() {
   [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && cat "$f"
 }
 
+# Fails if something that is not ours listens on the port.
+port_free() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    log "port $1 ($2) is already in use by another process; stop it or set ${3}=<free port>"
+    return 1
+  fi
+}
+
 ort_dylib() { ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1; }

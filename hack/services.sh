@@ -14,6 +14,8 @@ s3_ready() { curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"; }
 
 up_milvus() {
   if [[ -n $(running_pid milvus) ]]; then return; fi
+  port_free "$MILVUS_PORT" milvus MILVUS_PORT || exit 1
+  port_free "$MILVUS_HEALTH_PORT" "milvus health" MILVUS_HEALTH_PORT || exit 1
   local dir=$STATE/milvus
   mkdir -p "$dir/configs" "$dir/logs" "$dir/data" "$dir/run"
   # Render the wheel's config template: our paths, the template's defaults for everything else.
@@ -41,6 +43,7 @@ PYEOF
 
 up_mysql() {
   if [[ -n $(running_pid mysql) ]]; then return; fi
+  port_free "$MYSQL_PORT" mariadb MYSQL_PORT || exit 1
   local dir=$STATE/mysql
   local fresh=0
   if [[ ! -d $dir/data/mysql ]]; then
@@ -72,6 +75,7 @@ SQL
 
 up_s3() {
   if [[ -n $(running_pid s3) ]]; then return; fi
+  port_free "$S3_PORT" s3 S3_PORT || exit 1
   local dir=$STATE/s3
   mkdir -p "$dir/data"
   cat >"$dir/s3.json" <<JSON

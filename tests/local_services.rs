@@ -262,6 +262,7 @@ async fn index_search_resync_and_delete() {
     assert_eq!(b.vectors.count().await.unwrap(), 189);
 
     b.vectors.drop_collection().await.unwrap();
+    b.catalog.drop_collection().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -279,6 +280,7 @@ async fn ivf_flat_l2_collections_work_too() {
     let err = other.ensure_collection(512).await.unwrap_err();
     assert!(format!("{err:#}").contains("2048-d"), "{err:#}");
     b.vectors.drop_collection().await.unwrap();
+    b.catalog.drop_collection().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -355,4 +357,7 @@ async fn serve_answers_search_and_count_with_json_errors() {
     let r = http.post(format!("{base}/img/search")).multipart(reqwest::multipart::Form::new().text("topk", "3"));
     assert_eq!(r.send().await.unwrap().status(), 400, "no image field");
     assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    let cleanup = fx.backends(IndexKind::Hnsw).await;
+    cleanup.vectors.drop_collection().await.unwrap();
+    cleanup.catalog.drop_collection().await.unwrap();
 }

@@ -264,7 +264,8 @@ async fn sync_inner(
         }
     }
     tri!(tri!(pipeline.await.context("pipeline task panicked")));
-    tri!(b.vectors.flush().await);
+    // No flush: an upsert is durable in Milvus's log once it returns, and Strong reads see it.
+    // Sealing segments is Milvus's own business (a flush per run would cost seconds).
     bar.finish_and_clear();
     summary.embed_seconds = started.elapsed().as_secs_f64();
     summary.indexed = progress.indexed as usize;

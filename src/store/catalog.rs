@@ -221,6 +221,13 @@ impl Catalog {
         Ok(())
     }
 
+    /// Forgets this collection: its objects and its runs.
+    pub async fn drop_collection(&self) -> Result<()> {
+        sqlx::query("DELETE FROM images WHERE collection = ?").bind(&self.collection).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM runs WHERE collection = ?").bind(&self.collection).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// MySQL answers.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

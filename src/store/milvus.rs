@@ -200,17 +200,6 @@ impl VectorStore {
         Ok(())
     }
 
-    /// Seals what was written, so that counts and searches see it without waiting.
-    pub async fn flush(&self) -> Result<()> {
-        self.client
-            .flush(
-                FlushRequest::builder().collection_names([self.collection.as_str()]).wait_flushed_ms(60_000).build()?,
-            )
-            .await
-            .context("Milvus flush")?;
-        Ok(())
-    }
-
     /// Rows in the collection (deleted ones excluded), read with Strong consistency.
     pub async fn count(&self) -> Result<u64> {
         let resp = self
