@@ -6,8 +6,8 @@
 //! - end to end: `sync` over photos in the S3 server (fetch + decode + preprocess + embed +
 //!   Milvus upsert + catalog rows), at each batch size, into a fresh collection
 //!
-//! Workload: IMAGES (default 300) photos of a typical size (500x375 JPEG, quality 90), cut from the
-//! committed fixture photos. Batch sizes: BATCHES (default "1 16").
+//! Workload: IMAGES (default 200) photos of a typical size (500x375 JPEG, quality 90), cut from the
+//! committed fixture photos. Batch sizes: BATCHES (default "1 16"). Rounds: ROUNDS (default 3).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use image::imageops::FilterType;
 use imageindex::embed::worker::{Backends, SyncOptions, sync};
-use imageindex::embed::{DecodeLimits, Model, ModelOptions, Preprocessor, TENSOR_LEN};
+use imageindex::embed::{DecodeLimits, Model, ModelOptions, Preprocessor};
 use imageindex::store::{Catalog, IndexKind, MilvusConfig, Source, SourceConfig, VectorStore};
 
 fn env(name: &str) -> Result<String> {
@@ -59,19 +59,23 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> Result<()> {
-    let n: usize = std::env::var("IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let n: usize = std::env::var("IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let batches: Vec<usize> = std::env::var("BATCHES")
         .unwrap_or_else(|_| "1 16".into())
         .split_whitespace()
         .map(|b| b.parse().context("BATCHES holds batch sizes"))
         .collect::<Result<_>>()?;
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let rt = tokio::runtime::Runtime::new()?;
     let photos = photos(n);
-    let model = Model::load(env("IMAGEINDEX_MODEL")?.as_ref(), &ModelOptions::default())?;
+    let spinning = std::env::var("IMAGEINDEX_ORT_SPINNING").map_or(true, |v| v != "false");
+    let model = Model::load(env("IMAGEINDEX_MODEL")?.as_ref(), &ModelOptions { spinning, ..Default::default() })?;
     let model = Arc::new(Mutex::new(model));
     let cores = imageindex::embed::model::available_cores();
     let mean_kib = photos.iter().map(|(_, b)| b.len()).sum::<usize>() as f64 / n as f64 / 1024.0;
-    println!("workload: {n} JPEG photos, 500x375, {mean_kib:.0} KiB on average; {cores} cores");
+    println!(
+        "workload: {n} JPEG photos, 500x375, {mean_kib:.0} KiB on average; {cores} cores; ORT spinning {spinning}"
+    );
 
     // Decode + preprocess alone, on one core.
     let mut pre = Preprocessor::default();
@@ -81,36 +85,52 @@ fn main() -> Result<()> {
     let decode_rate = n as f64 / t.elapsed().as_secs_f64();
     println!("decode + preprocess, 1 core:      {decode_rate:8.1} images/s");
 
-    let mut rows = Vec::new();
+    // Rounds of (bare model, end to end, bare model) over the same number of images; the mean of
+    // the two bare figures brackets the end-to-end one, which cancels the drift of a shared machine.
+    println!("\nbatch | round | bare model img/s (before, after) | end to end img/s | end to end / bare");
     for &batch in &batches {
-        // Bare model: the same number of images as end to end would be long; 64 (at least 4 calls) is steady.
-        let count = (64 / batch).max(4) * batch;
-        let input: Vec<f32> = (0..batch).flat_map(|i| tensors[i % n].iter().copied()).collect();
-        assert_eq!(input.len(), batch * TENSOR_LEN);
-        let mut m = model.lock().unwrap();
-        m.embed(&input, batch)?; // warm-up
-        let t = Instant::now();
-        for _ in 0..count / batch {
-            m.embed(&input, batch)?;
+        let mut ratios = vec![];
+        for round in 1..=rounds {
+            let before = bare_model(&model, &tensors, batch, n)?;
+            let e2e = rt.block_on(end_to_end(&photos, model.clone(), batch))?;
+            let after = bare_model(&model, &tensors, batch, n)?;
+            let bare = (before + after) / 2.0;
+            ratios.push(e2e / bare);
+            println!(
+                "{batch:5} | {round:5} | {bare:6.1} ({before:5.1}, {after:5.1})          | {e2e:16.1} | {:16.1}%",
+                100.0 * e2e / bare
+            );
         }
-        let bare = count as f64 / t.elapsed().as_secs_f64();
-        drop(m);
-
-        let e2e = rt.block_on(end_to_end(&photos, model.clone(), batch))?;
-        rows.push((batch, bare, e2e));
-    }
-    println!();
-    println!("batch | bare model img/s | end to end img/s | end to end / bare");
-    for (batch, bare, e2e) in rows {
-        println!("{batch:5} | {bare:16.1} | {e2e:16.1} | {:16.1}%", 100.0 * e2e / bare);
+        println!(
+            "batch {batch}: end to end / bare model, median of {rounds} rounds: {:.1}%",
+            100.0 * median(&mut ratios)
+        );
     }
     println!("peak RSS {:.0} MiB", peak_rss_mib());
     Ok(())
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Images per second of the model alone on preprocessed tensors, over about `n` images.
+fn bare_model(model: &Mutex<Model>, tensors: &[Vec<f32>], batch: usize, n: usize) -> Result<f64> {
+    let input: Vec<f32> = (0..batch).flat_map(|i| tensors[i % tensors.len()].iter().copied()).collect();
+    let mut m = model.lock().unwrap();
+    m.embed(&input, batch)?; // warm-up
+    let calls = n.div_ceil(batch);
+    let t = Instant::now();
+    for _ in 0..calls {
+        m.embed(&input, batch)?;
+    }
+    Ok((calls * batch) as f64 / t.elapsed().as_secs_f64())
+}
+
 /// Uploads the photos under a fresh prefix, indexes them into a fresh collection, and returns images/s.
 async fn end_to_end(photos: &[(String, Bytes)], model: Arc<Mutex<Model>>, batch: usize) -> Result<f64> {
-    let name = format!("bench_{}_{batch}", std::process::id());
+    let name = format!("bench_{}_{batch}_{}", std::process::id(), std::time::UNIX_EPOCH.elapsed()?.as_millis());
     let source = Source::open(&SourceConfig {
         url: format!("s3://imageindex-bench/{name}/"),
         endpoint: Some(env("IMAGEINDEX_S3_ENDPOINT")?),
@@ -128,7 +148,8 @@ async fn end_to_end(photos: &[(String, Bytes)], model: Arc<Mutex<Model>>, batch:
         vectors: VectorStore::connect(&milvus).await?,
         catalog: Catalog::connect(&env("IMAGEINDEX_MYSQL_URL")?, &name, "bench").await?,
     };
-    let summary = sync(&backends, model, &SyncOptions { batch_size: batch, ..Default::default() }).await?;
+    let opts = SyncOptions { batch_size: batch, ..Default::default() };
+    let summary = sync(&backends, model, &opts).await?;
     anyhow::ensure!(summary.indexed == photos.len(), "indexed {} of {}", summary.indexed, photos.len());
     backends.vectors.drop_collection().await?;
     backends.catalog.drop_collection().await?;

@@ -59,11 +59,19 @@ pub struct ModelArgs {
     /// ONNX Runtime shared library (`libonnxruntime.so`).
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_lib: Option<PathBuf>,
+    /// Let idle inference threads spin (true/false); off yields cores to decoding and I/O.
+    #[arg(long, env = "IMAGEINDEX_ORT_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ort_spinning: bool,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
-        let opts = ModelOptions { device: self.device, threads: self.threads, ort_lib: self.ort_lib.clone() };
+        let opts = ModelOptions {
+            device: self.device,
+            threads: self.threads,
+            ort_lib: self.ort_lib.clone(),
+            spinning: self.ort_spinning,
+        };
         Model::load(&self.model, &opts)
     }
 

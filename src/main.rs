@@ -131,7 +131,7 @@ async fn run_sync(source: String, shard: u32, shards: u32, run: RunArgs, progres
 
 fn print_summary(s: &Summary) {
     eprintln!(
-        "discovered {} | new {} changed {} unchanged {} deleted {} | indexed {} failed {} | {:.1} images/s",
+        "discovered {} | new {} changed {} unchanged {} deleted {} | indexed {} failed {} | {:.1} images/s | {} vectors in the collection",
         s.discovered,
         s.new,
         s.changed,
@@ -139,7 +139,8 @@ fn print_summary(s: &Summary) {
         s.deleted,
         s.indexed,
         s.failed,
-        s.images_per_second()
+        s.images_per_second(),
+        s.vectors
     );
     for (key, err) in &s.failures {
         eprintln!("  failed {key}: {err}");

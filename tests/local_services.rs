@@ -224,6 +224,7 @@ async fn index_search_resync_and_delete() {
     // Second run: nothing new, nothing duplicated.
     let s = fx.sync(&b).await;
     assert_eq!((s.discovered, s.new, s.changed, s.unchanged, s.indexed, s.failed), (203, 0, 0, 203, 0, 0));
+    assert_eq!(s.vectors, 200, "the summary reports the collection's size");
     assert_eq!(b.vectors.count().await.unwrap(), 200);
 
     // Delete 10 objects: exactly those leave Milvus and the catalog.
@@ -325,8 +326,9 @@ async fn serve_answers_search_and_count_with_json_errors() {
     };
 
     let r = search(near_duplicate(&photos[4].1), "3").await.unwrap();
-    assert_eq!(r.status(), 200);
+    let status = r.status();
     let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"].as_array().unwrap().len(), 3);
     assert_eq!(body["results"][0]["key"], photos[4].0.as_str());
     assert_eq!(body["results"][0]["rank"], 1);

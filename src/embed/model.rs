@@ -30,11 +30,14 @@ pub struct ModelOptions {
     pub threads: usize,
     /// `libonnxruntime.so` to load; None = `ORT_DYLIB_PATH` or the system search path.
     pub ort_lib: Option<PathBuf>,
+    /// Let ONNX Runtime's idle workers spin between operators. Fastest alone on the machine;
+    /// off yields the cores to decoding and I/O that share them.
+    pub spinning: bool,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: 0, ort_lib: None }
+        Self { device: Device::Cpu, threads: 0, ort_lib: None, spinning: true }
     }
 }
 
@@ -89,6 +92,8 @@ impl Model {
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(ort::Error::<()>::from)?
             .with_intra_threads(threads)
+            .map_err(ort::Error::<()>::from)?
+            .with_intra_op_spinning(opts.spinning)
             .map_err(ort::Error::<()>::from)?;
         if opts.device == Device::Cuda {
             builder = builder

@@ -258,6 +258,9 @@ impl VectorStore {
             .await
             .context("Milvus search")?;
         let Some(result) = resp.results().iter().next() else { return Ok(vec![]) };
+        if result.get_scores().is_empty() {
+            return Ok(vec![]); // no hits come without output columns
+        }
         let ids = match result.get_ids() {
             Ids::Int64(v) => v.clone(),
             _ => bail!("collection {} does not have integer ids; not an imageindex collection", self.collection),
