@@ -37,6 +37,15 @@ running_pid() {
   [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && cat "$f"
 }
 
+# start_daemon NAME DIR LOG CMD...: runs CMD from DIR in a session of its own (so `down` can stop
+# its whole process group) and records its real PID: the process writes its own PID, then execs.
+start_daemon() {
+  local name=$1 dir=$2 log=$3; shift 3
+  rm -f "$STATE/$name.pid"
+  (cd "$dir" && exec setsid bash -c 'echo $$ >"$0"; exec "$@"' "$STATE/$name.pid" "$@" >"$log" 2>&1 </dev/null) &
+  wait_for "$name to start" 10 test -s "$STATE/$name.pid"
+}
+
 # Fails if something that is not ours listens on the port.
 port_free() {
   if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then

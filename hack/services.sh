@@ -35,10 +35,9 @@ open(f"{d}/configs/milvus.yaml", "w").write(text)
 open(f"{d}/configs/glog.conf", "w").write(open(os.path.join(data, "glog.conf")).read())
 PYEOF
   log "starting milvus (grpc :$MILVUS_PORT, health :$MILVUS_HEALTH_PORT)"
-  (cd "$dir" && DEPLOY_MODE=STANDALONE METRICS_PORT=$MILVUS_HEALTH_PORT MILVUS_RUN_DIR=$dir/run \
-    LD_LIBRARY_PATH=$MILVUS_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
-    setsid "$MILVUS_BIN/milvus" run standalone >"$dir/logs/stdout.log" 2>"$dir/logs/stderr.log" &
-    echo $! >"$STATE/milvus.pid")
+  start_daemon milvus "$dir" "$dir/logs/milvus.log" env DEPLOY_MODE=STANDALONE METRICS_PORT="$MILVUS_HEALTH_PORT" \
+    MILVUS_RUN_DIR="$dir/run" LD_LIBRARY_PATH="$MILVUS_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    "$MILVUS_BIN/milvus" run standalone
 }
 
 up_mysql() {
@@ -53,11 +52,10 @@ up_mysql() {
     fresh=1
   fi
   log "starting mariadb (:$MYSQL_PORT)"
-  setsid mariadbd --no-defaults --datadir="$dir/data" --port="$MYSQL_PORT" --bind-address=127.0.0.1 \
-    --socket="$dir/mysqld.sock" --pid-file="$dir/mysqld.pid" --user="$(id -un)" \
+  start_daemon mysql "$dir" "$dir/stdout.log" mariadbd --no-defaults --datadir="$dir/data" --port="$MYSQL_PORT" \
+    --bind-address=127.0.0.1 --socket="$dir/mysqld.sock" --pid-file="$dir/mysqld.pid" --user="$(id -un)" \
     --log-error="$dir/error.log" --skip-name-resolve --character-set-server=utf8mb4 \
-    --innodb-buffer-pool-size=256M --max-connections=500 >/dev/null 2>&1 &
-  echo $! >"$STATE/mysql.pid"
+    --innodb-buffer-pool-size=256M --max-connections=500
   wait_for mariadb 60 mysql_ready
   if ((fresh)); then
     mariadb --protocol=socket -S "$dir/mysqld.sock" -uroot <<SQL
@@ -66,8 +64,6 @@ CREATE USER IF NOT EXISTS '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASSWO
 CREATE USER IF NOT EXISTS '$MYSQL_USER'@'localhost' IDENTIFIED BY '$MYSQL_PASSWORD';
 GRANT ALL PRIVILEGES ON \`$MYSQL_DB\`.* TO '$MYSQL_USER'@'127.0.0.1';
 GRANT ALL PRIVILEGES ON \`$MYSQL_DB\`.* TO '$MYSQL_USER'@'localhost';
--- tests create a database each so that they never share state
-GRANT ALL PRIVILEGES ON \`imageindex\_%\`.* TO '$MYSQL_USER'@'127.0.0.1';
 FLUSH PRIVILEGES;
 SQL
   fi
@@ -84,10 +80,8 @@ up_s3() {
   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 JSON
   log "starting seaweedfs s3 (:$S3_PORT)"
-  (cd "$dir" && setsid "$VENV/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.telemetry=false -admin.ui=false -bucket=images -s3.port="$S3_PORT" -s3.config="$dir/s3.json" \
-    >"$dir/weed.log" 2>&1 &
-    echo $! >"$STATE/s3.pid")
+  start_daemon s3 "$dir" "$dir/weed.log" "$VENV/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -master.telemetry=false -admin.ui=false -bucket=images -s3.port="$S3_PORT" -s3.config="$dir/s3.json"
 }
 
 down_one() {
@@ -117,7 +111,7 @@ ENV
 case "${1:-}" in
   up)
     up_milvus; up_s3; up_mysql
-    wait_for milvus 120 milvus_healthy || { tail -20 "$STATE/milvus/logs/stderr.log" >&2; exit 1; }
+    wait_for milvus 120 milvus_healthy || { tail -20 "$STATE/milvus/logs/milvus.log" >&2; exit 1; }
     wait_for s3 60 s3_ready || { tail -20 "$STATE/s3/weed.log" >&2; exit 1; }
     print_env >"$STATE/env"
     log "services up; env in $STATE/env"
