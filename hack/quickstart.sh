@@ -24,24 +24,30 @@ log "indexing $src"
 "$bin" index "$src"
 
 port=${PORT:-8080}
+# A token for the mutating routes (upload, delete), kept in the state dir.
+token_file=$STATE/token
+[[ -s $token_file ]] || (umask 077 && head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$token_file")
 query=$(find "$src" -name '*.jpg' 2>/dev/null | head -n1)
 cat <<MSG
 
-  Search is at http://127.0.0.1:$port
+  Search page: http://127.0.0.1:$port/
   Try:  curl -F image=@${query:-photo.jpg} -F topk=5 http://127.0.0.1:$port/img/search
-        curl http://127.0.0.1:$port/img/count
+        curl http://127.0.0.1:$port/progress
+        curl -H "Authorization: Bearer \$(cat $token_file)" -F image=@photo.jpg http://127.0.0.1:$port/img/upload
   Stop the services with: hack/services.sh down
 
 MSG
+serve=("$bin" serve --listen "127.0.0.1:$port" --source "$src" --token-file "$token_file")
 if ((check)); then
-  "$bin" serve --listen "127.0.0.1:$port" &
+  "${serve[@]}" &
   pid=$!
   trap 'kill $pid 2>/dev/null' EXIT
   wait_for "search server" 60 curl -fsS "http://127.0.0.1:$port/healthz"
   out=$(curl -fsS -F "image=@$query" -F topk=3 "http://127.0.0.1:$port/img/search")
   echo "$out"
   grep -q "\"key\":\"${query#"$src"/}\"" <<<"$out" || { log "quickstart check: the query image was not found"; exit 1; }
+  curl -fsS "http://127.0.0.1:$port/" | grep -q "<title>imageindex search</title>" || { log "quickstart check: no page"; exit 1; }
   log "quickstart check: ok"
 else
-  exec "$bin" serve --listen "127.0.0.1:$port"
+  exec "${serve[@]}"
 fi

@@ -9,3 +9,4 @@ source "$STATE/env"
 export IMAGEINDEX_MODEL=$model
 cd "$ROOT"
 cargo test --locked "$@"
+"$ROOT/hack/browser-test.sh"

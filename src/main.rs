@@ -1,6 +1,7 @@
 //! The imageindex binary: one program, a subcommand per role.
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -8,7 +9,7 @@ use clap::{Parser, Subcommand};
 use imageindex::config::{BackendArgs, LimitArgs, ModelArgs, SourceArgs};
 use imageindex::embed::DecodeLimits;
 use imageindex::embed::worker::{Backends, Summary, SyncOptions, sync};
-use imageindex::serve::{AppState, ServeOptions};
+use imageindex::serve::{AppState, ServeConfig};
 use imageindex::store::{Source, SourceConfig};
 
 #[derive(Parser)]
@@ -40,17 +41,43 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// The search server.
+    /// The search server: HTTP API and a web page.
     Serve {
         #[arg(long, env = "IMAGEINDEX_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// Largest upload accepted (bytes).
+        /// The bucket or folder the index was built from: needed to serve images, take uploads and delete.
+        #[arg(long, env = "IMAGEINDEX_SOURCE")]
+        source: Option<String>,
+        /// Largest request body, and largest image fetched by URL (bytes).
         #[arg(long, env = "IMAGEINDEX_MAX_UPLOAD_BYTES", default_value_t = 20 << 20)]
         max_upload_bytes: usize,
+        /// Whole-request deadline in seconds.
+        #[arg(long, env = "IMAGEINDEX_REQUEST_TIMEOUT", default_value_t = 30)]
+        request_timeout: u64,
+        /// Images embedded at once; more get 503 + Retry-After. 0 = twice the cores.
+        #[arg(long, env = "IMAGEINDEX_MAX_CONCURRENT_EMBEDDINGS", default_value_t = 0)]
+        max_concurrent_embeddings: usize,
+        /// File holding the bearer token for upload, delete and drop (a mounted Secret).
+        #[arg(long, env = "IMAGEINDEX_TOKEN_FILE")]
+        token_file: Option<std::path::PathBuf>,
+        /// The token itself (prefer --token-file). Without a token the mutating routes are disabled.
+        #[arg(long, env = "IMAGEINDEX_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Require the token for search, count, progress and images too.
+        #[arg(long, env = "IMAGEINDEX_PROTECT_SEARCH")]
+        protect_search: bool,
+        /// Enable POST /img/drop (drops the collection and the catalog).
+        #[arg(long, env = "IMAGEINDEX_ALLOW_DROP")]
+        allow_drop: bool,
+        /// Let {"url": ...} queries fetch from loopback and private addresses.
+        #[arg(long, env = "IMAGEINDEX_ALLOW_PRIVATE_URLS")]
+        allow_private_urls: bool,
         #[command(flatten)]
         backend: BackendArgs,
         #[command(flatten)]
         model: ModelArgs,
+        #[command(flatten)]
+        src: SourceArgs,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -89,18 +116,54 @@ async fn main() -> Result<()> {
             anyhow::ensure!(shards >= 1 && shard < shards, "shard {shard} is not in 0..{shards}");
             run_sync(source, shard, shards, run, false).await
         }
-        Command::Serve { listen, max_upload_bytes, backend, model, limits } => {
+        Command::Serve {
+            listen,
+            source,
+            max_upload_bytes,
+            request_timeout,
+            max_concurrent_embeddings,
+            token_file,
+            token,
+            protect_search,
+            allow_drop,
+            allow_private_urls,
+            backend,
+            model,
+            src,
+            limits,
+        } => {
+            let token = match token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading the token file {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => token,
+            };
             let loaded = model.load()?;
             let (vectors, catalog) = backend.connect(&model.name()).await?;
             vectors.ensure_collection(loaded.dim()).await?;
-            let state = AppState {
-                model: Arc::new(Mutex::new(loaded)),
-                vectors,
-                catalog,
+            let source = source
+                .map(|url| Source::open(&SourceConfig { url, endpoint: src.s3_endpoint, include: src.include }))
+                .transpose()?;
+            let defaults = ServeConfig::default();
+            let config = ServeConfig {
+                max_upload_bytes,
                 limits: DecodeLimits { max_pixels: limits.max_pixels },
+                request_timeout: Duration::from_secs(request_timeout),
+                max_concurrent_embeddings: match max_concurrent_embeddings {
+                    0 => defaults.max_concurrent_embeddings,
+                    n => n,
+                },
+                token,
+                protect_search,
+                allow_drop,
+                allow_private_urls,
             };
-            eprintln!("search API on http://{listen}  (POST /img/search, GET /img/count)");
-            imageindex::serve::serve(listen, Arc::new(state), ServeOptions { max_upload_bytes }).await
+            let state = AppState::new(Arc::new(Mutex::new(loaded)), vectors, catalog, source, config);
+            eprintln!("search on http://{listen}/  (API: POST /img/search, GET /img/count, GET /progress)");
+            imageindex::serve::serve(listen, Arc::new(state)).await
         }
     }
 }

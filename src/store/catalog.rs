@@ -48,6 +48,26 @@ pub struct RunProgress {
     pub deleted: u64,
 }
 
+/// Where the collection stands: catalog counts and the latest run of each shard, summed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Progress {
+    /// Objects the latest runs found in the source.
+    pub discovered: u64,
+    pub indexed: u64,
+    pub failed: u64,
+    /// The latest run (its shards summed), if there was one.
+    pub run: Option<RunStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunStatus {
+    /// running | succeeded | failed (failed if any shard failed, running if any still runs).
+    pub status: String,
+    pub shards: u32,
+    #[serde(flatten)]
+    pub progress: RunProgress,
+}
+
 /// A failed object and why.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Failure {
@@ -178,13 +198,62 @@ impl Catalog {
             .collect()
     }
 
-    /// The key an id stands for, when it is indexed.
-    pub async fn key_of(&self, id: i64) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT object_key FROM images WHERE collection = ? AND id = ? AND state = 'indexed'")
-            .bind(&self.collection)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+    /// Counts plus the latest run of each shard (of the latest shard count).
+    pub async fn progress(&self) -> Result<Progress> {
+        let counts = self.counts().await?;
+        let rows = sqlx::query(
+            "SELECT r.status, r.shards, r.discovered, r.planned, r.indexed, r.failed, r.deleted FROM runs r \
+             JOIN (SELECT shard, MAX(id) AS id FROM runs WHERE collection = ? AND shards = \
+                     (SELECT shards FROM runs WHERE collection = ? ORDER BY id DESC LIMIT 1) GROUP BY shard) latest \
+             ON r.id = latest.id",
+        )
+        .bind(&self.collection)
+        .bind(&self.collection)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut run: Option<RunStatus> = None;
+        for r in rows {
+            let get = |c: &str| r.try_get::<i64, _>(c).map(|v| v as u64);
+            let status: String = r.try_get("status")?;
+            let agg = run.get_or_insert_with(|| RunStatus {
+                status: "succeeded".into(),
+                shards: r.try_get::<i32, _>("shards").unwrap_or(1) as u32,
+                ..Default::default()
+            });
+            if status == "failed" || (status == "running" && agg.status != "failed") {
+                agg.status = status;
+            }
+            let p = &mut agg.progress;
+            p.discovered += get("discovered")?;
+            p.planned += get("planned")?;
+            p.indexed += get("indexed")?;
+            p.failed += get("failed")?;
+            p.deleted += get("deleted")?;
+        }
+        let discovered = run.as_ref().map_or(counts.indexed + counts.failed, |r| r.progress.discovered);
+        Ok(Progress { discovered, indexed: counts.indexed, failed: counts.failed, run })
+    }
+
+    /// The catalog entry of a key, if any.
+    pub async fn entry(&self, key: &str) -> Result<Option<Entry>> {
+        let row = sqlx::query(
+            "SELECT id, object_key, etag, size, state FROM images WHERE collection = ? AND id = ? AND object_key = ?",
+        )
+        .bind(&self.collection)
+        .bind(super::key_id(key))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Entry {
+                id: r.try_get("id")?,
+                key: r.try_get("object_key")?,
+                etag: r.try_get("etag")?,
+                size: r.try_get::<i64, _>("size")? as u64,
+                indexed: r.try_get::<String, _>("state")? == "indexed",
+            })
+        })
+        .transpose()
     }
 
     pub async fn start_run(&self, shard: u32, shards: u32) -> Result<i64> {

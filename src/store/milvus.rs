@@ -241,12 +241,19 @@ impl VectorStore {
 
     /// Nearest neighbours of one vector, best first. Bounded consistency: a search does not wait
     /// for the latest writes (Strong costs ~200 ms a query on 2.3).
-    pub async fn search(&self, vector: Vec<f32>, topk: usize) -> Result<Vec<Hit>> {
+    /// `prefix` restricts hits to keys that start with it; the caller passes plain characters
+    /// only (letters, digits, `/_.-`), as it lands inside a Milvus expression.
+    pub async fn search(&self, vector: Vec<f32>, topk: usize, prefix: Option<&str>) -> Result<Vec<Hit>> {
+        if let Some(p) = prefix {
+            anyhow::ensure!(!p.contains(['"', '\\', '%']), "unsafe key prefix {p:?}");
+        }
+        let filter = prefix.map(|p| format!("{KEY} like \"{p}%\"")).unwrap_or_default();
         let resp = self
             .client
             .search(
                 SearchRequest::builder()
                     .collection_name(&self.collection)
+                    .filter(filter)
                     .vector_field(VECTOR)
                     .vectors(SearchVectors::Float(vec![vector]))
                     .output_fields([KEY])

@@ -104,9 +104,14 @@ impl Source {
         Ok(self.store.get(&loc).await?.bytes().await?)
     }
 
-    pub async fn put(&self, key: &str, data: Bytes) -> Result<()> {
-        self.store.put(&self.location(key)?, data.into()).await?;
-        Ok(())
+    /// Writes an object; returns its etag.
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<Option<String>> {
+        Ok(self.store.put(&self.location(key)?, data.into()).await?.e_tag)
+    }
+
+    /// The object's bytes as a stream, for serving it without holding it in memory.
+    pub async fn stream(&self, key: &str) -> Result<futures::stream::BoxStream<'static, object_store::Result<Bytes>>> {
+        Ok(self.store.get(&self.location(key)?).await?.into_stream())
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {

@@ -1,0 +1,337 @@
+//! Route handlers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use bytes::Bytes;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, AppState};
+use crate::embed::Preprocessor;
+use crate::embed::preprocess::sniff;
+use crate::store::catalog::Progress;
+use crate::store::{Record, content_hash, key_id};
+
+const MAX_TOPK: usize = 100;
+
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+/// A query or upload: an image from a multipart field, or fetched from `{"url": ...}`.
+struct Input {
+    image: Bytes,
+    topk: Option<usize>,
+    prefix: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct JsonInput {
+    url: String,
+    topk: Option<usize>,
+    prefix: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct Params {
+    topk: Option<usize>,
+    prefix: Option<String>,
+}
+
+async fn read_input(st: &AppState, req: Request) -> Result<Input, ApiError> {
+    let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    if ctype.starts_with("multipart/form-data") {
+        let mut form = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let (mut image, mut topk, mut prefix) = (None, None, None);
+        while let Some(field) = form.next_field().await? {
+            match field.name() {
+                Some("image") => image = Some(field.bytes().await?),
+                Some("topk") => {
+                    let text = field.text().await?;
+                    topk = Some(
+                        text.trim()
+                            .parse()
+                            .map_err(|_| ApiError::bad_request(format!("topk {text:?} is not a number")))?,
+                    );
+                }
+                Some("prefix") => prefix = Some(field.text().await?),
+                _ => {}
+            }
+        }
+        let image = image.ok_or_else(|| ApiError::bad_request("multipart field `image` is missing"))?;
+        Ok(Input { image, topk, prefix })
+    } else if ctype.starts_with("application/json") {
+        let axum::Json(j) = axum::Json::<JsonInput>::from_request(req, &())
+            .await
+            .map_err(|e| ApiError::bad_request(format!("expected {{\"url\": ...}}: {}", e.body_text())))?;
+        Ok(Input { image: st.fetcher.fetch(&j.url).await?, topk: j.topk, prefix: j.prefix })
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send multipart/form-data with an `image` field, or JSON {\"url\": \"...\"}",
+        ))
+    }
+}
+
+/// Decode, preprocess and embed one image on the blocking pool. At most
+/// `max_concurrent_embeddings` at once: beyond that the caller gets 503 + Retry-After at once,
+/// rather than a queue that grows without bound.
+async fn embed(st: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
+    let permit = st.embed_slots.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many images are being embedded; retry shortly",
+        )
+    })?;
+    let (model, limits) = (st.model.clone(), st.config.limits);
+    let started = Instant::now();
+    let v = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, ApiError> {
+        let _permit = permit; // held until the work is done, even if the request is gone
+        let tensor = Preprocessor::default().from_bytes(&image, limits)?;
+        let mut v = model.lock().unwrap().embed(&tensor, 1).map_err(ApiError::internal)?;
+        Ok(v.remove(0))
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    st.metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
+    Ok(v)
+}
+
+/// A key prefix for filtering: plain characters only, so it can sit in a Milvus expression.
+fn check_prefix(p: Option<String>) -> Result<Option<String>, ApiError> {
+    match p.filter(|p| !p.is_empty()) {
+        Some(p) if p.len() <= 512 && p.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c)) => Ok(Some(p)),
+        Some(p) => Err(ApiError::bad_request(format!("prefix {p:?} may hold only letters, digits and / _ . -"))),
+        None => Ok(None),
+    }
+}
+
+/// Characters escaped in a path segment: all but RFC 3986's unreserved ones.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Where the service serves an object from (relative, so it works behind any path prefix).
+fn object_url(key: &str) -> String {
+    let path: Vec<String> = key.split('/').map(|s| utf8_percent_encode(s, SEGMENT).to_string()).collect();
+    format!("img/object/{}", path.join("/"))
+}
+
+#[derive(Serialize)]
+pub struct SearchResult {
+    pub rank: usize,
+    pub key: String,
+    pub id: i64,
+    /// Where to fetch the image, relative to the service's base URL.
+    pub url: String,
+    /// Cosine similarity (HNSW, higher is closer) or L2 distance (IVF_FLAT, lower is closer).
+    pub score: f32,
+}
+
+#[derive(Serialize)]
+pub struct SearchResponse {
+    pub results: Vec<SearchResult>,
+    pub metric: &'static str,
+    pub took_ms: f64,
+}
+
+pub async fn search(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<Params>,
+    req: Request,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let started = Instant::now();
+    let input = read_input(&st, req).await?;
+    let topk = input.topk.or(q.topk).unwrap_or(10);
+    if !(1..=MAX_TOPK).contains(&topk) {
+        return Err(ApiError::bad_request(format!("topk must be 1..={MAX_TOPK}")));
+    }
+    let prefix = check_prefix(input.prefix.or(q.prefix))?;
+    let vector = embed(&st, input.image).await?;
+    let t = Instant::now();
+    let hits = st.vectors.search(vector, topk, prefix.as_deref()).await.map_err(ApiError::backend)?;
+    st.metrics.milvus_seconds.observe(t.elapsed().as_secs_f64());
+    let results = hits
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| SearchResult { rank: i + 1, url: object_url(&h.key), key: h.key, id: h.id, score: h.score })
+        .collect();
+    let metric = if st.vectors.index_kind().higher_is_closer() { "COSINE" } else { "L2" };
+    Ok(Json(SearchResponse { results, metric, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
+}
+
+#[derive(Serialize)]
+pub struct UploadResponse {
+    pub key: String,
+    pub id: i64,
+    pub url: String,
+    /// False when the same bytes were uploaded before: one entry, not two.
+    pub created: bool,
+}
+
+/// Stores an image under a content-addressed key (`uploads/<sha256>.<ext>`), so two different
+/// files never collide and the same file twice is one entry; indexes it at once.
+pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
+    let source = st.source.clone().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)")
+    })?;
+    let input = read_input(&st, req).await?;
+    let ext = match sniff(&input.image) {
+        Some(image::ImageFormat::Png) => "png",
+        Some(image::ImageFormat::WebP) => "webp",
+        Some(_) => "jpg",
+        None => return Err(crate::embed::DecodeError::Unsupported.into()),
+    };
+    let hash = content_hash(&input.image);
+    let key = format!("uploads/{hash}.{ext}");
+    let id = key_id(&key);
+    let url = object_url(&key);
+    if st.catalog.entry(&key).await.map_err(ApiError::backend)?.is_some_and(|e| e.indexed) {
+        return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
+    }
+    // Embed first: a file that is not a usable image is refused before anything is stored.
+    let vector = embed(&st, input.image.clone()).await?;
+    let size = input.image.len() as u64;
+    let etag = source.put(&key, input.image).await.map_err(ApiError::backend)?;
+    st.vectors.upsert(vec![id], vec![key.clone()], vec![vector]).await.map_err(ApiError::backend)?;
+    let record = Record { id, key: key.clone(), etag, size, content_hash: Some(hash), error: None };
+    st.catalog.record(&[record]).await.map_err(ApiError::backend)?;
+    Ok((StatusCode::CREATED, Json(UploadResponse { key, id, url, created: true })).into_response())
+}
+
+/// Removes an object from the index and from the bucket (else the next sync would bring it back).
+pub async fn delete(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+    let entry = st.catalog.entry(&key).await.map_err(ApiError::backend)?;
+    let entry = entry.ok_or_else(|| ApiError::not_found(format!("{key} is not in the index")))?;
+    st.vectors.delete(&[entry.id]).await.map_err(ApiError::backend)?;
+    if let Some(source) = &st.source {
+        source.delete(&key).await.map_err(ApiError::backend)?;
+    }
+    st.catalog.delete(&[entry.id]).await.map_err(ApiError::backend)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Drops the collection and the catalog, then recreates an empty collection. Off unless configured.
+pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    if !st.config.allow_drop {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "disabled",
+            "drop is disabled; start serve with --allow-drop",
+        ));
+    }
+    let dim = st.model.lock().unwrap().dim();
+    st.vectors.drop_collection().await.map_err(ApiError::backend)?;
+    st.catalog.drop_collection().await.map_err(ApiError::backend)?;
+    st.vectors.ensure_collection(dim).await.map_err(ApiError::backend)?;
+    Ok(Json(serde_json::json!({ "dropped": st.vectors.collection() })))
+}
+
+/// Streams an object from the bucket, only if the catalog knows the key: never a filesystem path.
+pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    let source = st.source.as_ref().ok_or_else(|| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)")
+    })?;
+    if st.catalog.entry(&key).await.map_err(ApiError::backend)?.is_none() {
+        return Err(ApiError::not_found(format!("{key} is not in the index")));
+    }
+    let stream = source.stream(&key).await.map_err(ApiError::backend)?;
+    let ctype = match key.rsplit('.').next().map(str::to_ascii_lowercase).as_deref() {
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("png") => "image/png",
+        Some("webp") => "image/webp",
+        _ => "application/octet-stream",
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+pub struct CountResponse {
+    /// Vectors in the Milvus collection.
+    pub count: u64,
+    /// Catalog rows indexed and failed.
+    pub indexed: u64,
+    pub failed: u64,
+}
+
+pub async fn count(State(st): State<Arc<AppState>>) -> Result<Json<CountResponse>, ApiError> {
+    let count = st.vectors.count().await.map_err(ApiError::backend)?;
+    let c = st.catalog.counts().await.map_err(ApiError::backend)?;
+    Ok(Json(CountResponse { count, indexed: c.indexed, failed: c.failed }))
+}
+
+pub async fn progress(State(st): State<Arc<AppState>>) -> Result<Json<Progress>, ApiError> {
+    Ok(Json(st.catalog.progress().await.map_err(ApiError::backend)?))
+}
+
+/// Ready when Milvus and MySQL answer and the collection is loaded.
+pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    st.vectors.ready().await.map_err(ApiError::backend)?;
+    st.catalog.ping().await.map_err(ApiError::backend)?;
+    Ok(Json(serde_json::json!({ "milvus": "ok", "mysql": "ok" })))
+}
+
+/// Whole-request deadline.
+pub async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("request took longer than {limit:?}"))
+            .into_response(),
+    }
+}
+
+/// Refuses a body whose Content-Length is over the limit, with a 413 the client can read: the
+/// body is drained first (bounded in bytes and time), because closing a socket with unread data
+/// makes the kernel send a reset that can destroy the response in flight.
+pub async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(len) if len > limit as u64 => {
+            if len <= 4 * limit as u64 {
+                let drain = axum::body::to_bytes(req.into_body(), usize::MAX);
+                let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            }
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body is {len} bytes, more than the limit of {limit}"),
+            )
+            .into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_plain() {
+        assert_eq!(check_prefix(Some("photos/2024-01_a.b".into())).unwrap().as_deref(), Some("photos/2024-01_a.b"));
+        assert!(check_prefix(Some("".into())).unwrap().is_none());
+        for bad in ["a\"b", "x\\", "a% or 1", "ключ"] {
+            assert!(check_prefix(Some(bad.into())).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn object_urls_escape_each_segment() {
+        assert_eq!(object_url("a b/c#d+é.jpg"), "img/object/a%20b/c%23d%2B%C3%A9.jpg");
+    }
+}
