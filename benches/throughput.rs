@@ -58,7 +58,33 @@ fn peak_rss_mib() -> f64 {
     kb.unwrap_or(0.0) / 1024.0
 }
 
+/// `--embed-only`: the bare embedding of one query (QUERY, a file): decode + preprocess + model at
+/// batch 1, no HTTP and no Milvus; the baseline for the load test's latencies.
+fn embed_only() -> Result<()> {
+    let bytes = std::fs::read(env("QUERY")?)?;
+    let mut model = Model::load(env("IMAGEINDEX_MODEL")?.as_ref(), &ModelOptions::default())?;
+    let mut pre = Preprocessor::default();
+    let mut times = vec![];
+    for i in 0..21 {
+        let t = Instant::now();
+        let tensor = pre.from_bytes(&bytes, DecodeLimits::default())?;
+        model.embed(&tensor, 1)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e3); // the first call warms up
+        }
+    }
+    let p50 = median(&mut times);
+    println!(
+        "bare embedding of the query (decode + preprocess + model, batch 1): p50 {p50:.1} ms, {:.2} images/s",
+        1e3 / p50
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--embed-only") {
+        return embed_only();
+    }
     let n: usize = std::env::var("IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let batches: Vec<usize> = std::env::var("BATCHES")
         .unwrap_or_else(|_| "1 16".into())

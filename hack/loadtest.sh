@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Load test of /img/search (a script, not a test): wrk on loopback at concurrency 1 and 8 for a
+# bounded time, with a multipart query image. Prints p50/p99 latency, requests/s, the status
+# counts (503 = deliberate back-pressure) and the server's peak RSS; then the same query
+# against the bare embedding (decode + preprocess + model, no HTTP, no Milvus) for comparison.
+#   DURATION=20s hack/loadtest.sh
+source "$(dirname "$0")/lib.sh"
+command -v wrk >/dev/null || { sudo_=""; [[ $(id -u) == 0 ]] || sudo_=sudo; DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq wrk >/dev/null; }
+"$ROOT/hack/install.sh"
+"$ROOT/hack/services.sh" up
+source "$STATE/env"
+export IMAGEINDEX_MODEL=${IMAGEINDEX_MODEL:-$("$ROOT/hack/model.sh")} IMAGEINDEX_COLLECTION=loadtest RUST_LOG=warn
+(cd "$ROOT" && cargo build --locked --release --quiet --bin imageindex)
+bin=$CARGO_TARGET_DIR/release/imageindex
+samples=$STATE/samples
+[[ -d $samples ]] || "$PY" "$ROOT/hack/make-sample-images.py" "$samples"
+"$bin" index "$samples" >/dev/null
+
+port=18081
+# Room for 16 embeddings at once, so that concurrency 8 measures queueing on the model, not
+# back-pressure (wrk retries a 503 at once, ignoring Retry-After, and such a flood of cheap
+# 503s starves the model of CPU). MAX_EMBED=4 shows the back-pressure instead.
+"$bin" serve --listen "127.0.0.1:$port" --source "$samples" --max-concurrent-embeddings "${MAX_EMBED:-16}" &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+wait_for "search server" 60 curl -fsS "http://127.0.0.1:$port/readyz"
+
+# wrk sends one fixed multipart body; its Lua script also tallies the statuses.
+query=$(find "$samples" -name '*.jpg' | sort | head -n1)
+lua=$STATE/loadtest.lua
+"$PY" - "$query" "$lua" <<'PYEOF'
+import sys
+img = open(sys.argv[1], "rb").read()
+b = "imageindexloadtestboundary"
+body = (f"--{b}\r\nContent-Disposition: form-data; name=\"topk\"\r\n\r\n10\r\n"
+        f"--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode("latin-1") \
+       + img + f"\r\n--{b}--\r\n".encode("latin-1")
+esc = "".join(f"\\{c}" for c in body)
+open(sys.argv[2], "w").write(f'''
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary={b}"
+wrk.body = "{esc}"
+local counts = {{}}
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {{}} end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local total = {{}}
+  for _, t in ipairs(threads) do
+    local s = t:get("statuses")
+    for k, v in pairs(s) do total[k] = (total[k] or 0) + v end
+  end
+  local parts = {{}}
+  for k, v in pairs(total) do table.insert(parts, k .. ": " .. v) end
+  io.write(string.format("p50 %.1f ms  p99 %.1f ms  %.2f req/s  statuses {{%s}}\\n",
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.requests / (summary.duration / 1e6),
+    table.concat(parts, ", ")))
+end
+''')
+PYEOF
+for c in 1 8; do
+  echo "concurrency $c, ${DURATION:-20s}:"
+  wrk -t1 -c"$c" -d"${DURATION:-20s}" --timeout 30s -s "$lua" "http://127.0.0.1:$port/img/search" | tail -n1
+done
+echo "server peak RSS: $(awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' /proc/$pid/status)"
+kill $pid; wait $pid 2>/dev/null; trap - EXIT
+# The bare embedding of the same query: no HTTP, no Milvus.
+(cd "$ROOT" && QUERY=$query cargo bench --locked --bench throughput -- --embed-only 2>/dev/null | tail -n1)
