@@ -417,6 +417,22 @@ async fn serve_routes_errors_and_auth() {
         "{metrics}"
     );
     assert!(metrics.contains("imageindex_embed_duration_seconds_count"));
+    let (status, doc) = Server::json(http.get(srv.url("openapi.json"))).await;
+    assert_eq!(status, 200);
+    for path in [
+        "/img/search",
+        "/img/upload",
+        "/img/count",
+        "/progress",
+        "/img/{key}",
+        "/img/drop",
+        "/img/object/{key}",
+        "/readyz",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+    assert_eq!(doc["components"]["securitySchemes"]["token"]["scheme"], "bearer");
+    assert!(doc["paths"]["/img/search"]["post"]["requestBody"]["content"]["multipart/form-data"].is_object());
     let page = http.get(srv.url("")).send().await.unwrap().text().await.unwrap();
     assert!(
         page.contains("<title>imageindex search</title>") && !page.contains("http://") && !page.contains("https://")

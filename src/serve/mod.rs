@@ -7,6 +7,7 @@ mod auth;
 mod error;
 mod fetch;
 mod metrics;
+mod openapi;
 mod routes;
 
 use std::net::SocketAddr;
@@ -113,6 +114,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(metrics::render))
+        .route("/openapi.json", get(openapi::document))
         .merge(reads)
         .merge(writes)
         .fallback(|| async { ApiError::not_found("no such route") })

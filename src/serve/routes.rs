@@ -13,6 +13,7 @@ use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
+use super::openapi::{ErrorBody, ImageForm, UrlForm};
 use super::{ApiError, AppState};
 use crate::embed::Preprocessor;
 use crate::embed::preprocess::sniff;
@@ -124,7 +125,7 @@ fn object_url(key: &str) -> String {
     format!("img/object/{}", path.join("/"))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SearchResult {
     pub rank: usize,
     pub key: String,
@@ -135,13 +136,18 @@ pub struct SearchResult {
     pub score: f32,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SearchResponse {
     pub results: Vec<SearchResult>,
     pub metric: &'static str,
     pub took_ms: f64,
 }
 
+/// Search by image: the nearest indexed images, best first.
+#[utoipa::path(post, path = "/img/search",
+    request_body(content((ImageForm = "multipart/form-data"), (UrlForm = "application/json"))),
+    params(("topk" = Option<u32>, Query, description = "Results, 1-100"), ("prefix" = Option<String>, Query, description = "Key prefix")),
+    responses((status = 200, body = SearchResponse), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
 pub async fn search(
     State(st): State<Arc<AppState>>,
     Query(q): Query<Params>,
@@ -167,7 +173,7 @@ pub async fn search(
     Ok(Json(SearchResponse { results, metric, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct UploadResponse {
     pub key: String,
     pub id: i64,
@@ -176,8 +182,12 @@ pub struct UploadResponse {
     pub created: bool,
 }
 
-/// Stores an image under a content-addressed key (`uploads/<sha256>.<ext>`), so two different
-/// files never collide and the same file twice is one entry; indexes it at once.
+/// Store an image under a content-addressed key and index it.
+#[utoipa::path(post, path = "/img/upload", security(("token" = [])),
+    request_body(content((ImageForm = "multipart/form-data"), (UrlForm = "application/json"))),
+    responses((status = 201, description = "Stored and indexed", body = UploadResponse),
+              (status = 200, description = "The same bytes were already there", body = UploadResponse),
+              (status = 401, body = ErrorBody), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
 pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
     let source = st.source.clone().ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)")
@@ -206,7 +216,9 @@ pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Res
     Ok((StatusCode::CREATED, Json(UploadResponse { key, id, url, created: true })).into_response())
 }
 
-/// Removes an object from the index and from the bucket (else the next sync would bring it back).
+/// Remove an object from the index, the catalog and the bucket.
+#[utoipa::path(delete, path = "/img/{key}", security(("token" = [])), params(("key" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
     let entry = st.catalog.entry(&key).await.map_err(ApiError::backend)?;
     let entry = entry.ok_or_else(|| ApiError::not_found(format!("{key} is not in the index")))?;
@@ -218,7 +230,9 @@ pub async fn delete(State(st): State<Arc<AppState>>, Path(key): Path<String>) ->
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Drops the collection and the catalog, then recreates an empty collection. Off unless configured.
+/// Drop the collection and the catalog (only with --allow-drop).
+#[utoipa::path(post, path = "/img/drop", security(("token" = [])),
+    responses((status = 200, description = "Dropped"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
     if !st.config.allow_drop {
         return Err(ApiError::new(
@@ -234,7 +248,9 @@ pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json
     Ok(Json(serde_json::json!({ "dropped": st.vectors.collection() })))
 }
 
-/// Streams an object from the bucket, only if the catalog knows the key: never a filesystem path.
+/// The image itself, streamed from the bucket (only keys in the catalog).
+#[utoipa::path(get, path = "/img/object/{key}", params(("key" = String, Path)),
+    responses((status = 200, description = "The image", content_type = "image/*"), (status = 404, body = ErrorBody)))]
 pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let source = st.source.as_ref().ok_or_else(|| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)")
@@ -260,7 +276,7 @@ pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) ->
         .into_response())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CountResponse {
     /// Vectors in the Milvus collection.
     pub count: u64,
@@ -269,17 +285,22 @@ pub struct CountResponse {
     pub failed: u64,
 }
 
+/// Vectors in Milvus and catalog rows.
+#[utoipa::path(get, path = "/img/count", responses((status = 200, body = CountResponse), (status = 503, body = ErrorBody)))]
 pub async fn count(State(st): State<Arc<AppState>>) -> Result<Json<CountResponse>, ApiError> {
     let count = st.vectors.count().await.map_err(ApiError::backend)?;
     let c = st.catalog.counts().await.map_err(ApiError::backend)?;
     Ok(Json(CountResponse { count, indexed: c.indexed, failed: c.failed }))
 }
 
+/// Catalog counts and the latest indexing run.
+#[utoipa::path(get, path = "/progress", responses((status = 200, body = Progress), (status = 503, body = ErrorBody)))]
 pub async fn progress(State(st): State<Arc<AppState>>) -> Result<Json<Progress>, ApiError> {
     Ok(Json(st.catalog.progress().await.map_err(ApiError::backend)?))
 }
 
-/// Ready when Milvus and MySQL answer and the collection is loaded.
+/// Ready when Milvus and MySQL answer and the collection exists.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready"), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
     st.vectors.ready().await.map_err(ApiError::backend)?;
     st.catalog.ping().await.map_err(ApiError::backend)?;

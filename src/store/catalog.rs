@@ -39,7 +39,7 @@ pub struct Counts {
 }
 
 /// Progress of one run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct RunProgress {
     pub discovered: u64,
     pub planned: u64,
@@ -49,7 +49,7 @@ pub struct RunProgress {
 }
 
 /// Where the collection stands: catalog counts and the latest run of each shard, summed.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Progress {
     /// Objects the latest runs found in the source.
     pub discovered: u64,
@@ -59,7 +59,7 @@ pub struct Progress {
     pub run: Option<RunStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct RunStatus {
     /// running | succeeded | failed (failed if any shard failed, running if any still runs).
     pub status: String,
