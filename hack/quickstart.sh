@@ -46,7 +46,8 @@ if ((check)); then
   out=$(curl -fsS -F "image=@$query" -F topk=3 "http://127.0.0.1:$port/img/search")
   echo "$out"
   grep -q "\"key\":\"${query#"$src"/}\"" <<<"$out" || { log "quickstart check: the query image was not found"; exit 1; }
-  curl -fsS "http://127.0.0.1:$port/" | grep -q "<title>imageindex search</title>" || { log "quickstart check: no page"; exit 1; }
+  page=$(curl -fsS "http://127.0.0.1:$port/")
+  grep -q "<title>imageindex search</title>" <<<"$page" || { log "quickstart check: no page"; exit 1; }
   log "quickstart check: ok"
 else
   exec "${serve[@]}"

@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 mkdir -p "$STATE"
 MILVUS_BIN=$CACHE/milvus-2.3.5/bin
 
-milvus_healthy() { curl -fsS "http://127.0.0.1:$MILVUS_HEALTH_PORT/healthz" | grep -q OK; }
+milvus_healthy() { [[ $(curl -fsS "http://127.0.0.1:$MILVUS_HEALTH_PORT/healthz") == *OK* ]]; }
 mysql_ready() { mariadb-admin --protocol=socket -S "$STATE/mysql/mysqld.sock" -uroot ping; }
 s3_ready() { curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"; }
 

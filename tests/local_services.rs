@@ -60,6 +60,13 @@ impl Fixture {
         }
     }
 
+    /// Drops the test's collection and catalog rows.
+    async fn cleanup(&self) {
+        let b = self.backends(IndexKind::Hnsw).await;
+        b.vectors.drop_collection().await.unwrap();
+        b.catalog.drop_collection().await.unwrap();
+    }
+
     async fn sync(&self, b: &Backends) -> Summary {
         sync(b, model(), &SyncOptions::default()).await.expect("sync")
     }
@@ -261,9 +268,7 @@ async fn index_search_resync_and_delete() {
     assert_eq!((s.changed, s.failed), (1, 1));
     assert!(b.vectors.existing(&[key_id(key)]).await.unwrap().is_empty());
     assert_eq!(b.vectors.count().await.unwrap(), 189);
-
-    b.vectors.drop_collection().await.unwrap();
-    b.catalog.drop_collection().await.unwrap();
+    fx.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -280,8 +285,7 @@ async fn ivf_flat_l2_collections_work_too() {
     let other = VectorStore::connect(&fx.milvus(IndexKind::IvfFlat)).await.unwrap();
     let err = other.ensure_collection(512).await.unwrap_err();
     assert!(format!("{err:#}").contains("2048-d"), "{err:#}");
-    b.vectors.drop_collection().await.unwrap();
-    b.catalog.drop_collection().await.unwrap();
+    fx.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -507,9 +511,7 @@ async fn serve_routes_errors_and_auth() {
     let (status, body) = srv.search(png, "3").await;
     assert_eq!((status, body["results"].as_array().map(Vec::len)), (200, Some(0)));
 
-    let cleanup = fx.backends(IndexKind::Hnsw).await;
-    cleanup.vectors.drop_collection().await.unwrap();
-    cleanup.catalog.drop_collection().await.unwrap();
+    fx.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -552,7 +554,5 @@ async fn serve_guards_private_urls_drop_search_token_and_backpressure() {
     assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
     assert!(statuses.contains(&200) && statuses.contains(&503), "{statuses:?}");
 
-    let cleanup = fx.backends(IndexKind::Hnsw).await;
-    cleanup.vectors.drop_collection().await.unwrap();
-    cleanup.catalog.drop_collection().await.unwrap();
+    fx.cleanup().await;
 }

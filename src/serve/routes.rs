@@ -107,6 +107,13 @@ async fn embed(st: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
     Ok(v)
 }
 
+/// The bucket, for the routes that need one.
+fn bucket(st: &AppState) -> Result<&crate::store::Source, ApiError> {
+    st.source
+        .as_ref()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)"))
+}
+
 /// A key prefix for filtering: plain characters only, so it can sit in a Milvus expression.
 fn check_prefix(p: Option<String>) -> Result<Option<String>, ApiError> {
     match p.filter(|p| !p.is_empty()) {
@@ -189,9 +196,7 @@ pub struct UploadResponse {
               (status = 200, description = "The same bytes were already there", body = UploadResponse),
               (status = 401, body = ErrorBody), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
 pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let source = st.source.clone().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)")
-    })?;
+    let source = bucket(&st)?;
     let input = read_input(&st, req).await?;
     let ext = match sniff(&input.image) {
         Some(image::ImageFormat::Png) => "png",
@@ -252,9 +257,7 @@ pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json
 #[utoipa::path(get, path = "/img/object/{key}", params(("key" = String, Path)),
     responses((status = 200, description = "The image", content_type = "image/*"), (status = 404, body = ErrorBody)))]
 pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
-    let source = st.source.as_ref().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)")
-    })?;
+    let source = bucket(&st)?;
     if st.catalog.entry(&key).await.map_err(ApiError::backend)?.is_none() {
         return Err(ApiError::not_found(format!("{key} is not in the index")));
     }
