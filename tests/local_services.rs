@@ -556,3 +556,63 @@ async fn serve_guards_private_urls_drop_search_token_and_backpressure() {
 
     fx.cleanup().await;
 }
+
+/// A TCP proxy to a real service that a test can cut, to take that backend down for one client.
+async fn proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cut, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let mut rx = cut_rx.clone();
+            tokio::select! {
+                _ = rx.wait_for(|c| *c) => return, // drops the listener: new connections are refused
+                Ok((mut inbound, _)) = listener.accept() => {
+                    let mut rx = cut_rx.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = rx.wait_for(|c| *c) => {} // existing connections close too
+                        }
+                    });
+                }
+            }
+        }
+    });
+    (addr, cut)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_answers_503_when_mysql_goes_down() {
+    let fx = Fixture::new("down");
+    upload_photos(&fx, 2).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    // The server's catalog reaches MariaDB through a proxy; cutting it takes MySQL down for it.
+    let mut url = url::Url::parse(&env("IMAGEINDEX_MYSQL_URL")).unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap()).parse().unwrap();
+    let (addr, cut) = proxy(target).await;
+    url.set_port(Some(addr.port())).unwrap();
+    let catalog = Catalog::connect(url.as_str(), &fx.name, "test-model").await.unwrap();
+    let vectors = VectorStore::connect(&fx.milvus(IndexKind::Hnsw)).await.unwrap();
+    let srv =
+        Server::start(&fx, Backends { source: fx.source.clone(), vectors, catalog }, ServeConfig::default()).await;
+    let (status, body) = Server::json(srv.http.get(srv.url("readyz"))).await;
+    assert_eq!(status, 200, "{body}");
+
+    cut.send(true).unwrap();
+    let (status, body) = Server::json(srv.http.get(srv.url("readyz"))).await;
+    assert_eq!(status, 503, "{body}");
+    assert_error((status, body), 503, "backend_unavailable");
+    let r = srv.http.get(srv.url("img/count")).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["retry-after"].to_str().unwrap()), (503, "1"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "backend_unavailable");
+    assert!(
+        body["message"].as_str().unwrap().to_lowercase().contains("connect")
+            || body["message"].as_str().unwrap().contains("pool"),
+        "{body}"
+    );
+    fx.cleanup().await;
+}

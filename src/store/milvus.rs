@@ -298,12 +298,19 @@ impl VectorStore {
         Ok(r.exists())
     }
 
-    /// Milvus is reachable and the collection is there.
+    /// Milvus is reachable and the collection is loaded (searchable).
     pub async fn ready(&self) -> Result<()> {
-        if !self.exists().await? {
-            bail!("collection {} does not exist", self.collection);
+        let state = self
+            .client
+            .get_load_state(GetLoadStateRequest::builder().collection_name(&self.collection).build()?)
+            .await
+            .context("asking Milvus for the collection's load state")?
+            .state();
+        match state {
+            LoadState::Loaded => Ok(()),
+            LoadState::NotExist => bail!("collection {} does not exist", self.collection),
+            other => bail!("collection {} is not loaded ({other:?})", self.collection),
         }
-        Ok(())
     }
 }
 
