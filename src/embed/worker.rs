@@ -269,10 +269,9 @@ async fn sync_inner(
         }
     }
     tri!(tri!(pipeline.await.context("pipeline task panicked")));
-    // A Strong count waits until Milvus's query nodes have consumed every write of this run, so
-    // searches right after it see them all. No flush: an upsert is durable once acknowledged, and
-    // sealing segments is Milvus's own business (a flush per run costs seconds).
-    summary.vectors = tri!(b.vectors.count().await);
+    // Searches right after the run see all of it. No flush: an upsert is durable once
+    // acknowledged, and sealing segments is Milvus's own business (a flush per run costs seconds).
+    summary.vectors = tri!(b.vectors.wait_searchable().await);
     bar.finish_and_clear();
     summary.embed_seconds = started.elapsed().as_secs_f64();
     summary.indexed = progress.indexed as usize;

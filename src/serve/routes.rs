@@ -218,6 +218,8 @@ pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Res
     st.vectors.upsert(vec![id], vec![key.clone()], vec![vector]).await.map_err(ApiError::backend)?;
     let record = Record { id, key: key.clone(), etag, size, content_hash: Some(hash), error: None };
     st.catalog.record(&[record]).await.map_err(ApiError::backend)?;
+    // Answer once the image is searchable: a search right after an upload must find it.
+    st.vectors.wait_searchable().await.map_err(ApiError::backend)?;
     Ok((StatusCode::CREATED, Json(UploadResponse { key, id, url, created: true })).into_response())
 }
 
@@ -232,6 +234,7 @@ pub async fn delete(State(st): State<Arc<AppState>>, Path(key): Path<String>) ->
         source.delete(&key).await.map_err(ApiError::backend)?;
     }
     st.catalog.delete(&[entry.id]).await.map_err(ApiError::backend)?;
+    st.vectors.wait_searchable().await.map_err(ApiError::backend)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -217,6 +217,13 @@ impl VectorStore {
         Ok(col.as_int64().and_then(|v| v.first().copied()).unwrap_or(0) as u64)
     }
 
+    /// Waits until every write acknowledged so far is searchable, and returns the row count: a
+    /// Strong read waits for the query nodes to consume everything up to now, after which
+    /// Bounded searches see it too. Cheaper than a flush, which also seals segments.
+    pub async fn wait_searchable(&self) -> Result<u64> {
+        self.count().await
+    }
+
     /// Ids among `ids` that are in the collection.
     pub async fn existing(&self, ids: &[i64]) -> Result<Vec<i64>> {
         let mut out = Vec::new();
