@@ -75,6 +75,23 @@ pub struct Failure {
     pub error: String,
 }
 
+/// A static SELECT of the columns an `Entry` is read from, with the given WHERE clause.
+macro_rules! select_entries {
+    ($filter:literal) => {
+        concat!("SELECT id, object_key, etag, size, state FROM images WHERE ", $filter)
+    };
+}
+
+fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
+    Ok(Entry {
+        id: r.try_get("id")?,
+        key: r.try_get("object_key")?,
+        etag: r.try_get("etag")?,
+        size: r.try_get::<i64, _>("size")? as u64,
+        indexed: r.try_get::<String, _>("state")? == "indexed",
+    })
+}
+
 #[derive(Clone)]
 pub struct Catalog {
     pool: MySqlPool,
@@ -98,26 +115,14 @@ impl Catalog {
 
     /// Every entry of this collection whose id falls in `shard` of `shards` (id mod shards).
     pub async fn entries(&self, shard: u32, shards: u32) -> Result<HashMap<String, Entry>> {
-        let rows =
-            sqlx::query("SELECT id, object_key, etag, size, state FROM images WHERE collection = ? AND MOD(id, ?) = ?")
-                .bind(&self.collection)
-                .bind(shards)
-                .bind(shard)
-                .fetch_all(&self.pool)
-                .await
-                .context("reading the catalog")?;
-        rows.into_iter()
-            .map(|r| {
-                let e = Entry {
-                    id: r.try_get("id")?,
-                    key: r.try_get("object_key")?,
-                    etag: r.try_get("etag")?,
-                    size: r.try_get::<i64, _>("size")? as u64,
-                    indexed: r.try_get::<String, _>("state")? == "indexed",
-                };
-                Ok((e.key.clone(), e))
-            })
-            .collect()
+        let rows = sqlx::query(select_entries!("collection = ? AND MOD(id, ?) = ?"))
+            .bind(&self.collection)
+            .bind(shards)
+            .bind(shard)
+            .fetch_all(&self.pool)
+            .await
+            .context("reading the catalog")?;
+        rows.iter().map(|r| entry_from_row(r).map(|e| (e.key.clone(), e))).collect()
     }
 
     /// Upserts finished objects (indexed or failed) in one statement.
@@ -236,24 +241,13 @@ impl Catalog {
 
     /// The catalog entry of a key, if any.
     pub async fn entry(&self, key: &str) -> Result<Option<Entry>> {
-        let row = sqlx::query(
-            "SELECT id, object_key, etag, size, state FROM images WHERE collection = ? AND id = ? AND object_key = ?",
-        )
-        .bind(&self.collection)
-        .bind(super::key_id(key))
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(Entry {
-                id: r.try_get("id")?,
-                key: r.try_get("object_key")?,
-                etag: r.try_get("etag")?,
-                size: r.try_get::<i64, _>("size")? as u64,
-                indexed: r.try_get::<String, _>("state")? == "indexed",
-            })
-        })
-        .transpose()
+        let row = sqlx::query(select_entries!("collection = ? AND id = ? AND object_key = ?"))
+            .bind(&self.collection)
+            .bind(super::key_id(key))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(entry_from_row).transpose()
     }
 
     pub async fn start_run(&self, shard: u32, shards: u32) -> Result<i64> {
