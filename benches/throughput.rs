@@ -161,6 +161,7 @@ async fn end_to_end(photos: &[(String, Bytes)], model: Arc<Mutex<Model>>, batch:
         url: format!("s3://imageindex-bench/{name}/"),
         endpoint: Some(env("IMAGEINDEX_S3_ENDPOINT")?),
         include: vec![],
+        credentials: None,
     })?;
     stream::iter(photos).map(|(k, b)| source.put(k, b.clone())).buffer_unordered(16).try_collect::<Vec<_>>().await?;
     let milvus = MilvusConfig {

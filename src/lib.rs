@@ -3,6 +3,7 @@
 //! `serve` answers searches, `controller` (the operator) schedules all of it on Kubernetes.
 pub mod config;
 pub mod controller;
+pub mod crd;
 pub mod embed;
 pub mod serve;
 pub mod store;

@@ -81,6 +81,34 @@ enum Command {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// The operator: reconcile ImageIndex resources (in a cluster, or against a kubeconfig).
+    Controller {
+        /// Image for embedding Jobs and search pods when an ImageIndex names none.
+        #[arg(long, env = "IMAGEINDEX_IMAGE", default_value = concat!("ghcr.io/imageindex/imageindex:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// Watch only this namespace (default: all).
+        #[arg(long, env = "IMAGEINDEX_WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long, env = "IMAGEINDEX_METRICS_LISTEN", default_value = "127.0.0.1:8081")]
+        metrics_listen: SocketAddr,
+        /// Namespace of the leader-election Lease (in a pod: its own namespace).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        #[arg(long, env = "IMAGEINDEX_LEASE_NAME", default_value = "imageindex-controller")]
+        lease_name: String,
+        /// Run without leader election (only ever one replica).
+        #[arg(long)]
+        no_leader_election: bool,
+        /// This replica's name in the Lease (in a pod: its name).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds allowed for each Milvus, MySQL and bucket call the controller makes.
+        #[arg(long, env = "IMAGEINDEX_IO_TIMEOUT", default_value_t = 10)]
+        io_timeout: u64,
+    },
+    /// Print the ImageIndex CustomResourceDefinition (YAML), generated from the Rust types.
+    Crd,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +139,38 @@ struct RunArgs {
 async fn main() -> Result<()> {
     imageindex::telemetry::init();
     match Cli::parse().command {
+        Command::Controller {
+            image,
+            namespace,
+            metrics_listen,
+            lease_namespace,
+            lease_name,
+            no_leader_election,
+            identity,
+            io_timeout,
+        } => {
+            use imageindex::controller::{self, ControllerConfig, Settings};
+            let client =
+                kube::Client::try_default().await.context("connecting to Kubernetes (in-cluster or kubeconfig)")?;
+            let indexed_jobs = controller::indexed_jobs_supported(&client).await;
+            let identity = identity.unwrap_or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| format!("imageindex-{}", std::process::id()))
+            });
+            let config = ControllerConfig {
+                settings: Settings { default_image: image, indexed_jobs, io_timeout: Duration::from_secs(io_timeout) },
+                namespace,
+                listen: metrics_listen,
+                lease: (!no_leader_election).then_some((lease_namespace, lease_name)),
+                identity,
+            };
+            controller::run(client, config).await
+        }
+        Command::Crd => {
+            print!("{}", imageindex::crd::crd_yaml());
+            Ok(())
+        }
         Command::Index { source, run } => run_sync(source, 0, 1, run, true).await,
         Command::Embed { source, shard, shards, run } => {
             anyhow::ensure!(shards >= 1 && shard < shards, "shard {shard} is not in 0..{shards}");
@@ -145,7 +205,14 @@ async fn main() -> Result<()> {
             let (vectors, catalog) = backend.connect(&model.name()).await?;
             vectors.ensure_collection(loaded.dim()).await?;
             let source = source
-                .map(|url| Source::open(&SourceConfig { url, endpoint: src.s3_endpoint, include: src.include }))
+                .map(|url| {
+                    Source::open(&SourceConfig {
+                        url,
+                        endpoint: src.s3_endpoint,
+                        include: src.include,
+                        credentials: None,
+                    })
+                })
                 .transpose()?;
             let defaults = ServeConfig::default();
             let config = ServeConfig {
@@ -171,7 +238,12 @@ async fn main() -> Result<()> {
 async fn run_sync(source: String, shard: u32, shards: u32, run: RunArgs, progress_bar: bool) -> Result<()> {
     let model = run.model.load()?;
     let (vectors, catalog) = run.backend.connect(&run.model.name()).await?;
-    let source = Source::open(&SourceConfig { url: source, endpoint: run.src.s3_endpoint, include: run.src.include })?;
+    let source = Source::open(&SourceConfig {
+        url: source,
+        endpoint: run.src.s3_endpoint,
+        include: run.src.include,
+        credentials: None,
+    })?;
     let opts = SyncOptions {
         shard,
         shards,

@@ -43,6 +43,7 @@ impl Fixture {
             url: source_url.clone(),
             endpoint: Some(env("IMAGEINDEX_S3_ENDPOINT")),
             include: vec![],
+            credentials: None,
         })
         .unwrap();
         Self { name, source, source_url }

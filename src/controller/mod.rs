@@ -1,3 +1,237 @@
 //! The operator: reconciles `ImageIndex` resources into a Milvus collection, the MySQL catalog,
 //! embedding Jobs (`imageindex embed`) and the search Deployment + Service (`imageindex serve`).
-//! Not built yet: the data plane it schedules (`embed`, `serve`) comes first.
+//! `builders` makes the objects (pure), `status` the conditions (pure), `reconcile` runs the
+//! pipeline against the API; this file wires watches, leader election and `/metrics`.
+
+pub mod builders;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::{Api, ListParams};
+use kube::core::{DynamicObject, PartialObjectMeta};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Client, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use tracing::{error, info, warn};
+
+use crate::crd::ImageIndex;
+pub use reconcile::{Context, Settings};
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub settings: Settings,
+    /// Watch one namespace, or all.
+    pub namespace: Option<String>,
+    /// `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+    /// Lease for leader election: `namespace/name`; None runs without election (one replica).
+    pub lease: Option<(String, String)>,
+    /// This replica's identity in the lease (the pod name).
+    pub identity: String,
+}
+
+/// Runs the operator until SIGTERM, or until it loses the lease (then exits non-zero, so the
+/// pod restarts and waits its turn: two replicas never reconcile at once).
+pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let leading = Arc::new(AtomicBool::new(config.lease.is_none()));
+    tokio::spawn(serve_metrics(config.listen, metrics.clone(), leading.clone()));
+
+    let mut lost_lease: futures::future::BoxFuture<'static, ()> = Box::pin(futures::future::pending());
+    if let Some((ns, name)) = &config.lease {
+        let manager = LeaseManagerBuilder::new(client.clone(), name)
+            .with_namespace(ns)
+            .with_identity(&config.identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .context("setting up leader election")?;
+        let (mut channel, _task) = manager.watch().await;
+        info!(lease = %format!("{ns}/{name}"), identity = %config.identity, "waiting for the lease");
+        while !*channel.borrow_and_update() {
+            channel.changed().await.context("leader election stopped")?;
+        }
+        info!("leading");
+        leading.store(true, Ordering::Relaxed);
+        lost_lease = Box::pin(async move {
+            while *channel.borrow_and_update() {
+                if channel.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    let settings = config.settings.clone();
+    let reporter = Reporter { controller: reconcile::MANAGER.into(), instance: Some(config.identity.clone()) };
+    let ctx = Arc::new(Context::new(client.clone(), settings, Recorder::new(client.clone(), reporter), metrics));
+    let (indexes, jobs, deployments, services, secrets) = match &config.namespace {
+        Some(ns) => (
+            Api::<ImageIndex>::namespaced(client.clone(), ns),
+            Api::<Job>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    // Only what we made: the owned objects carry our managed-by label.
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=imageindex-operator");
+    let controller = Controller::new(indexes, watcher::Config::default());
+    let store = controller.store();
+    let by_secret = store.clone();
+    let mut controller = controller
+        .owns(jobs, owned.clone())
+        .owns(deployments, owned.clone())
+        .owns(services, owned)
+        // Secrets are watched by metadata only: their values never sit in the controller's memory.
+        .watches(secrets, watcher::Config::default(), move |s| {
+            referencing(&by_secret, &s.namespace().unwrap_or_default(), |ii| secret_names(ii).contains(&s.name_any()))
+        });
+    // The milvus-operator's CRD may not be installed; then only `address` can be used.
+    let milvus = reconcile::milvus_resource();
+    let milvus_api: Api<DynamicObject> = Api::all_with(client.clone(), &milvus);
+    if milvus_api.list(&ListParams::default().limit(1)).await.is_ok() {
+        let by_milvus = store.clone();
+        controller = controller.watches_with(milvus_api, milvus, watcher::Config::default(), move |m| {
+            let ns = m.namespace().unwrap_or_default();
+            let name = m.name_any();
+            by_milvus
+                .state()
+                .into_iter()
+                .filter(move |ii| {
+                    ii.spec.milvus.reference.as_ref().is_some_and(|r| {
+                        r.name == name
+                            && r.namespace.clone().unwrap_or_else(|| ii.namespace().unwrap_or_default()) == ns
+                    })
+                })
+                .map(|ii| ObjectRef::from_obj(&*ii))
+                .collect::<Vec<_>>()
+        });
+    } else {
+        warn!(
+            "milvus.io/v1beta1 Milvus is not served here (or not readable): spec.milvus.ref will not resolve; use spec.milvus.address"
+        );
+    }
+    info!(namespace = config.namespace.as_deref().unwrap_or("(all)"), "reconciling ImageIndexes");
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_flag = lost.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = lost_lease => { lost_flag.store(true, Ordering::Relaxed); error!("lost the lease; stopping"); }
+            _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
+            _ = sigterm() => info!("SIGTERM; stopping"),
+        }
+        let _ = stop.send(());
+    });
+    controller
+        .graceful_shutdown_on(async move {
+            let _ = stopped.await;
+        })
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "controller");
+            }
+        })
+        .await;
+    anyhow::ensure!(!lost.load(Ordering::Relaxed), "lost the leader lease");
+    Ok(())
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => futures::future::pending().await,
+    }
+}
+
+/// Names of the Secrets an ImageIndex reads.
+fn secret_names(ii: &ImageIndex) -> Vec<String> {
+    let s = &ii.spec;
+    [
+        Some(s.mysql.secret_ref.name.clone()),
+        s.source.credentials_secret.clone(),
+        s.milvus.credentials_secret_ref.as_ref().map(|r| r.name.clone()),
+        s.search.token_secret_ref.as_ref().map(|r| r.name.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+fn referencing(
+    store: &Store<ImageIndex>,
+    ns: &str,
+    refers: impl Fn(&ImageIndex) -> bool,
+) -> Vec<ObjectRef<ImageIndex>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|ii| ii.namespace().as_deref() == Some(ns) && refers(ii))
+        .map(|ii| ObjectRef::from_obj(&*ii))
+        .collect()
+}
+
+/// `/metrics` (Prometheus), `/healthz` (the process runs), `/readyz` (this replica leads).
+async fn serve_metrics(listen: SocketAddr, metrics: Arc<metrics::Metrics>, leading: Arc<AtomicBool>) {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.encode()) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if leading.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "leading")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "standby")
+                }
+            }),
+        );
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => {
+            if let Err(e) = axum::serve(l, app).await {
+                error!(error = %e, "metrics server stopped");
+            }
+        }
+        Err(e) => error!(error = %e, %listen, "cannot listen for /metrics"),
+    }
+}
+
+/// Whether the server runs Indexed Jobs (GA in 1.24; 1.20, the apiserver we can build here, does not).
+pub async fn indexed_jobs_supported(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(v) => {
+            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+            v.major == "1" && minor >= 24
+        }
+        Err(_) => true,
+    }
+}

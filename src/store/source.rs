@@ -30,6 +30,22 @@ pub struct SourceConfig {
     /// S3-compatible endpoint (MinIO, SeaweedFS, ...); path-style requests are used.
     pub endpoint: Option<String>,
     pub include: Vec<String>,
+    /// S3 keys; when unset they come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod
+    /// with the Secret as env. The operator passes the Secret's values here.
+    pub credentials: Option<S3Credentials>,
+}
+
+#[derive(Clone, Default)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub region: Option<String>,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials").field("access_key_id", &self.access_key_id).finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
@@ -48,6 +64,12 @@ impl Source {
                 // Keys and region come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod with a Secret.
                 let mut b =
                     AmazonS3Builder::from_env().with_bucket_name(bucket).with_virtual_hosted_style_request(false);
+                if let Some(c) = &cfg.credentials {
+                    b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
+                    if let Some(r) = &c.region {
+                        b = b.with_region(r);
+                    }
+                }
                 if let Some(ep) = &cfg.endpoint {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }

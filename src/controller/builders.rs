@@ -1,0 +1,495 @@
+//! The objects an ImageIndex owns, built as pure functions of the resource and what the
+//! reconciler resolved (no client here; `apply` sends them with server-side apply).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::crd::{ImageIndex, SecretKeyRef};
+
+/// Set on everything the operator creates; `INSTANCE` names the ImageIndex.
+pub const INSTANCE: &str = "app.kubernetes.io/instance";
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+/// The spec generation a Job was created for.
+pub const GENERATION: &str = "imageindex.dev/generation";
+const HTTP_PORT: i32 = 8080;
+const TOKEN_DIR: &str = "/var/run/secrets/imageindex";
+const PVC_MOUNT: &str = "/models/pvc";
+/// The non-root user of the image (distroless `nonroot`).
+const UID: i64 = 65532;
+const GPU: &str = "nvidia.com/gpu";
+
+/// What the reconciler resolved and the cluster can do: inputs besides the ImageIndex itself.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// `http://host:19530`
+    pub milvus_url: String,
+    pub collection: String,
+    /// The image for Jobs and search pods when the spec does not name one.
+    pub default_image: String,
+    /// Indexed completion mode (Kubernetes 1.24+). Without it, one pod embeds every shard.
+    pub indexed_jobs: bool,
+}
+
+pub fn search_name(ii: &ImageIndex) -> String {
+    format!("{}-search", ii.metadata.name.as_deref().unwrap_or_default())
+}
+
+/// `http://<name>-search.<namespace>.svc:<port>`
+pub fn endpoint(ii: &ImageIndex) -> String {
+    let ns = ii.metadata.namespace.as_deref().unwrap_or("default");
+    format!("http://{}.{ns}.svc:{}", search_name(ii), ii.spec.search.service.port)
+}
+
+pub fn labels(ii: &ImageIndex, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "imageindex".into()),
+        (INSTANCE.into(), ii.metadata.name.clone().unwrap_or_default()),
+        (COMPONENT.into(), component.into()),
+        ("app.kubernetes.io/managed-by".into(), "imageindex-operator".into()),
+    ])
+}
+
+fn meta(ii: &ImageIndex, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: ii.metadata.namespace.clone(),
+        labels: Some(labels(ii, component)),
+        owner_references: ii.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+fn var(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
+
+/// An env var read from a Secret key: the value never appears in the pod spec.
+fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: r.name.clone(), key: r.key.clone(), optional: Some(false) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Where the model file is inside the pod, and the PVC to mount when it lives on one.
+fn model_location(uri: &str) -> (String, Option<(String, String)>) {
+    match uri.strip_prefix("pvc://").and_then(|rest| rest.split_once('/')) {
+        Some((claim, path)) => (format!("{PVC_MOUNT}/{path}"), Some((claim.to_string(), path.to_string()))),
+        None => (uri.to_string(), None),
+    }
+}
+
+fn wants_gpu(resources: Option<&ResourceRequirements>) -> bool {
+    resources.and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key(GPU))
+}
+
+/// Settings every imageindex pod shares: source, Milvus, catalog, model.
+fn common_env(ii: &ImageIndex, r: &Resolved) -> Vec<EnvVar> {
+    let spec = &ii.spec;
+    let (model, _) = model_location(&spec.embedding.model_uri);
+    let mut e = vec![
+        var("IMAGEINDEX_SOURCE", &spec.source.url),
+        var("IMAGEINDEX_INCLUDE", spec.source.include.join(",")),
+        var("IMAGEINDEX_MILVUS_URL", &r.milvus_url),
+        var("IMAGEINDEX_COLLECTION", &r.collection),
+        var(
+            "IMAGEINDEX_INDEX_TYPE",
+            if spec.milvus.index.kind == crate::crd::IndexType::Hnsw { "HNSW" } else { "IVF_FLAT" },
+        ),
+        secret_env("IMAGEINDEX_MYSQL_URL", &spec.mysql.secret_ref),
+        var("IMAGEINDEX_MODEL", model),
+        var("RUST_LOG", "info"),
+    ];
+    if let Some(ep) = &spec.source.endpoint {
+        e.push(var("IMAGEINDEX_S3_ENDPOINT", ep));
+    }
+    if let Some(t) = &spec.milvus.credentials_secret_ref {
+        e.push(secret_env("IMAGEINDEX_MILVUS_TOKEN", t));
+    }
+    e
+}
+
+/// The source's credentials Secret becomes AWS_* env as a whole (`envFrom`).
+fn env_from(ii: &ImageIndex) -> Option<Vec<EnvFromSource>> {
+    ii.spec.source.credentials_secret.as_ref().map(|name| {
+        vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource { name: name.clone(), optional: Some(false) }),
+            ..Default::default()
+        }]
+    })
+}
+
+/// Non-root, no privilege escalation, no capabilities, read-only root filesystem.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(UID),
+        run_as_group: Some(UID),
+        fs_group: Some(UID),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// `/tmp` (writable under a read-only root) and the model's PVC, if any.
+fn volumes(ii: &ImageIndex) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut vols = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("1Gi".into())), ..Default::default() }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() }];
+    if let (_, Some((claim, _))) = model_location(&ii.spec.embedding.model_uri) {
+        vols.push(Volume {
+            name: "model".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim,
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "model".into(),
+            mount_path: PVC_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    (vols, mounts)
+}
+
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs.iter().map(|(k, v)| (k.to_string(), Quantity(v.to_string()))).collect()
+}
+
+fn image(ii: &ImageIndex, r: &Resolved) -> String {
+    ii.spec.embedding.image.clone().unwrap_or_else(|| r.default_image.clone())
+}
+
+/// The embedding Job: an Indexed Job with one pod per shard, each running `imageindex embed`.
+pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
+    let spec = &ii.spec.embedding;
+    let shards = if r.indexed_jobs { spec.parallelism as i32 } else { 1 };
+    let gpu = wants_gpu(spec.resources.as_ref());
+    let (volumes, mounts) = volumes(ii);
+    let mut env = common_env(ii, r);
+    env.extend([
+        var("IMAGEINDEX_SHARDS", shards.to_string()),
+        var("IMAGEINDEX_BATCH_SIZE", spec.batch_size.to_string()),
+        var("IMAGEINDEX_DEVICE", if gpu { "cuda" } else { "cpu" }),
+    ]);
+    let resources = spec.resources.clone().unwrap_or_else(|| ResourceRequirements {
+        requests: Some(quantities(&[("cpu", "1"), ("memory", "1Gi")])),
+        limits: Some(quantities(&[("memory", "2Gi")])),
+        ..Default::default()
+    });
+    let mut meta = meta(ii, name.to_string(), "embed");
+    meta.annotations =
+        Some(BTreeMap::from([(GENERATION.to_string(), ii.metadata.generation.unwrap_or_default().to_string())]));
+    Job {
+        metadata: meta,
+        spec: Some(JobSpec {
+            completions: Some(shards),
+            parallelism: Some(shards),
+            completion_mode: r.indexed_jobs.then(|| "Indexed".to_string()),
+            // Bad images never fail a pod (they are recorded); retries cover node loss and Milvus blips.
+            backoff_limit: Some(3 * shards),
+            ttl_seconds_after_finished: Some(24 * 3600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels(ii, "embed")), ..Default::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security()),
+                    node_selector: spec.node_selector.clone(),
+                    tolerations: spec.tolerations.clone(),
+                    containers: vec![Container {
+                        name: "embed".into(),
+                        image: Some(image(ii, r)),
+                        args: Some(vec!["embed".into(), "--json".into()]),
+                        env: Some(env),
+                        env_from: env_from(ii),
+                        resources: Some(resources),
+                        security_context: Some(container_security()),
+                        volume_mounts: Some(mounts),
+                        ..Default::default()
+                    }],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The search Deployment `<name>-search`: `imageindex serve` behind readiness and liveness probes.
+pub fn search_deployment(ii: &ImageIndex, r: &Resolved) -> Deployment {
+    let search = &ii.spec.search;
+    let (mut volumes, mut mounts) = volumes(ii);
+    let mut env = common_env(ii, r);
+    env.push(var("IMAGEINDEX_LISTEN", format!("0.0.0.0:{HTTP_PORT}")));
+    if let Some(t) = &search.token_secret_ref {
+        volumes.push(Volume {
+            name: "token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(t.name.clone()),
+                items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                    key: t.key.clone(),
+                    path: "token".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "token".into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        env.push(var("IMAGEINDEX_TOKEN_FILE", format!("{TOKEN_DIR}/token")));
+    }
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Default::default()
+    };
+    let resources = search.resources.clone().unwrap_or_else(|| ResourceRequirements {
+        requests: Some(quantities(&[("cpu", "250m"), ("memory", "512Mi")])),
+        limits: Some(quantities(&[("memory", "1536Mi")])),
+        ..Default::default()
+    });
+    let selector = BTreeMap::from([
+        (INSTANCE.to_string(), ii.metadata.name.clone().unwrap_or_default()),
+        (COMPONENT.to_string(), "search".to_string()),
+    ]);
+    Deployment {
+        metadata: meta(ii, search_name(ii), "search"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(search.replicas),
+            selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels(ii, "search")), ..Default::default() }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security()),
+                    containers: vec![Container {
+                        name: "search".into(),
+                        image: Some(image(ii, r)),
+                        args: Some(vec!["serve".into()]),
+                        env: Some(env),
+                        env_from: env_from(ii),
+                        ports: Some(vec![ContainerPort {
+                            name: Some("http".into()),
+                            container_port: HTTP_PORT,
+                            ..Default::default()
+                        }]),
+                        readiness_probe: Some(probe("/readyz", 5, 3)),
+                        liveness_probe: Some(probe("/healthz", 10, 6)),
+                        // Loading the model and connecting take a while on a cold node.
+                        startup_probe: Some(probe("/healthz", 2, 60)),
+                        resources: Some(resources),
+                        security_context: Some(container_security()),
+                        volume_mounts: Some(mounts),
+                        ..Default::default()
+                    }],
+                    volumes: Some(volumes),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The search Service `<name>-search`.
+pub fn search_service(ii: &ImageIndex) -> Service {
+    let s = &ii.spec.search.service;
+    Service {
+        metadata: meta(ii, search_name(ii), "search"),
+        spec: Some(ServiceSpec {
+            type_: Some(s.kind.as_str().into()),
+            selector: Some(BTreeMap::from([
+                (INSTANCE.to_string(), ii.metadata.name.clone().unwrap_or_default()),
+                (COMPONENT.to_string(), "search".to_string()),
+            ])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: s.port,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(extra: &str) -> ImageIndex {
+        let mut ii: ImageIndex = serde_yaml::from_str(&format!(
+            "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\n\
+             metadata: {{name: photos, namespace: shop, uid: 1234-abcd, generation: 3}}\n\
+             spec:\n  source: {{url: 's3://bucket/photos/', endpoint: 'http://minio:9000', credentialsSecret: s3-keys}}\n  \
+             milvus: {{address: 'milvus:19530'}}\n  mysql: {{secretRef: {{name: catalog, key: url}}}}\n{extra}"
+        ))
+        .unwrap();
+        ii.metadata.generation = Some(3);
+        ii
+    }
+
+    fn resolved(indexed: bool) -> Resolved {
+        Resolved {
+            milvus_url: "http://milvus:19530".into(),
+            collection: "shop_photos".into(),
+            default_image: "ghcr.io/imageindex/imageindex:0.1.0".into(),
+            indexed_jobs: indexed,
+        }
+    }
+
+    fn env_of(c: &Container) -> BTreeMap<String, EnvVar> {
+        c.env.clone().unwrap().into_iter().map(|e| (e.name.clone(), e)).collect()
+    }
+
+    #[test]
+    fn job_is_indexed_owned_and_keeps_secrets_out_of_the_spec() {
+        let ii = sample("  embedding: {parallelism: 4, batchSize: 64}\n");
+        let job = embed_job(&ii, &resolved(true), "photos-embed-1");
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!((spec.completions, spec.parallelism), (Some(4), Some(4)));
+        assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+        let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("ImageIndex", Some(true)));
+        assert_eq!(job.metadata.annotations.as_ref().unwrap()[GENERATION], "3");
+        let pod = spec.template.spec.as_ref().unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_deref(), Some(&["embed".to_string(), "--json".to_string()][..]));
+        let env = env_of(c);
+        assert_eq!(env["IMAGEINDEX_SHARDS"].value.as_deref(), Some("4"));
+        assert_eq!(env["IMAGEINDEX_BATCH_SIZE"].value.as_deref(), Some("64"));
+        assert_eq!(env["IMAGEINDEX_DEVICE"].value.as_deref(), Some("cpu"));
+        assert_eq!(env["IMAGEINDEX_S3_ENDPOINT"].value.as_deref(), Some("http://minio:9000"));
+        let mysql = &env["IMAGEINDEX_MYSQL_URL"];
+        assert!(mysql.value.is_none());
+        assert_eq!(mysql.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "catalog");
+        assert_eq!(c.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "s3-keys");
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+    }
+
+    #[test]
+    fn without_indexed_jobs_one_pod_embeds_everything() {
+        let ii = sample("  embedding: {parallelism: 4}\n");
+        let job = embed_job(&ii, &resolved(false), "j");
+        let spec = job.spec.unwrap();
+        assert_eq!((spec.completions, spec.completion_mode), (Some(1), None));
+        let env = env_of(&spec.template.spec.unwrap().containers[0]);
+        assert_eq!(env["IMAGEINDEX_SHARDS"].value.as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn a_gpu_limit_runs_on_cuda_with_the_spec_scheduling() {
+        let ii = sample(
+            "  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n    nodeSelector: {pool: gpu}\n    \
+             tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n    image: my/embed:cuda\n",
+        );
+        let job = embed_job(&ii, &resolved(true), "j");
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(env_of(c)["IMAGEINDEX_DEVICE"].value.as_deref(), Some("cuda"));
+        assert_eq!(c.image.as_deref(), Some("my/embed:cuda"));
+        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU], Quantity("1".into()));
+        assert_eq!(pod.node_selector.unwrap()["pool"], "gpu");
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some(GPU));
+    }
+
+    #[test]
+    fn a_model_on_a_pvc_is_mounted_read_only() {
+        let ii = sample("  embedding: {modelUri: 'pvc://models/resnet50/v2.onnx'}\n");
+        let job = embed_job(&ii, &resolved(true), "j");
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let vol = pod.volumes.unwrap().into_iter().find(|v| v.name == "model").unwrap();
+        let pvc = vol.persistent_volume_claim.unwrap();
+        assert_eq!((pvc.claim_name.as_str(), pvc.read_only), ("models", Some(true)));
+        assert_eq!(
+            env_of(&pod.containers[0])["IMAGEINDEX_MODEL"].value.as_deref(),
+            Some("/models/pvc/resnet50/v2.onnx")
+        );
+    }
+
+    #[test]
+    fn search_deployment_probes_and_hardening() {
+        let ii = sample("  search: {replicas: 2, tokenSecretRef: {name: api, key: token}}\n");
+        let d = search_deployment(&ii, &resolved(true));
+        assert_eq!(d.metadata.name.as_deref(), Some("photos-search"));
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+        let c = &pod.containers[0];
+        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+        assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
+        assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, Some(true));
+        let env = env_of(c);
+        assert_eq!(env["IMAGEINDEX_TOKEN_FILE"].value.as_deref(), Some("/var/run/secrets/imageindex/token"));
+        assert_eq!(env["IMAGEINDEX_LISTEN"].value.as_deref(), Some("0.0.0.0:8080"));
+        assert!(env.values().all(|e| !e.value.as_deref().unwrap_or_default().contains("pass")));
+        // The selector must match the template's labels, or the apiserver refuses the Deployment.
+        let tpl = spec.template.metadata.unwrap().labels.unwrap();
+        assert!(spec.selector.match_labels.unwrap().iter().all(|(k, v)| tpl.get(k) == Some(v)));
+    }
+
+    #[test]
+    fn service_and_endpoint_agree() {
+        let ii = sample("  search: {service: {type: LoadBalancer, port: 8000}}\n");
+        let s = search_service(&ii);
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.ports.unwrap()[0].port, 8000);
+        assert_eq!(endpoint(&ii), "http://photos-search.shop.svc:8000");
+    }
+}

@@ -1,0 +1,148 @@
+//! Conditions and phase: pure functions from what a reconcile observed to the status it writes.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::Phase;
+
+pub const MILVUS_READY: &str = "MilvusReady";
+pub const COLLECTION_READY: &str = "CollectionReady";
+pub const INDEXED: &str = "Indexed";
+pub const SEARCH_READY: &str = "SearchReady";
+pub const ALL: [&str; 4] = [MILVUS_READY, COLLECTION_READY, INDEXED, SEARCH_READY];
+
+/// Every reason a condition can carry. `kubectl describe` shows them; tests cover each.
+pub mod reason {
+    pub const READY: &str = "Ready";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const MILVUS_NOT_FOUND: &str = "MilvusNotFound";
+    pub const MILVUS_NOT_READY: &str = "MilvusNotReady";
+    pub const MILVUS_UNAVAILABLE: &str = "MilvusUnavailable";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    pub const MYSQL_UNAVAILABLE: &str = "MySQLUnavailable";
+    pub const SOURCE_UNAVAILABLE: &str = "SourceUnavailable";
+    pub const WAITING: &str = "WaitingForDependencies";
+    pub const INDEXING: &str = "Indexing";
+    pub const UP_TO_DATE: &str = "UpToDate";
+    pub const JOB_FAILED: &str = "JobFailed";
+    pub const AVAILABLE: &str = "Available";
+    pub const UNAVAILABLE: &str = "Unavailable";
+    pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+}
+
+/// One condition as a reconcile decided it (time and generation are added by `merge`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub type_: &'static str,
+    pub ok: Option<bool>,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Observed {
+    pub fn yes(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, ok: Some(true), reason, message: message.into() }
+    }
+    pub fn no(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, ok: Some(false), reason, message: message.into() }
+    }
+    pub fn unknown(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, ok: None, reason, message: message.into() }
+    }
+}
+
+/// The new condition list: observed ones replace old ones of the same type, keeping
+/// `lastTransitionTime` when the status did not change; types not observed this time keep theirs.
+pub fn merge(old: &[Condition], observed: &[Observed], generation: Option<i64>, now: &Time) -> Vec<Condition> {
+    ALL.iter()
+        .filter_map(|&t| {
+            let prev = old.iter().find(|c| c.type_ == t);
+            let Some(o) = observed.iter().find(|o| o.type_ == t) else { return prev.cloned() };
+            let status = match o.ok {
+                Some(true) => "True",
+                Some(false) => "False",
+                None => "Unknown",
+            };
+            let last_transition_time = match prev {
+                Some(p) if p.status == status => p.last_transition_time.clone(),
+                _ => now.clone(),
+            };
+            Some(Condition {
+                type_: t.into(),
+                status: status.into(),
+                reason: o.reason.into(),
+                message: o.message.clone(),
+                observed_generation: generation,
+                last_transition_time,
+            })
+        })
+        .collect()
+}
+
+fn is(conds: &[Condition], t: &str, status: &str) -> bool {
+    conds.iter().any(|c| c.type_ == t && c.status == status)
+}
+
+fn has_reason(conds: &[Condition], reason: &str) -> bool {
+    conds.iter().any(|c| c.reason == reason)
+}
+
+/// The phase `kubectl get imgidx` shows. Failed: the spec cannot work. Indexing: a Job runs.
+/// Ready: all four conditions hold. Degraded: was Ready (or Degraded) and something broke since,
+/// or a Job failed. Pending: still waiting for what it needs.
+pub fn phase(conds: &[Condition], previous: Option<Phase>) -> Phase {
+    if has_reason(conds, reason::INVALID_SPEC) {
+        Phase::Failed
+    } else if conds.iter().any(|c| c.type_ == INDEXED && c.reason == reason::INDEXING) {
+        Phase::Indexing
+    } else if ALL.iter().all(|t| is(conds, t, "True")) {
+        Phase::Ready
+    } else if has_reason(conds, reason::JOB_FAILED) || matches!(previous, Some(Phase::Ready | Phase::Degraded)) {
+        Phase::Degraded
+    } else {
+        Phase::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn all_true() -> Vec<Observed> {
+        ALL.iter().map(|&c| Observed::yes(c, reason::READY, "")).collect()
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_does() {
+        let first = merge(&[], &all_true(), Some(1), &t(100));
+        let again = merge(&first, &all_true(), Some(2), &t(200));
+        assert!(again.iter().all(|c| c.last_transition_time == t(100) && c.observed_generation == Some(2)));
+        let broke = merge(&again, &[Observed::no(MILVUS_READY, reason::MILVUS_NOT_READY, "x")], Some(2), &t(300));
+        let m = broke.iter().find(|c| c.type_ == MILVUS_READY).unwrap();
+        assert_eq!((m.status.as_str(), m.last_transition_time.clone()), ("False", t(300)));
+        // Conditions not observed this time are kept as they were.
+        assert_eq!(broke.iter().find(|c| c.type_ == INDEXED).unwrap().last_transition_time, t(100));
+        assert_eq!(broke.len(), 4);
+    }
+
+    #[test]
+    fn phases() {
+        let ready = merge(&[], &all_true(), Some(1), &t(1));
+        assert_eq!(phase(&ready, None), Phase::Ready);
+        let milvus_down = merge(&ready, &[Observed::no(MILVUS_READY, reason::MILVUS_NOT_READY, "")], None, &t(2));
+        assert_eq!(phase(&milvus_down, Some(Phase::Ready)), Phase::Degraded);
+        assert_eq!(phase(&milvus_down, Some(Phase::Pending)), Phase::Pending);
+        let indexing = merge(&ready, &[Observed::no(INDEXED, reason::INDEXING, "")], None, &t(2));
+        assert_eq!(phase(&indexing, Some(Phase::Ready)), Phase::Indexing);
+        let failed_job = merge(&ready, &[Observed::no(INDEXED, reason::JOB_FAILED, "")], None, &t(2));
+        assert_eq!(phase(&failed_job, Some(Phase::Indexing)), Phase::Degraded);
+        let invalid = merge(&[], &[Observed::unknown(MILVUS_READY, reason::INVALID_SPEC, "")], None, &t(2));
+        assert_eq!(phase(&invalid, Some(Phase::Ready)), Phase::Failed);
+        assert_eq!(phase(&[], None), Phase::Pending);
+    }
+}

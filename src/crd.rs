@@ -1,0 +1,427 @@
+//! The `ImageIndex` custom resource (`imageindex.dev/v1alpha1`): a bucket of images, the Milvus and
+//! MySQL that hold its index, how to embed it and how to serve search. The CRD YAML is generated
+//! from these types (`imageindex crd`, checked in as `crds/imageindex.yaml`).
+//!
+//! The schema only uses what both Kubernetes 1.20 and current releases accept as a structural
+//! schema: types, enums, patterns, ranges, required fields and `oneOf` of `required` lists. No CEL
+//! rules: 1.20 has none, and the controller's `validate` step checks the rest.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A bucket of images turned into a reverse-image-search service.
+// The printer columns repeat `type_ = ...` by design.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "imageindex.dev",
+    version = "v1alpha1",
+    kind = "ImageIndex",
+    namespaced,
+    shortname = "imgidx",
+    status = "ImageIndexStatus",
+    derive = "PartialEq",
+    doc = "A bucket of images indexed into Milvus, with a catalog in MySQL and a search service",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Indexed", type_ = "integer", json_path = ".status.images.indexed"),
+    printcolumn(name = "Discovered", type_ = "integer", json_path = ".status.images.discovered"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.images.failed", priority = 1),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIndexSpec {
+    pub source: SourceSpec,
+    pub milvus: MilvusSpec,
+    pub mysql: MysqlSpec,
+    #[serde(default)]
+    pub embedding: EmbeddingSpec,
+    #[serde(default)]
+    pub search: SearchSpec,
+    /// What deleting the ImageIndex does to the collection and its catalog rows.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// Where the images are.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// `s3://bucket/prefix/` (AWS S3 or any S3-compatible store; see `endpoint`).
+    #[schemars(regex(pattern = r"^s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?$"))]
+    pub url: String,
+    /// S3-compatible endpoint (MinIO, SeaweedFS, Ceph...); AWS when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+"))]
+    pub endpoint: Option<String>,
+    /// Secret with `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and optionally `AWS_REGION`),
+    /// in the ImageIndex's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: Option<String>,
+    /// Globs of the keys to index.
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    /// How often the bucket is listed for new, changed and deleted objects (`30s`, `10m`, `1h`).
+    #[serde(default = "default_resync")]
+    #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
+    pub resync_interval: String,
+}
+
+fn default_include() -> Vec<String> {
+    crate::store::source::DEFAULT_INCLUDE.iter().map(|s| s.to_string()).collect()
+}
+fn default_resync() -> String {
+    "10m".into()
+}
+
+/// The Milvus that holds the vectors: a `milvus.io/v1beta1` Milvus (the milvus-operator's), or an
+/// address. Exactly one of `ref` and `address`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [{"required": ["ref"]}, {"required": ["address"]}]))]
+pub struct MilvusSpec {
+    /// A Milvus custom resource; its `status.endpoint` is used once it is `MilvusReady`.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<MilvusRef>,
+    /// `host:port` of Milvus's gRPC port (19530), or `http://host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub address: Option<String>,
+    /// Secret key holding `user:password`, where Milvus has authentication on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyRef>,
+    /// The collection; `<namespace>_<name>` (dashes as underscores) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"))]
+    pub collection: Option<String>,
+    #[serde(default)]
+    pub index: IndexSpec,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct MilvusRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Defaults to the ImageIndex's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+pub struct IndexSpec {
+    /// HNSW searches by cosine similarity; IVF_FLAT (the Milvus bootcamp's) by L2 distance.
+    #[serde(default, rename = "type")]
+    pub kind: IndexType,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum IndexType {
+    #[default]
+    #[serde(rename = "HNSW")]
+    Hnsw,
+    #[serde(rename = "IVF_FLAT")]
+    IvfFlat,
+}
+
+impl From<IndexType> for crate::store::IndexKind {
+    fn from(t: IndexType) -> Self {
+        match t {
+            IndexType::Hnsw => Self::Hnsw,
+            IndexType::IvfFlat => Self::IvfFlat,
+        }
+    }
+}
+
+/// The MySQL catalog.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MysqlSpec {
+    /// Secret key holding `mysql://user:password@host:3306/db`.
+    pub secret_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the ImageIndex's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "url".into()
+}
+
+/// The embedding Jobs.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmbeddingSpec {
+    /// The ONNX model: a path in the image (`/models/resnet50.onnx`, the default), or
+    /// `pvc://<claim>/<path>` on a PersistentVolumeClaim, mounted read-only.
+    #[serde(default = "default_model_uri")]
+    #[schemars(regex(pattern = r"^(/.+|pvc://[a-z0-9][a-z0-9.\-]*/.+)$"))]
+    pub model_uri: String,
+    /// Images per model call.
+    #[serde(default = "default_batch")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub batch_size: u32,
+    /// Pods of the Indexed Job, each embedding its shard of the bucket.
+    #[serde(default = "default_parallelism")]
+    #[schemars(range(min = 1, max = 256))]
+    pub parallelism: u32,
+    /// The Job pods' resources; a `nvidia.com/gpu` limit runs the model on CUDA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// The image for the Jobs (and the search pods); the operator's own image when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+impl Default for EmbeddingSpec {
+    fn default() -> Self {
+        Self {
+            model_uri: default_model_uri(),
+            batch_size: default_batch(),
+            parallelism: default_parallelism(),
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+            image: None,
+        }
+    }
+}
+
+fn default_model_uri() -> String {
+    "/models/resnet50.onnx".into()
+}
+fn default_batch() -> u32 {
+    16
+}
+fn default_parallelism() -> u32 {
+    1
+}
+
+/// The search Deployment and Service (`<name>-search`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchSpec {
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    #[serde(default)]
+    pub service: ServiceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Secret key holding the bearer token for upload and delete; without one they are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+}
+
+impl Default for SearchSpec {
+    fn default() -> Self {
+        Self { replicas: default_replicas(), service: ServiceSpec::default(), resources: None, token_secret_ref: None }
+    }
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct ServiceSpec {
+    #[serde(default, rename = "type")]
+    pub kind: ServiceType,
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self { kind: ServiceType::default(), port: default_port() }
+    }
+}
+
+fn default_port() -> i32 {
+    80
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// `Retain` keeps the collection and catalog when the ImageIndex is deleted; `Delete` drops them.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// What the controller observed.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIndexStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// MilvusReady, CollectionReady, Indexed, SearchReady.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub images: ImageCounts,
+    /// The Milvus collection in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<String>,
+    /// The embedding Job now running, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_job: Option<String>,
+    /// When the last embedding Job completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+    /// The spec generation the last completed Job ran for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_generation: Option<i64>,
+    /// The search Service's URL inside the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// Objects in the bucket and in the index.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct ImageCounts {
+    /// Objects in the bucket that match `include`.
+    pub discovered: u64,
+    /// Objects with a vector in Milvus.
+    pub indexed: u64,
+    /// Objects that could not be embedded (reasons are in the catalog and `/progress`).
+    pub failed: u64,
+    /// New, changed and deleted objects not yet synced.
+    pub pending: u64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Waiting for Milvus, MySQL or the Secrets.
+    Pending,
+    /// An embedding Job is running.
+    Indexing,
+    /// Indexed and searchable.
+    Ready,
+    /// Was ready; something it needs is failing now (a Job, Milvus, MySQL, the search pods).
+    Degraded,
+    /// The spec cannot work as written; fix it.
+    Failed,
+}
+
+impl ImageIndex {
+    /// The Milvus collection (and catalog namespace): the spec's, or `<namespace>_<name>`.
+    pub fn collection(&self) -> String {
+        self.spec.milvus.collection.clone().unwrap_or_else(|| {
+            let ns = self.metadata.namespace.as_deref().unwrap_or("default");
+            let name = self.metadata.name.as_deref().unwrap_or_default();
+            format!("{ns}_{name}").replace(['-', '.'], "_")
+        })
+    }
+}
+
+/// The CRD as YAML, as `imageindex crd` prints it and `crds/imageindex.yaml` holds it.
+pub fn crd_yaml() -> String {
+    let crd = ImageIndex::crd();
+    format!(
+        "# Generated by `imageindex crd` from src/crd.rs; do not edit.\n{}",
+        serde_yaml::to_string(&crd).expect("a CRD serialises")
+    )
+}
+
+/// Parses `resyncInterval` (`90s`, `10m`, `1h30m`).
+pub fn parse_interval(s: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in s.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            's' | 'm' | 'h' if !digits.is_empty() => {
+                let n: u64 = digits.parse().ok()?;
+                total = total.checked_add(n.checked_mul(if c == 's' {
+                    1
+                } else if c == 'm' {
+                    60
+                } else {
+                    3600
+                })?)?;
+                digits.clear();
+            }
+            _ => return None,
+        }
+    }
+    (digits.is_empty() && total > 0).then(|| Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crds_folder_matches_the_types() {
+        let checked_in = include_str!("../crds/imageindex.yaml");
+        assert!(
+            checked_in == crd_yaml(),
+            "crds/imageindex.yaml is stale: run `cargo run -- crd > crds/imageindex.yaml`"
+        );
+    }
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_interval("1h30m"), Some(Duration::from_secs(5400)));
+        for bad in ["", "10", "m", "0s", "1d", "1.5h"] {
+            assert_eq!(parse_interval(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let ii: ImageIndex = serde_yaml::from_str(
+            "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\nmetadata: {name: my-photos, namespace: shop}\n\
+             spec: {source: {url: 's3://b/p/'}, milvus: {address: 'milvus:19530'}, mysql: {secretRef: {name: db}}}",
+        )
+        .unwrap();
+        assert_eq!(ii.collection(), "shop_my_photos");
+        assert_eq!(ii.spec.mysql.secret_ref.key, "url");
+        assert_eq!(ii.spec.search.service.port, 80);
+        assert_eq!(ii.spec.embedding.parallelism, 1);
+        assert_eq!(ii.spec.deletion_policy, DeletionPolicy::Retain);
+        assert_eq!(ii.spec.source.resync_interval, "10m");
+    }
+}
