@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, starts the local services, makes the test model,
-# and runs every test (unit tests and the end-to-end tests on the real services).
+# and runs every test: unit tests, end-to-end tests on the real services, and the operator on a
+# real kube-apiserver (built once into the cache by hack/kube-build.sh, about 12 minutes).
 source "$(dirname "$0")/lib.sh"
 "$ROOT/hack/install.sh"
 "$ROOT/hack/services.sh" up
+"$ROOT/hack/kube.sh" up
 model=$("$ROOT/hack/model.sh")
 source "$STATE/env"
+source "$STATE/kube.env"
 export IMAGEINDEX_MODEL=$model
 cd "$ROOT"
 cargo test --locked "$@"

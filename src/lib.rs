@@ -8,3 +8,9 @@ pub mod embed;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+
+/// Picks rustls's process-wide crypto provider. Dependencies enable both `ring` and `aws-lc-rs`,
+/// and clients that do not choose one themselves (kube's) refuse to guess. Call once at start.
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -138,6 +138,7 @@ struct RunArgs {
 #[tokio::main]
 async fn main() -> Result<()> {
     imageindex::telemetry::init();
+    imageindex::install_crypto();
     match Cli::parse().command {
         Command::Controller {
             image,

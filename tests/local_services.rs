@@ -13,6 +13,9 @@ use imageindex::embed::{DecodeLimits, Model, ModelOptions, Preprocessor};
 use imageindex::serve::{AppState, ServeConfig};
 use imageindex::store::{Catalog, IndexKind, MilvusConfig, Source, SourceConfig, VectorStore, key_id};
 
+#[path = "local_services/operator.rs"]
+mod operator;
+
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through hack/test.sh"))
 }

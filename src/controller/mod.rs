@@ -150,8 +150,11 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
         })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|r| async move {
-            if let Err(e) = r {
-                warn!(error = %e, "controller");
+            match r {
+                // An owned object outlived its ImageIndex (garbage collection is on its way).
+                Err(kube::runtime::controller::Error::ObjectNotFound(o)) => tracing::debug!(%o, "gone"),
+                Err(e) => warn!(error = %e, "controller"),
+                Ok(_) => {}
             }
         })
         .await;

@@ -168,7 +168,7 @@ async fn pipeline(
         Ok(url) => url,
         Err(blocked) => {
             let mut b = vec![blocked];
-            b.extend(waiting(&[COLLECTION_READY, INDEXED]));
+            b.extend(waiting(&[COLLECTION_READY, INDEXED, SEARCH_READY]));
             return Ok(Err(b));
         }
     };
@@ -186,7 +186,7 @@ async fn pipeline(
                 Observed::yes(MILVUS_READY, reason::READY, &milvus_url),
                 Observed::no(COLLECTION_READY, reason, msg),
             ];
-            b.extend(waiting(&[INDEXED]));
+            b.extend(waiting(&[INDEXED, SEARCH_READY]));
             return Ok(Err(b));
         }
     };
@@ -506,7 +506,12 @@ async fn write_status(
         return Ok(());
     }
     if previous != status.phase {
-        let msg = observed.iter().find(|o| o.ok != Some(true)).map(|o| format!("{}: {}", o.reason, o.message));
+        // The condition that explains the phase: the running Job, or the first one not holding.
+        let indexing = status.phase == Some(crate::crd::Phase::Indexing);
+        let msg = observed
+            .iter()
+            .find(|o| if indexing { o.reason == reason::INDEXING } else { o.ok != Some(true) })
+            .map(|o| format!("{}: {}", o.reason, o.message));
         let type_ = if matches!(status.phase, Some(crate::crd::Phase::Degraded | crate::crd::Phase::Failed)) {
             EventType::Warning
         } else {

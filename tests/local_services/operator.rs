@@ -1,0 +1,307 @@
+//! The operator against a real kube-apiserver (1.20.2, built by `hack/kube-build.sh`, started by
+//! `hack/kube.sh up` with the CRD and the Helm chart applied). The controller runs as a process
+//! under the chart's ServiceAccount identity, bound only to the chart's RBAC rules. With no kubelet
+//! or controller-manager here, the test plays their part honestly: it runs the Job's command with
+//! the Job's own env (Secrets resolved as the kubelet would) against the local Milvus, MariaDB and
+//! S3, marks the Job complete, runs the search Deployment's command and marks it available.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Container, Namespace, Secret, Service};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::json;
+
+use imageindex::crd::{ImageIndex, Phase};
+use imageindex::store::{Catalog, IndexKind, MilvusConfig, VectorStore};
+
+use super::{Fixture, env};
+
+async fn client(kubeconfig: &str) -> Client {
+    imageindex::install_crypto();
+    let kc = Kubeconfig::read_from(kubeconfig).expect("reading the kubeconfig (run hack/kube.sh up)");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the child when the test ends, pass or fail.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn artifacts() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state/artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn wait_for(api: &Api<ImageIndex>, name: &str, what: &str, ok: impl Fn(&ImageIndex) -> bool) -> ImageIndex {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ii = api.get(name).await.unwrap();
+        if ok(&ii) {
+            return ii;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; status: {:#?}", ii.status);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn condition<'a>(ii: &'a ImageIndex, t: &str) -> (&'a str, &'a str) {
+    let c = ii.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == t)).expect(t);
+    (c.status.as_str(), c.reason.as_str())
+}
+
+/// The pod's environment as the kubelet builds it: plain values, `secretKeyRef`s and `envFrom` Secrets.
+async fn pod_env(secrets: &Api<Secret>, c: &Container) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for from in c.env_from.iter().flatten() {
+        let s = secrets.get(&from.secret_ref.as_ref().unwrap().name).await.unwrap();
+        for (k, v) in s.data.unwrap_or_default() {
+            out.insert(k, String::from_utf8(v.0).unwrap());
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                let r = from.secret_key_ref.as_ref().expect("only secretKeyRef is used");
+                let s = secrets.get(&r.name).await.unwrap();
+                String::from_utf8(s.data.unwrap()[&r.key].0.clone()).unwrap()
+            }
+            _ => String::new(),
+        };
+        out.insert(e.name.clone(), value);
+    }
+    out
+}
+
+/// What the image provides that this machine has elsewhere: the model file and ONNX Runtime.
+fn run_like_the_image(c: &Container, env_vars: &BTreeMap<String, String>) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imageindex"));
+    cmd.args(c.args.clone().unwrap_or_default()).env_clear().envs(env_vars);
+    cmd.env("IMAGEINDEX_MODEL", env("IMAGEINDEX_MODEL")).env("ORT_DYLIB_PATH", env("ORT_DYLIB_PATH"));
+    cmd.env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "warn");
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
+    let admin = client(&env("IMAGEINDEX_TEST_KUBECONFIG")).await;
+    let fx = Fixture::new("operator");
+    let ns = fx.name.replace('_', "-");
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
+        .await
+        .unwrap();
+
+    // The bucket: the six fixture images and one truncated JPEG.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut images = vec![];
+    for f in std::fs::read_dir(&fixtures).unwrap() {
+        let path = f.unwrap().path();
+        if matches!(path.extension().and_then(|e| e.to_str()), Some("jpg" | "png" | "webp")) {
+            images.push(path.file_name().unwrap().to_string_lossy().to_string());
+            fx.source.put(images.last().unwrap(), std::fs::read(&path).unwrap().into()).await.unwrap();
+        }
+    }
+    let rocket = std::fs::read(fixtures.join("rocket.jpg")).unwrap();
+    fx.source.put("broken/truncated.jpg", rocket[..rocket.len() / 2].to_vec().into()).await.unwrap();
+
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    let secret = |name: &str, data: serde_json::Value| {
+        serde_json::from_value::<Secret>(json!({"metadata": {"name": name}, "stringData": data})).unwrap()
+    };
+    let keys = json!({"AWS_ACCESS_KEY_ID": env("AWS_ACCESS_KEY_ID"), "AWS_SECRET_ACCESS_KEY": env("AWS_SECRET_ACCESS_KEY"), "AWS_REGION": "us-east-1"});
+    secrets.create(&PostParams::default(), &secret("s3-keys", keys)).await.unwrap();
+
+    // The controller, as the chart's ServiceAccount.
+    let log_path = artifacts().join("controller.log");
+    let controller = Proc(
+        Command::new(env!("CARGO_BIN_EXE_imageindex"))
+            .args(["controller", "--lease-namespace", "imageindex-system", "--identity", &ns])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .env("KUBECONFIG", env("IMAGEINDEX_TEST_CONTROLLER_KUBECONFIG"))
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // What a user sees: `kubectl get imgidx -w`, kept as an artifact and checked for the phases.
+    let watch_path = artifacts().join("kubectl-get-imgidx.txt");
+    let _watch = Proc(
+        Command::new(env("KUBECTL"))
+            .args(["--kubeconfig", &env("IMAGEINDEX_TEST_KUBECONFIG"), "get", "imgidx", "-n", &ns, "-w"])
+            .stdout(std::fs::File::create(&watch_path).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let indexes: Api<ImageIndex> = Api::namespaced(admin.clone(), &ns);
+    let manifest = |url: &str| {
+        serde_yaml::from_str::<ImageIndex>(&format!(
+            "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\nmetadata: {{name: photos}}\nspec:\n  \
+             source: {{url: '{url}', endpoint: '{}', credentialsSecret: s3-keys, resyncInterval: 30s}}\n  \
+             milvus: {{address: '{}', collection: {}}}\n  mysql: {{secretRef: {{name: catalog}}}}\n  \
+             embedding: {{parallelism: 2, batchSize: 4}}\n  deletionPolicy: Delete\n",
+            env("IMAGEINDEX_S3_ENDPOINT"),
+            env("IMAGEINDEX_MILVUS_URL"),
+            fx.name
+        ))
+        .unwrap()
+    };
+
+    // A bad spec is refused by the apiserver's schema, with the field named.
+    let refused = indexes.create(&PostParams::default(), &manifest("ftp://elsewhere/photos")).await.unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 422 && s.message.contains("spec.source.url")),
+        "{refused}"
+    );
+
+    // Pending: the catalog Secret does not exist yet.
+    indexes.create(&PostParams::default(), &manifest(&fx.source_url)).await.unwrap();
+    let ii = wait_for(&indexes, "photos", "Pending on the missing Secret", |ii| {
+        ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Pending))
+            && condition(ii, "CollectionReady") == ("False", "SecretNotFound")
+    })
+    .await;
+    assert_eq!(condition(&ii, "MilvusReady"), ("True", "Ready"));
+
+    // The Secret appears; the Secret watch wakes the reconciler: collection, search objects, a Job.
+    secrets
+        .create(&PostParams::default(), &secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")})))
+        .await
+        .unwrap();
+    let ii = wait_for(&indexes, "photos", "Indexing", |ii| {
+        ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Indexing) && s.current_job.is_some())
+    })
+    .await;
+    let status = ii.status.clone().unwrap();
+    assert_eq!((status.images.discovered, status.images.pending), (7, 7));
+    assert_eq!(status.endpoint.as_deref(), Some(format!("http://photos-search.{ns}.svc:80").as_str()));
+
+    let job = Api::<Job>::namespaced(admin.clone(), &ns).get(status.current_job.as_ref().unwrap()).await.unwrap();
+    assert_eq!(job.metadata.owner_references.as_ref().unwrap()[0].name, "photos");
+    let job_spec = job.spec.clone().unwrap();
+    // 1.20 has no Indexed Jobs: the controller asked for one pod for every shard (and said so).
+    assert_eq!((job_spec.completions, job_spec.completion_mode.as_deref()), (Some(1), None));
+    let container = job_spec.template.spec.unwrap().containers[0].clone();
+    let mysql_env = container.env.iter().flatten().find(|e| e.name == "IMAGEINDEX_MYSQL_URL").unwrap();
+    assert!(mysql_env.value.is_none() && mysql_env.value_from.is_some(), "credentials only by Secret reference");
+    let deployment = Api::<Deployment>::namespaced(admin.clone(), &ns).get("photos-search").await.unwrap();
+    Api::<Service>::namespaced(admin.clone(), &ns).get("photos-search").await.unwrap();
+
+    // The kubelet's part for the Job: its command, its env, JOB_COMPLETION_INDEX per completion.
+    let job_env = pod_env(&secrets, &container).await;
+    for index in 0..job_spec.completions.unwrap() {
+        let out =
+            run_like_the_image(&container, &job_env).env("JOB_COMPLETION_INDEX", index.to_string()).output().unwrap();
+        assert!(out.status.success(), "embed failed: {}", String::from_utf8_lossy(&out.stderr));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((summary["indexed"].as_u64(), summary["failed"].as_u64()), (Some(6), Some(1)), "{summary}");
+    }
+    let now = Timestamp::now().to_string();
+    let done = json!({"status": {"startTime": now, "completionTime": now, "succeeded": job_spec.completions,
+        "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}});
+    Api::<Job>::namespaced(admin.clone(), &ns)
+        .patch_status(&job.metadata.name.clone().unwrap(), &PatchParams::default(), &Patch::Merge(&done))
+        .await
+        .unwrap();
+
+    // The Deployment's part: run its pod's command, wait for /readyz, search, mark it available.
+    let search_container = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].clone();
+    let mut search_env = pod_env(&secrets, &search_container).await;
+    let port = free_port();
+    search_env.insert("IMAGEINDEX_LISTEN".into(), format!("127.0.0.1:{port}"));
+    let _search = Proc(run_like_the_image(&search_container, &search_env).stderr(Stdio::null()).spawn().unwrap());
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "the search pod's command never became ready");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let query = reqwest::multipart::Form::new()
+        .part("image", reqwest::multipart::Part::bytes(std::fs::read(fixtures.join("chelsea.png")).unwrap()));
+    let hits: serde_json::Value =
+        http.post(format!("{base}/img/search?topk=1")).multipart(query).send().await.unwrap().json().await.unwrap();
+    let top = hits["results"][0]["key"].as_str().unwrap_or_default().to_string();
+    assert!(top == "chelsea.png" || top == "chelsea.webp", "top hit {top}: {hits}");
+    let available = json!({"status": {"observedGeneration": deployment.metadata.generation, "replicas": 1,
+        "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1}});
+    Api::<Deployment>::namespaced(admin.clone(), &ns)
+        .patch_status("photos-search", &PatchParams::default(), &Patch::Merge(&available))
+        .await
+        .unwrap();
+
+    // Ready, with the catalog's counts.
+    let ii = wait_for(&indexes, "photos", "Ready", |ii| {
+        ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Ready) && s.images.indexed == 6)
+    })
+    .await;
+    let status = ii.status.clone().unwrap();
+    assert_eq!((status.images.discovered, status.images.failed, status.images.pending), (7, 1, 0));
+    assert_eq!(status.observed_generation, ii.metadata.generation);
+    assert!(status.last_sync_time.is_some() && status.current_job.is_none());
+    for t in ["MilvusReady", "CollectionReady", "Indexed", "SearchReady"] {
+        assert_eq!(condition(&ii, t).0, "True", "{t}");
+    }
+    let events = Api::<Event>::namespaced(admin.clone(), &ns).list(&ListParams::default()).await.unwrap();
+    let reasons: Vec<String> = events.items.iter().filter_map(|e| e.reason.clone()).collect();
+    for r in ["JobCreated", "NoIndexedJobs", "Indexed", "Ready"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
+    }
+
+    // Deletion runs the finalizer: deletionPolicy Delete drops the collection and the catalog rows.
+    indexes.delete("photos", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while indexes.get_opt("photos").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the finalizer did not finish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let milvus = MilvusConfig {
+        url: env("IMAGEINDEX_MILVUS_URL"),
+        token: None,
+        collection: fx.name.clone(),
+        index: IndexKind::Hnsw,
+    };
+    let gone = VectorStore::connect(&milvus).await.unwrap().ready().await.unwrap_err();
+    assert!(gone.to_string().contains("does not exist"), "{gone:#}");
+    let catalog = Catalog::connect(&env("IMAGEINDEX_MYSQL_URL"), &fx.name, "").await.unwrap();
+    assert_eq!(catalog.counts().await.unwrap().indexed + catalog.counts().await.unwrap().failed, 0);
+
+    // What a user saw, and what the controller said: no permission was missing.
+    drop(controller);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = std::fs::read_to_string(&watch_path).unwrap();
+    println!("kubectl get imgidx -w:\n{seen}");
+    let phases: Vec<&str> = seen.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    let order = ["Pending", "Indexing", "Ready"];
+    let mut at = 0;
+    for p in &phases {
+        if at < order.len() && *p == order[at] {
+            at += 1;
+        }
+    }
+    assert_eq!(at, order.len(), "phases seen: {phases:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("forbidden") && !log.contains("403"), "the controller hit RBAC: see {}", log_path.display());
+    Api::<Namespace>::all(admin).delete(&ns, &DeleteParams::default()).await.unwrap();
+}
