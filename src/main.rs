@@ -103,9 +103,12 @@ enum Command {
         /// This replica's name in the Lease (in a pod: its name).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
-        /// Seconds allowed for each Milvus, MySQL and bucket call the controller makes.
+        /// Seconds allowed for each Milvus and MySQL call the controller makes.
         #[arg(long, env = "IMAGEINDEX_IO_TIMEOUT", default_value_t = 10)]
         io_timeout: u64,
+        /// Seconds allowed for listing a bucket and diffing it against the catalog.
+        #[arg(long, env = "IMAGEINDEX_LIST_TIMEOUT", default_value_t = 300)]
+        list_timeout: u64,
     },
     /// Print the ImageIndex CustomResourceDefinition (YAML), generated from the Rust types.
     Crd,
@@ -149,6 +152,7 @@ async fn main() -> Result<()> {
             no_leader_election,
             identity,
             io_timeout,
+            list_timeout,
         } => {
             use imageindex::controller::{self, ControllerConfig, Settings};
             let client =
@@ -160,7 +164,12 @@ async fn main() -> Result<()> {
                     .unwrap_or_else(|_| format!("imageindex-{}", std::process::id()))
             });
             let config = ControllerConfig {
-                settings: Settings { default_image: image, indexed_jobs, io_timeout: Duration::from_secs(io_timeout) },
+                settings: Settings {
+                    default_image: image,
+                    indexed_jobs,
+                    io_timeout: Duration::from_secs(io_timeout),
+                    list_timeout: Duration::from_secs(list_timeout),
+                },
                 namespace,
                 listen: metrics_listen,
                 lease: (!no_leader_election).then_some((lease_namespace, lease_name)),

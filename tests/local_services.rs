@@ -13,6 +13,8 @@ use imageindex::embed::{DecodeLimits, Model, ModelOptions, Preprocessor};
 use imageindex::serve::{AppState, ServeConfig};
 use imageindex::store::{Catalog, IndexKind, MilvusConfig, Source, SourceConfig, VectorStore, key_id};
 
+#[path = "local_services/mock_api.rs"]
+mod mock_api;
 #[path = "local_services/operator.rs"]
 mod operator;
 

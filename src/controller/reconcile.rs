@@ -41,8 +41,10 @@ pub struct Settings {
     pub default_image: String,
     /// The cluster runs Indexed Jobs (1.24+); otherwise one pod embeds all shards.
     pub indexed_jobs: bool,
-    /// Limit for each Milvus, MySQL and bucket call the controller makes.
+    /// Limit for each Milvus and MySQL call the controller makes.
     pub io_timeout: Duration,
+    /// Limit for listing a bucket and diffing it against the catalog.
+    pub list_timeout: Duration,
 }
 
 pub struct Context {
@@ -297,7 +299,7 @@ async fn pipeline(
                 .as_ref()
                 .is_some_and(|(at, g, job)| at.elapsed() < resync && *g == generation && *job == last_job);
             if !fresh {
-                match within(timeout * 6, diff(ii, ctx, &catalog)).await {
+                match within(ctx.settings.list_timeout, diff(ii, ctx, &catalog)).await {
                     Ok((discovered, pending)) => ctx.set_memo(&key, |m| {
                         m.listed = Some((Instant::now(), generation, last_job.clone()));
                         m.discovered = discovered;

@@ -1,0 +1,355 @@
+//! Reconcile paths against a mock Kubernetes API (kube's `tower-test` pattern: the client talks to
+//! an in-process service that answers like an apiserver and records every request), with the real
+//! local Milvus, MariaDB and S3 behind the data-plane steps. One test per condition reason.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use http::{Method, Request, Response};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+
+use imageindex::controller::metrics::Metrics;
+use imageindex::controller::reconcile::{Context, Settings, reconcile};
+use imageindex::crd::{ImageIndex, ImageIndexStatus, Phase};
+
+use super::{Fixture, env};
+
+/// What the fake apiserver holds.
+#[derive(Clone, Default)]
+struct Cluster {
+    secrets: BTreeMap<String, Value>,
+    milvus: Option<Value>,
+    jobs: Vec<Value>,
+    available_replicas: i32,
+}
+
+#[derive(Clone, Debug)]
+struct Call {
+    method: Method,
+    path: String,
+    body: Value,
+}
+
+fn not_found(path: &str) -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
+    )
+}
+
+impl Cluster {
+    fn secret(mut self, name: &str, data: Value) -> Self {
+        let data: BTreeMap<String, String> = serde_json::from_value::<BTreeMap<String, String>>(data)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v)))
+            .collect();
+        self.secrets.insert(
+            name.into(),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data}),
+        );
+        self
+    }
+
+    fn answer(&self, method: &Method, path: &str, body: &Value) -> (u16, Value) {
+        let last = path.rsplit('/').next().unwrap_or_default();
+        match (method.as_str(), path) {
+            ("GET", p) if p.contains("/secrets/") => {
+                self.secrets.get(last).cloned().map(|s| (200, s)).unwrap_or_else(|| not_found(p))
+            }
+            ("GET", p) if p.contains("/milvuses/") => {
+                self.milvus.clone().map(|m| (200, m)).unwrap_or_else(|| not_found(p))
+            }
+            ("GET", p) if p.ends_with("/jobs") => {
+                (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": self.jobs}))
+            }
+            ("DELETE", p) if p.ends_with("/jobs") => {
+                (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
+            }
+            ("PATCH", p) if p.contains("/deployments/") => {
+                let mut d = body.clone();
+                d["status"] = json!({"availableReplicas": self.available_replicas});
+                (200, d)
+            }
+            ("PATCH", p) if p.contains("/imageindexes/") && !p.ends_with("/status") => {
+                // The finalizer helper's JSON patch: answer with the finalizer removed.
+                (
+                    200,
+                    json!({"apiVersion": "imageindex.dev/v1alpha1", "kind": "ImageIndex", "metadata": {"name": "photos", "namespace": "shop", "finalizers": []}, "spec": sample_spec()}),
+                )
+            }
+            ("PATCH", p) if p.ends_with("/status") => {
+                // Server-side apply of the status: answer with the whole object.
+                let mut ii = body.clone();
+                ii["metadata"] = json!({"name": "photos", "namespace": "shop"});
+                ii["spec"] = sample_spec();
+                (200, ii)
+            }
+            ("PATCH", _) => (200, body.clone()),
+            ("POST", p) if p.ends_with("/events") => (201, body.clone()),
+            (m, p) => panic!("unexpected request {m} {p}"),
+        }
+    }
+}
+
+/// A client whose every request goes to `cluster`, and the log of those requests.
+fn mock(cluster: Cluster) -> (Client, Arc<Mutex<Vec<Call>>>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let log = calls.clone();
+    tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let path = parts.uri.path().to_string();
+            let (code, answer) = cluster.answer(&parts.method, &path, &body);
+            log.lock().unwrap().push(Call { method: parts.method, path, body });
+            send.send_response(
+                Response::builder().status(code).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap(),
+            );
+        }
+    });
+    (Client::new(service, "default"), calls)
+}
+
+fn sample_spec() -> Value {
+    json!({"source": {"url": "s3://imageindex-test/none/"}, "milvus": {"address": "127.0.0.1:1"}, "mysql": {"secretRef": {"name": "catalog"}}})
+}
+
+/// An ImageIndex as the apiserver would hand it over: named, with a uid, a generation and our finalizer.
+fn imageindex(spec: Value, deleting: bool) -> ImageIndex {
+    let mut meta = json!({"name": "photos", "namespace": "shop", "uid": "6f1c-0001", "generation": 2, "resourceVersion": "7", "finalizers": ["imageindex.dev/cleanup"]});
+    if deleting {
+        meta["deletionTimestamp"] = json!("2026-11-24T00:00:00Z");
+    }
+    serde_json::from_value(
+        json!({"apiVersion": "imageindex.dev/v1alpha1", "kind": "ImageIndex", "metadata": meta, "spec": spec}),
+    )
+    .unwrap()
+}
+
+async fn run(ii: ImageIndex, cluster: Cluster) -> (Action, Vec<Call>) {
+    imageindex::install_crypto();
+    let (client, calls) = mock(cluster);
+    let settings = Settings {
+        default_image: "imageindex:test".into(),
+        indexed_jobs: true,
+        io_timeout: Duration::from_secs(10),
+        list_timeout: Duration::from_secs(3),
+    };
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
+    let ctx = Arc::new(Context::new(client, settings, recorder, Arc::new(Metrics::default())));
+    let action = reconcile(Arc::new(ii), ctx).await.expect("reconcile");
+    let calls = calls.lock().unwrap().clone();
+    (action, calls)
+}
+
+/// The status the reconcile wrote.
+fn written(calls: &[Call]) -> ImageIndexStatus {
+    let call =
+        calls.iter().rev().find(|c| c.method == Method::PATCH && c.path.ends_with("/status")).expect("a status write");
+    serde_json::from_value(call.body["status"].clone()).unwrap()
+}
+
+fn reason(st: &ImageIndexStatus, t: &str) -> (String, String) {
+    let c = st.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} in {:?}", st.conditions));
+    (c.status.clone(), c.reason.clone())
+}
+
+fn pair(s: &str, r: &str) -> (String, String) {
+    (s.to_string(), r.to_string())
+}
+
+fn requeues(a: &Action) -> bool {
+    format!("{a:?}").contains("requeue_after: Some")
+}
+
+#[tokio::test]
+async fn invalid_spec_fails_and_waits_for_a_change() {
+    let mut spec = sample_spec();
+    spec["milvus"]["ref"] = json!({"name": "m"}); // and `address`: exactly one may be set
+    let (action, calls) = run(imageindex(spec, false), Cluster::default()).await;
+    let st = written(&calls);
+    assert_eq!(st.phase, Some(Phase::Failed));
+    assert_eq!(reason(&st, "MilvusReady"), pair("Unknown", "InvalidSpec"));
+    assert!(!requeues(&action));
+    assert_eq!(st.observed_generation, Some(2));
+}
+
+#[tokio::test]
+async fn milvus_ref_not_found_or_not_ready_is_a_condition_and_a_requeue() {
+    let mut spec = sample_spec();
+    spec["milvus"] = json!({"ref": {"name": "vectors", "namespace": "milvus"}});
+    let (action, calls) = run(imageindex(spec.clone(), false), Cluster::default()).await;
+    let st = written(&calls);
+    assert_eq!(reason(&st, "MilvusReady"), pair("False", "MilvusNotFound"));
+    assert_eq!(reason(&st, "CollectionReady"), pair("Unknown", "WaitingForDependencies"));
+    assert_eq!(st.phase, Some(Phase::Pending));
+    assert!(requeues(&action));
+    assert!(calls.iter().any(|c| c.path == "/apis/milvus.io/v1beta1/namespaces/milvus/milvuses/vectors"));
+
+    let pending = json!({"apiVersion": "milvus.io/v1beta1", "kind": "Milvus", "metadata": {"name": "vectors", "namespace": "milvus"},
+        "status": {"status": "Pending", "conditions": [{"type": "MilvusReady", "status": "False"}]}});
+    let (action, calls) = run(imageindex(spec, false), Cluster { milvus: Some(pending), ..Default::default() }).await;
+    assert_eq!(reason(&written(&calls), "MilvusReady"), pair("False", "MilvusNotReady"));
+    assert!(requeues(&action));
+    let event = calls.iter().find(|c| c.path.ends_with("/events")).expect("an event");
+    assert!(event.body["note"].as_str().unwrap().contains("not MilvusReady (Pending)"), "{}", event.body);
+}
+
+#[tokio::test]
+async fn a_ready_milvus_ref_resolves_to_its_endpoint() {
+    // The ref resolves; the endpoint (a closed port) then fails to answer: MilvusUnavailable.
+    let mut spec = sample_spec();
+    spec["milvus"] = json!({"ref": {"name": "vectors"}});
+    let ready = json!({"apiVersion": "milvus.io/v1beta1", "kind": "Milvus", "metadata": {"name": "vectors", "namespace": "shop"},
+        "status": {"status": "Healthy", "endpoint": "127.0.0.1:1", "conditions": [{"type": "MilvusReady", "status": "True"}]}});
+    let cluster = Cluster { milvus: Some(ready), ..Default::default() }
+        .secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
+    let (action, calls) = run(imageindex(spec, false), cluster).await;
+    let st = written(&calls);
+    assert_eq!(reason(&st, "MilvusReady"), pair("False", "MilvusUnavailable"));
+    let msg = &st.conditions.iter().find(|c| c.type_ == "MilvusReady").unwrap().message;
+    assert!(msg.contains("http://127.0.0.1:1"), "{msg}");
+    assert!(requeues(&action));
+}
+
+#[tokio::test]
+async fn secret_missing_or_without_the_key() {
+    let (action, calls) = run(imageindex(sample_spec(), false), Cluster::default()).await;
+    let st = written(&calls);
+    assert_eq!(reason(&st, "MilvusReady"), pair("True", "Ready"));
+    assert_eq!(reason(&st, "CollectionReady"), pair("False", "SecretNotFound"));
+    assert!(requeues(&action));
+
+    let cluster = Cluster::default().secret("catalog", json!({"password": "x"}));
+    let (_, calls) = run(imageindex(sample_spec(), false), cluster).await;
+    assert_eq!(reason(&written(&calls), "CollectionReady"), pair("False", "SecretKeyMissing"));
+}
+
+/// A spec on the real local services, in a fresh collection and bucket prefix.
+fn live_spec(fx: &Fixture) -> Value {
+    json!({"source": {"url": fx.source_url, "endpoint": env("IMAGEINDEX_S3_ENDPOINT")},
+           "milvus": {"address": env("IMAGEINDEX_MILVUS_URL"), "collection": fx.name},
+           "mysql": {"secretRef": {"name": "catalog"}}})
+}
+
+fn live_cluster() -> Cluster {
+    Cluster { available_replicas: 1, ..Default::default() }
+        .secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")}))
+}
+
+fn job(name: &str, generation: i64, condition: Option<(&str, &str)>) -> Value {
+    let conditions: Vec<Value> = condition
+        .map(|(t, msg)| json!({"type": t, "status": "True", "message": msg, "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}))
+        .into_iter()
+        .collect();
+    json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": "shop", "annotations": {"imageindex.dev/generation": generation.to_string()}, "creationTimestamp": "2026-11-24T00:00:00Z"},
+        "spec": {"completions": 1, "template": {"spec": {"containers": []}}},
+        "status": {"succeeded": if conditions.iter().any(|c| c["type"] == "Complete") { 1 } else { 0 },
+                   "completionTime": conditions.first().map(|c| c["lastTransitionTime"].clone()), "conditions": conditions}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mysql_and_source_unavailable() {
+    let fx = Fixture::new("mock_down");
+    let cluster = Cluster::default().secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
+    let (_, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
+    assert_eq!(reason(&written(&calls), "CollectionReady"), pair("False", "MySQLUnavailable"));
+
+    let mut spec = live_spec(&fx);
+    spec["source"]["endpoint"] = json!("http://127.0.0.1:1");
+    let (action, calls) = run(imageindex(spec, false), live_cluster()).await;
+    let st = written(&calls);
+    assert_eq!(reason(&st, "CollectionReady"), pair("True", "Ready"));
+    assert_eq!(reason(&st, "Indexed"), pair("False", "SourceUnavailable"));
+    assert!(requeues(&action));
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn happy_path_creates_a_job_then_reports_ready() {
+    let fx = Fixture::new("mock_happy");
+    fx.source
+        .put("a.png", std::fs::read(format!("{}/tests/fixtures/logo.png", env!("CARGO_MANIFEST_DIR"))).unwrap().into())
+        .await
+        .unwrap();
+
+    // No Job yet, one new object: a Job is applied, the search objects too.
+    let (_, calls) = run(imageindex(live_spec(&fx), false), live_cluster()).await;
+    let st = written(&calls);
+    assert_eq!(st.phase, Some(Phase::Indexing));
+    assert_eq!(reason(&st, "Indexed"), pair("False", "Indexing"));
+    assert_eq!(reason(&st, "SearchReady"), pair("True", "Available"));
+    assert_eq!((st.images.discovered, st.images.pending), (1, 1));
+    let applied: Vec<&Call> = calls.iter().filter(|c| c.method == Method::PATCH).collect();
+    let applied_job = applied.iter().find(|c| c.path.contains("/jobs/")).expect("a Job applied");
+    assert_eq!(applied_job.body["spec"]["completionMode"], "Indexed");
+    assert!(applied.iter().any(|c| c.path.ends_with("/deployments/photos-search")));
+    assert!(applied.iter().any(|c| c.path.ends_with("/services/photos-search")));
+
+    // A Job completed for this generation and the object is in the catalog: Ready.
+    let backends = fx.backends(imageindex::store::IndexKind::Hnsw).await;
+    fx.sync(&backends).await;
+    let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, Some(("Complete", "")))], ..live_cluster() };
+    let (action, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
+    let st = written(&calls);
+    assert_eq!(st.phase, Some(Phase::Ready), "{:?}", st.conditions);
+    assert_eq!(reason(&st, "Indexed"), pair("True", "UpToDate"));
+    assert_eq!((st.images.indexed, st.images.pending, st.synced_generation), (1, 0, Some(2)));
+    assert!(requeues(&action), "resyncs on the interval");
+    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no new Job when nothing changed");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn running_failed_jobs_and_scaled_to_zero() {
+    let fx = Fixture::new("mock_jobs");
+    // A running Job: Indexing, and no second Job.
+    let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, None)], ..live_cluster() };
+    let (_, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
+    assert_eq!(written(&calls).current_job.as_deref(), Some("photos-embed-1"));
+    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")));
+
+    // The latest Job failed for this generation: JobFailed, Degraded, no retry before the resync.
+    let mut spec = live_spec(&fx);
+    spec["search"] = json!({"replicas": 0});
+    let cluster =
+        Cluster { jobs: vec![job("photos-embed-1", 2, Some(("Failed", "BackoffLimitExceeded")))], ..live_cluster() };
+    let (_, calls) = run(imageindex(spec, false), cluster).await;
+    let st = written(&calls);
+    assert_eq!(reason(&st, "Indexed"), pair("False", "JobFailed"));
+    assert_eq!(st.phase, Some(Phase::Degraded));
+    assert_eq!(reason(&st, "SearchReady"), pair("False", "ScaledToZero"));
+    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a failed Job is not retried at once");
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+async fn deletion_retain_keeps_data_and_delete_tolerates_what_is_gone() {
+    let (_, calls) = run(imageindex(sample_spec(), true), Cluster::default()).await;
+    assert!(calls.iter().any(|c| c.method == Method::DELETE && c.path.ends_with("/jobs")), "running Jobs are stopped");
+    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "Retained"));
+    assert!(!calls.iter().any(|c| c.path.contains("/secrets/")), "Retain touches no data");
+    let last = calls.last().unwrap();
+    assert!(
+        last.method == Method::PATCH && last.path.ends_with("/imageindexes/photos"),
+        "the finalizer is removed last"
+    );
+
+    // Delete, with the Milvus CR and the Secret already gone: nothing left to drop, the finalizer goes.
+    let mut spec = sample_spec();
+    spec["deletionPolicy"] = json!("Delete");
+    spec["milvus"] = json!({"ref": {"name": "gone"}});
+    let (_, calls) = run(imageindex(spec, true), Cluster::default()).await;
+    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "Deleted"));
+    assert!(calls.last().unwrap().path.ends_with("/imageindexes/photos"));
+}
