@@ -313,10 +313,12 @@ async fn happy_path_creates_a_job_then_reports_ready() {
 #[tokio::test(flavor = "multi_thread")]
 async fn running_failed_jobs_and_scaled_to_zero() {
     let fx = Fixture::new("mock_jobs");
-    // A running Job: Indexing, and no second Job.
-    let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, None)], ..live_cluster() };
+    // A running Job: Indexing, and no second Job. No search pod is available yet: Unavailable.
+    let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, None)], available_replicas: 0, ..live_cluster() };
     let (_, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
-    assert_eq!(written(&calls).current_job.as_deref(), Some("photos-embed-1"));
+    let st = written(&calls);
+    assert_eq!(st.current_job.as_deref(), Some("photos-embed-1"));
+    assert_eq!(reason(&st, "SearchReady"), pair("False", "Unavailable"));
     assert!(!calls.iter().any(|c| c.path.contains("/jobs/")));
 
     // The latest Job failed for this generation: JobFailed, Degraded, no retry before the resync.
