@@ -141,7 +141,7 @@ async fn run(ii: ImageIndex, cluster: Cluster) -> (Action, Vec<Call>) {
     let settings = Settings {
         default_image: "imageindex:test".into(),
         indexed_jobs: true,
-        io_timeout: Duration::from_secs(10),
+        io_timeout: Duration::from_secs(30),
         list_timeout: Duration::from_secs(3),
     };
     let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
