@@ -192,6 +192,33 @@ fn image(ii: &ImageIndex, r: &Resolved) -> String {
     ii.spec.embedding.image.clone().unwrap_or_else(|| r.default_image.clone())
 }
 
+/// The pod the Job and the Deployment both run: one imageindex container, hardened, with the
+/// image, the source's credentials and the volumes set here once.
+fn pod_template(
+    ii: &ImageIndex,
+    r: &Resolved,
+    component: &str,
+    mut container: Container,
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+) -> PodTemplateSpec {
+    container.image = Some(image(ii, r));
+    container.env_from = env_from(ii);
+    container.security_context = Some(container_security());
+    container.volume_mounts = Some(mounts);
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta { labels: Some(labels(ii, component)), ..Default::default() }),
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(pod_security()),
+            containers: vec![container],
+            volumes: Some(volumes),
+            ..Default::default()
+        }),
+    }
+}
+
 /// The embedding Job: an Indexed Job with one pod per shard, each running `imageindex embed`.
 pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
     let spec = &ii.spec.embedding;
@@ -221,29 +248,20 @@ pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
             // Bad images never fail a pod (they are recorded); retries cover node loss and Milvus blips.
             backoff_limit: Some(3 * shards),
             ttl_seconds_after_finished: Some(24 * 3600),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(ii, "embed")), ..Default::default() }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security()),
-                    node_selector: spec.node_selector.clone(),
-                    tolerations: spec.tolerations.clone(),
-                    containers: vec![Container {
-                        name: "embed".into(),
-                        image: Some(image(ii, r)),
-                        args: Some(vec!["embed".into(), "--json".into()]),
-                        env: Some(env),
-                        env_from: env_from(ii),
-                        resources: Some(resources),
-                        security_context: Some(container_security()),
-                        volume_mounts: Some(mounts),
-                        ..Default::default()
-                    }],
-                    volumes: Some(volumes),
+            template: {
+                let container = Container {
+                    name: "embed".into(),
+                    args: Some(vec!["embed".into(), "--json".into()]),
+                    env: Some(env),
+                    resources: Some(resources),
                     ..Default::default()
-                }),
+                };
+                let mut t = pod_template(ii, r, "embed", container, volumes, mounts);
+                let pod = t.spec.as_mut().expect("pod_template sets a spec");
+                pod.restart_policy = Some("Never".into());
+                pod.node_selector = spec.node_selector.clone();
+                pod.tolerations = spec.tolerations.clone();
+                t
             },
             ..Default::default()
         }),
@@ -304,36 +322,29 @@ pub fn search_deployment(ii: &ImageIndex, r: &Resolved) -> Deployment {
         spec: Some(DeploymentSpec {
             replicas: Some(search.replicas),
             selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels(ii, "search")), ..Default::default() }),
-                spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
-                    enable_service_links: Some(false),
-                    security_context: Some(pod_security()),
-                    containers: vec![Container {
-                        name: "search".into(),
-                        image: Some(image(ii, r)),
-                        args: Some(vec!["serve".into()]),
-                        env: Some(env),
-                        env_from: env_from(ii),
-                        ports: Some(vec![ContainerPort {
-                            name: Some("http".into()),
-                            container_port: HTTP_PORT,
-                            ..Default::default()
-                        }]),
-                        readiness_probe: Some(probe("/readyz", 5, 3)),
-                        liveness_probe: Some(probe("/healthz", 10, 6)),
-                        // Loading the model and connecting take a while on a cold node.
-                        startup_probe: Some(probe("/healthz", 2, 60)),
-                        resources: Some(resources),
-                        security_context: Some(container_security()),
-                        volume_mounts: Some(mounts),
+            template: pod_template(
+                ii,
+                r,
+                "search",
+                Container {
+                    name: "search".into(),
+                    args: Some(vec!["serve".into()]),
+                    env: Some(env),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("http".into()),
+                        container_port: HTTP_PORT,
                         ..Default::default()
-                    }],
-                    volumes: Some(volumes),
+                    }]),
+                    readiness_probe: Some(probe("/readyz", 5, 3)),
+                    liveness_probe: Some(probe("/healthz", 10, 6)),
+                    // Loading the model and connecting take a while on a cold node.
+                    startup_probe: Some(probe("/healthz", 2, 60)),
+                    resources: Some(resources),
                     ..Default::default()
-                }),
-            },
+                },
+                volumes,
+                mounts,
+            ),
             ..Default::default()
         }),
         status: None,
