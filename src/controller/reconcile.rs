@@ -316,8 +316,6 @@ async fn pipeline(
                 }
             }
             let memo = ctx.memo(&key);
-            status.images.discovered = memo.discovered;
-            status.images.pending = memo.pending;
             let stale_spec = status.synced_generation != Some(generation);
             if stale_spec || memo.pending > 0 {
                 let why = if stale_spec {
@@ -354,7 +352,13 @@ async fn pipeline(
         }
     }
 
-    // 6. Counts from the catalog.
+    // 6. Counts: the bucket's from the last diff (kept while a Job runs: the informer's copy of our
+    // own status can lag behind the write that set them), the catalog's fresh.
+    let memo = ctx.memo(&key);
+    if memo.listed.is_some() {
+        status.images.discovered = memo.discovered;
+        status.images.pending = memo.pending;
+    }
     if let Ok(Ok(c)) = tokio::time::timeout(timeout, catalog.counts()).await {
         status.images.indexed = c.indexed;
         status.images.failed = c.failed;

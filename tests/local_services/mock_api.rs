@@ -57,7 +57,7 @@ impl Cluster {
         self
     }
 
-    fn answer(&self, method: &Method, path: &str, body: &Value) -> (u16, Value) {
+    fn answer(&mut self, method: &Method, path: &str, body: &Value) -> (u16, Value) {
         let last = path.rsplit('/').next().unwrap_or_default();
         match (method.as_str(), path) {
             ("GET", p) if p.contains("/secrets/") => {
@@ -71,6 +71,14 @@ impl Cluster {
             }
             ("DELETE", p) if p.ends_with("/jobs") => {
                 (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
+            }
+            ("PATCH", p) if p.contains("/jobs/") => {
+                // Kept, like an apiserver would: the next reconcile lists it as running.
+                let mut j = body.clone();
+                j["metadata"]["creationTimestamp"] = json!("2026-11-24T00:00:00Z");
+                self.jobs.retain(|x| x["metadata"]["name"] != j["metadata"]["name"]);
+                self.jobs.push(j.clone());
+                (200, j)
             }
             ("PATCH", p) if p.contains("/deployments/") => {
                 let mut d = body.clone();
@@ -99,7 +107,7 @@ impl Cluster {
 }
 
 /// A client whose every request goes to `cluster`, and the log of those requests.
-fn mock(cluster: Cluster) -> (Client, Arc<Mutex<Vec<Call>>>) {
+fn mock(mut cluster: Cluster) -> (Client, Arc<Mutex<Vec<Call>>>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let log = calls.clone();
@@ -136,6 +144,14 @@ fn imageindex(spec: Value, deleting: bool) -> ImageIndex {
 }
 
 async fn run(ii: ImageIndex, cluster: Cluster) -> (Action, Vec<Call>) {
+    let (ctx, calls) = controller(cluster);
+    let action = reconcile(Arc::new(ii), ctx).await.expect("reconcile");
+    let calls = calls.lock().unwrap().clone();
+    (action, calls)
+}
+
+/// The reconciler's context over a fake apiserver holding `cluster`, and the log of its requests.
+fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
     imageindex::install_crypto();
     let (client, calls) = mock(cluster);
     let settings = Settings {
@@ -145,10 +161,7 @@ async fn run(ii: ImageIndex, cluster: Cluster) -> (Action, Vec<Call>) {
         list_timeout: Duration::from_secs(3),
     };
     let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
-    let ctx = Arc::new(Context::new(client, settings, recorder, Arc::new(Metrics::default())));
-    let action = reconcile(Arc::new(ii), ctx).await.expect("reconcile");
-    let calls = calls.lock().unwrap().clone();
-    (action, calls)
+    (Arc::new(Context::new(client, settings, recorder, Arc::new(Metrics::default()))), calls)
 }
 
 /// The status the reconcile wrote.
@@ -284,12 +297,22 @@ async fn happy_path_creates_a_job_then_reports_ready() {
         .unwrap();
 
     // No Job yet, one new object: a Job is applied, the search objects too.
-    let (_, calls) = run(imageindex(live_spec(&fx), false), live_cluster()).await;
+    let (ctx, log) = controller(live_cluster());
+    reconcile(Arc::new(imageindex(live_spec(&fx), false)), ctx.clone()).await.unwrap();
+    let calls = std::mem::take(&mut *log.lock().unwrap());
     let st = written(&calls);
     assert_eq!(st.phase, Some(Phase::Indexing));
     assert_eq!(reason(&st, "Indexed"), pair("False", "Indexing"));
     assert_eq!(reason(&st, "SearchReady"), pair("True", "Available"));
     assert_eq!((st.images.discovered, st.images.pending), (1, 1));
+    // The Job's watch event wakes the reconciler before the informer has our status write: the
+    // counts must not fall back to that stale copy's zeros, and no second Job starts.
+    reconcile(Arc::new(imageindex(live_spec(&fx), false)), ctx).await.unwrap();
+    let again = log.lock().unwrap().clone();
+    let st2 = written(&again);
+    assert_eq!((st2.phase, st2.current_job.clone()), (Some(Phase::Indexing), st.current_job.clone()));
+    assert_eq!((st2.images.discovered, st2.images.pending), (1, 1));
+    assert!(!again.iter().any(|c| c.method == Method::PATCH && c.path.contains("/jobs/")), "one Job at a time");
     let applied: Vec<&Call> = calls.iter().filter(|c| c.method == Method::PATCH).collect();
     let applied_job = applied.iter().find(|c| c.path.contains("/jobs/")).expect("a Job applied");
     assert_eq!(applied_job.body["spec"]["completionMode"], "Indexed");
