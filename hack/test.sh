@@ -6,10 +6,13 @@ source "$(dirname "$0")/lib.sh"
 "$ROOT/hack/install.sh"
 "$ROOT/hack/services.sh" up
 "$ROOT/hack/kube.sh" up
-model=$("$ROOT/hack/model.sh")
+model=$("$ROOT/hack/model.sh" --variants)
+# Photos with near-duplicate queries for the precision parity test.
+parity=$CACHE/photos/parity-1000
+[[ -d $parity/queries ]] || "$PY" "$ROOT/hack/make-photos.py" "$parity" --count 1000 --queries >&2
 source "$STATE/env"
 source "$STATE/kube.env"
-export IMAGEINDEX_MODEL=$model
+export IMAGEINDEX_MODEL=$model IMAGEINDEX_PARITY_PHOTOS=$parity
 cd "$ROOT"
 cargo test --locked "$@"
 "$ROOT/hack/browser-test.sh"

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::embed::{Device, Model, ModelOptions};
+use crate::embed::model::GpuOptions;
+use crate::embed::{DecodeLimits, Device, Model, ModelId, ModelOptions, Precision};
 use crate::store::{Catalog, IndexKind, MilvusConfig, VectorStore};
 
 #[derive(Args, Clone, Debug)]
@@ -39,9 +40,10 @@ impl BackendArgs {
         }
     }
 
-    pub async fn connect(&self, model_name: &str) -> Result<(VectorStore, Catalog)> {
+    /// Connects to Milvus and the catalog for vectors of `model`.
+    pub async fn connect(&self, model: &ModelId) -> Result<(VectorStore, Catalog)> {
         let vectors = VectorStore::connect(&self.milvus()).await?;
-        let catalog = Catalog::connect(&self.mysql_url, &self.collection, model_name).await?;
+        let catalog = Catalog::connect(&self.mysql_url, &self.collection, &model.to_string()).await?;
         Ok((vectors, catalog))
     }
 }
@@ -53,6 +55,14 @@ pub struct ModelArgs {
     pub model: PathBuf,
     #[arg(long, env = "IMAGEINDEX_DEVICE", value_enum, default_value = "cpu")]
     pub device: Device,
+    /// Model precision: fp32 (the --model file), or the fp16/int8 variant beside it
+    /// (`<stem>.<precision>.onnx`, made by hack/quantize.py).
+    #[arg(long, env = "IMAGEINDEX_PRECISION", value_enum, default_value = "fp32")]
+    pub precision: Precision,
+    /// Let vectors of another precision of the same model into a collection (only where the parity
+    /// check shows they retrieve alike).
+    #[arg(long, env = "IMAGEINDEX_ALLOW_MIXED_PRECISION")]
+    pub allow_mixed_precision: bool,
     /// Inference threads; 0 = every core this process may use.
     #[arg(long, env = "IMAGEINDEX_THREADS", default_value_t = 0)]
     pub threads: usize,
@@ -62,22 +72,49 @@ pub struct ModelArgs {
     /// Let idle inference threads spin (true/false); off yields cores to decoding and I/O.
     #[arg(long, env = "IMAGEINDEX_ORT_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
     pub ort_spinning: bool,
+    /// Model sessions, i.e. batches in the model at once; 0 = 1 on a CPU, 2 on a GPU.
+    #[arg(long, env = "IMAGEINDEX_SESSIONS", default_value_t = 0)]
+    pub sessions: usize,
+    /// CUDA: which GPU.
+    #[arg(long, env = "IMAGEINDEX_GPU_ID", default_value_t = 0)]
+    pub gpu_id: i32,
+    /// CUDA: bound of the GPU memory arena in MiB; 0 = no bound.
+    #[arg(long, env = "IMAGEINDEX_GPU_MEMORY_MIB", default_value_t = 0)]
+    pub gpu_memory_mib: usize,
+    /// CUDA: NHWC convolution kernels (true/false).
+    #[arg(long, env = "IMAGEINDEX_CUDA_NHWC", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_nhwc: bool,
+    /// CUDA: cuDNN's largest workspace for the fastest convolution algorithms (true/false).
+    #[arg(long, env = "IMAGEINDEX_CUDA_MAX_WORKSPACE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_max_workspace: bool,
+    /// CUDA: TF32 tensor-core math for fp32 (true/false).
+    #[arg(long, env = "IMAGEINDEX_CUDA_TF32", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_tf32: bool,
+    /// TensorRT engine and timing cache directory; TensorRT is used (before CUDA) when set and its
+    /// libraries (libnvinfer) are on the library path.
+    #[arg(long, env = "IMAGEINDEX_TRT_CACHE")]
+    pub trt_cache: Option<PathBuf>,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let opts = ModelOptions {
             device: self.device,
+            precision: self.precision,
             threads: self.threads,
             ort_lib: self.ort_lib.clone(),
             spinning: self.ort_spinning,
+            sessions: self.sessions,
+            gpu: GpuOptions {
+                device_id: self.gpu_id,
+                memory_limit: self.gpu_memory_mib << 20,
+                prefer_nhwc: self.cuda_nhwc,
+                max_workspace: self.cuda_max_workspace,
+                tf32: self.cuda_tf32,
+                tensorrt_cache: self.trt_cache.clone(),
+            },
         };
         Model::load(&self.model, &opts)
-    }
-
-    /// The name recorded with each catalog row: which weights made the vector.
-    pub fn name(&self) -> String {
-        self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
 }
 
@@ -100,4 +137,14 @@ pub struct LimitArgs {
     /// Largest object (bytes) fetched for indexing.
     #[arg(long, env = "IMAGEINDEX_MAX_OBJECT_BYTES", default_value_t = 64 << 20)]
     pub max_object_bytes: u64,
+    /// Decode JPEGs of at least 512 px on the shorter side at reduced scale in the DCT domain:
+    /// several times less decode work for large photos, embeddings slightly off the exact path's.
+    #[arg(long, env = "IMAGEINDEX_FAST_JPEG")]
+    pub fast_jpeg: bool,
+}
+
+impl LimitArgs {
+    pub fn decode(&self) -> DecodeLimits {
+        DecodeLimits { max_pixels: self.max_pixels, fast_jpeg: self.fast_jpeg }
+    }
 }

@@ -16,6 +16,8 @@ use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::embed::Precision;
+
 /// A bucket of images turned into a reverse-image-search service.
 // The printer columns repeat `type_ = ...` by design.
 #[allow(clippy::duplicated_attributes)]
@@ -175,6 +177,11 @@ pub struct EmbeddingSpec {
     #[serde(default = "default_batch")]
     #[schemars(range(min = 1, max = 1024))]
     pub batch_size: u32,
+    /// Model precision: `fp32`, `fp16` (GPU) or `int8` (CPU). Lower precisions load the variant
+    /// beside the model (`resnet50.int8.onnx` for `/models/resnet50.onnx`). A collection holds
+    /// vectors of one precision: changing it on an existing collection is refused.
+    #[serde(default)]
+    pub precision: Precision,
     /// Pods of the Indexed Job, each embedding its shard of the bucket.
     #[serde(default = "default_parallelism")]
     #[schemars(range(min = 1, max = 256))]
@@ -189,6 +196,11 @@ pub struct EmbeddingSpec {
     /// The image for the Jobs (and the search pods); the operator's own image when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// GPU Jobs: a PersistentVolumeClaim that keeps TensorRT's engine and timing caches from one
+    /// Job to the next (building engines takes minutes); an emptyDir when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub engine_cache_claim: Option<String>,
 }
 
 impl Default for EmbeddingSpec {
@@ -196,11 +208,13 @@ impl Default for EmbeddingSpec {
         Self {
             model_uri: default_model_uri(),
             batch_size: default_batch(),
+            precision: Precision::Fp32,
             parallelism: default_parallelism(),
             resources: None,
             node_selector: None,
             tolerations: None,
             image: None,
+            engine_cache_claim: None,
         }
     }
 }

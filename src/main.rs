@@ -1,13 +1,12 @@
 //! The imageindex binary: one program, a subcommand per role.
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use imageindex::config::{BackendArgs, LimitArgs, ModelArgs, SourceArgs};
-use imageindex::embed::DecodeLimits;
 use imageindex::embed::worker::{Backends, Summary, SyncOptions, sync};
 use imageindex::serve::{AppState, ServeConfig};
 use imageindex::store::{Source, SourceConfig};
@@ -212,8 +211,9 @@ async fn main() -> Result<()> {
                 None => token,
             };
             let loaded = model.load()?;
-            let (vectors, catalog) = backend.connect(&model.name()).await?;
-            vectors.ensure_collection(loaded.dim()).await?;
+            let (vectors, catalog) = backend.connect(loaded.id()).await?;
+            vectors.ensure_collection(loaded.dim(), Some(loaded.id()), model.allow_mixed_precision).await?;
+            catalog.claim(loaded.id(), model.allow_mixed_precision).await?;
             let source = source
                 .map(|url| {
                     Source::open(&SourceConfig {
@@ -227,7 +227,7 @@ async fn main() -> Result<()> {
             let defaults = ServeConfig::default();
             let config = ServeConfig {
                 max_upload_bytes,
-                limits: DecodeLimits { max_pixels: limits.max_pixels },
+                limits: limits.decode(),
                 request_timeout: Duration::from_secs(request_timeout),
                 max_concurrent_embeddings: match max_concurrent_embeddings {
                     0 => defaults.max_concurrent_embeddings,
@@ -238,7 +238,7 @@ async fn main() -> Result<()> {
                 allow_drop,
                 allow_private_urls,
             };
-            let state = AppState::new(Arc::new(Mutex::new(loaded)), vectors, catalog, source, config);
+            let state = AppState::new(Arc::new(loaded), vectors, catalog, source, config);
             eprintln!("search on http://{listen}/  (API: POST /img/search, GET /img/count, GET /progress)");
             imageindex::serve::serve(listen, Arc::new(state)).await
         }
@@ -247,7 +247,7 @@ async fn main() -> Result<()> {
 
 async fn run_sync(source: String, shard: u32, shards: u32, run: RunArgs, progress_bar: bool) -> Result<()> {
     let model = run.model.load()?;
-    let (vectors, catalog) = run.backend.connect(&run.model.name()).await?;
+    let (vectors, catalog) = run.backend.connect(model.id()).await?;
     let source = Source::open(&SourceConfig {
         url: source,
         endpoint: run.src.s3_endpoint,
@@ -260,12 +260,13 @@ async fn run_sync(source: String, shard: u32, shards: u32, run: RunArgs, progres
         batch_size: run.batch_size,
         fetch_concurrency: run.fetch_concurrency,
         decode_workers: run.decode_workers,
-        limits: DecodeLimits { max_pixels: run.limits.max_pixels },
+        limits: run.limits.decode(),
         max_object_bytes: run.limits.max_object_bytes,
         progress_bar,
+        mixed_precision: run.model.allow_mixed_precision,
     };
     let backends = Backends { source, vectors, catalog };
-    let summary = sync(&backends, Arc::new(Mutex::new(model)), &opts).await.context("sync failed")?;
+    let summary = sync(&backends, Arc::new(model), &opts).await.context("sync failed")?;
     if run.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -4,12 +4,12 @@
 
 use std::io::Cursor;
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use image::{DynamicImage, ImageFormat, RgbImage, imageops::FilterType};
 use imageindex::embed::worker::{Backends, Summary, SyncOptions, sync};
-use imageindex::embed::{DecodeLimits, Model, ModelOptions, Preprocessor};
+use imageindex::embed::{DecodeLimits, Model, ModelId, ModelOptions, Precision, Preprocessor};
 use imageindex::serve::{AppState, ServeConfig};
 use imageindex::store::{Catalog, IndexKind, MilvusConfig, Source, SourceConfig, VectorStore, key_id};
 
@@ -17,18 +17,20 @@ use imageindex::store::{Catalog, IndexKind, MilvusConfig, Source, SourceConfig, 
 mod mock_api;
 #[path = "local_services/operator.rs"]
 mod operator;
+#[path = "local_services/precision.rs"]
+mod precision;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through hack/test.sh"))
 }
 
 /// One model for the whole test binary (loading it takes a second).
-fn model() -> Arc<Mutex<Model>> {
-    static MODEL: OnceLock<Arc<Mutex<Model>>> = OnceLock::new();
+fn model() -> Arc<Model> {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
             let m = Model::load(env("IMAGEINDEX_MODEL").as_ref(), &ModelOptions::default()).expect("loading the model");
-            Arc::new(Mutex::new(m))
+            Arc::new(m)
         })
         .clone()
 }
@@ -182,7 +184,7 @@ fn near_duplicate(original: &[u8]) -> Vec<u8> {
 
 fn embed(bytes: &[u8]) -> Vec<f32> {
     let t = Preprocessor::default().from_bytes(bytes, DecodeLimits::default()).unwrap();
-    model().lock().unwrap().embed(&t, 1).unwrap().remove(0)
+    model().embed(&t, 1).unwrap().remove(0)
 }
 
 async fn upload_photos(fx: &Fixture, n: usize) -> Vec<(String, Bytes)> {
@@ -210,6 +212,8 @@ async fn index_search_resync_and_delete() {
                 .env("IMAGEINDEX_SHARDS", "2")
                 .env("IMAGEINDEX_COLLECTION", &fx.name)
                 .env("IMAGEINDEX_THREADS", "1")
+                // One shard keeps two batches in the model at once, as on a GPU.
+                .env("IMAGEINDEX_SESSIONS", (shard + 1).to_string())
                 .spawn()
                 .unwrap()
         })
@@ -289,8 +293,19 @@ async fn ivf_flat_l2_collections_work_too() {
     assert!(hits[0].score <= hits[1].score, "L2: smaller is closer");
     // A collection with another vector width is refused, not silently mixed.
     let other = VectorStore::connect(&fx.milvus(IndexKind::IvfFlat)).await.unwrap();
-    let err = other.ensure_collection(512).await.unwrap_err();
+    let err = other.ensure_collection(512, None, false).await.unwrap_err();
     assert!(format!("{err:#}").contains("2048-d"), "{err:#}");
+    // So are vectors of another precision or model, in Milvus and in the catalog alike.
+    let fp32 = model().id().clone();
+    let int8 = ModelId { precision: Precision::Int8, ..fp32.clone() };
+    let err = other.ensure_collection(2048, Some(&int8), false).await.unwrap_err();
+    assert!(format!("{err:#}").contains("holds fp32 vectors"), "{err:#}");
+    other.ensure_collection(2048, Some(&int8), true).await.expect("mixing when asked for");
+    let err = b.catalog.claim(&int8, false).await.unwrap_err();
+    assert!(format!("{err:#}").contains("the catalog of"), "{err:#}");
+    let clip = ModelId { model: "clip.onnx".into(), ..fp32 };
+    let err = other.ensure_collection(2048, Some(&clip), true).await.unwrap_err();
+    assert!(format!("{err:#}").contains("different models"), "{err:#}");
     fx.cleanup().await;
 }
 
@@ -307,7 +322,6 @@ async fn model_output_matches_the_reference_tensor_path() {
             levels.iter().enumerate().map(|(i, &k)| (k as f32 / 255.0 - mean[i / plane]) / std[i / plane]).collect();
         let bytes = std::fs::read(format!("{}/tests/fixtures/{stem}.png", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let ours = Preprocessor::default().from_bytes(&bytes, DecodeLimits::default()).unwrap();
-        let mut m = m.lock().unwrap();
         let out = m.embed(&[reference, ours].concat(), 2).unwrap();
         let rel = out[0].iter().zip(&out[1]).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
         eprintln!("{stem}: relative L2 error of the embedding {rel:.2e}");

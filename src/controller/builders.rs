@@ -29,6 +29,7 @@ const PVC_MOUNT: &str = "/models/pvc";
 /// The non-root user of the image (distroless `nonroot`).
 const UID: i64 = 65532;
 const GPU: &str = "nvidia.com/gpu";
+const TRT_CACHE: &str = "/var/cache/imageindex/trt";
 
 /// What the reconciler resolved and the cluster can do: inputs besides the ImageIndex itself.
 #[derive(Clone, Debug)]
@@ -114,6 +115,7 @@ fn common_env(ii: &ImageIndex, r: &Resolved) -> Vec<EnvVar> {
         ),
         secret_env("IMAGEINDEX_MYSQL_URL", &spec.mysql.secret_ref),
         var("IMAGEINDEX_MODEL", model),
+        var("IMAGEINDEX_PRECISION", spec.embedding.precision.to_string()),
         var("RUST_LOG", "info"),
     ];
     if let Some(ep) = &spec.source.endpoint {
@@ -224,13 +226,27 @@ pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
     let spec = &ii.spec.embedding;
     let shards = if r.indexed_jobs { spec.parallelism as i32 } else { 1 };
     let gpu = wants_gpu(spec.resources.as_ref());
-    let (volumes, mounts) = volumes(ii);
+    let (mut volumes, mut mounts) = volumes(ii);
     let mut env = common_env(ii, r);
     env.extend([
         var("IMAGEINDEX_SHARDS", shards.to_string()),
         var("IMAGEINDEX_BATCH_SIZE", spec.batch_size.to_string()),
         var("IMAGEINDEX_DEVICE", if gpu { "cuda" } else { "cpu" }),
     ]);
+    if gpu {
+        // TensorRT's engines (used where the image has its libraries), kept on a claim if given.
+        env.push(var("IMAGEINDEX_TRT_CACHE", TRT_CACHE));
+        volumes.push(Volume {
+            name: "trt-cache".into(),
+            persistent_volume_claim: spec
+                .engine_cache_claim
+                .clone()
+                .map(|claim_name| PersistentVolumeClaimVolumeSource { claim_name, read_only: Some(false) }),
+            empty_dir: spec.engine_cache_claim.is_none().then(EmptyDirVolumeSource::default),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount { name: "trt-cache".into(), mount_path: TRT_CACHE.into(), ..Default::default() });
+    }
     let resources = spec.resources.clone().unwrap_or_else(|| ResourceRequirements {
         requests: Some(quantities(&[("cpu", "1"), ("memory", "1Gi")])),
         limits: Some(quantities(&[("memory", "2Gi")])),
@@ -445,12 +461,19 @@ mod tests {
     fn a_gpu_limit_runs_on_cuda_with_the_spec_scheduling() {
         let ii = sample(
             "  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n    nodeSelector: {pool: gpu}\n    \
-             tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n    image: my/embed:cuda\n",
+             tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n    image: my/embed:cuda\n    \
+             precision: fp16\n    engineCacheClaim: trt-engines\n",
         );
         let job = embed_job(&ii, &resolved(true), "j");
         let pod = job.spec.unwrap().template.spec.unwrap();
         let c = &pod.containers[0];
         assert_eq!(env_of(c)["IMAGEINDEX_DEVICE"].value.as_deref(), Some("cuda"));
+        assert_eq!(env_of(c)["IMAGEINDEX_PRECISION"].value.as_deref(), Some("fp16"));
+        let cache = env_of(c)["IMAGEINDEX_TRT_CACHE"].value.clone().unwrap();
+        let mount =
+            c.volume_mounts.iter().flatten().find(|m| m.mount_path == cache).expect("the engine cache is mounted");
+        let vol = pod.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
+        assert_eq!(vol.persistent_volume_claim.as_ref().unwrap().claim_name, "trt-engines");
         assert_eq!(c.image.as_deref(), Some("my/embed:cuda"));
         assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU], Quantity("1".into()));
         assert_eq!(pod.node_selector.unwrap()["pool"], "gpu");

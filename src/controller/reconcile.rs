@@ -26,6 +26,7 @@ use super::metrics::Metrics;
 use super::status::{self, COLLECTION_READY, INDEXED, MILVUS_READY, Observed, SEARCH_READY, reason};
 use crate::crd::{DeletionPolicy, ImageIndex, ImageIndexStatus, SecretKeyRef, parse_interval};
 use crate::embed::worker::plan;
+use crate::embed::{ModelId, ModelMismatch};
 use crate::store::source::S3Credentials;
 use crate::store::{Catalog, MilvusConfig, Source, SourceConfig, VectorStore};
 
@@ -202,23 +203,38 @@ async fn pipeline(
         index: ii.spec.milvus.index.kind.into(),
     };
     let timeout = ctx.settings.io_timeout;
+    // The vectors the Jobs will make: recorded with a new collection, checked against an old one.
+    let model = ModelId {
+        model: ii.spec.embedding.model_uri.rsplit('/').next().unwrap_or_default().to_string(),
+        precision: ii.spec.embedding.precision,
+    };
+    let mismatch = |e: &anyhow::Error| {
+        e.downcast_ref::<ModelMismatch>().map(|m| Observed::no(COLLECTION_READY, reason::MODEL_MISMATCH, &m.0))
+    };
     let vectors = async {
         let v = VectorStore::connect(&milvus_cfg).await?;
-        v.ensure_collection(DIM).await?;
+        v.ensure_collection(DIM, Some(&model), false).await?;
         anyhow::Ok(v)
     };
     if let Err(e) = within(timeout, vectors).await {
+        if let Some(m) = mismatch(&e) {
+            return Ok(Err(vec![Observed::yes(MILVUS_READY, reason::READY, &milvus_url), m]));
+        }
         let msg = format!("{milvus_url}: {e:#}");
         return Ok(Err(vec![Observed::no(MILVUS_READY, reason::MILVUS_UNAVAILABLE, msg)]));
     }
-    let model = ii.spec.embedding.model_uri.rsplit('/').next().unwrap_or_default().to_string();
-    let catalog = match within(timeout, Catalog::connect(&mysql_url, &collection, &model)).await {
+    let catalog = async {
+        let c = Catalog::connect(&mysql_url, &collection, &model.to_string()).await?;
+        c.claim(&model, false).await?;
+        anyhow::Ok(c)
+    };
+    let catalog = match within(timeout, catalog).await {
         Ok(c) => c,
         Err(e) => {
-            let msg = format!("{e:#}");
+            let m = mismatch(&e);
             let b = vec![
                 Observed::yes(MILVUS_READY, reason::READY, &milvus_url),
-                Observed::no(COLLECTION_READY, reason::MYSQL_UNAVAILABLE, msg),
+                m.unwrap_or_else(|| Observed::no(COLLECTION_READY, reason::MYSQL_UNAVAILABLE, format!("{e:#}"))),
             ];
             return Ok(Err(b));
         }

@@ -20,6 +20,7 @@ pub mod reason {
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const MYSQL_UNAVAILABLE: &str = "MySQLUnavailable";
+    pub const MODEL_MISMATCH: &str = "ModelMismatch";
     pub const SOURCE_UNAVAILABLE: &str = "SourceUnavailable";
     pub const WAITING: &str = "WaitingForDependencies";
     pub const INDEXING: &str = "Indexing";

@@ -3,5 +3,5 @@ pub mod model;
 pub mod preprocess;
 pub mod worker;
 
-pub use model::{Device, Model, ModelOptions};
+pub use model::{Device, Model, ModelId, ModelMismatch, ModelOptions, Precision};
 pub use preprocess::{DecodeError, DecodeLimits, Preprocessor, TENSOR_LEN};

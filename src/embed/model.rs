@@ -2,14 +2,18 @@
 //! The ONNX file takes `[N,3,224,224]` and returns pooled `[N,2048]` features (fc removed);
 //! we L2-normalise them so that L2 and inner-product/cosine searches agree.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
 use ort::environment::Environment;
-use ort::ep;
-use ort::session::{Session, builder::GraphOptimizationLevel};
-use ort::value::TensorRef;
+use ort::ep::{self, ExecutionProvider};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, Session, builder::GraphOptimizationLevel};
+use ort::value::{Tensor, TensorRef};
+use schemars::JsonSchema;
 
 use super::preprocess::{CROP, TENSOR_LEN};
 
@@ -17,15 +21,124 @@ use super::preprocess::{CROP, TENSOR_LEN};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Device {
+    /// CUDA when ONNX Runtime has its CUDA provider and a GPU is visible, else the CPU.
+    Auto,
     Cpu,
     /// ONNX Runtime's CUDA execution provider (the `onnxruntime-gpu` library); fails loudly if it
-    /// cannot register rather than silently running on the CPU.
+    /// cannot register rather than silently running on the CPU. TensorRT goes first where its
+    /// libraries are present.
     Cuda,
+}
+
+/// Numeric precision of the model's arithmetic. Lower precisions are separate ONNX files made
+/// from the fp32 one by `hack/quantize.py`, stamped with `imageindex.precision` metadata.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    /// Half precision, for GPUs (tensor cores); slow on CPUs.
+    Fp16,
+    /// Static int8 quantization (QDQ, per-channel weights), for CPUs.
+    Int8,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, true)
+    }
+}
+
+/// Which vectors a model makes: the fp32 model it comes from (by file name) and its precision.
+/// Recorded with the collection in Milvus and the catalog, and checked before anything is written,
+/// because vectors of different models never compare, and of different precisions only as well as
+/// the parity check says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelId {
+    pub model: String,
+    pub precision: Precision,
+}
+
+impl std::fmt::Display for ModelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.model, self.precision)
+    }
+}
+
+impl std::str::FromStr for ModelId {
+    type Err = String;
+    /// `resnet50.onnx@int8`; a bare name (rows written before precisions existed) is fp32.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (model, precision) = match s.rsplit_once('@') {
+            Some((m, p)) => (m, p.parse()?),
+            None => (s, Precision::Fp32),
+        };
+        Ok(Self { model: model.to_string(), precision })
+    }
+}
+
+impl ModelId {
+    /// May vectors from `self` go where `recorded` ones are? `what` names the place, for the message.
+    pub fn check(&self, recorded: &ModelId, mixed_precision: bool, what: &str) -> Result<(), ModelMismatch> {
+        if recorded.model != self.model {
+            return Err(ModelMismatch(format!(
+                "{what} holds vectors of model {}, but this model is {}: vectors of different models do not \
+                 compare; use another collection",
+                recorded.model, self.model
+            )));
+        }
+        if recorded.precision != self.precision && !mixed_precision {
+            return Err(ModelMismatch(format!(
+                "{what} holds {} vectors of {}, but this model makes {} ones: precisions do not mix unless \
+                 the parity check says they agree (README, \"Precision\"); use --precision {} or another \
+                 collection, or --allow-mixed-precision",
+                recorded.precision, recorded.model, self.precision, recorded.precision
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Vectors of one model or precision about to go where another's are.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ModelMismatch(pub String);
+
+/// The file for `precision`: `model` itself when its name says nothing else, or the sibling
+/// `<stem>.<precision>.onnx` that `hack/quantize.py` writes.
+pub fn variant_path(model: &Path, precision: Precision) -> PathBuf {
+    let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if precision == Precision::Fp32 || name.contains(&format!(".{precision}.")) {
+        return model.to_path_buf();
+    }
+    let stem = name.strip_suffix(".onnx").unwrap_or(&name);
+    model.with_file_name(format!("{stem}.{precision}.onnx"))
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, true)
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct ModelOptions {
     pub device: Device,
+    pub precision: Precision,
     /// Intra-op threads for the CPU provider; 0 = every core this process may use.
     pub threads: usize,
     /// `libonnxruntime.so` to load; None = `ORT_DYLIB_PATH` or the system search path.
@@ -33,18 +146,72 @@ pub struct ModelOptions {
     /// Let ONNX Runtime's idle workers spin between operators. Fastest alone on the machine;
     /// off yields the cores to decoding and I/O that share them.
     pub spinning: bool,
+    /// Sessions, i.e. batches that can be in the model at once; 0 = 1 on a CPU (one session
+    /// already uses every core), 2 on a GPU (one batch copies while the other computes).
+    pub sessions: usize,
+    pub gpu: GpuOptions,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: 0, ort_lib: None, spinning: true }
+        Self {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            threads: 0,
+            ort_lib: None,
+            spinning: true,
+            sessions: 0,
+            gpu: GpuOptions::default(),
+        }
     }
 }
 
-pub struct Model {
+/// CUDA provider settings that matter for a convolution net (see DESIGN.md, "Embedding speed").
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub device_id: i32,
+    /// Bound of the CUDA memory arena in bytes; 0 = no bound.
+    pub memory_limit: usize,
+    /// NHWC convolution kernels (tensor cores prefer them; measure per GPU).
+    pub prefer_nhwc: bool,
+    /// Let cuDNN use its largest workspace for the fastest algorithm (ResNet regressed with it in
+    /// some releases: measure).
+    pub max_workspace: bool,
+    /// TF32 tensor-core math for fp32 convolutions.
+    pub tf32: bool,
+    /// Where TensorRT keeps its engines and timing cache (building them takes minutes); None = no TensorRT.
+    pub tensorrt_cache: Option<PathBuf>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        Self { device_id: 0, memory_limit: 0, prefer_nhwc: true, max_workspace: true, tf32: true, tensorrt_cache: None }
+    }
+}
+
+/// One ONNX Runtime session; on CUDA, with page-locked host buffers bound to its input and output.
+struct Slot {
     session: Session,
+    pinned: Option<Pinned>,
+}
+
+/// Reusable pinned buffers: the input tensor per batch size (the last batch of a run is smaller),
+/// and an IO binding whose output lands in pinned memory, so host<->GPU copies are plain DMA.
+struct Pinned {
+    allocator: Allocator,
+    output: MemoryInfo<'static>,
+    inputs: HashMap<usize, Tensor<f32>>,
+    binding: IoBinding,
+}
+
+pub struct Model {
+    slots: Vec<Mutex<Slot>>,
+    next: AtomicUsize,
     input: String,
+    output: String,
     dim: usize,
+    id: ModelId,
+    device: Device,
 }
 
 static RUNTIME: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -77,37 +244,134 @@ pub fn available_cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// Whether the TensorRT provider's own libraries (libnvinfer) can be found on the library path.
+fn tensorrt_present() -> bool {
+    let dirs = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    dirs.split(':').chain(["/usr/lib/x86_64-linux-gnu", "/usr/local/lib"]).any(|d| {
+        std::fs::read_dir(d)
+            .is_ok_and(|mut e| e.any(|f| f.is_ok_and(|f| f.file_name().to_string_lossy().starts_with("libnvinfer.so"))))
+    })
+}
+
 impl Model {
-    pub fn load(path: &Path, opts: &ModelOptions) -> Result<Self> {
+    pub fn load(model: &Path, opts: &ModelOptions) -> Result<Self> {
         let env = runtime(opts.ort_lib.as_deref())?;
+        let path = &variant_path(model, opts.precision);
+        if !path.exists() && path != model {
+            bail!(
+                "no {} variant of {} ({} does not exist): make one with hack/quantize.py {} --precision {} -o {}",
+                opts.precision,
+                model.display(),
+                path.display(),
+                model.display(),
+                opts.precision,
+                path.display()
+            );
+        }
         if !path.exists() {
             bail!(
                 "model file {} does not exist (hack/make-test-model.py or hack/export-resnet50.py make one)",
                 path.display()
             );
         }
+        let device = match opts.device {
+            Device::Auto => {
+                let gpu = Path::new("/dev/nvidiactl").exists()
+                    && <ep::CUDA as ExecutionProvider>::is_available().unwrap_or(false);
+                if gpu { Device::Cuda } else { Device::Cpu }
+            }
+            d => d,
+        };
+        let sessions = match (opts.sessions, device) {
+            (0, Device::Cuda) => 2,
+            (0, _) => 1,
+            (n, _) => n,
+        };
+        let slots = (0..sessions).map(|_| Self::session(&env, path, device, opts)).collect::<Result<Vec<_>>>()?;
+        let session = &slots[0].session;
+        let input = session.inputs().first().context("model has no input")?.name().to_string();
+        let output = session.outputs().first().context("model has no output")?.name().to_string();
+        let id = {
+            let meta = session.metadata()?;
+            let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let precision = match meta.custom("imageindex.precision") {
+                Some(p) => p.parse().map_err(anyhow::Error::msg).context("imageindex.precision metadata")?,
+                None => Precision::Fp32,
+            };
+            ModelId { model: meta.custom("imageindex.source").unwrap_or(file), precision }
+        };
+        if id.precision != opts.precision {
+            bail!(
+                "{} is a {} model (its imageindex.precision metadata says so): run with --precision {}",
+                path.display(),
+                id.precision,
+                id.precision
+            );
+        }
+        let slots = slots.into_iter().map(Mutex::new).collect();
+        let mut model = Self { slots, next: AtomicUsize::new(0), input, output, dim: 0, id, device };
+        // One dummy image per session tells us the output width and warms the kernels up.
+        for _ in 0..sessions {
+            let probe = model.run(&vec![0.0; TENSOR_LEN], 1).context("model does not accept [1,3,224,224]")?;
+            model.dim = probe.len();
+        }
+        Ok(model)
+    }
+
+    fn session(env: &Environment, path: &Path, device: Device, opts: &ModelOptions) -> Result<Slot> {
         let threads = if opts.threads == 0 { available_cores() } else { opts.threads };
         // Builder errors carry the builder, which is not Send; keep only the message.
-        let mut builder = Session::builder(&env)?
+        let mut builder = Session::builder(env)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(ort::Error::<()>::from)?
             .with_intra_threads(threads)
             .map_err(ort::Error::<()>::from)?
             .with_intra_op_spinning(opts.spinning)
             .map_err(ort::Error::<()>::from)?;
-        if opts.device == Device::Cuda {
+        if device == Device::Cuda {
+            let g = &opts.gpu;
+            let mut eps = vec![];
+            if let Some(cache) = g.tensorrt_cache.as_ref().filter(|_| tensorrt_present()) {
+                eps.push(
+                    ep::TensorRT::default()
+                        .with_device_id(g.device_id)
+                        .with_fp16(opts.precision == Precision::Fp16)
+                        .with_engine_cache(true)
+                        .with_engine_cache_path(cache.display())
+                        .with_timing_cache(true)
+                        .with_timing_cache_path(cache.display())
+                        .build(),
+                );
+            }
+            let mut cuda = ep::CUDA::default()
+                .with_device_id(g.device_id)
+                .with_conv_algorithm_search(ep::cuda::ConvAlgorithmSearch::Exhaustive)
+                .with_conv_max_workspace(g.max_workspace)
+                .with_prefer_nhwc(g.prefer_nhwc)
+                .with_tf32(g.tf32)
+                .with_arena_extend_strategy(ep::ArenaExtendStrategy::SameAsRequested);
+            if g.memory_limit > 0 {
+                cuda = cuda.with_memory_limit(g.memory_limit);
+            }
+            eps.push(cuda.build().error_on_failure());
             builder = builder
-                .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
+                .with_execution_providers(eps)
                 .map_err(ort::Error::<()>::from)
                 .context("registering the CUDA execution provider (is onnxruntime-gpu's library loaded?)")?;
         }
         let session = builder.commit_from_file(path).with_context(|| format!("loading model {}", path.display()))?;
-        let input = session.inputs().first().context("model has no input")?.name().to_string();
-        let mut model = Self { session, input, dim: 0 };
-        // One dummy image tells us the output width and warms the kernels up.
-        let probe = model.run(&vec![0.0; TENSOR_LEN], 1).context("model does not accept [1,3,224,224]")?;
-        model.dim = probe.len();
-        Ok(model)
+        let pinned = if device == Device::Cuda {
+            let host = |kind| MemoryInfo::new(AllocationDevice::CUDA_PINNED, 0, AllocatorType::Device, kind);
+            Some(Pinned {
+                allocator: Allocator::new(&session, host(MemoryType::CPUInput)?)?,
+                output: host(MemoryType::CPUOutput)?,
+                inputs: HashMap::new(),
+                binding: session.create_binding()?,
+            })
+        } else {
+            None
+        };
+        Ok(Slot { session, pinned })
     }
 
     /// Width of the embeddings (2048 for ResNet50).
@@ -115,12 +379,50 @@ impl Model {
         self.dim
     }
 
-    /// Runs `n` preprocessed images laid out back to back; returns their raw outputs, flattened.
-    fn run(&mut self, batch: &[f32], n: usize) -> Result<Vec<f32>> {
+    /// Which vectors this model makes.
+    pub fn id(&self) -> &ModelId {
+        &self.id
+    }
+
+    /// Where it runs (`auto` resolved).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Batches that can run at once.
+    pub fn sessions(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Runs `n` preprocessed images laid out back to back on a free session (or the next one in
+    /// turn when all are busy); returns their raw outputs, flattened.
+    fn run(&self, batch: &[f32], n: usize) -> Result<Vec<f32>> {
         assert_eq!(batch.len(), n * TENSOR_LEN, "batch buffer does not hold {n} images");
+        let len = self.slots.len();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % len;
+        let mut slot = (0..len)
+            .find_map(|k| self.slots[(turn + k) % len].try_lock().ok())
+            .map_or_else(|| self.slots[turn].lock().map_err(|_| anyhow::anyhow!("a model session panicked")), Ok)?;
+        let Slot { session, pinned } = &mut *slot;
         let c = CROP as usize;
-        let tensor = TensorRef::from_array_view(([n, 3, c, c], batch))?;
-        let outputs = self.session.run(ort::inputs![self.input.as_str() => tensor])?;
+        let outputs = match pinned {
+            None => {
+                let tensor = TensorRef::from_array_view(([n, 3, c, c], batch))?;
+                session.run(ort::inputs![self.input.as_str() => tensor])?
+            }
+            Some(p) => {
+                let input = match p.inputs.entry(n) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(Tensor::<f32>::new(&p.allocator, [n, 3, c, c])?)
+                    }
+                };
+                input.extract_tensor_mut().1.copy_from_slice(batch);
+                p.binding.bind_input(self.input.as_str(), input)?;
+                p.binding.bind_output_to_device(self.output.as_str(), &p.output)?;
+                session.run_binding(&p.binding)?
+            }
+        };
         let (shape, data) = outputs[0].try_extract_tensor::<f32>()?;
         if shape.len() != 2 || shape[0] as usize != n {
             bail!("model output has shape {shape:?}, expected [{n}, D]");
@@ -128,8 +430,9 @@ impl Model {
         Ok(data.to_vec())
     }
 
-    /// Embeds `n` preprocessed images: one L2-normalised vector each.
-    pub fn embed(&mut self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
+    /// Embeds `n` preprocessed images: one L2-normalised vector each. Callable from several
+    /// threads: each call takes a session of its own.
+    pub fn embed(&self, batch: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
         let flat = self.run(batch, n)?;
         let dim = flat.len() / n.max(1);
         Ok(flat.chunks_exact(dim).map(normalized).collect())
@@ -139,4 +442,36 @@ impl Model {
 pub fn normalized(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 { v.iter().map(|x| x / norm).collect() } else { v.to_vec() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_sit_beside_the_fp32_model() {
+        let m = Path::new("/models/resnet50.onnx");
+        assert_eq!(variant_path(m, Precision::Fp32), m);
+        assert_eq!(variant_path(m, Precision::Int8), Path::new("/models/resnet50.int8.onnx"));
+        let given = Path::new("/models/resnet50.fp16.onnx");
+        assert_eq!(variant_path(given, Precision::Fp16), given, "a variant named directly is used as is");
+    }
+
+    #[test]
+    fn model_ids_round_trip_and_mismatches_are_refused() {
+        let int8: ModelId = "resnet50.onnx@int8".parse().unwrap();
+        assert_eq!(int8, ModelId { model: "resnet50.onnx".into(), precision: Precision::Int8 });
+        assert_eq!(int8.to_string(), "resnet50.onnx@int8");
+        let legacy: ModelId = "resnet50.onnx".parse().unwrap();
+        assert_eq!(legacy.precision, Precision::Fp32);
+        assert!("resnet50.onnx@int4".parse::<ModelId>().is_err());
+
+        int8.check(&int8, false, "collection c").unwrap();
+        let err = int8.check(&legacy, false, "collection c").unwrap_err().to_string();
+        assert!(err.contains("holds fp32 vectors") && err.contains("--precision fp32"), "{err}");
+        int8.check(&legacy, true, "collection c").expect("allowed when asked for");
+        let other = ModelId { model: "clip.onnx".into(), precision: Precision::Int8 };
+        let err = other.check(&int8, true, "collection c").unwrap_err().to_string();
+        assert!(err.contains("different models"), "{err}");
+    }
 }

@@ -11,10 +11,11 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use futures::stream::FuturesOrdered;
 use futures::{StreamExt, stream};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
@@ -36,6 +37,8 @@ pub struct SyncOptions {
     /// Larger objects are recorded as failed without being fetched.
     pub max_object_bytes: u64,
     pub progress_bar: bool,
+    /// Let vectors of another precision into the collection (see `ModelId::check`).
+    pub mixed_precision: bool,
 }
 
 impl Default for SyncOptions {
@@ -49,6 +52,7 @@ impl Default for SyncOptions {
             limits: DecodeLimits::default(),
             max_object_bytes: 64 << 20,
             progress_bar: false,
+            mixed_precision: false,
         }
     }
 }
@@ -178,10 +182,11 @@ fn record(work: &Work, hash: Option<String>, error: Option<String>) -> Record {
 }
 
 /// Runs one sync of one shard.
-pub async fn sync(backends: &Backends, model: Arc<Mutex<Model>>, opts: &SyncOptions) -> Result<Summary> {
+pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) -> Result<Summary> {
     let Backends { vectors, catalog, .. } = backends;
-    let dim = model.lock().unwrap().dim();
-    vectors.ensure_collection(dim).await?;
+    let (dim, id) = (model.dim(), model.id().clone());
+    vectors.ensure_collection(dim, Some(&id), opts.mixed_precision).await?;
+    catalog.claim(&id, opts.mixed_precision).await?;
     let run = catalog.start_run(opts.shard, opts.shards).await?;
     let result = sync_inner(backends, model, opts, run).await;
     let _ = match &result {
@@ -193,7 +198,7 @@ pub async fn sync(backends: &Backends, model: Arc<Mutex<Model>>, opts: &SyncOpti
 
 async fn sync_inner(
     b: &Backends,
-    model: Arc<Mutex<Model>>,
+    model: Arc<Model>,
     opts: &SyncOptions,
     run: i64,
 ) -> std::result::Result<(Summary, RunProgress), (anyhow::Error, RunProgress)> {
@@ -280,10 +285,31 @@ async fn sync_inner(
     Ok((summary, progress))
 }
 
+/// The pipeline without the writes: fetch, decode and embed everything under `source`, and drop
+/// the vectors. What the benchmark sets against the full sync to show what Milvus and MySQL cost.
+/// Returns (embedded, failed).
+pub async fn embed_only(source: &Source, model: Arc<Model>, opts: &SyncOptions) -> Result<(usize, usize)> {
+    let work: Vec<Work> = source
+        .list()
+        .await?
+        .into_iter()
+        .map(|object| Work { id: key_id(&object.key), object, was_indexed: false })
+        .collect();
+    let (tx, mut rx) = mpsc::channel::<Write>(2);
+    let pipeline = tokio::spawn(produce(source.clone(), model, work, opts.clone(), tx));
+    let (mut embedded, mut failed) = (0, 0);
+    while let Some(w) = rx.recv().await {
+        embedded += w.upsert.len();
+        failed += w.records.iter().filter(|r| r.error.is_some()).count();
+    }
+    pipeline.await.context("pipeline task panicked")??;
+    Ok((embedded, failed))
+}
+
 /// Fetch, decode and embed `work`, sending writes downstream. Returns when all is sent.
 async fn produce(
     source: Source,
-    model: Arc<Mutex<Model>>,
+    model: Arc<Model>,
     work: Vec<Work>,
     opts: SyncOptions,
     writes: mpsc::Sender<Write>,
@@ -338,6 +364,9 @@ async fn produce(
     let mut pending = Write::default();
     let mut batch: Vec<(Work, String)> = Vec::with_capacity(batch_size);
     let mut tensors: Vec<f32> = Vec::with_capacity(batch_size * TENSOR_LEN);
+    // Batches in the model at once, one per session (two on a GPU: one copies while the other
+    // computes), finished in the order they went in.
+    let mut inflight = FuturesOrdered::new();
     let mut done = false;
     while !done {
         match ready_rx.recv().await {
@@ -356,11 +385,16 @@ async fn produce(
         if batch.len() == batch_size || (done && !batch.is_empty()) {
             let n = batch.len();
             let input = std::mem::replace(&mut tensors, Vec::with_capacity(batch_size * TENSOR_LEN));
+            let items = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
             let model = model.clone();
             // The model runs on a blocking thread while the feeder keeps fetching and decoding.
             // (Decoding alongside it measured faster than taking turns, even on a 2-core CPU.)
-            let embedded = tokio::task::spawn_blocking(move || model.lock().unwrap().embed(&input, n)).await??;
-            for ((work, hash), v) in batch.drain(..).zip(embedded) {
+            let task = tokio::task::spawn_blocking(move || model.embed(&input, n));
+            inflight.push_back(async move { (task.await, items) });
+        }
+        while inflight.len() >= model.sessions() || (done && !inflight.is_empty()) {
+            let Some((embedded, items)) = inflight.next().await else { break };
+            for ((work, hash), v) in items.into_iter().zip(embedded??) {
                 pending.records.push(record(&work, Some(hash), None));
                 pending.upsert.push((work.id, work.object.key, v));
             }

@@ -11,7 +11,7 @@ mod openapi;
 mod routes;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -61,7 +61,7 @@ impl Default for ServeConfig {
 }
 
 pub struct AppState {
-    model: Arc<Mutex<Model>>,
+    model: Arc<Model>,
     vectors: VectorStore,
     catalog: Catalog,
     /// The bucket: needed for uploads, deletes and serving objects.
@@ -74,7 +74,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(
-        model: Arc<Mutex<Model>>,
+        model: Arc<Model>,
         vectors: VectorStore,
         catalog: Catalog,
         source: Option<Source>,

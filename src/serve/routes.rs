@@ -98,7 +98,7 @@ async fn embed(st: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
     let v = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, ApiError> {
         let _permit = permit; // held until the work is done, even if the request is gone
         let tensor = Preprocessor::default().from_bytes(&image, limits)?;
-        let mut v = model.lock().unwrap().embed(&tensor, 1).map_err(ApiError::internal)?;
+        let mut v = model.embed(&tensor, 1).map_err(ApiError::internal)?;
         Ok(v.remove(0))
     })
     .await
@@ -249,10 +249,11 @@ pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json
             "drop is disabled; start serve with --allow-drop",
         ));
     }
-    let dim = st.model.lock().unwrap().dim();
+    let (dim, id) = (st.model.dim(), st.model.id().clone());
     st.vectors.drop_collection().await.map_err(ApiError::backend)?;
     st.catalog.drop_collection().await.map_err(ApiError::backend)?;
-    st.vectors.ensure_collection(dim).await.map_err(ApiError::backend)?;
+    st.vectors.ensure_collection(dim, Some(&id), false).await.map_err(ApiError::backend)?;
+    st.catalog.claim(&id, false).await.map_err(ApiError::backend)?;
     Ok(Json(serde_json::json!({ "dropped": st.vectors.collection() })))
 }
 

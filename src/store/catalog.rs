@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{QueryBuilder, Row};
 
+use crate::embed::ModelId;
+
 /// What the catalog knows of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -286,9 +288,31 @@ impl Catalog {
 
     /// Forgets this collection: its objects and its runs.
     pub async fn drop_collection(&self) -> Result<()> {
-        sqlx::query("DELETE FROM images WHERE collection = ?").bind(&self.collection).execute(&self.pool).await?;
-        sqlx::query("DELETE FROM runs WHERE collection = ?").bind(&self.collection).execute(&self.pool).await?;
+        for sql in [
+            "DELETE FROM images WHERE collection = ?",
+            "DELETE FROM runs WHERE collection = ?",
+            "DELETE FROM collections WHERE collection = ?",
+        ] {
+            sqlx::query(sql).bind(&self.collection).execute(&self.pool).await?;
+        }
         Ok(())
+    }
+
+    /// Records `model` as the one whose vectors this collection holds, or checks that it is the
+    /// one already recorded (see `ModelId::check`).
+    pub async fn claim(&self, model: &ModelId, mixed_precision: bool) -> Result<()> {
+        sqlx::query("INSERT IGNORE INTO collections (collection, model) VALUES (?, ?)")
+            .bind(&self.collection)
+            .bind(model.to_string())
+            .execute(&self.pool)
+            .await
+            .context("recording the collection's model")?;
+        let recorded: String = sqlx::query_scalar("SELECT model FROM collections WHERE collection = ?")
+            .bind(&self.collection)
+            .fetch_one(&self.pool)
+            .await?;
+        let recorded: ModelId = recorded.parse().map_err(anyhow::Error::msg)?;
+        Ok(model.check(&recorded, mixed_precision, &format!("the catalog of {}", self.collection))?)
     }
 
     /// MySQL answers.

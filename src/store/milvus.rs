@@ -10,11 +10,16 @@ use anyhow::{Context, Result, bail};
 use milvus::v2::prelude::*;
 use milvus::v2::{self as sdk};
 
+use crate::embed::ModelId;
+
 pub const ID: &str = "id";
 pub const KEY: &str = "key";
 pub const VECTOR: &str = "embedding";
 /// Longest object key we store (S3 allows 1024 bytes).
 pub const MAX_KEY_LEN: usize = 1024;
+const DESCRIPTION: &str = "imageindex: one row per image object";
+/// Precedes the model id (`resnet50.onnx@int8`) in the collection's description.
+const MODEL_TAG: &str = "model=";
 
 /// The vector index: what kind, and how distances are measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -105,13 +110,24 @@ impl VectorStore {
     }
 
     /// Creates the collection and its index if missing, refuses one whose shape differs, and loads it.
-    pub async fn ensure_collection(&self, dim: usize) -> Result<()> {
+    /// Creates the collection, its index and loads it, or checks that the existing one fits: the
+    /// same vector width and, where `model` is given, vectors of the same model and precision
+    /// (recorded in the collection's description when it is created).
+    pub async fn ensure_collection(&self, dim: usize, model: Option<&ModelId>, mixed_precision: bool) -> Result<()> {
         let name = self.collection.as_str();
+        let check = |recorded: Option<ModelId>| match (model, recorded) {
+            (Some(ours), Some(theirs)) => ours.check(&theirs, mixed_precision, &format!("Milvus collection {name}")),
+            _ => Ok(()),
+        };
         if self.exists().await? {
-            self.check_schema(dim).await?;
+            check(self.check_schema(dim).await?)?;
         } else {
+            let description = match model {
+                Some(m) => format!("{DESCRIPTION}; {MODEL_TAG}{m}"),
+                None => DESCRIPTION.to_string(),
+            };
             let schema = sdk::CollectionSchema::new()
-                .description("imageindex: one row per image object")
+                .description(description)
                 .add_field(sdk::FieldSchema::new().name(ID).data_type(DataType::Int64).primary_key(true).auto_id(false))
                 .add_field(
                     sdk::FieldSchema::new().name(KEY).data_type(DataType::VarChar).max_length(MAX_KEY_LEN as u32),
@@ -126,7 +142,7 @@ impl VectorStore {
                 if !self.exists().await? {
                     return Err(e).with_context(|| format!("creating collection {name}"));
                 }
-                self.check_schema(dim).await?;
+                check(self.check_schema(dim).await?)?;
             }
         }
         // Milvus 2.3 answers "index not found" rather than an empty list.
@@ -155,12 +171,18 @@ impl VectorStore {
         Ok(())
     }
 
-    async fn check_schema(&self, dim: usize) -> Result<()> {
+    /// Checks the fields; returns the model recorded in the description, if any.
+    async fn check_schema(&self, dim: usize) -> Result<Option<ModelId>> {
         let desc = self
             .client
             .describe_collection(DescribeCollectionRequest::builder().collection_name(&self.collection).build()?)
             .await?;
-        let fields = desc.description().get_schema().get_fields();
+        let schema = desc.description().get_schema();
+        let recorded = match schema.get_description().split_once(MODEL_TAG) {
+            Some((_, m)) => Some(m.trim().parse::<ModelId>().map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let fields = schema.get_fields();
         let vector = fields.iter().find(|f| f.get_name() == VECTOR);
         match vector.map(|f| f.get_dimension()) {
             Some(d) if d as usize == dim => {}
@@ -170,7 +192,7 @@ impl VectorStore {
         if !fields.iter().any(|f| f.get_name() == KEY) {
             bail!("collection {} exists but was not made by imageindex (no {KEY} field)", self.collection);
         }
-        Ok(())
+        Ok(recorded)
     }
 
     /// Inserts or replaces rows by id.

@@ -251,7 +251,14 @@ async fn secret_missing_or_without_the_key() {
 fn live_spec(fx: &Fixture) -> Value {
     json!({"source": {"url": fx.source_url, "endpoint": env("IMAGEINDEX_S3_ENDPOINT")},
            "milvus": {"address": env("IMAGEINDEX_MILVUS_URL"), "collection": fx.name},
-           "mysql": {"secretRef": {"name": "catalog"}}})
+           "mysql": {"secretRef": {"name": "catalog"}},
+           "embedding": {"modelUri": model_uri()}})
+}
+
+/// The test model as the Job's image would hold it (the collection records its file name).
+fn model_uri() -> String {
+    let model = env("IMAGEINDEX_MODEL");
+    format!("/models/{}", std::path::Path::new(&model).file_name().unwrap().to_string_lossy())
 }
 
 fn live_cluster() -> Cluster {
@@ -330,6 +337,16 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     assert_eq!((st.images.indexed, st.images.pending, st.synced_generation), (1, 0, Some(2)));
     assert!(requeues(&action), "resyncs on the interval");
     assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no new Job when nothing changed");
+
+    // The precision changed on a collection of fp32 vectors: refused, said so, no Job.
+    let mut spec = live_spec(&fx);
+    spec["embedding"]["precision"] = json!("int8");
+    let (_, calls) = run(imageindex(spec, false), live_cluster()).await;
+    let st = written(&calls);
+    assert_eq!(reason(&st, "CollectionReady"), pair("False", "ModelMismatch"));
+    let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
+    assert!(msg.contains("holds fp32 vectors"), "{msg}");
+    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no Job into a mismatched collection");
     fx.cleanup().await;
 }
 

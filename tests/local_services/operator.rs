@@ -160,10 +160,12 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
             "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\nmetadata: {{name: photos}}\nspec:\n  \
              source: {{url: '{url}', endpoint: '{}', credentialsSecret: s3-keys, resyncInterval: 30s}}\n  \
              milvus: {{address: '{}', collection: {}}}\n  mysql: {{secretRef: {{name: catalog}}}}\n  \
-             embedding: {{parallelism: 2, batchSize: 4}}\n  deletionPolicy: Delete\n",
+             embedding: {{parallelism: 2, batchSize: 4, modelUri: /models/{}}}\n  deletionPolicy: Delete\n",
             env("IMAGEINDEX_S3_ENDPOINT"),
             env("IMAGEINDEX_MILVUS_URL"),
-            fx.name
+            fx.name,
+            // The image's model is the test model here (see run_like_the_image); the collection records its name.
+            std::path::Path::new(&env("IMAGEINDEX_MODEL")).file_name().unwrap().to_string_lossy()
         ))
         .unwrap()
     };
