@@ -26,7 +26,7 @@ trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
 wait_for "search server" 60 curl -fsS "http://127.0.0.1:$port/readyz"
 
 # wrk sends one fixed multipart body; its Lua script also tallies the statuses.
-query=$(find "$samples" -name '*.jpg' | sort | head -n1)
+query=$(find "$samples" -name '*.jpg' | sort | sed -n 1p) # sed reads all: no SIGPIPE under pipefail
 lua=$STATE/loadtest.lua
 "$PY" - "$query" "$lua" <<'PYEOF'
 import sys

@@ -27,7 +27,7 @@ port=${PORT:-8080}
 # A token for the mutating routes (upload, delete), kept in the state dir.
 token_file=$STATE/token
 [[ -s $token_file ]] || (umask 077 && head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$token_file")
-query=$(find "$src" -name '*.jpg' 2>/dev/null | head -n1)
+query=$(find "$src" -name '*.jpg' -print -quit) # not | head -n1: under pipefail, find's SIGPIPE (141) would fail the script
 cat <<MSG
 
   Search page: http://127.0.0.1:$port/

@@ -14,5 +14,10 @@ source "$STATE/env"
 source "$STATE/kube.env"
 export IMAGEINDEX_MODEL=$model IMAGEINDEX_PARITY_PHOTOS=$parity
 cd "$ROOT"
+rm -f "$STATE/artifacts/parity.txt" "$STATE/artifacts/cuda.txt"
 cargo test --locked "$@"
+# What the passing tests measured or skipped (cargo captures their output).
+for f in parity.txt cuda.txt; do
+  if [[ -f $STATE/artifacts/$f ]]; then log "$f:"; cat "$STATE/artifacts/$f" >&2; fi
+done
 "$ROOT/hack/browser-test.sh"
