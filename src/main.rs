@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use imageindex::config::{BackendArgs, LimitArgs, ModelArgs, SourceArgs};
 use imageindex::embed::worker::{Backends, Summary, SyncOptions, sync};
 use imageindex::serve::{AppState, ServeConfig};
-use imageindex::store::{Source, SourceConfig};
+use imageindex::store::{Source, SourceConfig, ensure_collection};
 
 #[derive(Parser)]
 #[command(name = "imageindex", version, about = "Turn a bucket of images into a reverse-image-search service")]
@@ -212,8 +212,7 @@ async fn main() -> Result<()> {
             };
             let loaded = model.load()?;
             let (vectors, catalog) = backend.connect(loaded.id()).await?;
-            vectors.ensure_collection(loaded.dim(), Some(loaded.id()), model.allow_mixed_precision).await?;
-            catalog.claim(loaded.id(), model.allow_mixed_precision).await?;
+            ensure_collection(&vectors, &catalog, loaded.dim(), loaded.id(), model.allow_mixed_precision).await?;
             let source = source
                 .map(|url| {
                     Source::open(&SourceConfig {

@@ -213,7 +213,7 @@ async fn pipeline(
     };
     let vectors = async {
         let v = VectorStore::connect(&milvus_cfg).await?;
-        v.ensure_collection(DIM, Some(&model), false).await?;
+        v.ensure_collection(DIM, &model, false).await?;
         anyhow::Ok(v)
     };
     if let Err(e) = within(timeout, vectors).await {

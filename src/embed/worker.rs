@@ -184,9 +184,7 @@ fn record(work: &Work, hash: Option<String>, error: Option<String>) -> Record {
 /// Runs one sync of one shard.
 pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) -> Result<Summary> {
     let Backends { vectors, catalog, .. } = backends;
-    let (dim, id) = (model.dim(), model.id().clone());
-    vectors.ensure_collection(dim, Some(&id), opts.mixed_precision).await?;
-    catalog.claim(&id, opts.mixed_precision).await?;
+    crate::store::ensure_collection(vectors, catalog, model.dim(), model.id(), opts.mixed_precision).await?;
     let run = catalog.start_run(opts.shard, opts.shards).await?;
     let result = sync_inner(backends, model, opts, run).await;
     let _ = match &result {
@@ -289,12 +287,8 @@ async fn sync_inner(
 /// the vectors. What the benchmark sets against the full sync to show what Milvus and MySQL cost.
 /// Returns (embedded, failed).
 pub async fn embed_only(source: &Source, model: Arc<Model>, opts: &SyncOptions) -> Result<(usize, usize)> {
-    let work: Vec<Work> = source
-        .list()
-        .await?
-        .into_iter()
-        .map(|object| Work { id: key_id(&object.key), object, was_indexed: false })
-        .collect();
+    // Everything is new against an empty catalog.
+    let work = plan(source.list().await?, HashMap::new(), 0, 1).new;
     let (tx, mut rx) = mpsc::channel::<Write>(2);
     let pipeline = tokio::spawn(produce(source.clone(), model, work, opts.clone(), tx));
     let (mut embedded, mut failed) = (0, 0);

@@ -249,11 +249,11 @@ pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json
             "drop is disabled; start serve with --allow-drop",
         ));
     }
-    let (dim, id) = (st.model.dim(), st.model.id().clone());
     st.vectors.drop_collection().await.map_err(ApiError::backend)?;
     st.catalog.drop_collection().await.map_err(ApiError::backend)?;
-    st.vectors.ensure_collection(dim, Some(&id), false).await.map_err(ApiError::backend)?;
-    st.catalog.claim(&id, false).await.map_err(ApiError::backend)?;
+    crate::store::ensure_collection(&st.vectors, &st.catalog, st.model.dim(), st.model.id(), false)
+        .await
+        .map_err(ApiError::backend)?;
     Ok(Json(serde_json::json!({ "dropped": st.vectors.collection() })))
 }
 

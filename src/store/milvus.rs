@@ -109,25 +109,20 @@ impl VectorStore {
         self.index
     }
 
-    /// Creates the collection and its index if missing, refuses one whose shape differs, and loads it.
     /// Creates the collection, its index and loads it, or checks that the existing one fits: the
-    /// same vector width and, where `model` is given, vectors of the same model and precision
-    /// (recorded in the collection's description when it is created).
-    pub async fn ensure_collection(&self, dim: usize, model: Option<&ModelId>, mixed_precision: bool) -> Result<()> {
+    /// same vector width and vectors of the same model and precision (recorded in the collection's
+    /// description when it is created; collections made before that record nothing to check).
+    pub async fn ensure_collection(&self, dim: usize, model: &ModelId, mixed_precision: bool) -> Result<()> {
         let name = self.collection.as_str();
-        let check = |recorded: Option<ModelId>| match (model, recorded) {
-            (Some(ours), Some(theirs)) => ours.check(&theirs, mixed_precision, &format!("Milvus collection {name}")),
-            _ => Ok(()),
+        let check = |recorded: Option<ModelId>| match recorded {
+            Some(theirs) => model.check(&theirs, mixed_precision, &format!("Milvus collection {name}")),
+            None => Ok(()),
         };
         if self.exists().await? {
             check(self.check_schema(dim).await?)?;
         } else {
-            let description = match model {
-                Some(m) => format!("{DESCRIPTION}; {MODEL_TAG}{m}"),
-                None => DESCRIPTION.to_string(),
-            };
             let schema = sdk::CollectionSchema::new()
-                .description(description)
+                .description(format!("{DESCRIPTION}; {MODEL_TAG}{model}"))
                 .add_field(sdk::FieldSchema::new().name(ID).data_type(DataType::Int64).primary_key(true).auto_id(false))
                 .add_field(
                     sdk::FieldSchema::new().name(KEY).data_type(DataType::VarChar).max_length(MAX_KEY_LEN as u32),

@@ -10,6 +10,21 @@ pub use source::{Object, Source, SourceConfig};
 
 use sha2::{Digest, Sha256};
 
+use crate::embed::ModelId;
+
+/// The collection ready for vectors of `model`: created or checked in Milvus, and recorded or
+/// checked in the catalog (see `ModelId::check`).
+pub async fn ensure_collection(
+    vectors: &VectorStore,
+    catalog: &Catalog,
+    dim: usize,
+    model: &ModelId,
+    mixed_precision: bool,
+) -> anyhow::Result<()> {
+    vectors.ensure_collection(dim, model, mixed_precision).await?;
+    catalog.claim(model, mixed_precision).await
+}
+
 /// The id of an object key: the first 8 bytes of its SHA-256, as a non-negative i64. The same key
 /// always maps to the same Milvus primary key, so re-indexing replaces rather than duplicates.
 pub fn key_id(key: &str) -> i64 {

@@ -54,6 +54,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// The mean of `vectors`: what the centred cosine takes away from both sides.
+fn mean(vectors: &[Vec<f32>]) -> Vec<f32> {
+    let n = vectors.len() as f32;
+    (0..vectors[0].len()).map(|i| vectors.iter().map(|v| v[i]).sum::<f32>() / n).collect()
+}
+
 fn centred_cosine(a: &[f32], b: &[f32], mean: &[f32]) -> f32 {
     let ca: Vec<f32> = a.iter().zip(mean).map(|(x, m)| x - m).collect();
     let cb: Vec<f32> = b.iter().zip(mean).map(|(x, m)| x - m).collect();
@@ -109,10 +115,7 @@ fn fp16_and_int8_variants_retrieve_like_fp32() {
 
     let fp32 = run(Precision::Fp32, &photos, &queries);
     let n = photos.len() as f32;
-    let mut mean = vec![0.0f32; fp32.photos[0].len()];
-    for v in &fp32.photos {
-        mean.iter_mut().zip(v).for_each(|(m, x)| *m += x / n);
-    }
+    let mean = mean(&fp32.photos);
     let fp32_hits = top_k(&fp32.queries, &fp32.photos, 10);
     let fp32_top1 = top1_rate(&fp32_hits);
     let mut report = format!(
@@ -186,11 +189,7 @@ fn cuda_embeddings_match_the_cpu() {
     assert_eq!(gpu.sessions(), 2, "two batches in flight on a GPU");
     let cpu = Model::load(env("IMAGEINDEX_MODEL").as_ref(), &ModelOptions::default()).unwrap();
     let (on_gpu, on_cpu) = (embed_all(&gpu, &photos), embed_all(&cpu, &photos));
-    let n = photos.len() as f32;
-    let mut mean = vec![0.0f32; on_cpu[0].len()];
-    for v in &on_cpu {
-        mean.iter_mut().zip(v).for_each(|(m, x)| *m += x / n);
-    }
+    let mean = mean(&on_cpu);
     let worst = on_gpu.iter().zip(&on_cpu).map(|(a, b)| centred_cosine(a, b, &mean)).fold(f32::INFINITY, f32::min);
     let line = format!("CUDA vs CPU, {} photos: minimum centred cosine {worst:.5}", photos.len());
     eprintln!("{line}");
