@@ -3,6 +3,8 @@
 # Build: docker build -t ghcr.io/imageindex/imageindex:0.1.0 .      (GPU Jobs: Dockerfile.cuda)
 
 FROM rust:1.95-bookworm AS build
+# cmake and nasm build libjpeg-turbo, which is linked into the binary statically.
+RUN apt-get update && apt-get install -y --no-install-recommends cmake nasm && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry --mount=type=cache,target=/src/target \

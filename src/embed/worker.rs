@@ -9,9 +9,8 @@
 //! reason and never stops the run. A backend failure (Milvus, MySQL, the bucket) does: what was
 //! written stays written, and the next run picks up where this one stopped.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -151,22 +150,30 @@ struct Write {
     records: Vec<Record>,
 }
 
-thread_local! {
-    // Each blocking thread keeps its resizer scratch buffers across images.
-    static PREPROCESSOR: RefCell<Preprocessor> = RefCell::new(Preprocessor::default());
+/// Tensor buffers (600 KB an image) handed back once copied into a batch, so decoding reuses
+/// them instead of allocating. It holds at most what was in flight at once: decoders plus the queue.
+#[derive(Clone, Default)]
+struct TensorPool(Arc<Mutex<Vec<Vec<f32>>>>);
+
+impl TensorPool {
+    fn take(&self) -> Vec<f32> {
+        self.0.lock().expect("pool lock").pop().unwrap_or_else(|| vec![0.0; TENSOR_LEN])
+    }
+
+    fn give(&self, tensor: Vec<f32>) {
+        self.0.lock().expect("pool lock").push(tensor);
+    }
 }
 
-fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits) -> Decoded {
+fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits, pool: &TensorPool) -> Decoded {
     let hash = content_hash(&bytes);
-    let mut tensor = vec![0.0; TENSOR_LEN];
-    let res = PREPROCESSOR.with_borrow_mut(|p| {
-        let img = super::preprocess::decode(&bytes, limits)?;
-        p.tensor_into(img, &mut tensor);
-        Ok::<_, super::DecodeError>(())
-    });
-    match res {
+    let mut tensor = pool.take();
+    match Preprocessor::with_local(|p| p.tensor_into(&bytes, limits, &mut tensor)) {
         Ok(()) => Decoded::Ready { work, hash, tensor },
-        Err(e) => Decoded::Failed { work, hash: Some(hash), error: e.to_string() },
+        Err(e) => {
+            pool.give(tensor);
+            Decoded::Failed { work, hash: Some(hash), error: e.to_string() }
+        }
     }
 }
 
@@ -312,6 +319,8 @@ async fn produce(
     let limits = opts.limits;
     let max_bytes = opts.max_object_bytes;
     let batch_size = opts.batch_size.max(1);
+    let pool = TensorPool::default();
+    let decode_pool = pool.clone();
     let decoded = stream::iter(work)
         .map(move |w| {
             let source = source.clone();
@@ -329,14 +338,17 @@ async fn produce(
             }
         })
         .buffer_unordered(opts.fetch_concurrency.max(1))
-        .map(move |fetched: Result<Option<_>>| async move {
-            Ok::<_, anyhow::Error>(match fetched? {
-                None => None,
-                Some(Err((work, error))) => Some(Decoded::Failed { work, hash: None, error }),
-                Some(Ok((work, bytes))) => {
-                    Some(tokio::task::spawn_blocking(move || decode(work, bytes, limits)).await?)
-                }
-            })
+        .map(move |fetched: Result<Option<_>>| {
+            let pool = decode_pool.clone();
+            async move {
+                Ok::<_, anyhow::Error>(match fetched? {
+                    None => None,
+                    Some(Err((work, error))) => Some(Decoded::Failed { work, hash: None, error }),
+                    Some(Ok((work, bytes))) => {
+                        Some(tokio::task::spawn_blocking(move || decode(work, bytes, limits, &pool)).await?)
+                    }
+                })
+            }
         })
         .buffer_unordered(decoders.max(1));
     // Streams advance only while polled: run fetch + decode as a task of its own, so it keeps
@@ -358,6 +370,9 @@ async fn produce(
     let mut pending = Write::default();
     let mut batch: Vec<(Work, String)> = Vec::with_capacity(batch_size);
     let mut tensors: Vec<f32> = Vec::with_capacity(batch_size * TENSOR_LEN);
+    // Batch inputs come back from the model and are refilled: at batch 256 one is 150 MB, which
+    // the allocator would otherwise map and fault in afresh for every batch.
+    let mut spare_inputs: Vec<Vec<f32>> = Vec::new();
     // Batches in the model at once, one per session (two on a GPU: one copies while the other
     // computes), finished in the order they went in.
     let mut inflight = FuturesOrdered::new();
@@ -373,22 +388,27 @@ async fn produce(
             }
             Some(Decoded::Ready { work, hash, tensor }) => {
                 tensors.extend_from_slice(&tensor);
+                pool.give(tensor);
                 batch.push((work, hash));
             }
         }
         if batch.len() == batch_size || (done && !batch.is_empty()) {
             let n = batch.len();
-            let input = std::mem::replace(&mut tensors, Vec::with_capacity(batch_size * TENSOR_LEN));
+            let next = spare_inputs.pop().unwrap_or_else(|| Vec::with_capacity(batch_size * TENSOR_LEN));
+            let input = std::mem::replace(&mut tensors, next);
             let items = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
             let model = model.clone();
             // The model runs on a blocking thread while the feeder keeps fetching and decoding.
             // (Decoding alongside it measured faster than taking turns, even on a 2-core CPU.)
-            let task = tokio::task::spawn_blocking(move || model.embed(&input, n));
+            let task = tokio::task::spawn_blocking(move || (model.embed(&input, n), input));
             inflight.push_back(async move { (task.await, items) });
         }
         while inflight.len() >= model.sessions() || (done && !inflight.is_empty()) {
-            let Some((embedded, items)) = inflight.next().await else { break };
-            for ((work, hash), v) in items.into_iter().zip(embedded??) {
+            let Some((finished, items)) = inflight.next().await else { break };
+            let (embedded, mut input) = finished?;
+            input.clear();
+            spare_inputs.push(input);
+            for ((work, hash), v) in items.into_iter().zip(embedded?) {
                 pending.records.push(record(&work, Some(hash), None));
                 pending.upsert.push((work.id, work.object.key, v));
             }

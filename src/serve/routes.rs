@@ -97,7 +97,7 @@ async fn embed(st: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
     let started = Instant::now();
     let v = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, ApiError> {
         let _permit = permit; // held until the work is done, even if the request is gone
-        let tensor = Preprocessor::default().from_bytes(&image, limits)?;
+        let tensor = Preprocessor::with_local(|p| p.from_bytes(&image, limits))?;
         let mut v = model.embed(&tensor, 1).map_err(ApiError::internal)?;
         Ok(v.remove(0))
     })

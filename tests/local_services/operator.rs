@@ -110,7 +110,7 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
         .await
         .unwrap();
 
-    // The bucket: the six fixture images and one truncated JPEG.
+    // The bucket: the fixture images and one truncated JPEG.
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut images = vec![];
     for f in std::fs::read_dir(&fixtures).unwrap() {
@@ -122,6 +122,7 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     }
     let rocket = std::fs::read(fixtures.join("rocket.jpg")).unwrap();
     fx.source.put("broken/truncated.jpg", rocket[..rocket.len() / 2].to_vec().into()).await.unwrap();
+    let (good, all) = (images.len() as u64, images.len() as u64 + 1);
 
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
     let secret = |name: &str, data: serde_json::Value| {
@@ -196,7 +197,7 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     })
     .await;
     let status = ii.status.clone().unwrap();
-    assert_eq!((status.images.discovered, status.images.pending), (7, 7));
+    assert_eq!((status.images.discovered, status.images.pending), (all, all));
     assert_eq!(status.endpoint.as_deref(), Some(format!("http://photos-search.{ns}.svc:80").as_str()));
 
     let job = Api::<Job>::namespaced(admin.clone(), &ns).get(status.current_job.as_ref().unwrap()).await.unwrap();
@@ -217,7 +218,7 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
             run_like_the_image(&container, &job_env).env("JOB_COMPLETION_INDEX", index.to_string()).output().unwrap();
         assert!(out.status.success(), "embed failed: {}", String::from_utf8_lossy(&out.stderr));
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!((summary["indexed"].as_u64(), summary["failed"].as_u64()), (Some(6), Some(1)), "{summary}");
+        assert_eq!((summary["indexed"].as_u64(), summary["failed"].as_u64()), (Some(good), Some(1)), "{summary}");
     }
     let now = Timestamp::now().to_string();
     let done = json!({"status": {"startTime": now, "completionTime": now, "succeeded": job_spec.completions,
@@ -255,11 +256,11 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
 
     // Ready, with the catalog's counts.
     let ii = wait_for(&indexes, "photos", "Ready", |ii| {
-        ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Ready) && s.images.indexed == 6)
+        ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Ready) && s.images.indexed == good)
     })
     .await;
     let status = ii.status.clone().unwrap();
-    assert_eq!((status.images.discovered, status.images.failed, status.images.pending), (7, 1, 0));
+    assert_eq!((status.images.discovered, status.images.failed, status.images.pending), (all, 1, 0));
     assert_eq!(status.observed_generation, ii.metadata.generation);
     assert!(status.last_sync_time.is_some() && status.current_job.is_none());
     for t in ["MilvusReady", "CollectionReady", "Indexed", "SearchReady"] {
