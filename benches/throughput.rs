@@ -258,7 +258,8 @@ fn main() -> Result<()> {
 }
 
 /// Images/s of the JPEG decoder alone on one core: ours (libjpeg-turbo) and image-rs's zune-jpeg,
-/// which it replaced. Each decodes the set twice; the second pass counts (warm caches, grown buffers).
+/// which it replaced. Each decodes the set twice and the second pass counts (warm caches); both
+/// allocate their output for every image here.
 fn jpeg_decoders(photos: &[(String, Bytes)]) -> Result<(f64, f64)> {
     let rate = |decode: &dyn Fn(&[u8]) -> Result<()>| -> Result<f64> {
         photos.iter().try_for_each(|(_, b)| decode(b))?;

@@ -89,67 +89,55 @@ fn dct_denominator(short_side: u32) -> u32 {
     [8, 4, 2].into_iter().find(|&d| short_side / d >= RESIZE).unwrap_or(1)
 }
 
-/// The orientation in a JPEG's EXIF segment (APP1, "Exif\0\0" then a TIFF header), if any.
-fn jpeg_orientation(b: &[u8]) -> Orientation {
-    let mut i = 2;
-    // Header segments up to the first scan: 0xFF (maybe repeated), code, big-endian length, payload.
-    while b.get(i) == Some(&0xFF) {
-        while b.get(i + 1) == Some(&0xFF) {
-            i += 1;
-        }
-        let (Some(&code), Some(len)) = (b.get(i + 1), b.get(i + 2..i + 4)) else { break };
-        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-        if code == 0xDA || len < 2 {
-            break;
-        }
-        if code == 0xE1
-            && let Some(tiff) = b.get(i + 4..i + 2 + len).and_then(|p| p.strip_prefix(b"Exif\0\0"))
-        {
-            return Orientation::from_exif_chunk(tiff).unwrap_or(Orientation::NoTransforms);
-        }
-        i += 2 + len;
-    }
-    Orientation::NoTransforms
-}
-
-/// Walks a JPEG's segments and entropy-coded data and says whether it reaches the EOI marker.
-/// Segments are skipped by their length (so an EXIF thumbnail's own EOI is not mistaken for ours);
-/// in entropy-coded data, 0xFF is followed by 0x00 (stuffing) or RSTn unless a marker starts.
-pub fn jpeg_is_complete(b: &[u8]) -> bool {
-    if !b.starts_with(&[0xFF, 0xD8]) {
-        return false;
-    }
-    let mut i = 2;
-    loop {
-        // A marker: one or more 0xFF, then its code.
-        while i < b.len() && b[i] == 0xFF {
-            i += 1;
-        }
-        let Some(&code) = b.get(i) else { return false };
-        i += 1;
-        match code {
-            0xD9 => return true,
-            0x01 | 0xD0..=0xD7 => continue, // no length
-            _ => {}
-        }
-        let Some(len) = b.get(i..i + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else { return false };
-        if len < 2 {
-            return false;
-        }
-        i += len;
-        if code == 0xDA {
-            // Scan data up to the next real marker.
-            loop {
-                let Some(off) = b.get(i..).and_then(|rest| rest.iter().position(|&x| x == 0xFF)) else { return false };
-                i += off;
-                match b.get(i + 1) {
-                    None => return false,
-                    Some(0x00 | 0xD0..=0xD7) => i += 2,
-                    Some(_) => break,
-                }
+/// A JPEG's markers in file order, from just after SOI: (code, payload), the payload empty for
+/// markers without a length (RSTn, TEM, EOI). Segments are skipped by their length (so an EXIF
+/// thumbnail's own EOI is not mistaken for ours); after SOS, the entropy-coded data is skipped up
+/// to the next real marker (there, 0xFF is followed by 0x00 for stuffing, or by RSTn). Ends at EOI,
+/// or where the data runs out or stops making sense.
+fn jpeg_markers(b: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut i = if b.starts_with(&[0xFF, 0xD8]) { 2 } else { b.len() };
+    let mut in_scan = false;
+    std::iter::from_fn(move || {
+        while in_scan {
+            i += b.get(i..)?.iter().position(|&x| x == 0xFF)?;
+            match b.get(i + 1)? {
+                0x00 | 0xD0..=0xD7 => i += 2,
+                _ => in_scan = false,
             }
         }
-    }
+        // A marker: one or more 0xFF, then its code.
+        while b.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let code = *b.get(i)?;
+        i += 1;
+        match code {
+            0xD9 => i = b.len(), // nothing after EOI is ours (motion photos append a video)
+            0x01 | 0xD0..=0xD7 => {}
+            _ => {
+                let len = usize::from(u16::from_be_bytes(b.get(i..i + 2)?.try_into().ok()?));
+                let payload = b.get(i + 2..i + len.checked_sub(2)? + 2)?;
+                i += len;
+                in_scan = code == 0xDA;
+                return Some((code, payload));
+            }
+        }
+        Some((code, &[][..]))
+    })
+}
+
+/// Whether a JPEG's structure reaches the EOI marker (decoders fill what is missing with grey).
+pub fn jpeg_is_complete(b: &[u8]) -> bool {
+    jpeg_markers(b).any(|(code, _)| code == 0xD9)
+}
+
+/// The orientation in a JPEG's EXIF segment (APP1, "Exif\0\0" then a TIFF header), if any.
+fn jpeg_orientation(b: &[u8]) -> Orientation {
+    jpeg_markers(b)
+        .take_while(|&(code, _)| code != 0xDA)
+        .find_map(|(code, payload)| if code == 0xE1 { payload.strip_prefix(b"Exif\0\0") } else { None })
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms)
 }
 
 /// torchvision's `Resize(256)` output size: the shorter side becomes 256, the longer one
@@ -218,13 +206,18 @@ impl Preprocessor {
         let (width, height) = decoder.dimensions();
         check_size(width, height, limits)?;
         let orientation = decoder.orientation().map_err(corrupt)?;
-        let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+        let img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+        Ok(self.keep_upright(img, orientation))
+    }
+
+    /// Turns `img` upright into `self.rgb` as RGB8 (PIL's convert("RGB"): alpha dropped, grey
+    /// replicated); returns the size.
+    fn keep_upright(&mut self, mut img: DynamicImage, orientation: Orientation) -> (u32, u32) {
         img.apply_orientation(orientation);
-        // PIL's convert("RGB"): alpha dropped, grey replicated.
         let rgb = img.into_rgb8();
         let size = rgb.dimensions();
         self.rgb = rgb.into_raw();
-        Ok(size)
+        size
     }
 
     /// A JPEG through libjpeg-turbo, at a DCT scale with `fast_jpeg`. None for what it cannot
@@ -247,12 +240,7 @@ impl Preprocessor {
             return Ok(Some((w, h)));
         }
         let stored = RgbImage::from_raw(w, h, std::mem::take(&mut self.rgb)).expect("decoded w x h x 3 bytes");
-        let mut img = DynamicImage::ImageRgb8(stored);
-        img.apply_orientation(orientation);
-        let upright = img.into_rgb8();
-        let size = upright.dimensions();
-        self.rgb = upright.into_raw();
-        Ok(Some(size))
+        Ok(Some(self.keep_upright(DynamicImage::ImageRgb8(stored), orientation)))
     }
 
     /// Bytes -> normalised CHW tensor, written into `out` (`TENSOR_LEN` floats).
