@@ -26,9 +26,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
-use imageindex::embed::worker::{Backends, SyncOptions, embed_only, sync};
-use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Precision, Preprocessor};
-use imageindex::store::{Catalog, IndexKind, MilvusConfig, Source, SourceConfig, VectorStore};
+use imageindex::core::{IndexKind, Precision};
+use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Preprocessor};
+use imageindex::store::{Index, MilvusConfig, Source, SourceConfig};
+use imageindex::sync::{Backends, SyncOptions, embed_only, sync};
 
 fn env(name: &str) -> Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run the benchmark through hack/bench.sh"))
@@ -132,7 +133,7 @@ fn main() -> Result<()> {
     let model_path = env("IMAGEINDEX_MODEL")?;
     let opts = ModelOptions { device, precision, spinning, ..Default::default() };
     let model = Arc::new(Model::load(model_path.as_ref(), &opts)?);
-    let cores = imageindex::embed::model::available_cores();
+    let cores = imageindex::embed::available_cores();
     let dims = image::load_from_memory(&photos[0].1)?;
     let mean_kib = photos.iter().map(|(_, b)| b.len()).sum::<usize>() as f64 / n as f64 / 1024.0;
     println!(
@@ -316,16 +317,11 @@ async fn pipeline(source: &Source, model: Arc<Model>, batch: usize, writes: bool
         collection: name.clone(),
         index: IndexKind::Hnsw,
     };
-    let id = model.id().to_string();
-    let backends = Backends {
-        source: source.clone(),
-        vectors: VectorStore::connect(&milvus).await?,
-        catalog: Catalog::connect(&env("IMAGEINDEX_MYSQL_URL")?, &name, &id).await?,
-    };
+    let index = Index::connect(&milvus, &env("IMAGEINDEX_MYSQL_URL")?, model.id()).await?;
+    let backends = Backends { source: source.clone(), index };
     let summary = sync(&backends, model, &opts).await?;
     anyhow::ensure!(summary.failed == 0, "{} photos failed", summary.failed);
-    backends.vectors.drop_collection().await?;
-    backends.catalog.drop_collection().await?;
+    backends.index.drop().await?;
     Ok(summary.images_per_second())
 }
 
@@ -340,7 +336,8 @@ fn fast_jpeg(dir: &Path, model: &Model) -> Result<()> {
         let t = Instant::now();
         let tensors: Vec<Vec<f32>> = photos.iter().map(|(_, b)| pre.from_bytes(b, limits)).collect::<Result<_, _>>()?;
         let rate = photos.len() as f64 / t.elapsed().as_secs_f64();
-        let vectors = tensors.iter().map(|t| model.embed(t, 1).map(|mut v| v.remove(0))).collect::<Result<_>>()?;
+        let vectors =
+            tensors.iter().map(|t| model.embed(t, 1).map(|mut v| v.remove(0))).collect::<Result<Vec<_>, _>>()?;
         Ok((rate, vectors))
     };
     let (exact_rate, exact) = run(false)?;

@@ -7,26 +7,27 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::embed::model::GpuOptions;
-use crate::embed::{DecodeLimits, Device, Model, ModelId, ModelOptions, Precision};
-use crate::store::{Catalog, IndexKind, MilvusConfig, VectorStore};
+use crate::core::{IndexKind, ModelId, Precision};
+use crate::embed::{DecodeLimits, Device, GpuOptions, Model, ModelOptions};
+use crate::env;
+use crate::store::{Index, MilvusConfig, Source, SourceConfig};
 
 #[derive(Args, Clone, Debug)]
 pub struct BackendArgs {
     /// Milvus gRPC address.
-    #[arg(long, env = "IMAGEINDEX_MILVUS_URL", default_value = "http://127.0.0.1:19530")]
+    #[arg(long, env = env::MILVUS_URL, default_value = "http://127.0.0.1:19530")]
     pub milvus_url: String,
     /// Milvus credentials, `user:password`, where authentication is on.
-    #[arg(long, env = "IMAGEINDEX_MILVUS_TOKEN", hide_env_values = true)]
+    #[arg(long, env = env::MILVUS_TOKEN, hide_env_values = true)]
     pub milvus_token: Option<String>,
     /// Milvus collection (also the catalog's namespace in MySQL).
-    #[arg(long, env = "IMAGEINDEX_COLLECTION", default_value = "imageindex")]
+    #[arg(long, env = env::COLLECTION, default_value = "imageindex")]
     pub collection: String,
     /// Vector index: HNSW with cosine similarity, or IVF_FLAT with L2 distance.
-    #[arg(long, env = "IMAGEINDEX_INDEX_TYPE", value_enum, default_value = "HNSW")]
+    #[arg(long, env = env::INDEX_TYPE, value_enum, default_value = "HNSW")]
     pub index_type: IndexKind,
     /// MySQL catalog, `mysql://user:password@host:3306/db`.
-    #[arg(long, env = "IMAGEINDEX_MYSQL_URL", hide_env_values = true)]
+    #[arg(long, env = env::MYSQL_URL, hide_env_values = true)]
     pub mysql_url: String,
 }
 
@@ -41,58 +42,56 @@ impl BackendArgs {
     }
 
     /// Connects to Milvus and the catalog for vectors of `model`.
-    pub async fn connect(&self, model: &ModelId) -> Result<(VectorStore, Catalog)> {
-        let vectors = VectorStore::connect(&self.milvus()).await?;
-        let catalog = Catalog::connect(&self.mysql_url, &self.collection, &model.to_string()).await?;
-        Ok((vectors, catalog))
+    pub async fn connect(&self, model: &ModelId) -> Result<Index> {
+        Ok(Index::connect(&self.milvus(), &self.mysql_url, model).await?)
     }
 }
 
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
     /// ResNet50 feature extractor as ONNX (input [N,3,224,224], output [N,2048]).
-    #[arg(long, env = "IMAGEINDEX_MODEL")]
+    #[arg(long, env = env::MODEL)]
     pub model: PathBuf,
-    #[arg(long, env = "IMAGEINDEX_DEVICE", value_enum, default_value = "cpu")]
+    #[arg(long, env = env::DEVICE, value_enum, default_value = "cpu")]
     pub device: Device,
     /// Model precision: fp32 (the --model file), or the fp16/int8 variant beside it
     /// (`<stem>.<precision>.onnx`, made by hack/quantize.py).
-    #[arg(long, env = "IMAGEINDEX_PRECISION", value_enum, default_value = "fp32")]
+    #[arg(long, env = env::PRECISION, value_enum, default_value = "fp32")]
     pub precision: Precision,
     /// Let vectors of another precision of the same model into a collection (only where the parity
     /// check shows they retrieve alike).
-    #[arg(long, env = "IMAGEINDEX_ALLOW_MIXED_PRECISION")]
+    #[arg(long, env = env::ALLOW_MIXED_PRECISION)]
     pub allow_mixed_precision: bool,
     /// Inference threads; 0 = every core this process may use.
-    #[arg(long, env = "IMAGEINDEX_THREADS", default_value_t = 0)]
+    #[arg(long, env = env::THREADS, default_value_t = 0)]
     pub threads: usize,
     /// ONNX Runtime shared library (`libonnxruntime.so`).
-    #[arg(long, env = "ORT_DYLIB_PATH")]
+    #[arg(long, env = env::ORT_LIB)]
     pub ort_lib: Option<PathBuf>,
     /// Let idle inference threads spin (true/false); off yields cores to decoding and I/O.
-    #[arg(long, env = "IMAGEINDEX_ORT_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = env::ORT_SPINNING, default_value_t = true, action = clap::ArgAction::Set)]
     pub ort_spinning: bool,
     /// Model sessions, i.e. batches in the model at once; 0 = 1 on a CPU, 2 on a GPU.
-    #[arg(long, env = "IMAGEINDEX_SESSIONS", default_value_t = 0)]
+    #[arg(long, env = env::SESSIONS, default_value_t = 0)]
     pub sessions: usize,
     /// CUDA: which GPU.
-    #[arg(long, env = "IMAGEINDEX_GPU_ID", default_value_t = 0)]
+    #[arg(long, env = env::GPU_ID, default_value_t = 0)]
     pub gpu_id: i32,
     /// CUDA: bound of the GPU memory arena in MiB; 0 = no bound.
-    #[arg(long, env = "IMAGEINDEX_GPU_MEMORY_MIB", default_value_t = 0)]
+    #[arg(long, env = env::GPU_MEMORY_MIB, default_value_t = 0)]
     pub gpu_memory_mib: usize,
     /// CUDA: NHWC convolution kernels (true/false).
-    #[arg(long, env = "IMAGEINDEX_CUDA_NHWC", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = env::CUDA_NHWC, default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_nhwc: bool,
     /// CUDA: cuDNN's largest workspace for the fastest convolution algorithms (true/false).
-    #[arg(long, env = "IMAGEINDEX_CUDA_MAX_WORKSPACE", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = env::CUDA_MAX_WORKSPACE, default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_max_workspace: bool,
     /// CUDA: TF32 tensor-core math for fp32 (true/false).
-    #[arg(long, env = "IMAGEINDEX_CUDA_TF32", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = env::CUDA_TF32, default_value_t = true, action = clap::ArgAction::Set)]
     pub cuda_tf32: bool,
     /// TensorRT engine and timing cache directory; TensorRT is used (before CUDA) when set and its
     /// libraries (libnvinfer) are on the library path.
-    #[arg(long, env = "IMAGEINDEX_TRT_CACHE")]
+    #[arg(long, env = env::TRT_CACHE)]
     pub trt_cache: Option<PathBuf>,
 }
 
@@ -114,7 +113,7 @@ impl ModelArgs {
                 tensorrt_cache: self.trt_cache.clone(),
             },
         };
-        Model::load(&self.model, &opts)
+        Ok(Model::load(&self.model, &opts)?)
     }
 }
 
@@ -122,29 +121,38 @@ impl ModelArgs {
 pub struct SourceArgs {
     /// S3-compatible endpoint for s3:// URLs (MinIO, SeaweedFS...). Credentials come from
     /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
-    #[arg(long, env = "IMAGEINDEX_S3_ENDPOINT")]
+    #[arg(long, env = env::S3_ENDPOINT)]
     pub s3_endpoint: Option<String>,
     /// Include globs, comma-separated (default: jpg, jpeg, png, webp anywhere).
-    #[arg(long, env = "IMAGEINDEX_INCLUDE", value_delimiter = ',')]
+    #[arg(long, env = env::INCLUDE, value_delimiter = ',')]
     pub include: Vec<String>,
 }
 
 #[derive(Args, Clone, Debug)]
 pub struct LimitArgs {
     /// Most pixels a decoded image may have; larger ones are refused before decoding.
-    #[arg(long, env = "IMAGEINDEX_MAX_PIXELS", default_value_t = 64_000_000)]
+    #[arg(long, env = env::MAX_PIXELS, default_value_t = 64_000_000)]
     pub max_pixels: u64,
     /// Largest object (bytes) fetched for indexing.
-    #[arg(long, env = "IMAGEINDEX_MAX_OBJECT_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = env::MAX_OBJECT_BYTES, default_value_t = 64 << 20)]
     pub max_object_bytes: u64,
     /// Decode JPEGs of at least 512 px on the shorter side at reduced scale in the DCT domain:
     /// several times less decode work for large photos, embeddings slightly off the exact path's.
-    #[arg(long, env = "IMAGEINDEX_FAST_JPEG")]
+    #[arg(long, env = env::FAST_JPEG)]
     pub fast_jpeg: bool,
 }
 
 impl LimitArgs {
     pub fn decode(&self) -> DecodeLimits {
         DecodeLimits { max_pixels: self.max_pixels, fast_jpeg: self.fast_jpeg }
+    }
+}
+
+impl SourceArgs {
+    /// The source at `url`, with these settings; credentials from the environment.
+    pub fn open(&self, url: String) -> Result<Source> {
+        let config =
+            SourceConfig { url, endpoint: self.s3_endpoint.clone(), include: self.include.clone(), credentials: None };
+        Ok(Source::open(&config)?)
     }
 }

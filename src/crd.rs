@@ -16,7 +16,7 @@ use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::embed::Precision;
+use crate::core::{IndexKind, Precision};
 
 /// A bucket of images turned into a reverse-image-search service.
 // The printer columns repeat `type_ = ...` by design.
@@ -121,25 +121,7 @@ pub struct MilvusRef {
 pub struct IndexSpec {
     /// HNSW searches by cosine similarity; IVF_FLAT (the Milvus bootcamp's) by L2 distance.
     #[serde(default, rename = "type")]
-    pub kind: IndexType,
-}
-
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub enum IndexType {
-    #[default]
-    #[serde(rename = "HNSW")]
-    Hnsw,
-    #[serde(rename = "IVF_FLAT")]
-    IvfFlat,
-}
-
-impl From<IndexType> for crate::store::IndexKind {
-    fn from(t: IndexType) -> Self {
-        match t {
-            IndexType::Hnsw => Self::Hnsw,
-            IndexType::IvfFlat => Self::IvfFlat,
-        }
-    }
+    pub kind: IndexKind,
 }
 
 /// The MySQL catalog.

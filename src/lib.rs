@@ -1,12 +1,23 @@
 //! imageindex: a bucket of images turned into a reverse-image-search service.
-//! `embed` turns images into vectors, `store` keeps them (Milvus, MySQL catalog, the bucket),
-//! `serve` answers searches, `controller` (the operator) schedules all of it on Kubernetes.
+//!
+//! Dependencies point one way, down this list:
+//! - `cli` parses the command line and runs a role's command.
+//! - The roles: `controller` (the operator) schedules everything on Kubernetes; `serve` answers
+//!   searches; `sync` keeps a collection in step with its bucket. They use the leaves and `config`.
+//! - `config` (the flags the data-plane commands share), `crd` (the ImageIndex resource).
+//! - The leaves: `embed` turns image bytes into vectors; `store` keeps them (Milvus, the MySQL
+//!   catalog, the bucket). Neither uses the other.
+//! - `core` (model identity, index kind) and `env` (variable names): used by all, using nothing.
+pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod core;
 pub mod crd;
 pub mod embed;
+pub mod env;
 pub mod serve;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 
 /// Picks rustls's process-wide crypto provider. Dependencies enable both `ring` and `aws-lc-rs`,

@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
 use crate::crd::{ImageIndex, SecretKeyRef};
+use crate::env;
 
 /// Set on everything the operator creates; `INSTANCE` names the ImageIndex.
 pub const INSTANCE: &str = "app.kubernetes.io/instance";
@@ -41,6 +42,11 @@ pub struct Resolved {
     pub default_image: String,
     /// Indexed completion mode (Kubernetes 1.24+). Without it, one pod embeds every shard.
     pub indexed_jobs: bool,
+}
+
+/// Selects the ImageIndex's embedding Jobs.
+pub fn embed_selector(ii: &ImageIndex) -> String {
+    format!("{INSTANCE}={},{COMPONENT}=embed", ii.metadata.name.as_deref().unwrap_or_default())
 }
 
 pub fn search_name(ii: &ImageIndex) -> String {
@@ -105,24 +111,21 @@ fn common_env(ii: &ImageIndex, r: &Resolved) -> Vec<EnvVar> {
     let spec = &ii.spec;
     let (model, _) = model_location(&spec.embedding.model_uri);
     let mut e = vec![
-        var("IMAGEINDEX_SOURCE", &spec.source.url),
-        var("IMAGEINDEX_INCLUDE", spec.source.include.join(",")),
-        var("IMAGEINDEX_MILVUS_URL", &r.milvus_url),
-        var("IMAGEINDEX_COLLECTION", &r.collection),
-        var(
-            "IMAGEINDEX_INDEX_TYPE",
-            if spec.milvus.index.kind == crate::crd::IndexType::Hnsw { "HNSW" } else { "IVF_FLAT" },
-        ),
-        secret_env("IMAGEINDEX_MYSQL_URL", &spec.mysql.secret_ref),
-        var("IMAGEINDEX_MODEL", model),
-        var("IMAGEINDEX_PRECISION", spec.embedding.precision.to_string()),
-        var("RUST_LOG", "info"),
+        var(env::SOURCE, &spec.source.url),
+        var(env::INCLUDE, spec.source.include.join(",")),
+        var(env::MILVUS_URL, &r.milvus_url),
+        var(env::COLLECTION, &r.collection),
+        var(env::INDEX_TYPE, spec.milvus.index.kind.as_str()),
+        secret_env(env::MYSQL_URL, &spec.mysql.secret_ref),
+        var(env::MODEL, model),
+        var(env::PRECISION, spec.embedding.precision.to_string()),
+        var(env::LOG, "info"),
     ];
     if let Some(ep) = &spec.source.endpoint {
-        e.push(var("IMAGEINDEX_S3_ENDPOINT", ep));
+        e.push(var(env::S3_ENDPOINT, ep));
     }
     if let Some(t) = &spec.milvus.credentials_secret_ref {
-        e.push(secret_env("IMAGEINDEX_MILVUS_TOKEN", t));
+        e.push(secret_env(env::MILVUS_TOKEN, t));
     }
     e
 }
@@ -229,13 +232,13 @@ pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
     let (mut volumes, mut mounts) = volumes(ii);
     let mut env = common_env(ii, r);
     env.extend([
-        var("IMAGEINDEX_SHARDS", shards.to_string()),
-        var("IMAGEINDEX_BATCH_SIZE", spec.batch_size.to_string()),
-        var("IMAGEINDEX_DEVICE", if gpu { "cuda" } else { "cpu" }),
+        var(env::SHARDS, shards.to_string()),
+        var(env::BATCH_SIZE, spec.batch_size.to_string()),
+        var(env::DEVICE, if gpu { "cuda" } else { "cpu" }),
     ]);
     if gpu {
         // TensorRT's engines (used where the image has its libraries), kept on a claim if given.
-        env.push(var("IMAGEINDEX_TRT_CACHE", TRT_CACHE));
+        env.push(var(env::TRT_CACHE, TRT_CACHE));
         volumes.push(Volume {
             name: "trt-cache".into(),
             persistent_volume_claim: spec
@@ -290,7 +293,7 @@ pub fn search_deployment(ii: &ImageIndex, r: &Resolved) -> Deployment {
     let search = &ii.spec.search;
     let (mut volumes, mut mounts) = volumes(ii);
     let mut env = common_env(ii, r);
-    env.push(var("IMAGEINDEX_LISTEN", format!("0.0.0.0:{HTTP_PORT}")));
+    env.push(var(env::LISTEN, format!("0.0.0.0:{HTTP_PORT}")));
     if let Some(t) = &search.token_secret_ref {
         volumes.push(Volume {
             name: "token".into(),
@@ -311,7 +314,7 @@ pub fn search_deployment(ii: &ImageIndex, r: &Resolved) -> Deployment {
             read_only: Some(true),
             ..Default::default()
         });
-        env.push(var("IMAGEINDEX_TOKEN_FILE", format!("{TOKEN_DIR}/token")));
+        env.push(var(env::TOKEN_FILE, format!("{TOKEN_DIR}/token")));
     }
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -515,6 +518,26 @@ mod tests {
         // The selector must match the template's labels, or the apiserver refuses the Deployment.
         let tpl = spec.template.metadata.unwrap().labels.unwrap();
         assert!(spec.selector.match_labels.unwrap().iter().all(|(k, v)| tpl.get(k) == Some(v)));
+    }
+
+    #[test]
+    fn every_variable_the_pods_get_is_one_the_binary_reads() {
+        let mut ii = sample(
+            "  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n  search: {tokenSecretRef: {name: api, key: token}}\n",
+        );
+        ii.spec.milvus.credentials_secret_ref = Some(SecretKeyRef { name: "milvus".into(), key: "token".into() });
+        let reads = crate::cli::Args::env_vars();
+        let job = embed_job(&ii, &resolved(true), "j").spec.unwrap().template;
+        let search = search_deployment(&ii, &resolved(true)).spec.unwrap().template;
+        let mut set = 0;
+        for pod in [job, search] {
+            for e in pod.spec.unwrap().containers[0].env.clone().unwrap() {
+                assert!(reads.contains(&e.name) || e.name == env::LOG, "pods get {} but no flag reads it", e.name);
+                set += 1;
+            }
+        }
+        assert!(set > 20, "only {set} variables checked");
+        assert!(reads.contains(env::SHARD) && reads.contains(env::MODEL), "{reads:?}");
     }
 
     #[test]

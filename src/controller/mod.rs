@@ -4,6 +4,7 @@
 //! pipeline against the API; this file wires watches, leader election and `/metrics`.
 
 pub mod builders;
+pub mod cli;
 pub mod metrics;
 pub mod reconcile;
 pub mod status;

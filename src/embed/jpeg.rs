@@ -14,6 +14,16 @@ use turbojpeg_sys as tj;
 /// (libjpeg-turbo's advice for untrusted input). Real encoders write about ten.
 const SCAN_LIMIT: i32 = 500;
 
+/// Why libjpeg-turbo would not decode a file.
+#[derive(Debug, thiserror::Error)]
+pub enum JpegError {
+    #[error("TurboJPEG could not be initialised")]
+    Init,
+    /// A fatal error (warnings pass); libjpeg-turbo's own message.
+    #[error("{0}")]
+    Fatal(String),
+}
+
 /// What the header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -36,10 +46,10 @@ impl Drop for Decoder {
 }
 
 impl Decoder {
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, JpegError> {
         let handle = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as i32) };
         if handle.is_null() {
-            return Err("TurboJPEG could not be initialised".into());
+            return Err(JpegError::Init);
         }
         let d = Self(handle);
         d.check(unsafe { tj::tj3Set(d.0, tj::TJPARAM_TJPARAM_SCANLIMIT as i32, SCAN_LIMIT) })?;
@@ -47,14 +57,14 @@ impl Decoder {
     }
 
     /// Ok unless `status` reports a fatal error. Warnings (corrupt but decodable data) pass, as in PIL.
-    fn check(&self, status: i32) -> Result<(), String> {
+    fn check(&self, status: i32) -> Result<(), JpegError> {
         if status == 0 || unsafe { tj::tj3GetErrorCode(self.0) } == tj::TJERR_TJERR_WARNING as i32 {
             return Ok(());
         }
-        Err(unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned())
+        Err(JpegError::Fatal(unsafe { CStr::from_ptr(tj::tj3GetErrorStr(self.0)) }.to_string_lossy().into_owned()))
     }
 
-    pub fn header(&mut self, jpeg: &[u8]) -> Result<Header, String> {
+    pub fn header(&mut self, jpeg: &[u8]) -> Result<Header, JpegError> {
         self.check(unsafe { tj::tj3DecompressHeader(self.0, jpeg.as_ptr(), jpeg.len() as _) })?;
         let get = |param: tj::TJPARAM| unsafe { tj::tj3Get(self.0, param as i32) };
         let (width, height) = (get(tj::TJPARAM_TJPARAM_JPEGWIDTH), get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
@@ -69,7 +79,7 @@ impl Decoder {
 
     /// Decodes to packed RGB8 in `out` (resized to fit, its capacity kept between images), at
     /// 1/`denom` scale (1, 2, 4 or 8). Returns the decoded size.
-    pub fn decode_rgb(&mut self, jpeg: &[u8], denom: u32, out: &mut Vec<u8>) -> Result<(u32, u32), String> {
+    pub fn decode_rgb(&mut self, jpeg: &[u8], denom: u32, out: &mut Vec<u8>) -> Result<(u32, u32), JpegError> {
         // The output size comes from these very bytes' header, so the buffer always fits.
         let header = self.header(jpeg)?;
         let scale = tj::tjscalingfactor { num: 1, denom: denom as i32 };

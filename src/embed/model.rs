@@ -7,15 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use anyhow::{Context, Result, bail};
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, builder::GraphOptimizationLevel};
 use ort::value::{Tensor, TensorRef};
-use schemars::JsonSchema;
 
 use super::preprocess::{CROP, TENSOR_LEN};
+use crate::core::{ModelId, Precision};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -30,92 +29,30 @@ pub enum Device {
     Cuda,
 }
 
-/// Numeric precision of the model's arithmetic. Lower precisions are separate ONNX files made
-/// from the fp32 one by `hack/quantize.py`, stamped with `imageindex.precision` metadata.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize, JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    /// Half precision, for GPUs (tensor cores); slow on CPUs.
-    Fp16,
-    /// Static int8 quantization (QDQ, per-channel weights), for CPUs.
-    Int8,
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp16 => "fp16",
-            Precision::Int8 => "int8",
-        })
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        <Self as clap::ValueEnum>::from_str(s, true)
-    }
-}
-
-/// Which vectors a model makes: the fp32 model it comes from (by file name) and its precision.
-/// Recorded with the collection in Milvus and the catalog, and checked before anything is written,
-/// because vectors of different models never compare, and of different precisions only as well as
-/// the parity check says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelId {
-    pub model: String,
-    pub precision: Precision,
-}
-
-impl std::fmt::Display for ModelId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.model, self.precision)
-    }
-}
-
-impl std::str::FromStr for ModelId {
-    type Err = String;
-    /// `resnet50.onnx@int8`; a bare name (rows written before precisions existed) is fp32.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (model, precision) = match s.rsplit_once('@') {
-            Some((m, p)) => (m, p.parse()?),
-            None => (s, Precision::Fp32),
-        };
-        Ok(Self { model: model.to_string(), precision })
-    }
-}
-
-impl ModelId {
-    /// May vectors from `self` go where `recorded` ones are? `what` names the place, for the message.
-    pub fn check(&self, recorded: &ModelId, mixed_precision: bool, what: &str) -> Result<(), ModelMismatch> {
-        if recorded.model != self.model {
-            return Err(ModelMismatch(format!(
-                "{what} holds vectors of model {}, but this model is {}: vectors of different models do not \
-                 compare; use another collection",
-                recorded.model, self.model
-            )));
-        }
-        if recorded.precision != self.precision && !mixed_precision {
-            return Err(ModelMismatch(format!(
-                "{what} holds {} vectors of {}, but this model makes {} ones: precisions do not mix unless \
-                 the parity check says they agree (README, \"Precision\"); use --precision {} or another \
-                 collection, or --allow-mixed-precision",
-                recorded.precision, recorded.model, self.precision, recorded.precision
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Vectors of one model or precision about to go where another's are.
+/// Why a model cannot load or run.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ModelMismatch(pub String);
+pub enum ModelError {
+    /// The runtime library, the model file or its metadata cannot be used as given; the message
+    /// says what to do.
+    #[error("{0}")]
+    Setup(String),
+    /// ONNX Runtime failed at `what`.
+    #[error("{what}: {error}")]
+    Runtime { what: String, error: ort::Error },
+}
+
+impl From<ort::Error> for ModelError {
+    fn from(error: ort::Error) -> Self {
+        Self::Runtime { what: "ONNX Runtime".into(), error }
+    }
+}
+
+type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// `bail!` for setup errors.
+macro_rules! setup {
+    ($($arg:tt)*) => { return Err(ModelError::Setup(format!($($arg)*))) };
+}
 
 /// The file for `precision`: `model` itself when its name says nothing else, or the sibling
 /// `<stem>.<precision>.onnx` that `hack/quantize.py` writes.
@@ -166,7 +103,8 @@ impl Default for ModelOptions {
     }
 }
 
-/// CUDA provider settings that matter for a convolution net (see DESIGN.md, "Embedding speed").
+/// CUDA provider settings that matter for a convolution net: each is a flag (`--cuda-*`) so the
+/// benchmark can A/B it per GPU; public ONNX Runtime issues report ResNet regressions with some.
 #[derive(Clone, Debug)]
 pub struct GpuOptions {
     pub device_id: i32,
@@ -236,7 +174,7 @@ fn runtime(lib: Option<&Path>) -> Result<Environment> {
                 .map_err(|e| e.to_string())
         })
         .clone()
-        .map_err(anyhow::Error::msg)
+        .map_err(ModelError::Setup)
 }
 
 /// Cores this process may use: the cgroup CPU quota where there is one (a pod's limit), not the host's count.
@@ -258,7 +196,7 @@ impl Model {
         let env = runtime(opts.ort_lib.as_deref())?;
         let path = &variant_path(model, opts.precision);
         if !path.exists() && path != model {
-            bail!(
+            setup!(
                 "no {} variant of {} ({} does not exist): make one with hack/quantize.py {} --precision {} -o {}",
                 opts.precision,
                 model.display(),
@@ -269,7 +207,7 @@ impl Model {
             );
         }
         if !path.exists() {
-            bail!(
+            setup!(
                 "model file {} does not exist (hack/make-test-model.py or hack/export-resnet50.py make one)",
                 path.display()
             );
@@ -289,19 +227,20 @@ impl Model {
         };
         let slots = (0..sessions).map(|_| Self::session(&env, path, device, opts)).collect::<Result<Vec<_>>>()?;
         let session = &slots[0].session;
-        let input = session.inputs().first().context("model has no input")?.name().to_string();
-        let output = session.outputs().first().context("model has no output")?.name().to_string();
+        let no = |what: &str| ModelError::Setup(format!("model {} has no {what}", path.display()));
+        let input = session.inputs().first().ok_or_else(|| no("input"))?.name().to_string();
+        let output = session.outputs().first().ok_or_else(|| no("output"))?.name().to_string();
         let id = {
             let meta = session.metadata()?;
             let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let precision = match meta.custom("imageindex.precision") {
-                Some(p) => p.parse().map_err(anyhow::Error::msg).context("imageindex.precision metadata")?,
+                Some(p) => p.parse().map_err(|e| ModelError::Setup(format!("imageindex.precision metadata: {e}")))?,
                 None => Precision::Fp32,
             };
             ModelId { model: meta.custom("imageindex.source").unwrap_or(file), precision }
         };
         if id.precision != opts.precision {
-            bail!(
+            setup!(
                 "{} is a {} model (its imageindex.precision metadata says so): run with --precision {}",
                 path.display(),
                 id.precision,
@@ -312,7 +251,9 @@ impl Model {
         let mut model = Self { slots, next: AtomicUsize::new(0), input, output, dim: 0, id, device };
         // One dummy image per session tells us the output width and warms the kernels up.
         for _ in 0..sessions {
-            let probe = model.run(&vec![0.0; TENSOR_LEN], 1).context("model does not accept [1,3,224,224]")?;
+            let probe = model.run(&vec![0.0; TENSOR_LEN], 1).map_err(|e| {
+                ModelError::Setup(format!("model {} does not accept [1,3,224,224]: {e}", path.display()))
+            })?;
             model.dim = probe.len();
         }
         Ok(model)
@@ -354,12 +295,14 @@ impl Model {
                 cuda = cuda.with_memory_limit(g.memory_limit);
             }
             eps.push(cuda.build().error_on_failure());
-            builder = builder
-                .with_execution_providers(eps)
-                .map_err(ort::Error::<()>::from)
-                .context("registering the CUDA execution provider (is onnxruntime-gpu's library loaded?)")?;
+            builder = builder.with_execution_providers(eps).map_err(|e| ModelError::Runtime {
+                what: "registering the CUDA execution provider (is onnxruntime-gpu's library loaded?)".into(),
+                error: e.into(),
+            })?;
         }
-        let session = builder.commit_from_file(path).with_context(|| format!("loading model {}", path.display()))?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|error| ModelError::Runtime { what: format!("loading model {}", path.display()), error })?;
         let pinned = if device == Device::Cuda {
             let host = |kind| MemoryInfo::new(AllocationDevice::CUDA_PINNED, 0, AllocatorType::Device, kind);
             Some(Pinned {
@@ -400,9 +343,10 @@ impl Model {
         assert_eq!(batch.len(), n * TENSOR_LEN, "batch buffer does not hold {n} images");
         let len = self.slots.len();
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % len;
-        let mut slot = (0..len)
-            .find_map(|k| self.slots[(turn + k) % len].try_lock().ok())
-            .map_or_else(|| self.slots[turn].lock().map_err(|_| anyhow::anyhow!("a model session panicked")), Ok)?;
+        let mut slot = (0..len).find_map(|k| self.slots[(turn + k) % len].try_lock().ok()).map_or_else(
+            || self.slots[turn].lock().map_err(|_| ModelError::Setup("a model session panicked".into())),
+            Ok,
+        )?;
         let Slot { session, pinned } = &mut *slot;
         let c = CROP as usize;
         let outputs = match pinned {
@@ -425,7 +369,7 @@ impl Model {
         };
         let (shape, data) = outputs[0].try_extract_tensor::<f32>()?;
         if shape.len() != 2 || shape[0] as usize != n {
-            bail!("model output has shape {shape:?}, expected [{n}, D]");
+            setup!("model output has shape {shape:?}, expected [{n}, D]");
         }
         Ok(data.to_vec())
     }
@@ -455,23 +399,5 @@ mod tests {
         assert_eq!(variant_path(m, Precision::Int8), Path::new("/models/resnet50.int8.onnx"));
         let given = Path::new("/models/resnet50.fp16.onnx");
         assert_eq!(variant_path(given, Precision::Fp16), given, "a variant named directly is used as is");
-    }
-
-    #[test]
-    fn model_ids_round_trip_and_mismatches_are_refused() {
-        let int8: ModelId = "resnet50.onnx@int8".parse().unwrap();
-        assert_eq!(int8, ModelId { model: "resnet50.onnx".into(), precision: Precision::Int8 });
-        assert_eq!(int8.to_string(), "resnet50.onnx@int8");
-        let legacy: ModelId = "resnet50.onnx".parse().unwrap();
-        assert_eq!(legacy.precision, Precision::Fp32);
-        assert!("resnet50.onnx@int4".parse::<ModelId>().is_err());
-
-        int8.check(&int8, false, "collection c").unwrap();
-        let err = int8.check(&legacy, false, "collection c").unwrap_err().to_string();
-        assert!(err.contains("holds fp32 vectors") && err.contains("--precision fp32"), "{err}");
-        int8.check(&legacy, true, "collection c").expect("allowed when asked for");
-        let other = ModelId { model: "clip.onnx".into(), precision: Precision::Int8 };
-        let err = other.check(&int8, true, "collection c").unwrap_err().to_string();
-        assert!(err.contains("different models"), "{err}");
     }
 }

@@ -223,7 +223,7 @@ impl Preprocessor {
     /// A JPEG through libjpeg-turbo, at a DCT scale with `fast_jpeg`. None for what it cannot
     /// give as 8-bit RGB (CMYK, 12-bit), which image-rs decodes instead.
     fn decode_jpeg(&mut self, bytes: &[u8], limits: DecodeLimits) -> Result<Option<(u32, u32)>, DecodeError> {
-        let corrupt = |reason: String| DecodeError::Corrupt { format: "JPEG", reason };
+        let corrupt = |e: jpeg::JpegError| DecodeError::Corrupt { format: "JPEG", reason: e.to_string() };
         let decoder = match &mut self.jpeg {
             Some(d) => d,
             None => self.jpeg.insert(jpeg::Decoder::new().map_err(corrupt)?),

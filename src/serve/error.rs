@@ -1,10 +1,13 @@
 //! API errors: JSON `{error, message}` with a real status code (never a 200 with an error inside).
+//! Handlers return `Result<_, ApiError>` and use `?`: the `From` conversions below decide the
+//! status. What failed inside (a backend's own error, a panic) is logged, never sent to clients.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::embed::DecodeError;
+use crate::embed::{DecodeError, EmbedError};
+use crate::store;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -26,15 +29,44 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// Milvus, MySQL or the bucket failed: 503, with the cause for the operator to read.
-    pub fn backend(e: anyhow::Error) -> Self {
-        tracing::warn!("backend error: {e:#}");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", format!("{e:#}"))
-    }
-
+    /// Something that should not fail did: logged in full, a plain 500 for the client.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {e}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server's log")
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> Self {
+        match e {
+            store::Error::NotFound(what) => Self::not_found(format!("{what} not found")),
+            store::Error::ModelMismatch(m) => Self::new(StatusCode::CONFLICT, "model_mismatch", m.0),
+            store::Error::Invalid(msg) => Self::bad_request(msg),
+            // Milvus, MySQL or the bucket failed: 503 (retry), saying which call; the cause is logged.
+            store::Error::Backend { what, error } => {
+                tracing::warn!("backend error: {what}: {error}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backend_unavailable",
+                    format!("a backend failed ({what}); retry shortly"),
+                )
+            }
+        }
+    }
+}
+
+impl From<EmbedError> for ApiError {
+    fn from(e: EmbedError) -> Self {
+        match e {
+            EmbedError::Decode(d) => d.into(),
+            EmbedError::Model(m) => Self::internal(m),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::internal(e)
     }
 }
 

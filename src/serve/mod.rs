@@ -3,7 +3,9 @@
 //! once at start-up, bound SQL, a token on mutating routes, and objects served only from the
 //! bucket and only when the catalog knows them.
 
+mod api;
 mod auth;
+pub mod cli;
 mod error;
 mod fetch;
 mod metrics;
@@ -22,8 +24,8 @@ use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 
-use crate::embed::{DecodeLimits, Model};
-use crate::store::{Catalog, Source, VectorStore};
+use crate::embed::{DecodeLimits, Model, available_cores};
+use crate::store::{Index, Source};
 
 /// Limits and switches of the service.
 #[derive(Clone, Debug)]
@@ -51,7 +53,7 @@ impl Default for ServeConfig {
             max_upload_bytes: 20 << 20,
             limits: DecodeLimits::default(),
             request_timeout: Duration::from_secs(30),
-            max_concurrent_embeddings: 2 * crate::embed::model::available_cores(),
+            max_concurrent_embeddings: 2 * available_cores(),
             token: None,
             protect_search: false,
             allow_drop: false,
@@ -62,8 +64,7 @@ impl Default for ServeConfig {
 
 pub struct AppState {
     model: Arc<Model>,
-    vectors: VectorStore,
-    catalog: Catalog,
+    index: Index,
     /// The bucket: needed for uploads, deletes and serving objects.
     source: Option<Source>,
     config: ServeConfig,
@@ -73,20 +74,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(
-        model: Arc<Model>,
-        vectors: VectorStore,
-        catalog: Catalog,
-        source: Option<Source>,
-        config: ServeConfig,
-    ) -> Self {
+    pub fn new(model: Arc<Model>, index: Index, source: Option<Source>, config: ServeConfig) -> Self {
         Self {
             embed_slots: Arc::new(Semaphore::new(config.max_concurrent_embeddings.max(1))),
             fetcher: fetch::UrlFetcher::new(config.max_upload_bytes, config.allow_private_urls),
             metrics: metrics::Metrics::default(),
             model,
-            vectors,
-            catalog,
+            index,
             source,
             config,
         }

@@ -11,14 +11,12 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::openapi::{ErrorBody, ImageForm, UrlForm};
+use super::api::{CountResponse, ErrorBody, ImageForm, SearchResponse, SearchResult, UploadResponse, UrlForm};
 use super::{ApiError, AppState};
-use crate::embed::Preprocessor;
 use crate::embed::preprocess::sniff;
-use crate::store::catalog::Progress;
-use crate::store::{Record, content_hash, key_id};
+use crate::store::{self, KeyPrefix, Progress, Record, Vector, WriteBatch, content_hash, key_id};
 
 const MAX_TOPK: usize = 100;
 
@@ -95,14 +93,11 @@ async fn embed(st: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
     })?;
     let (model, limits) = (st.model.clone(), st.config.limits);
     let started = Instant::now();
-    let v = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, ApiError> {
+    let v = tokio::task::spawn_blocking(move || {
         let _permit = permit; // held until the work is done, even if the request is gone
-        let tensor = Preprocessor::with_local(|p| p.from_bytes(&image, limits))?;
-        let mut v = model.embed(&tensor, 1).map_err(ApiError::internal)?;
-        Ok(v.remove(0))
+        model.embed_image(&image, limits)
     })
-    .await
-    .map_err(ApiError::internal)??;
+    .await??;
     st.metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
     Ok(v)
 }
@@ -114,15 +109,6 @@ fn bucket(st: &AppState) -> Result<&crate::store::Source, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)"))
 }
 
-/// A key prefix for filtering: plain characters only, so it can sit in a Milvus expression.
-fn check_prefix(p: Option<String>) -> Result<Option<String>, ApiError> {
-    match p.filter(|p| !p.is_empty()) {
-        Some(p) if p.len() <= 512 && p.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c)) => Ok(Some(p)),
-        Some(p) => Err(ApiError::bad_request(format!("prefix {p:?} may hold only letters, digits and / _ . -"))),
-        None => Ok(None),
-    }
-}
-
 /// Characters escaped in a path segment: all but RFC 3986's unreserved ones.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
@@ -130,24 +116,6 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'
 fn object_url(key: &str) -> String {
     let path: Vec<String> = key.split('/').map(|s| utf8_percent_encode(s, SEGMENT).to_string()).collect();
     format!("img/object/{}", path.join("/"))
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct SearchResult {
-    pub rank: usize,
-    pub key: String,
-    pub id: i64,
-    /// Where to fetch the image, relative to the service's base URL.
-    pub url: String,
-    /// Cosine similarity (HNSW, higher is closer) or L2 distance (IVF_FLAT, lower is closer).
-    pub score: f32,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct SearchResponse {
-    pub results: Vec<SearchResult>,
-    pub metric: &'static str,
-    pub took_ms: f64,
 }
 
 /// Search by image: the nearest indexed images, best first.
@@ -166,27 +134,18 @@ pub async fn search(
     if !(1..=MAX_TOPK).contains(&topk) {
         return Err(ApiError::bad_request(format!("topk must be 1..={MAX_TOPK}")));
     }
-    let prefix = check_prefix(input.prefix.or(q.prefix))?;
+    let prefix = KeyPrefix::parse(input.prefix.or(q.prefix).as_deref().unwrap_or_default())?;
     let vector = embed(&st, input.image).await?;
     let t = Instant::now();
-    let hits = st.vectors.search(vector, topk, prefix.as_deref()).await.map_err(ApiError::backend)?;
+    let hits = st.index.vectors.search(vector, topk, prefix.as_ref()).await?;
     st.metrics.milvus_seconds.observe(t.elapsed().as_secs_f64());
     let results = hits
         .into_iter()
         .enumerate()
         .map(|(i, h)| SearchResult { rank: i + 1, url: object_url(&h.key), key: h.key, id: h.id, score: h.score })
         .collect();
-    let metric = if st.vectors.index_kind().higher_is_closer() { "COSINE" } else { "L2" };
+    let metric = st.index.vectors.index_kind().metric();
     Ok(Json(SearchResponse { results, metric, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct UploadResponse {
-    pub key: String,
-    pub id: i64,
-    pub url: String,
-    /// False when the same bytes were uploaded before: one entry, not two.
-    pub created: bool,
 }
 
 /// Store an image under a content-addressed key and index it.
@@ -208,18 +167,18 @@ pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Res
     let key = format!("uploads/{hash}.{ext}");
     let id = key_id(&key);
     let url = object_url(&key);
-    if st.catalog.entry(&key).await.map_err(ApiError::backend)?.is_some_and(|e| e.indexed) {
+    if st.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
         return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
     }
     // Embed first: a file that is not a usable image is refused before anything is stored.
     let vector = embed(&st, input.image.clone()).await?;
     let size = input.image.len() as u64;
-    let etag = source.put(&key, input.image).await.map_err(ApiError::backend)?;
-    st.vectors.upsert(vec![id], vec![key.clone()], vec![vector]).await.map_err(ApiError::backend)?;
+    let etag = source.put(&key, input.image).await?;
     let record = Record { id, key: key.clone(), etag, size, content_hash: Some(hash), error: None };
-    st.catalog.record(&[record]).await.map_err(ApiError::backend)?;
+    let vectors = vec![Vector { id, key: key.clone(), embedding: vector }];
+    st.index.write(WriteBatch { vectors, records: vec![record], remove: vec![] }).await?;
     // Answer once the image is searchable: a search right after an upload must find it.
-    st.vectors.wait_searchable().await.map_err(ApiError::backend)?;
+    st.index.wait_searchable().await?;
     Ok((StatusCode::CREATED, Json(UploadResponse { key, id, url, created: true })).into_response())
 }
 
@@ -227,14 +186,15 @@ pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Res
 #[utoipa::path(delete, path = "/img/{key}", security(("token" = [])), params(("key" = String, Path)),
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
-    let entry = st.catalog.entry(&key).await.map_err(ApiError::backend)?;
+    let entry = st.index.catalog.entry(&key).await?;
     let entry = entry.ok_or_else(|| ApiError::not_found(format!("{key} is not in the index")))?;
-    st.vectors.delete(&[entry.id]).await.map_err(ApiError::backend)?;
+    // The bucket first: should the index removal fail after it, the next sync sees the object
+    // gone and removes it; the other way round, a failure would leave an object it re-indexes.
     if let Some(source) = &st.source {
-        source.delete(&key).await.map_err(ApiError::backend)?;
+        source.delete(&key).await?;
     }
-    st.catalog.delete(&[entry.id]).await.map_err(ApiError::backend)?;
-    st.vectors.wait_searchable().await.map_err(ApiError::backend)?;
+    st.index.remove(&[entry.id]).await?;
+    st.index.wait_searchable().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -249,12 +209,9 @@ pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json
             "drop is disabled; start serve with --allow-drop",
         ));
     }
-    st.vectors.drop_collection().await.map_err(ApiError::backend)?;
-    st.catalog.drop_collection().await.map_err(ApiError::backend)?;
-    crate::store::ensure_collection(&st.vectors, &st.catalog, st.model.dim(), st.model.id(), false)
-        .await
-        .map_err(ApiError::backend)?;
-    Ok(Json(serde_json::json!({ "dropped": st.vectors.collection() })))
+    st.index.drop().await?;
+    st.index.ensure(st.model.dim(), st.model.id(), false).await?;
+    Ok(Json(serde_json::json!({ "dropped": st.index.vectors.collection() })))
 }
 
 /// The image itself, streamed from the bucket (only keys in the catalog).
@@ -262,10 +219,10 @@ pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json
     responses((status = 200, description = "The image", content_type = "image/*"), (status = 404, body = ErrorBody)))]
 pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let source = bucket(&st)?;
-    if st.catalog.entry(&key).await.map_err(ApiError::backend)?.is_none() {
+    if st.index.catalog.entry(&key).await?.is_none() {
         return Err(ApiError::not_found(format!("{key} is not in the index")));
     }
-    let stream = source.stream(&key).await.map_err(ApiError::backend)?;
+    let stream = source.stream(&key).await?;
     let ctype = match key.rsplit('.').next().map(str::to_ascii_lowercase).as_deref() {
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("png") => "image/png",
@@ -283,34 +240,30 @@ pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) ->
         .into_response())
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct CountResponse {
-    /// Vectors in the Milvus collection.
-    pub count: u64,
-    /// Catalog rows indexed and failed.
-    pub indexed: u64,
-    pub failed: u64,
-}
-
 /// Vectors in Milvus and catalog rows.
 #[utoipa::path(get, path = "/img/count", responses((status = 200, body = CountResponse), (status = 503, body = ErrorBody)))]
 pub async fn count(State(st): State<Arc<AppState>>) -> Result<Json<CountResponse>, ApiError> {
-    let count = st.vectors.count().await.map_err(ApiError::backend)?;
-    let c = st.catalog.counts().await.map_err(ApiError::backend)?;
+    let count = st.index.vectors.count().await?;
+    let c = st.index.catalog.counts().await?;
     Ok(Json(CountResponse { count, indexed: c.indexed, failed: c.failed }))
 }
 
 /// Catalog counts and the latest indexing run.
 #[utoipa::path(get, path = "/progress", responses((status = 200, body = Progress), (status = 503, body = ErrorBody)))]
 pub async fn progress(State(st): State<Arc<AppState>>) -> Result<Json<Progress>, ApiError> {
-    Ok(Json(st.catalog.progress().await.map_err(ApiError::backend)?))
+    Ok(Json(st.index.catalog.progress().await?))
 }
 
 /// Ready when Milvus and MySQL answer and the collection exists.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready"), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
-    st.vectors.ready().await.map_err(ApiError::backend)?;
-    st.catalog.ping().await.map_err(ApiError::backend)?;
+    // Any failure is "not ready" (503), a missing collection included.
+    let unready = |e: store::Error| match e {
+        e @ store::Error::Backend { .. } => ApiError::from(e),
+        e => ApiError::from(store::Error::backend("the collection", e.to_string())),
+    };
+    st.index.vectors.ready().await.map_err(unready)?;
+    st.index.catalog.ping().await.map_err(unready)?;
     Ok(Json(serde_json::json!({ "milvus": "ok", "mysql": "ok" })))
 }
 
@@ -348,15 +301,6 @@ pub async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Ne
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_are_plain() {
-        assert_eq!(check_prefix(Some("photos/2024-01_a.b".into())).unwrap().as_deref(), Some("photos/2024-01_a.b"));
-        assert!(check_prefix(Some("".into())).unwrap().is_none());
-        for bad in ["a\"b", "x\\", "a% or 1", "ключ"] {
-            assert!(check_prefix(Some(bad.into())).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn object_urls_escape_each_segment() {

@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{QueryBuilder, Row};
 
-use crate::embed::ModelId;
+use super::{Context, Error, Result};
+use crate::core::ModelId;
 
 /// What the catalog knows of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,14 +104,15 @@ pub struct Catalog {
 impl Catalog {
     /// Connects and applies the migrations.
     pub async fn connect(url: &str, collection: &str, model: &str) -> Result<Self> {
-        let opts: MySqlConnectOptions = url.parse().context("bad MySQL URL (mysql://user:pass@host:3306/db)")?;
+        let opts: MySqlConnectOptions =
+            url.parse().map_err(|_| Error::Invalid("bad MySQL URL (mysql://user:pass@host:3306/db)".into()))?;
         let pool = MySqlPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await
-            .context("connecting to MySQL")?;
-        sqlx::migrate!().run(&pool).await.context("applying catalog migrations")?;
+            .ctx("connecting to MySQL")?;
+        sqlx::migrate!().run(&pool).await.ctx("applying catalog migrations")?;
         Ok(Self { pool, collection: collection.to_string(), model: model.to_string() })
     }
 
@@ -123,12 +124,12 @@ impl Catalog {
             .bind(shard)
             .fetch_all(&self.pool)
             .await
-            .context("reading the catalog")?;
+            .ctx("reading the catalog")?;
         rows.iter().map(|r| entry_from_row(r).map(|e| (e.key.clone(), e))).collect()
     }
 
-    /// Upserts finished objects (indexed or failed) in one statement.
-    pub async fn record(&self, records: &[Record]) -> Result<()> {
+    /// Upserts finished objects (indexed or failed) in one statement (through `Index::write`).
+    pub(crate) async fn record(&self, records: &[Record]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -153,11 +154,12 @@ impl Catalog {
              content_hash = VALUES(content_hash), state = VALUES(state), error = VALUES(error), \
              model = VALUES(model), indexed_at = VALUES(indexed_at)",
         );
-        qb.build().execute(&self.pool).await.context("writing the catalog")?;
+        qb.build().execute(&self.pool).await.ctx("writing the catalog")?;
         Ok(())
     }
 
-    pub async fn delete(&self, ids: &[i64]) -> Result<()> {
+    /// Forgets objects (through `Index`, which removes their vectors first).
+    pub(crate) async fn delete(&self, ids: &[i64]) -> Result<()> {
         for chunk in ids.chunks(1000) {
             let mut qb = QueryBuilder::new("DELETE FROM images WHERE collection = ");
             qb.push_bind(&self.collection).push(" AND id IN (");
@@ -166,7 +168,7 @@ impl Catalog {
                 sep.push_bind(*id);
             }
             qb.push(")");
-            qb.build().execute(&self.pool).await.context("deleting from the catalog")?;
+            qb.build().execute(&self.pool).await.ctx("deleting from the catalog")?;
         }
         Ok(())
     }
@@ -286,8 +288,8 @@ impl Catalog {
         Ok(())
     }
 
-    /// Forgets this collection: its objects and its runs.
-    pub async fn drop_collection(&self) -> Result<()> {
+    /// Forgets this collection: its objects and its runs (through `Index::drop`).
+    pub(crate) async fn drop_collection(&self) -> Result<()> {
         for sql in [
             "DELETE FROM images WHERE collection = ?",
             "DELETE FROM runs WHERE collection = ?",
@@ -306,12 +308,12 @@ impl Catalog {
             .bind(model.to_string())
             .execute(&self.pool)
             .await
-            .context("recording the collection's model")?;
+            .ctx("recording the collection's model")?;
         let recorded: String = sqlx::query_scalar("SELECT model FROM collections WHERE collection = ?")
             .bind(&self.collection)
             .fetch_one(&self.pool)
             .await?;
-        let recorded: ModelId = recorded.parse().map_err(anyhow::Error::msg)?;
+        let recorded: ModelId = recorded.parse().map_err(Error::Invalid)?;
         Ok(model.check(&recorded, mixed_precision, &format!("the catalog of {}", self.collection))?)
     }
 

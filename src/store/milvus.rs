@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result, bail};
 use milvus::v2::prelude::*;
 use milvus::v2::{self as sdk};
 
-use crate::embed::ModelId;
+use super::{Context, Error, Result, Vector};
+use crate::core::{IndexKind, ModelId};
 
 pub const ID: &str = "id";
 pub const KEY: &str = "key";
@@ -21,46 +21,55 @@ const DESCRIPTION: &str = "imageindex: one row per image object";
 /// Precedes the model id (`resnet50.onnx@int8`) in the collection's description.
 const MODEL_TAG: &str = "model=";
 
-/// The vector index: what kind, and how distances are measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-pub enum IndexKind {
-    /// Graph index, cosine similarity (higher is closer). The default.
-    #[value(name = "HNSW")]
-    #[serde(rename = "HNSW")]
-    Hnsw,
-    /// Inverted lists, L2 distance (lower is closer): what the Milvus bootcamp uses.
-    #[value(name = "IVF_FLAT")]
-    #[serde(rename = "IVF_FLAT")]
-    IvfFlat,
+/// How a collection of `kind` is indexed.
+fn index_params(kind: IndexKind) -> IndexParam {
+    let p = IndexParam::new().field_name(VECTOR);
+    match kind {
+        IndexKind::Hnsw => p
+            .index_type(IndexType::Hnsw)
+            .metric_type(MetricType::Cosine)
+            .extra_params(HashMap::from([("M".into(), "16".into()), ("efConstruction".into(), "200".into())])),
+        IndexKind::IvfFlat => p
+            .index_type(IndexType::IvfFlat)
+            .metric_type(MetricType::L2)
+            .extra_params(HashMap::from([("nlist".into(), NLIST.to_string())])),
+    }
 }
 
-impl IndexKind {
-    fn params(self) -> IndexParam {
-        let p = IndexParam::new().field_name(VECTOR);
-        match self {
-            IndexKind::Hnsw => p
-                .index_type(IndexType::Hnsw)
-                .metric_type(MetricType::Cosine)
-                .extra_params(HashMap::from([("M".into(), "16".into()), ("efConstruction".into(), "200".into())])),
-            IndexKind::IvfFlat => p
-                .index_type(IndexType::IvfFlat)
-                .metric_type(MetricType::L2)
-                .extra_params(HashMap::from([("nlist".into(), NLIST.to_string())])),
+/// Search parameters. Near-duplicate margins can be tiny, so searches are generous: IVF_FLAT
+/// probes every list (exact), HNSW uses a wide beam.
+fn search_params(kind: IndexKind, topk: usize) -> HashMap<String, String> {
+    match kind {
+        IndexKind::Hnsw => HashMap::from([("ef".into(), (topk * 4).max(256).to_string())]),
+        IndexKind::IvfFlat => HashMap::from([("nprobe".into(), NLIST.to_string())]),
+    }
+}
+
+/// A key prefix to restrict searches to. It lands inside a Milvus expression, so only plain
+/// characters pass: letters, digits and `/_.-`, at most 512 of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPrefix(String);
+
+impl KeyPrefix {
+    /// None for an empty prefix (no restriction); an error naming the rule for any other.
+    pub fn parse(p: &str) -> Result<Option<Self>> {
+        if p.is_empty() {
+            return Ok(None);
+        }
+        if p.len() <= 512 && p.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c)) {
+            Ok(Some(Self(p.to_string())))
+        } else {
+            Err(Error::Invalid(format!("prefix {p:?} may hold only letters, digits and / _ . -")))
         }
     }
 
-    /// Search parameters. Near-duplicate margins can be tiny, so searches are generous:
-    /// IVF_FLAT probes every list (exact), HNSW uses a wide beam.
-    fn search_params(self, topk: usize) -> HashMap<String, String> {
-        match self {
-            IndexKind::Hnsw => HashMap::from([("ef".into(), (topk * 4).max(256).to_string())]),
-            IndexKind::IvfFlat => HashMap::from([("nprobe".into(), NLIST.to_string())]),
-        }
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 
-    /// Cosine is a similarity (higher is closer); L2 a distance.
-    pub fn higher_is_closer(self) -> bool {
-        self == IndexKind::Hnsw
+    /// The Milvus filter expression: safe because of what `parse` lets through.
+    fn filter(&self) -> String {
+        format!("{KEY} like \"{}%\"", self.0)
     }
 }
 
@@ -97,7 +106,7 @@ impl VectorStore {
         if let Some(t) = &cfg.token {
             conn = conn.token(t.clone());
         }
-        let client = ClientV2::new(&conn).await.with_context(|| format!("connecting to Milvus at {}", cfg.url))?;
+        let client = ClientV2::new(&conn).await.ctx(format!("connecting to Milvus at {}", cfg.url))?;
         Ok(Self { client, collection: cfg.collection.clone(), index: cfg.index })
     }
 
@@ -115,8 +124,8 @@ impl VectorStore {
     pub async fn ensure_collection(&self, dim: usize, model: &ModelId, mixed_precision: bool) -> Result<()> {
         let name = self.collection.as_str();
         let check = |recorded: Option<ModelId>| match recorded {
-            Some(theirs) => model.check(&theirs, mixed_precision, &format!("Milvus collection {name}")),
-            None => Ok(()),
+            Some(theirs) => Ok(model.check(&theirs, mixed_precision, &format!("Milvus collection {name}"))?),
+            None => Ok::<_, Error>(()),
         };
         if self.exists().await? {
             check(self.check_schema(dim).await?)?;
@@ -135,7 +144,7 @@ impl VectorStore {
             // Shards of one Job start together: another may have created it first.
             if let Err(e) = created {
                 if !self.exists().await? {
-                    return Err(e).with_context(|| format!("creating collection {name}"));
+                    return Err(Error::backend(format!("creating collection {name}"), e));
                 }
                 check(self.check_schema(dim).await?)?;
             }
@@ -145,7 +154,7 @@ impl VectorStore {
             match self.client.list_indexes(ListIndexesRequest::builder().collection_name(name).build()?).await {
                 Ok(r) => !r.index_names().is_empty(),
                 Err(e) if e.to_string().contains("index not found") => false,
-                Err(e) => return Err(e).context("listing indexes"),
+                Err(e) => return Err(Error::backend("listing indexes", e)),
             };
         if !has_index {
             // Creating an identical index twice is a no-op on the server, so a race here is harmless.
@@ -153,16 +162,16 @@ impl VectorStore {
                 .create_index(
                     CreateIndexRequest::builder()
                         .collection_name(name)
-                        .index_params(vec![self.index.params()])
+                        .index_params(vec![index_params(self.index)])
                         .build()?,
                 )
                 .await
-                .with_context(|| format!("creating the {:?} index on {name}", self.index))?;
+                .ctx(format!("creating the {:?} index on {name}", self.index))?;
         }
         self.client
             .load_collection(LoadCollectionRequest::builder().collection_name(name).build()?)
             .await
-            .with_context(|| format!("loading collection {name}"))?;
+            .ctx(format!("loading collection {name}"))?;
         Ok(())
     }
 
@@ -174,26 +183,45 @@ impl VectorStore {
             .await?;
         let schema = desc.description().get_schema();
         let recorded = match schema.get_description().split_once(MODEL_TAG) {
-            Some((_, m)) => Some(m.trim().parse::<ModelId>().map_err(anyhow::Error::msg)?),
+            Some((_, m)) => Some(m.trim().parse::<ModelId>().map_err(Error::Invalid)?),
             None => None,
         };
         let fields = schema.get_fields();
         let vector = fields.iter().find(|f| f.get_name() == VECTOR);
         match vector.map(|f| f.get_dimension()) {
             Some(d) if d as usize == dim => {}
-            Some(d) => bail!("collection {} holds {d}-d vectors but the model makes {dim}-d ones", self.collection),
-            None => bail!("collection {} exists but was not made by imageindex (no {VECTOR} field)", self.collection),
+            Some(d) => {
+                return Err(Error::Invalid(format!(
+                    "collection {} holds {d}-d vectors but the model makes {dim}-d ones",
+                    self.collection
+                )));
+            }
+            None => {
+                return Err(Error::Invalid(format!(
+                    "collection {} exists but was not made by imageindex (no {VECTOR} field)",
+                    self.collection
+                )));
+            }
         }
         if !fields.iter().any(|f| f.get_name() == KEY) {
-            bail!("collection {} exists but was not made by imageindex (no {KEY} field)", self.collection);
+            return Err(Error::Invalid(format!(
+                "collection {} exists but was not made by imageindex (no {KEY} field)",
+                self.collection
+            )));
         }
         Ok(recorded)
     }
 
-    /// Inserts or replaces rows by id.
-    pub async fn upsert(&self, ids: Vec<i64>, keys: Vec<String>, vectors: Vec<Vec<f32>>) -> Result<()> {
-        if ids.is_empty() {
+    /// Inserts or replaces rows by id (through `Index::write`, which orders it with the catalog).
+    pub(crate) async fn upsert(&self, rows: Vec<Vector>) -> Result<()> {
+        if rows.is_empty() {
             return Ok(());
+        }
+        let (mut ids, mut keys, mut vectors) = (vec![], vec![], vec![]);
+        for r in rows {
+            ids.push(r.id);
+            keys.push(r.key);
+            vectors.push(r.embedding);
         }
         let insert = InsertRequest::builder()
             .collection_name(&self.collection)
@@ -203,16 +231,17 @@ impl VectorStore {
                 FieldData::float_vector(VECTOR, vectors),
             ])
             .build()?;
-        self.client.upsert(UpsertRequest::builder().insert(insert).build()?).await.context("Milvus upsert")?;
+        self.client.upsert(UpsertRequest::builder().insert(insert).build()?).await.ctx("Milvus upsert")?;
         Ok(())
     }
 
-    pub async fn delete(&self, ids: &[i64]) -> Result<()> {
+    /// Removes rows by id (through `Index`, which orders it with the catalog).
+    pub(crate) async fn delete(&self, ids: &[i64]) -> Result<()> {
         for chunk in ids.chunks(1000) {
             self.client
                 .delete(DeleteRequest::builder().collection_name(&self.collection).filter(id_filter(chunk)).build()?)
                 .await
-                .context("Milvus delete")?;
+                .ctx("Milvus delete")?;
         }
         Ok(())
     }
@@ -229,8 +258,11 @@ impl VectorStore {
                     .build()?,
             )
             .await
-            .context("Milvus count")?;
-        let col = resp.results().get_output_field("count(*)").context("count(*) missing from Milvus reply")?;
+            .ctx("Milvus count")?;
+        let col = resp
+            .results()
+            .get_output_field("count(*)")
+            .ok_or_else(|| Error::Invalid("count(*) missing from Milvus reply".into()))?;
         Ok(col.as_int64().and_then(|v| v.first().copied()).unwrap_or(0) as u64)
     }
 
@@ -265,13 +297,9 @@ impl VectorStore {
 
     /// Nearest neighbours of one vector, best first. Bounded consistency: a search does not wait
     /// for the latest writes (Strong costs ~200 ms a query on 2.3).
-    /// `prefix` restricts hits to keys that start with it; the caller passes plain characters
-    /// only (letters, digits, `/_.-`), as it lands inside a Milvus expression.
-    pub async fn search(&self, vector: Vec<f32>, topk: usize, prefix: Option<&str>) -> Result<Vec<Hit>> {
-        if let Some(p) = prefix {
-            anyhow::ensure!(!p.contains(['"', '\\', '%']), "unsafe key prefix {p:?}");
-        }
-        let filter = prefix.map(|p| format!("{KEY} like \"{p}%\"")).unwrap_or_default();
+    /// `prefix` restricts hits to keys that start with it.
+    pub async fn search(&self, vector: Vec<f32>, topk: usize, prefix: Option<&KeyPrefix>) -> Result<Vec<Hit>> {
+        let filter = prefix.map(KeyPrefix::filter).unwrap_or_default();
         let resp = self
             .client
             .search(
@@ -282,21 +310,29 @@ impl VectorStore {
                     .vectors(SearchVectors::Float(vec![vector]))
                     .output_fields([KEY])
                     .limit(topk as i64)
-                    .extra_params(self.index.search_params(topk))
+                    .extra_params(search_params(self.index, topk))
                     .consistency_level(ConsistencyLevel::Bounded)
                     .build()?,
             )
             .await
-            .context("Milvus search")?;
+            .ctx("Milvus search")?;
         let Some(result) = resp.results().iter().next() else { return Ok(vec![]) };
         if result.get_scores().is_empty() {
             return Ok(vec![]); // no hits come without output columns
         }
         let ids = match result.get_ids() {
             Ids::Int64(v) => v.clone(),
-            _ => bail!("collection {} does not have integer ids; not an imageindex collection", self.collection),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "collection {} does not have integer ids; not an imageindex collection",
+                    self.collection
+                )));
+            }
         };
-        let keys = result.get_output_field(KEY).and_then(|c| c.as_varchar()).context("search reply lacks keys")?;
+        let keys = result
+            .get_output_field(KEY)
+            .and_then(|c| c.as_varchar())
+            .ok_or_else(|| Error::Invalid("Milvus search reply lacks keys".into()))?;
         Ok(ids
             .into_iter()
             .zip(keys)
@@ -305,11 +341,12 @@ impl VectorStore {
             .collect())
     }
 
-    pub async fn drop_collection(&self) -> Result<()> {
+    /// Drops the collection (through `Index::drop`, which forgets the catalog rows too).
+    pub(crate) async fn drop_collection(&self) -> Result<()> {
         self.client
             .drop_collection(DropCollectionRequest::builder().collection_name(&self.collection).build()?)
             .await
-            .context("dropping collection")?;
+            .ctx("dropping collection")?;
         Ok(())
     }
 
@@ -318,7 +355,7 @@ impl VectorStore {
             .client
             .has_collection(HasCollectionRequest::builder().collection_name(&self.collection).build()?)
             .await
-            .context("asking Milvus for the collection")?;
+            .ctx("asking Milvus for the collection")?;
         Ok(r.exists())
     }
 
@@ -328,12 +365,12 @@ impl VectorStore {
             .client
             .get_load_state(GetLoadStateRequest::builder().collection_name(&self.collection).build()?)
             .await
-            .context("asking Milvus for the collection's load state")?
+            .ctx("asking Milvus for the collection's load state")?
             .state();
         match state {
             LoadState::Loaded => Ok(()),
-            LoadState::NotExist => bail!("collection {} does not exist", self.collection),
-            other => bail!("collection {} is not loaded ({other:?})", self.collection),
+            LoadState::NotExist => Err(Error::NotFound(format!("collection {}", self.collection))),
+            other => Err(Error::backend(format!("collection {}", self.collection), format!("not loaded ({other:?})"))),
         }
     }
 }
@@ -342,4 +379,19 @@ impl VectorStore {
 fn id_filter(ids: &[i64]) -> String {
     let list: Vec<String> = ids.iter().map(i64::to_string).collect();
     format!("{ID} in [{}]", list.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_plain() {
+        let p = KeyPrefix::parse("photos/2024-01_a.b").unwrap().unwrap();
+        assert_eq!(p.filter(), r#"key like "photos/2024-01_a.b%""#);
+        assert!(KeyPrefix::parse("").unwrap().is_none());
+        for bad in ["a\"b", "x\\", "a% or 1", "ключ", &"a".repeat(513)] {
+            assert!(KeyPrefix::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,28 +1,139 @@
 //! Where things live: images in a bucket (`source`), vectors in Milvus (`milvus`), and the
-//! catalog of what was indexed in MySQL (`catalog`).
+//! catalog of what was indexed in MySQL (`catalog`). `Index` is the one way to change a
+//! collection: it owns the order of the writes. A leaf: it uses `core` only, never `embed` or the
+//! roles above it.
 pub mod catalog;
 pub mod milvus;
 pub mod source;
 
-pub use catalog::{Catalog, Counts, Record};
-pub use milvus::{Hit, IndexKind, MilvusConfig, VectorStore};
-pub use source::{Object, Source, SourceConfig};
+pub use catalog::{Catalog, Counts, Entry, Progress, Record, RunProgress};
+pub use milvus::{Hit, KeyPrefix, MilvusConfig, VectorStore};
+pub use source::{Object, S3Credentials, Source, SourceConfig};
 
 use sha2::{Digest, Sha256};
 
-use crate::embed::ModelId;
+use crate::core::{ModelId, ModelMismatch};
 
-/// The collection ready for vectors of `model`: created or checked in Milvus, and recorded or
-/// checked in the catalog (see `ModelId::check`).
-pub async fn ensure_collection(
-    vectors: &VectorStore,
-    catalog: &Catalog,
-    dim: usize,
-    model: &ModelId,
-    mixed_precision: bool,
-) -> anyhow::Result<()> {
-    vectors.ensure_collection(dim, model, mixed_precision).await?;
-    catalog.claim(model, mixed_precision).await
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong in a store, told apart so that callers need not guess from a message.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object is not in the bucket (deleted since it was listed, or never there).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The collection holds vectors of another model or precision.
+    #[error(transparent)]
+    ModelMismatch(#[from] ModelMismatch),
+    /// What was asked cannot work as given: a bad URL, glob or key, or a collection that
+    /// imageindex did not make.
+    #[error("{0}")]
+    Invalid(String),
+    /// Milvus, MySQL or the bucket failed at `what`; worth a retry.
+    #[error("{what}: {error}")]
+    Backend { what: String, error: BoxError },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn backend(what: impl Into<String>, error: impl Into<BoxError>) -> Self {
+        Self::Backend { what: what.into(), error: error.into() }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Self::backend("MySQL", e)
+    }
+}
+
+impl From<::milvus::v2::error::Error> for Error {
+    fn from(e: ::milvus::v2::error::Error) -> Self {
+        Self::backend("Milvus", e)
+    }
+}
+
+/// Says which backend call failed, keeping the cause.
+pub(crate) trait Context<T> {
+    fn ctx(self, what: impl Into<String>) -> Result<T>;
+}
+
+impl<T, E: Into<BoxError>> Context<T> for std::result::Result<T, E> {
+    fn ctx(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|e| Error::backend(what, e))
+    }
+}
+
+/// A vector to upsert: the object's id and key, and its embedding.
+#[derive(Clone, Debug)]
+pub struct Vector {
+    pub id: i64,
+    pub key: String,
+    pub embedding: Vec<f32>,
+}
+
+/// One write to an index: new vectors, ids whose old vector must go (a changed object that now
+/// fails), and the catalog rows that record all of them.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    pub vectors: Vec<Vector>,
+    pub remove: Vec<i64>,
+    pub records: Vec<Record>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.vectors.is_empty() && self.remove.is_empty() && self.records.is_empty()
+    }
+}
+
+/// One collection's index: its vectors in Milvus and their rows in the catalog. Every change
+/// goes through here, Milvus first and the catalog second, so a catalog row never claims a
+/// vector that is not there, and a crash in between leaves a row that the next sync redoes.
+pub struct Index {
+    pub vectors: VectorStore,
+    pub catalog: Catalog,
+}
+
+impl Index {
+    /// Connects to Milvus and the catalog (applying its migrations) for vectors of `model`.
+    pub async fn connect(milvus: &MilvusConfig, mysql_url: &str, model: &ModelId) -> Result<Self> {
+        let vectors = VectorStore::connect(milvus).await?;
+        let catalog = Catalog::connect(mysql_url, &milvus.collection, &model.to_string()).await?;
+        Ok(Self { vectors, catalog })
+    }
+
+    /// The collection ready for `dim`-wide vectors of `model`: created or checked in Milvus, and
+    /// recorded or checked in the catalog (see `ModelId::check`).
+    pub async fn ensure(&self, dim: usize, model: &ModelId, mixed_precision: bool) -> Result<()> {
+        self.vectors.ensure_collection(dim, model, mixed_precision).await?;
+        self.catalog.claim(model, mixed_precision).await
+    }
+
+    /// Upserts the vectors, removes the replaced ones, then records the rows.
+    pub async fn write(&self, batch: WriteBatch) -> Result<()> {
+        self.vectors.upsert(batch.vectors).await?;
+        self.vectors.delete(&batch.remove).await?;
+        self.catalog.record(&batch.records).await
+    }
+
+    /// Removes objects: out of Milvus, then out of the catalog (both idempotent).
+    pub async fn remove(&self, ids: &[i64]) -> Result<()> {
+        self.vectors.delete(ids).await?;
+        self.catalog.delete(ids).await
+    }
+
+    /// Waits until every acknowledged write is searchable; returns the vectors in the collection.
+    pub async fn wait_searchable(&self) -> Result<u64> {
+        self.vectors.wait_searchable().await
+    }
+
+    /// Drops the collection and forgets its catalog rows and runs.
+    pub async fn drop(&self) -> Result<()> {
+        self.vectors.drop_collection().await?;
+        self.catalog.drop_collection().await
+    }
 }
 
 /// The id of an object key: the first 8 bytes of its SHA-256, as a non-negative i64. The same key

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -11,6 +10,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use url::Url;
+
+use super::{Context, Error, Result};
 
 /// Default include patterns: the formats we decode.
 pub const DEFAULT_INCLUDE: &[&str] = &["**/*.jpg", "**/*.jpeg", "**/*.png", "**/*.webp"];
@@ -35,7 +36,7 @@ pub struct SourceConfig {
     pub credentials: Option<S3Credentials>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct S3Credentials {
     pub access_key_id: String,
     pub secret_access_key: String,
@@ -60,7 +61,8 @@ impl Source {
         let url = parse_url(&cfg.url)?;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
             "s3" => {
-                let bucket = url.host_str().context("s3 URL has no bucket")?;
+                let bucket =
+                    url.host_str().ok_or_else(|| Error::Invalid(format!("{url}: an s3 URL needs a bucket")))?;
                 // Keys and region come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod with a Secret.
                 let mut b =
                     AmazonS3Builder::from_env().with_bucket_name(bucket).with_virtual_hosted_style_request(false);
@@ -73,16 +75,23 @@ impl Source {
                 if let Some(ep) = &cfg.endpoint {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
-                (Arc::new(b.build().context("configuring the S3 client")?), Path::parse(url.path())?)
+                let prefix =
+                    Path::parse(url.path()).map_err(|e| Error::Invalid(format!("bad prefix in {url}: {e}")))?;
+                (Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the S3 client: {e}")))?), prefix)
             }
             "file" => {
-                let dir = url.to_file_path().map_err(|_| anyhow::anyhow!("bad file URL {url}"))?;
+                let dir = url.to_file_path().map_err(|_| Error::Invalid(format!("bad file URL {url}")))?;
                 if !dir.is_dir() {
-                    bail!("{} is not a directory", dir.display());
+                    return Err(Error::Invalid(format!("{} is not a directory", dir.display())));
                 }
-                (Arc::new(LocalFileSystem::new_with_prefix(&dir)?), Path::default())
+                let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| Error::Invalid(e.to_string()))?;
+                (Arc::new(fs), Path::default())
             }
-            other => bail!("unsupported source scheme {other}:// (s3:// and file:// are supported)"),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unsupported source scheme {other}:// (s3:// and file:// are supported)"
+                )));
+            }
         };
         let patterns: Vec<&str> = if cfg.include.is_empty() {
             DEFAULT_INCLUDE.to_vec()
@@ -92,13 +101,16 @@ impl Source {
         let mut set = GlobSetBuilder::new();
         for p in patterns {
             // Case-insensitive: photo.JPG is as much a photo as photo.jpg.
-            set.add(Glob::new(&p.to_lowercase()).with_context(|| format!("bad include glob {p:?}"))?);
+            let glob =
+                Glob::new(&p.to_lowercase()).map_err(|e| Error::Invalid(format!("bad include glob {p:?}: {e}")))?;
+            set.add(glob);
         }
-        Ok(Self { store, prefix, include: set.build()? })
+        let include = set.build().map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(Self { store, prefix, include })
     }
 
     fn location(&self, key: &str) -> Result<Path> {
-        let key = Path::parse(key).with_context(|| format!("bad object key {key:?}"))?;
+        let key = Path::parse(key).map_err(|e| Error::Invalid(format!("bad object key {key:?}: {e}")))?;
         let mut loc = self.prefix.clone();
         loc.extend(key.parts());
         Ok(loc)
@@ -107,7 +119,7 @@ impl Source {
     /// Every object under the prefix that an include glob matches, sorted by key.
     pub async fn list(&self) -> Result<Vec<Object>> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let metas: Vec<_> = self.store.list(prefix).try_collect().await.context("listing the source")?;
+        let metas: Vec<_> = self.store.list(prefix).try_collect().await.ctx("listing the source")?;
         let strip = self.prefix.as_ref().len();
         let mut out: Vec<Object> = metas
             .into_iter()
@@ -123,22 +135,32 @@ impl Source {
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         let loc = self.location(key)?;
-        Ok(self.store.get(&loc).await?.bytes().await?)
+        let got = self.store.get(&loc).await.map_err(|e| bucket_error(key, "fetching", e))?;
+        got.bytes().await.map_err(|e| bucket_error(key, "fetching", e))
     }
 
     /// Writes an object; returns its etag.
     pub async fn put(&self, key: &str, data: Bytes) -> Result<Option<String>> {
-        Ok(self.store.put(&self.location(key)?, data.into()).await?.e_tag)
+        let put = self.store.put(&self.location(key)?, data.into()).await;
+        Ok(put.map_err(|e| bucket_error(key, "writing", e))?.e_tag)
     }
 
     /// The object's bytes as a stream, for serving it without holding it in memory.
     pub async fn stream(&self, key: &str) -> Result<futures::stream::BoxStream<'static, object_store::Result<Bytes>>> {
-        Ok(self.store.get(&self.location(key)?).await?.into_stream())
+        let got = self.store.get(&self.location(key)?).await.map_err(|e| bucket_error(key, "fetching", e))?;
+        Ok(got.into_stream())
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
-        self.store.delete(&self.location(key)?).await?;
-        Ok(())
+        self.store.delete(&self.location(key)?).await.map_err(|e| bucket_error(key, "deleting", e))
+    }
+}
+
+/// NotFound is its own case: the sync skips an object deleted since the listing.
+fn bucket_error(key: &str, doing: &str, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::NotFound { .. } => Error::NotFound(format!("object {key:?}")),
+        e => Error::backend(format!("{doing} {key:?}"), e),
     }
 }
 
@@ -147,10 +169,11 @@ fn parse_url(s: &str) -> Result<Url> {
         Ok(u) => Ok(u),
         // A bare path: a local folder.
         Err(url::ParseError::RelativeUrlWithoutBase) => {
-            let abs = std::path::absolute(s)?;
-            Url::from_directory_path(&abs).map_err(|_| anyhow::anyhow!("bad path {s}"))
+            let bad = || Error::Invalid(format!("bad path {s}"));
+            let abs = std::path::absolute(s).map_err(|_| bad())?;
+            Url::from_directory_path(&abs).map_err(|_| bad())
         }
-        Err(e) => Err(e).with_context(|| format!("bad source URL {s:?}")),
+        Err(e) => Err(Error::Invalid(format!("bad source URL {s:?}: {e}"))),
     }
 }
 

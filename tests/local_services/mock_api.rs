@@ -18,7 +18,7 @@ use imageindex::controller::metrics::Metrics;
 use imageindex::controller::reconcile::{Context, Settings, reconcile};
 use imageindex::crd::{ImageIndex, ImageIndexStatus, Phase};
 
-use super::{Fixture, env};
+use super::support::{Fixture, env};
 
 /// What the fake apiserver holds.
 #[derive(Clone, Default)]
@@ -327,7 +327,7 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     assert!(applied.iter().any(|c| c.path.ends_with("/services/photos-search")));
 
     // A Job completed for this generation and the object is in the catalog: Ready.
-    let backends = fx.backends(imageindex::store::IndexKind::Hnsw).await;
+    let backends = fx.backends(imageindex::core::IndexKind::Hnsw).await;
     fx.sync(&backends).await;
     let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, Some(("Complete", "")))], ..live_cluster() };
     let (action, calls) = run(imageindex(live_spec(&fx), false), cluster).await;

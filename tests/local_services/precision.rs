@@ -19,9 +19,10 @@ use std::time::Instant;
 
 use ndarray::Array2;
 
-use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Precision, Preprocessor, TENSOR_LEN};
+use imageindex::core::Precision;
+use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Preprocessor, TENSOR_LEN};
 
-use super::env;
+use super::support::env;
 
 const BATCH: usize = 32;
 

@@ -1,0 +1,66 @@
+//! `imageindex controller`: its flags, and starting the operator from them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{ControllerConfig, Settings};
+use crate::env;
+
+#[derive(clap::Args)]
+pub struct ControllerArgs {
+    /// Image for embedding Jobs and search pods when an ImageIndex names none.
+    #[arg(long, env = env::IMAGE, default_value = concat!("ghcr.io/imageindex/imageindex:", env!("CARGO_PKG_VERSION")))]
+    image: String,
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = env::WATCH_NAMESPACE)]
+    namespace: Option<String>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = env::METRICS_LISTEN, default_value = "127.0.0.1:8081")]
+    metrics_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (in a pod: its own namespace).
+    #[arg(long, env = env::POD_NAMESPACE, default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, env = env::LEASE_NAME, default_value = "imageindex-controller")]
+    lease_name: String,
+    /// Run without leader election (only ever one replica).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// This replica's name in the Lease (in a pod: its name).
+    #[arg(long, env = env::POD_NAME)]
+    identity: Option<String>,
+    /// Seconds allowed for each Milvus and MySQL call the controller makes.
+    #[arg(long, env = env::IO_TIMEOUT, default_value_t = 10)]
+    io_timeout: u64,
+    /// Seconds allowed for listing a bucket and diffing it against the catalog.
+    #[arg(long, env = env::LIST_TIMEOUT, default_value_t = 300)]
+    list_timeout: u64,
+}
+
+impl ControllerArgs {
+    pub async fn run(self) -> Result<()> {
+        let client =
+            kube::Client::try_default().await.context("connecting to Kubernetes (in-cluster or kubeconfig)")?;
+        let indexed_jobs = super::indexed_jobs_supported(&client).await;
+        // The pod's name where POD_NAME is not set: the hostname a pod gets is its name.
+        let identity = self.identity.unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| format!("imageindex-{}", std::process::id()))
+        });
+        let config = ControllerConfig {
+            settings: Settings {
+                default_image: self.image,
+                indexed_jobs,
+                io_timeout: Duration::from_secs(self.io_timeout),
+                list_timeout: Duration::from_secs(self.list_timeout),
+            },
+            namespace: self.namespace,
+            listen: self.metrics_listen,
+            lease: (!self.no_leader_election).then_some((self.lease_namespace, self.lease_name)),
+            identity,
+        };
+        super::run(client, config).await
+    }
+}

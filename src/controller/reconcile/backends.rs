@@ -1,0 +1,117 @@
+//! Backends: the collection in Milvus and the catalog in MySQL, ready for the Jobs' vectors, and
+//! the diff of the bucket against the catalog. Each call is bounded by a timeout; a backend that
+//! is not ready is a condition, not an error.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::validate::Ready;
+use crate::controller::status::{COLLECTION_READY, MILVUS_READY, Observed, reason};
+use crate::core::ModelId;
+use crate::crd::ImageIndex;
+use crate::store::{self, Catalog, MilvusConfig, S3Credentials, Source, SourceConfig, VectorStore};
+use crate::sync::plan;
+
+/// ResNet50's pooled output.
+const DIM: usize = 2048;
+
+/// A backend call that failed or did not answer in time.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("no answer in {0:?}")]
+    Timeout(Duration),
+    /// It cannot be used yet (credentials missing, Milvus not ready): the message says why.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub async fn within<T, E: Into<Error>>(limit: Duration, f: impl Future<Output = Result<T, E>>) -> Result<T, Error> {
+    tokio::time::timeout(limit, f).await.map_err(|_| Error::Timeout(limit))?.map_err(Into::into)
+}
+
+/// The vectors the Jobs will make: recorded with a new collection, checked against an old one.
+pub fn model_id(ii: &ImageIndex) -> ModelId {
+    ModelId {
+        model: ii.spec.embedding.model_uri.rsplit('/').next().unwrap_or_default().to_string(),
+        precision: ii.spec.embedding.precision,
+    }
+}
+
+pub fn milvus_config(ii: &ImageIndex, url: String, token: Option<String>) -> MilvusConfig {
+    MilvusConfig { url, token, collection: ii.collection(), index: ii.spec.milvus.index.kind }
+}
+
+fn mismatch(e: &Error) -> Option<Observed> {
+    match e {
+        Error::Store(store::Error::ModelMismatch(m)) => {
+            Some(Observed::no(COLLECTION_READY, reason::MODEL_MISMATCH, &m.0))
+        }
+        _ => None,
+    }
+}
+
+/// The collection made (or checked), its index and load; the catalog migrated and claimed. On
+/// success, the catalog and the two conditions that hold; otherwise the conditions that say why.
+pub async fn ensure(
+    ii: &ImageIndex,
+    ready: &Ready,
+    timeout: Duration,
+) -> Result<(Catalog, Vec<Observed>), Vec<Observed>> {
+    let url = &ready.milvus_url;
+    let model = model_id(ii);
+    let milvus = milvus_config(ii, url.clone(), ready.milvus_token.clone());
+    let vectors = async {
+        let v = VectorStore::connect(&milvus).await?;
+        v.ensure_collection(DIM, &model, false).await
+    };
+    if let Err(e) = within(timeout, vectors).await {
+        return Err(match mismatch(&e) {
+            Some(m) => vec![Observed::yes(MILVUS_READY, reason::READY, url), m],
+            None => vec![Observed::no(MILVUS_READY, reason::MILVUS_UNAVAILABLE, format!("{url}: {e}"))],
+        });
+    }
+    let catalog = async {
+        let c = Catalog::connect(&ready.mysql_url, &milvus.collection, &model.to_string()).await?;
+        c.claim(&model, false).await?;
+        Ok::<_, store::Error>(c)
+    };
+    match within(timeout, catalog).await {
+        Ok(c) => Ok((
+            c,
+            vec![
+                Observed::yes(MILVUS_READY, reason::READY, format!("Milvus at {url}")),
+                Observed::yes(
+                    COLLECTION_READY,
+                    reason::READY,
+                    format!("collection {} loaded; catalog tables migrated", milvus.collection),
+                ),
+            ],
+        )),
+        Err(e) => Err(vec![
+            Observed::yes(MILVUS_READY, reason::READY, url),
+            mismatch(&e).unwrap_or_else(|| Observed::no(COLLECTION_READY, reason::MYSQL_UNAVAILABLE, e.to_string())),
+        ]),
+    }
+}
+
+/// Lists the bucket (with the source's credentials) and diffs it against the catalog:
+/// (objects discovered, objects new, changed or deleted).
+pub async fn diff(
+    ii: &ImageIndex,
+    credentials: &Result<Option<S3Credentials>, String>,
+    catalog: &Catalog,
+) -> Result<(u64, u64), Error> {
+    let s = &ii.spec.source;
+    let credentials = credentials.clone().map_err(Error::Unavailable)?;
+    let source = Source::open(&SourceConfig {
+        url: s.url.clone(),
+        endpoint: s.endpoint.clone(),
+        include: s.include.clone(),
+        credentials,
+    })?;
+    let listing = source.list().await?;
+    let p = plan(listing, catalog.entries(0, 1).await?, 0, 1);
+    Ok((p.discovered as u64, (p.new.len() + p.changed.len() + p.deleted.len()) as u64))
+}

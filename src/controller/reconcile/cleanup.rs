@@ -1,0 +1,78 @@
+//! Deletion: stop running Jobs, then apply the deletion policy. Owned objects go with the
+//! ImageIndex (garbage collection by owner reference).
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PropagationPolicy};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use tracing::warn;
+
+use super::Context;
+use super::apply::publish;
+use super::backends::{self, milvus_config, within};
+use super::dereference::{self, Milvus};
+use super::validate::{self, MilvusSource};
+use crate::controller::builders;
+use crate::crd::{DeletionPolicy, ImageIndex};
+use crate::store::{Catalog, VectorStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Dereference(#[from] dereference::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cleanup of {0} failed, will retry: {1}")]
+    Backend(String, backends::Error),
+}
+
+pub async fn cleanup(ii: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
+    let ns = ii.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+    jobs.delete_collection(&dp, &ListParams::default().labels(&builders::embed_selector(ii))).await?;
+    let collection = ii.collection();
+    if ii.spec.deletion_policy == DeletionPolicy::Retain {
+        let note = format!("collection {collection} and its catalog rows are kept");
+        publish(ctx, ii, EventType::Normal, "Retained", note).await;
+        return Ok(Action::await_change());
+    }
+    let timeout = ctx.settings.io_timeout;
+    let failed = |what: &str, e| Error::Backend(format!("{what} {collection}"), e);
+    // An invalid spec made no collection through a ref; its address, if any, is still tried.
+    let source = validate::validate(ii)
+        .map(|spec| spec.milvus)
+        .ok()
+        .or_else(|| ii.spec.milvus.address.as_deref().map(|a| MilvusSource::Address(validate::address(a))));
+    // A Milvus or Secret that is already gone has nothing left to clean up.
+    let milvus = match source {
+        Some(source) => dereference::milvus(&ctx.client, &source).await?,
+        None => Milvus::NotFound("no Milvus in the spec".into()),
+    };
+    match milvus {
+        Milvus::Ready(url) => {
+            let token = match &ii.spec.milvus.credentials_secret_ref {
+                Some(r) => dereference::secret_key(&ctx.client, &ns, r).await?.ok(),
+                None => None,
+            };
+            let cfg = milvus_config(ii, url, token);
+            within(timeout, async { VectorStore::connect(&cfg).await?.drop_collection().await })
+                .await
+                .map_err(|e| failed("Milvus collection", e))?;
+        }
+        Milvus::NotFound(_) => warn!(%collection, "Milvus is gone; nothing to drop there"),
+        Milvus::NotReady(msg) => {
+            return Err(failed("Milvus collection", backends::Error::Unavailable(msg)));
+        }
+    }
+    match dereference::secret_key(&ctx.client, &ns, &ii.spec.mysql.secret_ref).await? {
+        Ok(url) => within(timeout, async { Catalog::connect(&url, &collection, "").await?.drop_collection().await })
+            .await
+            .map_err(|e| failed("catalog rows of", e))?,
+        Err(missing) => warn!(%collection, "{}; catalog rows not dropped", missing.message),
+    }
+    let note = format!("dropped collection {collection} and its catalog rows");
+    publish(ctx, ii, EventType::Normal, "Deleted", note).await;
+    Ok(Action::await_change())
+}

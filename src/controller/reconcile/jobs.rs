@@ -1,0 +1,224 @@
+//! Embedding Jobs: what the cluster's Jobs say, and the decision whether to start one. Pure: the
+//! driver lists the Jobs and the bucket, and acts on the decision.
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use crate::controller::builders::GENERATION;
+
+/// A Job as the decision needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobView {
+    pub name: String,
+    /// The spec generation it was created for.
+    pub generation: i64,
+    pub created: Option<Timestamp>,
+    pub finished: Option<Time>,
+    pub completions: i32,
+    pub succeeded: i32,
+    pub state: JobState,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobState {
+    Active,
+    Succeeded,
+    Failed(String),
+}
+
+impl JobView {
+    pub fn of(j: &Job) -> Self {
+        let status = j.status.clone().unwrap_or_default();
+        let cond = |t: &str| status.conditions.iter().flatten().find(|c| c.type_ == t && c.status == "True").cloned();
+        let state = match (cond("Complete"), cond("Failed")) {
+            (Some(_), _) => JobState::Succeeded,
+            (_, Some(c)) => JobState::Failed(c.message.or(c.reason).unwrap_or_else(|| "failed".into())),
+            _ => JobState::Active,
+        };
+        let finished = status.completion_time.clone().or_else(|| cond("Failed").and_then(|c| c.last_transition_time));
+        Self {
+            name: j.name_any(),
+            generation: j.annotations().get(GENERATION).and_then(|g| g.parse().ok()).unwrap_or_default(),
+            created: j.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            finished,
+            completions: j.spec.as_ref().and_then(|s| s.completions).unwrap_or(1),
+            succeeded: status.succeeded.unwrap_or(0),
+            state,
+        }
+    }
+}
+
+/// The last diff of the bucket against the catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diff {
+    pub at: Timestamp,
+    /// The spec generation it was made for, and the last finished Job it was made after.
+    pub generation: i64,
+    pub after_job: Option<String>,
+    /// Objects in the bucket, and objects new, changed or deleted since the catalog saw them.
+    pub discovered: u64,
+    pub pending: u64,
+}
+
+/// What the decision looks at.
+pub struct Inputs<'a> {
+    pub jobs: &'a [JobView],
+    pub generation: i64,
+    /// The generation the last successful Job indexed.
+    pub synced_generation: Option<i64>,
+    pub resync: Duration,
+    pub diff: Option<&'a Diff>,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobDecision {
+    /// A Job runs: never a second one.
+    Running { name: String, succeeded: i32, completions: i32 },
+    /// The latest Job failed for this spec within the resync interval: wait the rest of it.
+    FailedRecently { name: String, why: String, retry_in: Duration },
+    /// No recent diff holds: list the bucket and decide again.
+    Diff,
+    /// Start a Job, for this reason.
+    Create { why: String },
+    /// Nothing to do until the next resync.
+    UpToDate { discovered: u64 },
+}
+
+/// The newest Job that is no longer running.
+pub fn latest_done(jobs: &[JobView]) -> Option<&JobView> {
+    jobs.iter().filter(|j| j.state != JobState::Active).max_by_key(|j| j.created)
+}
+
+fn age(t: &Time, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(t.0)).unwrap_or_default()
+}
+
+pub fn decide(i: &Inputs) -> JobDecision {
+    if let Some(j) = i.jobs.iter().find(|j| j.state == JobState::Active) {
+        return JobDecision::Running { name: j.name.clone(), succeeded: j.succeeded, completions: j.completions };
+    }
+    let latest = latest_done(i.jobs);
+    if let Some(j) = latest
+        && let JobState::Failed(why) = &j.state
+        && j.generation == i.generation
+        && let Some(finished) = &j.finished
+        && age(finished, i.now) < i.resync
+    {
+        let retry_in = i.resync.saturating_sub(age(finished, i.now)).max(Duration::from_secs(5));
+        return JobDecision::FailedRecently { name: j.name.clone(), why: why.clone(), retry_in };
+    }
+    let last_job = latest.map(|j| j.name.clone());
+    let holds = |d: &&Diff| {
+        Duration::try_from(i.now.duration_since(d.at)).unwrap_or_default() < i.resync
+            && d.generation == i.generation
+            && d.after_job == last_job
+    };
+    let Some(diff) = i.diff.filter(holds) else { return JobDecision::Diff };
+    if i.synced_generation != Some(i.generation) {
+        JobDecision::Create { why: format!("spec generation {} not indexed yet", i.generation) }
+    } else if diff.pending > 0 {
+        JobDecision::Create { why: format!("{} objects new, changed or deleted", diff.pending) }
+    } else {
+        JobDecision::UpToDate { discovered: diff.discovered }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn at(secs_ago: i64) -> Timestamp {
+        Timestamp::from_second(NOW - secs_ago).unwrap()
+    }
+
+    fn job(name: &str, generation: i64, state: JobState, finished_ago: Option<i64>) -> JobView {
+        JobView {
+            name: name.into(),
+            generation,
+            created: Some(at(3600)),
+            finished: finished_ago.map(|s| Time(at(s))),
+            completions: 2,
+            succeeded: 1,
+            state,
+        }
+    }
+
+    fn diff(secs_ago: i64, after: Option<&str>, pending: u64) -> Diff {
+        Diff { at: at(secs_ago), generation: 3, after_job: after.map(Into::into), discovered: 10, pending }
+    }
+
+    fn decide_with(jobs: &[JobView], synced: Option<i64>, d: Option<&Diff>) -> JobDecision {
+        decide(&Inputs {
+            jobs,
+            generation: 3,
+            synced_generation: synced,
+            resync: Duration::from_secs(600),
+            diff: d,
+            now: at(0),
+        })
+    }
+
+    #[test]
+    fn a_running_job_is_never_doubled() {
+        let running = [job("j2", 3, JobState::Active, None), job("j1", 3, JobState::Succeeded, Some(10))];
+        let d = decide_with(&running, Some(3), Some(&diff(1, Some("j1"), 5)));
+        assert_eq!(d, JobDecision::Running { name: "j2".into(), succeeded: 1, completions: 2 });
+    }
+
+    #[test]
+    fn a_failed_job_waits_out_the_interval_for_its_generation_only() {
+        let failed = [job("j1", 3, JobState::Failed("BackoffLimitExceeded".into()), Some(100))];
+        let d = decide_with(&failed, Some(2), None);
+        let JobDecision::FailedRecently { retry_in, why, .. } = d else { panic!("{d:?}") };
+        assert_eq!((retry_in, why.as_str()), (Duration::from_secs(500), "BackoffLimitExceeded"));
+        // Long ago, or for an older spec: try again (after a fresh diff).
+        let old = [job("j1", 3, JobState::Failed("x".into()), Some(700))];
+        assert_eq!(decide_with(&old, Some(2), None), JobDecision::Diff);
+        let other_spec = [job("j1", 2, JobState::Failed("x".into()), Some(100))];
+        assert_eq!(decide_with(&other_spec, Some(2), None), JobDecision::Diff);
+    }
+
+    #[test]
+    fn a_diff_holds_for_the_interval_the_spec_and_the_last_job() {
+        let done = [job("j1", 3, JobState::Succeeded, Some(50))];
+        assert_eq!(decide_with(&done, Some(3), None), JobDecision::Diff, "no diff yet");
+        assert_eq!(decide_with(&done, Some(3), Some(&diff(700, Some("j1"), 0))), JobDecision::Diff, "too old");
+        assert_eq!(decide_with(&done, Some(3), Some(&diff(5, None, 0))), JobDecision::Diff, "made before j1");
+        let other_gen = Diff { generation: 2, ..diff(5, Some("j1"), 0) };
+        assert_eq!(decide_with(&done, Some(3), Some(&other_gen)), JobDecision::Diff, "another spec");
+        assert_eq!(
+            decide_with(&done, Some(3), Some(&diff(5, Some("j1"), 0))),
+            JobDecision::UpToDate { discovered: 10 }
+        );
+    }
+
+    #[test]
+    fn work_or_a_new_spec_starts_a_job() {
+        let done = [job("j1", 3, JobState::Succeeded, Some(50))];
+        let d = decide_with(&done, Some(3), Some(&diff(5, Some("j1"), 4)));
+        assert_eq!(d, JobDecision::Create { why: "4 objects new, changed or deleted".into() });
+        let d = decide_with(&done, Some(2), Some(&diff(5, Some("j1"), 0)));
+        assert_eq!(d, JobDecision::Create { why: "spec generation 3 not indexed yet".into() });
+        assert_eq!(
+            decide_with(&[], None, Some(&diff(5, None, 0))),
+            JobDecision::Create { why: "spec generation 3 not indexed yet".into() }
+        );
+    }
+
+    #[test]
+    fn the_latest_finished_job_is_the_newest_created() {
+        let mut a = job("a", 1, JobState::Succeeded, Some(10));
+        a.created = Some(at(100));
+        let mut b = job("b", 1, JobState::Failed("x".into()), Some(20));
+        b.created = Some(at(50));
+        let running = job("c", 1, JobState::Active, None);
+        assert_eq!(latest_done(&[a, b, running]).unwrap().name, "b");
+    }
+}

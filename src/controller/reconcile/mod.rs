@@ -1,0 +1,247 @@
+//! One reconcile of an ImageIndex, as steps, each a module with its own error type:
+//!
+//!   validate (pure) -> dereference (the only step that reads the cluster) -> validate::ready
+//!   (pure) -> backends (Milvus, MySQL) -> apply (search Deployment and Service) -> jobs (a pure
+//!   decision, then a Job if it says so) -> update_status
+//!
+//! A missing dependency halts the steps with conditions that say why, and a requeue with backoff,
+//! never an error loop; only Kubernetes API failures are errors. `cleanup` runs on deletion.
+
+mod apply;
+mod backends;
+mod cleanup;
+mod context;
+pub mod dereference;
+pub mod jobs;
+mod update_status;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
+use tracing::warn;
+
+pub use context::{Context, Settings};
+pub use dereference::milvus_resource;
+
+use backends::within;
+use dereference::Refs;
+use jobs::{Diff, Inputs, JobDecision, JobState};
+use validate::ValidSpec;
+
+use super::builders::{self, Resolved};
+use super::status::{INDEXED, Observed, reason};
+use crate::crd::{ImageIndex, ImageIndexStatus};
+use crate::store::Catalog;
+
+pub const MANAGER: &str = "imageindex-controller";
+pub const FINALIZER: &str = "imageindex.dev/cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading references: {0}")]
+    Dereference(#[from] dereference::Error),
+    #[error("applying owned objects: {0}")]
+    Apply(#[from] apply::Error),
+    #[error("writing status: {0}")]
+    Status(#[from] update_status::Error),
+    #[error("{0}")]
+    Cleanup(#[from] cleanup::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The `error` label of the reconcile failure metric: which step failed.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Dereference(_) => "dereference",
+            Error::Apply(_) => "apply",
+            Error::Status(_) => "status",
+            Error::Cleanup(_) => "cleanup",
+            Error::Finalizer(e) => match e.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+        }
+    }
+}
+
+/// Why the steps stopped before the end.
+enum Halt {
+    /// The spec cannot work as written: these conditions say why; wait for it to change.
+    Invalid(Vec<Observed>),
+    /// A dependency is not there yet: these conditions say which; retry with backoff.
+    Blocked(Vec<Observed>),
+    /// The Kubernetes API failed.
+    Error(Error),
+}
+
+impl From<dereference::Error> for Halt {
+    fn from(e: dereference::Error) -> Self {
+        Halt::Error(e.into())
+    }
+}
+
+impl From<apply::Error> for Halt {
+    fn from(e: apply::Error) -> Self {
+        Halt::Error(e.into())
+    }
+}
+
+pub async fn reconcile(ii: Arc<ImageIndex>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api: Api<ImageIndex> = Api::namespaced(ctx.client.clone(), &ii.namespace().unwrap_or_default());
+    let result = finalizer(&api, FINALIZER, ii, |event| async {
+        match event {
+            Finalizer::Apply(ii) => apply(&ii, &ctx).await,
+            Finalizer::Cleanup(ii) => Ok(cleanup::cleanup(&ii, &ctx).await?),
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.observe(started.elapsed(), result.as_ref().err().map(Error::metric_label));
+    result
+}
+
+/// A live ImageIndex: run the steps, then write what they observed, halted or not.
+async fn apply(ii: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
+    let key = object_key(ii);
+    let mut status = ii.status.clone().unwrap_or_default();
+    let (observed, action, settled) = match steps(ii, ctx, &mut status).await {
+        Ok((observed, action)) => (observed, action, true),
+        Err(Halt::Invalid(observed)) => (observed, Action::await_change(), true),
+        Err(Halt::Blocked(observed)) => (observed, ctx.backoff(&key), false),
+        Err(Halt::Error(e)) => return Err(e),
+    };
+    if settled {
+        ctx.set_memo(&key, |m| m.retries = 0);
+    }
+    update_status::write(ii, ctx, status, &observed).await?;
+    Ok(action)
+}
+
+/// The steps in order: each hands the next what it needs, or halts with the conditions that say why.
+async fn steps(ii: &ImageIndex, ctx: &Context, status: &mut ImageIndexStatus) -> Result<(Vec<Observed>, Action), Halt> {
+    let spec = validate::validate(ii).map_err(|msg| Halt::Invalid(validate::invalid(&msg)))?;
+    let refs = dereference::dereference(ii, &spec, &ctx.client).await?;
+    let ready = validate::ready(&refs).map_err(Halt::Blocked)?;
+    let (catalog, mut observed) = backends::ensure(ii, &ready, ctx.settings.io_timeout).await.map_err(Halt::Blocked)?;
+    status.collection = Some(ii.collection());
+    let resolved = Resolved {
+        milvus_url: ready.milvus_url,
+        collection: ii.collection(),
+        default_image: ctx.settings.default_image.clone(),
+        indexed_jobs: ctx.settings.indexed_jobs,
+    };
+    // The search objects first: search answers while indexing runs.
+    observed.push(apply::search(ii, ctx, &resolved, &refs.search_token).await?);
+    status.endpoint = Some(builders::endpoint(ii));
+    let action = embedding(ii, ctx, &spec, &refs, &catalog, &resolved, status, &mut observed).await?;
+    counts(ii, ctx, &catalog, status).await;
+    Ok((observed, action))
+}
+
+/// Embedding Jobs: at most one at a time; a new one when the spec changed or the bucket did.
+/// Pushes the Indexed condition; returns when to come back.
+#[allow(clippy::too_many_arguments)]
+async fn embedding(
+    ii: &ImageIndex,
+    ctx: &Context,
+    spec: &ValidSpec,
+    refs: &Refs,
+    catalog: &Catalog,
+    resolved: &Resolved,
+    status: &mut ImageIndexStatus,
+    observed: &mut Vec<Observed>,
+) -> Result<Action, Halt> {
+    let key = object_key(ii);
+    let jobs = dereference::jobs(ii, &ctx.client).await?;
+    let latest = jobs::latest_done(&jobs);
+    if let Some(j) = latest.filter(|j| j.state == JobState::Succeeded && status.last_sync_time != j.finished) {
+        status.synced_generation = Some(j.generation.max(status.synced_generation.unwrap_or_default()));
+        status.last_sync_time = j.finished.clone();
+        apply::publish(ctx, ii, EventType::Normal, "Indexed", format!("Job {} completed", j.name)).await;
+    }
+    let generation = ii.metadata.generation.unwrap_or_default();
+    let inputs = |diff| Inputs {
+        jobs: &jobs,
+        generation,
+        synced_generation: status.synced_generation,
+        resync: spec.resync,
+        diff,
+        now: Timestamp::now(),
+    };
+    let remembered = ctx.memo(&key).diff;
+    let mut decision = jobs::decide(&inputs(remembered.as_ref()));
+    if decision == JobDecision::Diff {
+        let url = &ii.spec.source.url;
+        let listed = within(ctx.settings.list_timeout, backends::diff(ii, &refs.source_credentials, catalog)).await;
+        let (discovered, pending) = listed.map_err(|e| {
+            observed.push(Observed::no(INDEXED, reason::SOURCE_UNAVAILABLE, format!("listing {url}: {e}")));
+            Halt::Blocked(std::mem::take(observed))
+        })?;
+        let after_job = latest.map(|j| j.name.clone());
+        let diff = Diff { at: Timestamp::now(), generation, after_job, discovered, pending };
+        ctx.set_memo(&key, |m| m.diff = Some(diff.clone()));
+        decision = jobs::decide(&inputs(Some(&diff)));
+    }
+    status.current_job = None;
+    let (indexed, action) = match decision {
+        JobDecision::Running { name, succeeded, completions } => {
+            let progress = within(ctx.settings.io_timeout, catalog.progress()).await.ok().and_then(|p| p.run);
+            let progress = progress.map(|r| {
+                format!(", {} of {} planned objects done", r.progress.indexed + r.progress.failed, r.progress.planned)
+            });
+            let msg = format!("Job {name}: {succeeded} of {completions} shards done{}", progress.unwrap_or_default());
+            status.current_job = Some(name);
+            (Observed::no(INDEXED, reason::INDEXING, msg), Action::requeue(Duration::from_secs(30)))
+        }
+        JobDecision::FailedRecently { name, why, retry_in } => {
+            let interval = &ii.spec.source.resync_interval;
+            let msg = format!("Job {name} failed: {why}; retrying after {interval}");
+            (Observed::no(INDEXED, reason::JOB_FAILED, msg), Action::requeue(retry_in))
+        }
+        JobDecision::Create { why } => {
+            let name = apply::job(ii, ctx, resolved, &why).await?;
+            let msg = format!("Job {name}: {why}");
+            status.current_job = Some(name);
+            (Observed::no(INDEXED, reason::INDEXING, msg), Action::requeue(Duration::from_secs(30)))
+        }
+        JobDecision::UpToDate { discovered } => {
+            let msg = format!("{discovered} objects in sync with {}", ii.spec.source.url);
+            (Observed::yes(INDEXED, reason::UP_TO_DATE, msg), Action::requeue(spec.resync))
+        }
+        JobDecision::Diff => unreachable!("a diff made just now holds"),
+    };
+    observed.push(indexed);
+    Ok(action)
+}
+
+/// Counts: the bucket's from the last diff (kept while a Job runs: the informer's copy of our own
+/// status can lag behind the write that set them), the catalog's fresh.
+async fn counts(ii: &ImageIndex, ctx: &Context, catalog: &Catalog, status: &mut ImageIndexStatus) {
+    if let Some(d) = ctx.memo(&object_key(ii)).diff {
+        status.images.discovered = d.discovered;
+        status.images.pending = d.pending;
+    }
+    if let Ok(c) = within(ctx.settings.io_timeout, catalog.counts()).await {
+        status.images.indexed = c.indexed;
+        status.images.failed = c.failed;
+    }
+}
+
+pub fn error_policy(ii: Arc<ImageIndex>, err: &Error, ctx: Arc<Context>) -> Action {
+    warn!(name = %ii.name_any(), error = %err, "reconcile failed");
+    ctx.backoff(&object_key(&ii))
+}
+
+fn object_key(ii: &ImageIndex) -> String {
+    format!("{}/{}", ii.namespace().unwrap_or_default(), ii.name_any())
+}

@@ -1,0 +1,174 @@
+//! Validation, pure: the rules the schema cannot state (no CEL on 1.20), and then whether what the
+//! spec refers to is there. Each returns a validated type, or the conditions that say why not.
+
+use std::time::Duration;
+
+use kube::ResourceExt;
+
+use super::dereference::{Milvus, Refs};
+use crate::controller::status::{self, COLLECTION_READY, INDEXED, MILVUS_READY, Observed, SEARCH_READY, reason};
+use crate::crd::{ImageIndex, parse_interval};
+
+/// A spec that passed the rules.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    /// Where to find Milvus: an address as given, or a Milvus CR to resolve.
+    pub milvus: MilvusSource,
+    pub resync: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MilvusSource {
+    /// `http://host:19530`
+    Address(String),
+    Ref {
+        namespace: String,
+        name: String,
+    },
+}
+
+/// A Milvus address as a URL: `host:19530` means `http://host:19530`.
+pub fn address(addr: &str) -> String {
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
+/// The rules the schema cannot state; the message says which and how to fix it.
+pub fn validate(ii: &ImageIndex) -> Result<ValidSpec, String> {
+    let name = ii.name_any();
+    let m = &ii.spec.milvus;
+    let milvus = match (&m.reference, &m.address) {
+        (Some(r), None) => MilvusSource::Ref {
+            namespace: r.namespace.clone().unwrap_or_else(|| ii.namespace().unwrap_or_default()),
+            name: r.name.clone(),
+        },
+        (None, Some(addr)) => MilvusSource::Address(address(addr)),
+        _ => return Err("spec.milvus: set exactly one of `ref` and `address`".into()),
+    };
+    // `<name>-search` must be a DNS label (Service names: a letter first, at most 63 characters).
+    if name.len() > 40 || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(format!(
+            "metadata.name {name:?}: must start with a letter and be at most 40 characters (it names `<name>-search` and Jobs)"
+        ));
+    }
+    let resync = parse_interval(&ii.spec.source.resync_interval).filter(|d| *d >= Duration::from_secs(10));
+    let Some(resync) = resync else {
+        return Err(format!(
+            "spec.source.resyncInterval {:?}: use at least 10s, like `30s`, `10m` or `1h`",
+            ii.spec.source.resync_interval
+        ));
+    };
+    if ii.spec.source.include.is_empty() {
+        return Err("spec.source.include: give at least one glob".into());
+    }
+    Ok(ValidSpec { milvus, resync })
+}
+
+/// Every condition Unknown with the reason: the spec cannot work as written.
+pub fn invalid(message: &str) -> Vec<Observed> {
+    status::ALL.iter().map(|&t| Observed::unknown(t, reason::INVALID_SPEC, message)).collect()
+}
+
+/// What the backends step needs, all present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ready {
+    pub milvus_url: String,
+    pub milvus_token: Option<String>,
+    pub mysql_url: String,
+}
+
+fn waiting(types: &[&'static str]) -> impl Iterator<Item = Observed> {
+    types.iter().map(|&t| Observed::unknown(t, reason::WAITING, "waiting for the conditions before it"))
+}
+
+/// Milvus resolved and the Secrets read, or the conditions that say which is missing.
+pub fn ready(refs: &Refs) -> Result<Ready, Vec<Observed>> {
+    let milvus_url = match &refs.milvus {
+        Milvus::Ready(url) => url.clone(),
+        Milvus::NotFound(msg) => {
+            let blocked = Observed::no(MILVUS_READY, reason::MILVUS_NOT_FOUND, msg);
+            return Err([blocked].into_iter().chain(waiting(&[COLLECTION_READY, INDEXED, SEARCH_READY])).collect());
+        }
+        Milvus::NotReady(msg) => {
+            let blocked = Observed::no(MILVUS_READY, reason::MILVUS_NOT_READY, msg);
+            return Err([blocked].into_iter().chain(waiting(&[COLLECTION_READY, INDEXED, SEARCH_READY])).collect());
+        }
+    };
+    let milvus_token = match &refs.milvus_token {
+        Some(Err(missing)) => return Err(vec![Observed::no(MILVUS_READY, missing.reason, &missing.message)]),
+        Some(Ok(token)) => Some(token.clone()),
+        None => None,
+    };
+    let mysql_url = match &refs.mysql_url {
+        Ok(url) => url.clone(),
+        Err(missing) => {
+            let head = [
+                Observed::yes(MILVUS_READY, reason::READY, &milvus_url),
+                Observed::no(COLLECTION_READY, missing.reason, &missing.message),
+            ];
+            return Err(head.into_iter().chain(waiting(&[INDEXED, SEARCH_READY])).collect());
+        }
+    };
+    Ok(Ready { milvus_url, milvus_token, mysql_url })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::reconcile::dereference::Missing;
+
+    fn ii(spec: serde_json::Value) -> ImageIndex {
+        let mut base = serde_json::json!({"source": {"url": "s3://b/p/"}, "mysql": {"secretRef": {"name": "db"}}});
+        base.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+        serde_json::from_value(serde_json::json!({"apiVersion": "imageindex.dev/v1alpha1", "kind": "ImageIndex",
+            "metadata": {"name": "photos", "namespace": "shop"}, "spec": base}))
+        .unwrap()
+    }
+
+    #[test]
+    fn exactly_one_milvus_and_a_sane_interval() {
+        let both = ii(serde_json::json!({"milvus": {"address": "m:19530", "ref": {"name": "m"}}}));
+        assert!(validate(&both).unwrap_err().contains("exactly one"));
+        let neither = ii(serde_json::json!({"milvus": {}}));
+        assert!(validate(&neither).is_err());
+        let addr = validate(&ii(serde_json::json!({"milvus": {"address": "m:19530"}}))).unwrap();
+        assert_eq!(addr.milvus, MilvusSource::Address("http://m:19530".into()));
+        assert_eq!(addr.resync, Duration::from_secs(600));
+        let r = validate(&ii(serde_json::json!({"milvus": {"ref": {"name": "m"}}}))).unwrap();
+        assert_eq!(r.milvus, MilvusSource::Ref { namespace: "shop".into(), name: "m".into() });
+        let fast =
+            ii(serde_json::json!({"milvus": {"address": "m"}, "source": {"url": "s3://b/", "resyncInterval": "5s"}}));
+        assert!(validate(&fast).unwrap_err().contains("at least 10s"));
+        let none = ii(serde_json::json!({"milvus": {"address": "m"}, "source": {"url": "s3://b/", "include": []}}));
+        assert!(validate(&none).unwrap_err().contains("at least one glob"));
+        let invalid = invalid("x");
+        assert_eq!(invalid.len(), 4);
+        assert!(invalid.iter().all(|o| o.ok.is_none() && o.reason == reason::INVALID_SPEC));
+    }
+
+    #[test]
+    fn what_is_missing_decides_the_conditions() {
+        let missing = |reason| Missing { reason, message: "m".into() };
+        let refs = Refs {
+            milvus: Milvus::Ready("http://m:19530".into()),
+            milvus_token: None,
+            mysql_url: Ok("mysql://db".into()),
+            search_token: Ok(()),
+            source_credentials: Ok(None),
+        };
+        let ok = ready(&refs).unwrap();
+        assert_eq!((ok.milvus_url.as_str(), ok.mysql_url.as_str()), ("http://m:19530", "mysql://db"));
+
+        let no_milvus = Refs { milvus: Milvus::NotFound("gone".into()), ..refs.clone() };
+        let blocked = ready(&no_milvus).unwrap_err();
+        assert_eq!((blocked[0].type_, blocked[0].reason), (MILVUS_READY, reason::MILVUS_NOT_FOUND));
+        assert!(blocked[1..].iter().all(|o| o.reason == reason::WAITING) && blocked.len() == 4);
+
+        let no_db = Refs { mysql_url: Err(missing(reason::SECRET_KEY_MISSING)), ..refs.clone() };
+        let blocked = ready(&no_db).unwrap_err();
+        assert_eq!(blocked[0].ok, Some(true), "Milvus itself is fine");
+        assert_eq!((blocked[1].type_, blocked[1].reason), (COLLECTION_READY, reason::SECRET_KEY_MISSING));
+
+        let no_token = Refs { milvus_token: Some(Err(missing(reason::SECRET_NOT_FOUND))), ..refs };
+        assert_eq!(ready(&no_token).unwrap_err(), vec![Observed::no(MILVUS_READY, reason::SECRET_NOT_FOUND, "m")]);
+    }
+}

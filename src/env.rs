@@ -1,0 +1,63 @@
+//! The environment variables the binary reads: the contract between `imageindex` and the pods the
+//! operator builds. Each name is written here once; the CLI's flags (`env = env::...`) and the
+//! controller's builders both use these constants, and a test checks that every variable the
+//! builders set is one the CLI reads.
+
+// Shared by the data-plane commands (`config`).
+pub const MILVUS_URL: &str = "IMAGEINDEX_MILVUS_URL";
+pub const MILVUS_TOKEN: &str = "IMAGEINDEX_MILVUS_TOKEN";
+pub const COLLECTION: &str = "IMAGEINDEX_COLLECTION";
+pub const INDEX_TYPE: &str = "IMAGEINDEX_INDEX_TYPE";
+pub const MYSQL_URL: &str = "IMAGEINDEX_MYSQL_URL";
+pub const MODEL: &str = "IMAGEINDEX_MODEL";
+pub const DEVICE: &str = "IMAGEINDEX_DEVICE";
+pub const PRECISION: &str = "IMAGEINDEX_PRECISION";
+pub const ALLOW_MIXED_PRECISION: &str = "IMAGEINDEX_ALLOW_MIXED_PRECISION";
+pub const THREADS: &str = "IMAGEINDEX_THREADS";
+pub const ORT_LIB: &str = "ORT_DYLIB_PATH";
+pub const ORT_SPINNING: &str = "IMAGEINDEX_ORT_SPINNING";
+pub const SESSIONS: &str = "IMAGEINDEX_SESSIONS";
+pub const GPU_ID: &str = "IMAGEINDEX_GPU_ID";
+pub const GPU_MEMORY_MIB: &str = "IMAGEINDEX_GPU_MEMORY_MIB";
+pub const CUDA_NHWC: &str = "IMAGEINDEX_CUDA_NHWC";
+pub const CUDA_MAX_WORKSPACE: &str = "IMAGEINDEX_CUDA_MAX_WORKSPACE";
+pub const CUDA_TF32: &str = "IMAGEINDEX_CUDA_TF32";
+pub const TRT_CACHE: &str = "IMAGEINDEX_TRT_CACHE";
+pub const S3_ENDPOINT: &str = "IMAGEINDEX_S3_ENDPOINT";
+pub const INCLUDE: &str = "IMAGEINDEX_INCLUDE";
+pub const MAX_PIXELS: &str = "IMAGEINDEX_MAX_PIXELS";
+pub const MAX_OBJECT_BYTES: &str = "IMAGEINDEX_MAX_OBJECT_BYTES";
+pub const FAST_JPEG: &str = "IMAGEINDEX_FAST_JPEG";
+pub const SOURCE: &str = "IMAGEINDEX_SOURCE";
+
+// `index` and `embed`.
+pub const BATCH_SIZE: &str = "IMAGEINDEX_BATCH_SIZE";
+pub const FETCH_CONCURRENCY: &str = "IMAGEINDEX_FETCH_CONCURRENCY";
+pub const DECODE_WORKERS: &str = "IMAGEINDEX_DECODE_WORKERS";
+/// Set by Kubernetes in an Indexed Job's pods.
+pub const SHARD: &str = "JOB_COMPLETION_INDEX";
+pub const SHARDS: &str = "IMAGEINDEX_SHARDS";
+
+// `serve`.
+pub const LISTEN: &str = "IMAGEINDEX_LISTEN";
+pub const MAX_UPLOAD_BYTES: &str = "IMAGEINDEX_MAX_UPLOAD_BYTES";
+pub const REQUEST_TIMEOUT: &str = "IMAGEINDEX_REQUEST_TIMEOUT";
+pub const MAX_CONCURRENT_EMBEDDINGS: &str = "IMAGEINDEX_MAX_CONCURRENT_EMBEDDINGS";
+pub const TOKEN_FILE: &str = "IMAGEINDEX_TOKEN_FILE";
+pub const TOKEN: &str = "IMAGEINDEX_TOKEN";
+pub const PROTECT_SEARCH: &str = "IMAGEINDEX_PROTECT_SEARCH";
+pub const ALLOW_DROP: &str = "IMAGEINDEX_ALLOW_DROP";
+pub const ALLOW_PRIVATE_URLS: &str = "IMAGEINDEX_ALLOW_PRIVATE_URLS";
+
+// `controller`.
+pub const IMAGE: &str = "IMAGEINDEX_IMAGE";
+pub const WATCH_NAMESPACE: &str = "IMAGEINDEX_WATCH_NAMESPACE";
+pub const METRICS_LISTEN: &str = "IMAGEINDEX_METRICS_LISTEN";
+pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+pub const LEASE_NAME: &str = "IMAGEINDEX_LEASE_NAME";
+pub const POD_NAME: &str = "POD_NAME";
+pub const IO_TIMEOUT: &str = "IMAGEINDEX_IO_TIMEOUT";
+pub const LIST_TIMEOUT: &str = "IMAGEINDEX_LIST_TIMEOUT";
+
+/// Read by the log filter (`telemetry`), not by a flag.
+pub const LOG: &str = "RUST_LOG";

@@ -1,0 +1,88 @@
+//! `imageindex serve`: its flags, and starting the service from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{AppState, ServeConfig};
+use crate::config::{BackendArgs, LimitArgs, ModelArgs, SourceArgs};
+use crate::env;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, env = env::LISTEN, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The bucket or folder the index was built from: needed to serve images, take uploads and delete.
+    #[arg(long, env = env::SOURCE)]
+    source: Option<String>,
+    /// Largest request body, and largest image fetched by URL (bytes).
+    #[arg(long, env = env::MAX_UPLOAD_BYTES, default_value_t = 20 << 20)]
+    max_upload_bytes: usize,
+    /// Whole-request deadline in seconds.
+    #[arg(long, env = env::REQUEST_TIMEOUT, default_value_t = 30)]
+    request_timeout: u64,
+    /// Images embedded at once; more get 503 + Retry-After. 0 = twice the cores.
+    #[arg(long, env = env::MAX_CONCURRENT_EMBEDDINGS, default_value_t = 0)]
+    max_concurrent_embeddings: usize,
+    /// File holding the bearer token for upload, delete and drop (a mounted Secret).
+    #[arg(long, env = env::TOKEN_FILE)]
+    token_file: Option<PathBuf>,
+    /// The token itself (prefer --token-file). Without a token the mutating routes are disabled.
+    #[arg(long, env = env::TOKEN, hide_env_values = true)]
+    token: Option<String>,
+    /// Require the token for search, count, progress and images too.
+    #[arg(long, env = env::PROTECT_SEARCH)]
+    protect_search: bool,
+    /// Enable POST /img/drop (drops the collection and the catalog).
+    #[arg(long, env = env::ALLOW_DROP)]
+    allow_drop: bool,
+    /// Let {"url": ...} queries fetch from loopback and private addresses.
+    #[arg(long, env = env::ALLOW_PRIVATE_URLS)]
+    allow_private_urls: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    src: SourceArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+impl ServeArgs {
+    pub async fn run(self) -> Result<()> {
+        let token = match &self.token_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the token file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => self.token.clone(),
+        };
+        let model = self.model.load()?;
+        let index = self.backend.connect(model.id()).await?;
+        index.ensure(model.dim(), model.id(), self.model.allow_mixed_precision).await?;
+        let source = self.source.clone().map(|url| self.src.open(url)).transpose()?;
+        let defaults = ServeConfig::default();
+        let config = ServeConfig {
+            max_upload_bytes: self.max_upload_bytes,
+            limits: self.limits.decode(),
+            request_timeout: Duration::from_secs(self.request_timeout),
+            max_concurrent_embeddings: match self.max_concurrent_embeddings {
+                0 => defaults.max_concurrent_embeddings,
+                n => n,
+            },
+            token,
+            protect_search: self.protect_search,
+            allow_drop: self.allow_drop,
+            allow_private_urls: self.allow_private_urls,
+        };
+        let state = AppState::new(Arc::new(model), index, source, config);
+        eprintln!("search on http://{}/  (API: POST /img/search, GET /img/count, GET /progress)", self.listen);
+        super::serve(self.listen, Arc::new(state)).await
+    }
+}

@@ -1,0 +1,112 @@
+//! `imageindex index` (a whole bucket or folder, with a progress bar) and `imageindex embed` (one
+//! shard, in an embedding Job's pod): the same sync.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use super::{Backends, Summary, SyncOptions, sync};
+use crate::config::{BackendArgs, LimitArgs, ModelArgs, SourceArgs};
+use crate::env;
+
+#[derive(clap::Args)]
+pub struct IndexArgs {
+    /// `s3://bucket/prefix/`, `file:///path` or a local folder.
+    source: String,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    /// `s3://bucket/prefix/`, `file:///path` or a local folder.
+    #[arg(long, env = env::SOURCE)]
+    source: String,
+    /// This pod's shard (an Indexed Job sets JOB_COMPLETION_INDEX).
+    #[arg(long, env = env::SHARD, default_value_t = 0)]
+    shard: u32,
+    #[arg(long, env = env::SHARDS, default_value_t = 1)]
+    shards: u32,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    src: SourceArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Images per model call.
+    #[arg(long, env = env::BATCH_SIZE, default_value_t = 16)]
+    batch_size: usize,
+    /// Objects fetched concurrently.
+    #[arg(long, env = env::FETCH_CONCURRENCY, default_value_t = 16)]
+    fetch_concurrency: usize,
+    /// Images decoded concurrently; 0 = the cores this process may use.
+    #[arg(long, env = env::DECODE_WORKERS, default_value_t = 0)]
+    decode_workers: usize,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl IndexArgs {
+    pub async fn run(self) -> Result<()> {
+        run(self.source, 0, 1, self.run, true).await
+    }
+}
+
+impl EmbedArgs {
+    pub async fn run(self) -> Result<()> {
+        let (shard, shards) = (self.shard, self.shards);
+        anyhow::ensure!(shards >= 1 && shard < shards, "shard {shard} is not in 0..{shards}");
+        run(self.source, shard, shards, self.run, false).await
+    }
+}
+
+async fn run(source: String, shard: u32, shards: u32, args: RunArgs, progress_bar: bool) -> Result<()> {
+    let model = args.model.load()?;
+    let index = args.backend.connect(model.id()).await?;
+    let source = args.src.open(source)?;
+    let opts = SyncOptions {
+        shard,
+        shards,
+        batch_size: args.batch_size,
+        fetch_concurrency: args.fetch_concurrency,
+        decode_workers: args.decode_workers,
+        limits: args.limits.decode(),
+        max_object_bytes: args.limits.max_object_bytes,
+        progress_bar,
+        mixed_precision: args.model.allow_mixed_precision,
+    };
+    let summary = sync(&Backends { source, index }, Arc::new(model), &opts).await.context("sync failed")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+fn print_summary(s: &Summary) {
+    eprintln!(
+        "discovered {} | new {} changed {} unchanged {} deleted {} | indexed {} failed {} | {:.1} images/s | {} vectors in the collection",
+        s.discovered,
+        s.new,
+        s.changed,
+        s.unchanged,
+        s.deleted,
+        s.indexed,
+        s.failed,
+        s.images_per_second(),
+        s.vectors
+    );
+    for (key, err) in &s.failures {
+        eprintln!("  failed {key}: {err}");
+    }
+}

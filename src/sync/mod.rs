@@ -1,0 +1,93 @@
+//! The sync, the product's core loop: list the source, diff it against the catalog, remove what
+//! is gone, and embed what is new or changed. `plan` decides (pure), `pipeline` fetches, decodes
+//! and embeds, `run` writes and records the run; `cli` is the `index` and `embed` commands.
+//! Uses `embed` and `store`; nothing below it uses it.
+//!
+//! A bad object (corrupt, truncated, not an image, too large) is recorded as failed with its
+//! reason and never stops the run. A backend failure (Milvus, MySQL, the bucket) does: what was
+//! written stays written, and the next run picks up where this one stopped.
+
+pub mod cli;
+mod pipeline;
+pub mod plan;
+mod run;
+
+pub use plan::{Plan, Work, plan, shard_of};
+pub use run::{embed_only, sync};
+
+use crate::embed::{DecodeLimits, ModelError};
+use crate::store::{self, Index, Source};
+
+/// Why a sync stopped. Bad objects never stop it; these do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("the model failed: {0}")]
+    Model(#[from] ModelError),
+    #[error("a pipeline task panicked: {0}")]
+    Panicked(#[from] tokio::task::JoinError),
+}
+
+/// The backends one sync talks to.
+pub struct Backends {
+    pub source: Source,
+    pub index: Index,
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    pub shard: u32,
+    pub shards: u32,
+    pub batch_size: usize,
+    /// Objects fetched at once.
+    pub fetch_concurrency: usize,
+    /// Images decoded at once; 0 = the cores this process may use.
+    pub decode_workers: usize,
+    pub limits: DecodeLimits,
+    /// Larger objects are recorded as failed without being fetched.
+    pub max_object_bytes: u64,
+    pub progress_bar: bool,
+    /// Let vectors of another precision into the collection (see `ModelId::check`).
+    pub mixed_precision: bool,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        Self {
+            shard: 0,
+            shards: 1,
+            batch_size: 16,
+            fetch_concurrency: 16,
+            decode_workers: 0,
+            limits: DecodeLimits::default(),
+            max_object_bytes: 64 << 20,
+            progress_bar: false,
+            mixed_precision: false,
+        }
+    }
+}
+
+/// What a sync did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub discovered: usize,
+    pub new: usize,
+    pub changed: usize,
+    pub unchanged: usize,
+    pub deleted: usize,
+    pub indexed: usize,
+    pub failed: usize,
+    /// Objects that failed in this run, with the reason.
+    pub failures: Vec<(String, String)>,
+    /// Vectors in the collection after the run (all shards).
+    pub vectors: u64,
+    /// Seconds spent embedding (fetch to write), excluding listing and deletes.
+    pub embed_seconds: f64,
+}
+
+impl Summary {
+    pub fn images_per_second(&self) -> f64 {
+        if self.embed_seconds > 0.0 { (self.indexed + self.failed) as f64 / self.embed_seconds } else { 0.0 }
+    }
+}

@@ -1,0 +1,192 @@
+//! The pipeline: fetch, decode and embed a list of work, handing write batches downstream.
+//!
+//!   fetch (async, N in flight) -> decode + preprocess (blocking pool) -> batch + model (as many
+//!   batches in flight as model sessions) -> `WriteBatch`es of at least `WRITE_BATCH` rows
+//!
+//! Stages overlap through bounded channels, so the model (the slowest stage on a CPU) never
+//! waits for fetching or decoding, and memory stays flat however much work there is. A bad
+//! object becomes a failed record; only a backend failure (the bucket, the model) stops it.
+
+use std::sync::{Arc, Mutex};
+
+use futures::stream::FuturesOrdered;
+use futures::{StreamExt, stream};
+use tokio::sync::mpsc;
+
+use super::plan::Work;
+use super::{Error, SyncOptions};
+use crate::embed::{DecodeLimits, Model, TENSOR_LEN, available_cores, preprocess_into};
+use crate::store::{self, Record, Source, Vector, WriteBatch, content_hash};
+
+/// Fewest rows per write to Milvus and the catalog (except the last): every upsert and insert
+/// costs the servers CPU on the cores we share.
+const WRITE_BATCH: usize = 32;
+
+enum Decoded {
+    Ready { work: Work, hash: String, tensor: Vec<f32> },
+    Failed { work: Work, hash: Option<String>, error: String },
+}
+
+/// Tensor buffers (600 KB an image) handed back once copied into a batch, so decoding reuses
+/// them instead of allocating. It holds at most what was in flight at once: decoders plus the queue.
+#[derive(Clone, Default)]
+struct TensorPool(Arc<Mutex<Vec<Vec<f32>>>>);
+
+impl TensorPool {
+    fn take(&self) -> Vec<f32> {
+        self.0.lock().expect("pool lock").pop().unwrap_or_else(|| vec![0.0; TENSOR_LEN])
+    }
+
+    fn give(&self, tensor: Vec<f32>) {
+        self.0.lock().expect("pool lock").push(tensor);
+    }
+}
+
+fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits, pool: &TensorPool) -> Decoded {
+    let hash = content_hash(&bytes);
+    let mut tensor = pool.take();
+    match preprocess_into(&bytes, limits, &mut tensor) {
+        Ok(()) => Decoded::Ready { work, hash, tensor },
+        Err(e) => {
+            pool.give(tensor);
+            Decoded::Failed { work, hash: Some(hash), error: e.to_string() }
+        }
+    }
+}
+
+fn record(work: &Work, hash: Option<String>, error: Option<String>) -> Record {
+    Record {
+        id: work.id,
+        key: work.object.key.clone(),
+        etag: work.object.etag.clone(),
+        size: work.object.size,
+        content_hash: hash,
+        error,
+    }
+}
+
+/// Fetches and decodes `work` on a task of its own (streams advance only while polled, so it
+/// keeps going while the model runs), a bounded queue of two batches ahead of the model.
+fn fetch_and_decode(
+    source: Source,
+    work: Vec<Work>,
+    opts: &SyncOptions,
+    pool: TensorPool,
+) -> (mpsc::Receiver<Decoded>, tokio::task::JoinHandle<Result<(), Error>>) {
+    let decoders = if opts.decode_workers == 0 { available_cores() } else { opts.decode_workers };
+    let (limits, max_bytes) = (opts.limits, opts.max_object_bytes);
+    let decoded = stream::iter(work)
+        .map(move |w| {
+            let source = source.clone();
+            async move {
+                if w.object.size > max_bytes {
+                    let error = format!("object is {} bytes, more than the limit of {max_bytes}", w.object.size);
+                    return Ok(Some(Err((w, error))));
+                }
+                match source.get(&w.object.key).await {
+                    Ok(bytes) => Ok(Some(Ok((w, bytes)))),
+                    // Deleted between listing and fetching: the next run removes it.
+                    Err(store::Error::NotFound(_)) => Ok(None),
+                    Err(e) => Err(Error::Store(e)),
+                }
+            }
+        })
+        .buffer_unordered(opts.fetch_concurrency.max(1))
+        .map(move |fetched: Result<Option<_>, Error>| {
+            let pool = pool.clone();
+            async move {
+                Ok::<_, Error>(match fetched? {
+                    None => None,
+                    Some(Err((work, error))) => Some(Decoded::Failed { work, hash: None, error }),
+                    Some(Ok((work, bytes))) => {
+                        Some(tokio::task::spawn_blocking(move || decode(work, bytes, limits, &pool)).await?)
+                    }
+                })
+            }
+        })
+        .buffer_unordered(decoders.max(1));
+    let (ready_tx, ready_rx) = mpsc::channel::<Decoded>(2 * opts.batch_size.max(1));
+    let feeder = tokio::spawn(async move {
+        let mut decoded = std::pin::pin!(decoded);
+        while let Some(item) = decoded.next().await.transpose()? {
+            if let Some(d) = item
+                && ready_tx.send(d).await.is_err()
+            {
+                break; // the consumer stopped; it reports why
+            }
+        }
+        Ok(())
+    });
+    (ready_rx, feeder)
+}
+
+/// Fetch, decode and embed `work`, sending write batches downstream. Returns when all is sent,
+/// or when the receiver stops (it reports its own error).
+pub(super) async fn produce(
+    source: Source,
+    model: Arc<Model>,
+    work: Vec<Work>,
+    opts: SyncOptions,
+    writes: mpsc::Sender<WriteBatch>,
+) -> Result<(), Error> {
+    let batch_size = opts.batch_size.max(1);
+    let pool = TensorPool::default();
+    let (mut ready, feeder) = fetch_and_decode(source, work, &opts, pool.clone());
+
+    let write_batch = batch_size.max(WRITE_BATCH);
+    let mut pending = WriteBatch::default();
+    let mut batch: Vec<(Work, String)> = Vec::with_capacity(batch_size);
+    let mut tensors: Vec<f32> = Vec::with_capacity(batch_size * TENSOR_LEN);
+    // Batch inputs come back from the model and are refilled: at batch 256 one is 150 MB, which
+    // the allocator would otherwise map and fault in afresh for every batch.
+    let mut spare_inputs: Vec<Vec<f32>> = Vec::new();
+    // Batches in the model at once, one per session (two on a GPU: one copies while the other
+    // computes), finished in the order they went in.
+    let mut inflight = FuturesOrdered::new();
+    let mut done = false;
+    while !done {
+        match ready.recv().await {
+            None => done = true,
+            Some(Decoded::Failed { work, hash, error }) => {
+                if work.was_indexed {
+                    pending.remove.push(work.id);
+                }
+                pending.records.push(record(&work, hash, Some(error)));
+            }
+            Some(Decoded::Ready { work, hash, tensor }) => {
+                tensors.extend_from_slice(&tensor);
+                pool.give(tensor);
+                batch.push((work, hash));
+            }
+        }
+        if batch.len() == batch_size || (done && !batch.is_empty()) {
+            let n = batch.len();
+            let next = spare_inputs.pop().unwrap_or_else(|| Vec::with_capacity(batch_size * TENSOR_LEN));
+            let input = std::mem::replace(&mut tensors, next);
+            let items = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+            let model = model.clone();
+            // The model runs on a blocking thread while the feeder keeps fetching and decoding.
+            // (Decoding alongside it measured faster than taking turns, even on a 2-core CPU.)
+            let task = tokio::task::spawn_blocking(move || (model.embed(&input, n), input));
+            inflight.push_back(async move { (task.await, items) });
+        }
+        while inflight.len() >= model.sessions() || (done && !inflight.is_empty()) {
+            let Some((finished, items)) = inflight.next().await else { break };
+            let (embedded, mut input) = finished?;
+            input.clear();
+            spare_inputs.push(input);
+            for ((work, hash), embedding) in items.into_iter().zip(embedded?) {
+                pending.records.push(record(&work, Some(hash), None));
+                pending.vectors.push(Vector { id: work.id, key: work.object.key, embedding });
+            }
+        }
+        if !pending.records.is_empty()
+            && (done || pending.records.len() >= write_batch)
+            && writes.send(std::mem::take(&mut pending)).await.is_err()
+        {
+            break; // the writer stopped on an error and reports it
+        }
+    }
+    drop(ready);
+    feeder.await?
+}

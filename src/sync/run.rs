@@ -1,0 +1,125 @@
+//! One sync of one shard: plan, remove what is gone, embed what is new or changed, record the run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::mpsc;
+
+use super::pipeline::produce;
+use super::plan::{Plan, Work, plan};
+use super::{Backends, Error, Summary, SyncOptions};
+use crate::embed::Model;
+use crate::store::{RunProgress, Source, WriteBatch};
+
+/// Runs one sync of one shard, and records it (with its progress and outcome) in the catalog.
+pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) -> Result<Summary, Error> {
+    let catalog = &backends.index.catalog;
+    backends.index.ensure(model.dim(), model.id(), opts.mixed_precision).await?;
+    let run = catalog.start_run(opts.shard, opts.shards).await?;
+    let mut progress = RunProgress::default();
+    let result = run_shard(backends, model, opts, run, &mut progress).await;
+    let error = result.as_ref().err().map(ToString::to_string);
+    // Best effort: when the catalog itself is what failed, the run stays `running` there.
+    let _ = catalog.finish_run(run, &progress, error.as_deref()).await;
+    result
+}
+
+async fn run_shard(
+    backends: &Backends,
+    model: Arc<Model>,
+    opts: &SyncOptions,
+    run: i64,
+    progress: &mut RunProgress,
+) -> Result<Summary, Error> {
+    let Backends { source, index } = backends;
+    let listing = source.list().await?;
+    let entries = index.catalog.entries(opts.shard, opts.shards).await?;
+    let Plan { discovered, new, changed, deleted, unchanged } = plan(listing, entries, opts.shard, opts.shards);
+    let mut summary = Summary {
+        discovered,
+        new: new.len(),
+        changed: changed.len(),
+        unchanged,
+        deleted: deleted.len(),
+        ..Default::default()
+    };
+    progress.discovered = discovered as u64;
+    progress.planned = (new.len() + changed.len()) as u64;
+
+    // Gone from the bucket: out of the index (Milvus first, then the catalog).
+    let gone: Vec<i64> = deleted.iter().map(|e| e.id).collect();
+    index.remove(&gone).await?;
+    progress.deleted = gone.len() as u64;
+    index.catalog.update_run(run, progress).await?;
+
+    let started = Instant::now();
+    let work: Vec<Work> = new.into_iter().chain(changed).collect();
+    summary.failures = embed_and_write(backends, model, work, opts, run, progress).await?;
+    // Searches right after the run see all of it. No flush: an upsert is durable once
+    // acknowledged, and sealing segments is Milvus's own business (a flush per run costs seconds).
+    summary.vectors = index.wait_searchable().await?;
+    summary.embed_seconds = started.elapsed().as_secs_f64();
+    summary.indexed = progress.indexed as usize;
+    summary.failed = progress.failed as usize;
+    Ok(summary)
+}
+
+/// Runs the pipeline over `work` and writes what it produces; returns the objects that failed.
+async fn embed_and_write(
+    backends: &Backends,
+    model: Arc<Model>,
+    work: Vec<Work>,
+    opts: &SyncOptions,
+    run: i64,
+    progress: &mut RunProgress,
+) -> Result<Vec<(String, String)>, Error> {
+    let bar = if opts.progress_bar { ProgressBar::new(work.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta} {msg}")
+            .expect("a valid template"),
+    );
+    let (writes_tx, mut writes_rx) = mpsc::channel::<WriteBatch>(2);
+    let pipeline = tokio::spawn(produce(backends.source.clone(), model, work, opts.clone(), writes_tx));
+    let mut failures = Vec::new();
+    let mut last_report = Instant::now();
+    while let Some(batch) = writes_rx.recv().await {
+        let failed: Vec<(String, String)> =
+            batch.records.iter().filter_map(|r| Some((r.key.clone(), r.error.clone()?))).collect();
+        let indexed = batch.records.len() - failed.len();
+        // Counted once written: the run's record never claims more than the index holds.
+        backends.index.write(batch).await?;
+        progress.indexed += indexed as u64;
+        progress.failed += failed.len() as u64;
+        for (key, e) in &failed {
+            bar.println(format!("skipped {key}: {e}"));
+        }
+        failures.extend(failed);
+        bar.set_position(progress.indexed + progress.failed);
+        if last_report.elapsed() > Duration::from_secs(2) {
+            backends.index.catalog.update_run(run, progress).await?;
+            last_report = Instant::now();
+        }
+    }
+    pipeline.await??;
+    bar.finish_and_clear();
+    Ok(failures)
+}
+
+/// The pipeline without the writes: fetch, decode and embed everything under `source`, and drop
+/// the vectors. What the benchmark sets against the full sync to show what Milvus and MySQL cost.
+/// Returns (embedded, failed).
+pub async fn embed_only(source: &Source, model: Arc<Model>, opts: &SyncOptions) -> Result<(usize, usize), Error> {
+    // Everything is new against an empty catalog.
+    let work = plan(source.list().await?, HashMap::new(), 0, 1).new;
+    let (tx, mut rx) = mpsc::channel::<WriteBatch>(2);
+    let pipeline = tokio::spawn(produce(source.clone(), model, work, opts.clone(), tx));
+    let (mut embedded, mut failed) = (0, 0);
+    while let Some(w) = rx.recv().await {
+        embedded += w.vectors.len();
+        failed += w.records.iter().filter(|r| r.error.is_some()).count();
+    }
+    pipeline.await??;
+    Ok((embedded, failed))
+}

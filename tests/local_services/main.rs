@@ -1,0 +1,11 @@
+//! End-to-end tests on the real local services that `hack/services.sh up` starts: Milvus 2.3.5,
+//! MariaDB and SeaweedFS S3, with ONNX Runtime and the generated ResNet50. `hack/test.sh` starts
+//! them and sets the environment; without it these tests fail and say so (they never skip).
+//! `cargo test --lib` runs the unit tests alone, with no services.
+
+mod mock_api;
+mod operator;
+mod precision;
+mod serve;
+mod support;
+mod sync;

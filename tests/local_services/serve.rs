@@ -1,0 +1,317 @@
+//! Every HTTP route of `serve` on the real services: results, errors, auth, limits, back-pressure.
+
+use std::io::Cursor;
+use std::sync::Arc;
+
+use image::{DynamicImage, ImageFormat};
+use imageindex::core::IndexKind;
+use imageindex::serve::{AppState, ServeConfig};
+use imageindex::store::Index;
+use imageindex::sync::Backends;
+
+use super::support::*;
+
+/// A running `serve` on a fresh collection, with a token and drop enabled.
+struct Server {
+    base: String,
+    http: reqwest::Client,
+}
+
+const TOKEN: &str = "test-token-123";
+
+impl Server {
+    async fn start(fx: &Fixture, b: Backends, config: ServeConfig) -> Self {
+        let state = AppState::new(model(), b.index, Some(fx.source.clone()), config);
+        let app = imageindex::serve::router(Arc::new(state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { base, http: reqwest::Client::new() }
+    }
+
+    fn form(bytes: Vec<u8>, topk: &str) -> reqwest::multipart::Form {
+        reqwest::multipart::Form::new()
+            .part("image", reqwest::multipart::Part::bytes(bytes).file_name("q.jpg"))
+            .text("topk", topk.to_string())
+    }
+
+    async fn search(&self, bytes: Vec<u8>, topk: &str) -> (u16, serde_json::Value) {
+        let r = self.http.post(format!("{}/img/search", self.base)).multipart(Self::form(bytes, topk));
+        Self::json(r).await
+    }
+
+    async fn json(r: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/{path}", self.base)
+    }
+}
+
+fn assert_error(got: (u16, serde_json::Value), status: u16, code: &str) {
+    assert_eq!(got.0, status, "expected {code}: {}", got.1);
+    assert_eq!(got.1["error"], code, "{}", got.1);
+    assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", got.1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_routes_errors_and_auth() {
+    let fx = Fixture::new("serve");
+    let photos = upload_photos(&fx, 12).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    let config = ServeConfig {
+        max_upload_bytes: 1 << 20,
+        token: Some(TOKEN.into()),
+        allow_drop: true,
+        allow_private_urls: true,
+        ..Default::default()
+    };
+    let srv = Server::start(&fx, b, config).await;
+    let http = &srv.http;
+
+    // Search by upload: the original is first; results carry a URL that serves the image.
+    let (status, body) = srv.search(near_duplicate(&photos[4].1), "3").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"].as_array().unwrap().len(), 3);
+    assert_eq!(body["results"][0]["key"], photos[4].0.as_str());
+    assert_eq!(body["results"][0]["rank"], 1);
+    let image_url = srv.url(body["results"][0]["url"].as_str().unwrap());
+    let img = http.get(&image_url).send().await.unwrap();
+    assert_eq!(img.status(), 200);
+    assert_eq!(img.headers()["content-type"], "image/jpeg");
+    assert_eq!(img.bytes().await.unwrap(), photos[4].1, "the object is streamed from the bucket as stored");
+
+    // Search by URL (the bucket's own object, over loopback: allowed here), with topk in the JSON.
+    let r = http.post(srv.url("img/search")).json(&serde_json::json!({"url": image_url, "topk": 2}));
+    let (status, body) = Server::json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"].as_array().unwrap().len(), 2);
+    assert_eq!(body["results"][0]["key"], photos[4].0.as_str());
+
+    // A key-prefix filter keeps hits inside the prefix.
+    let prefix = photos[4].0.rsplit_once('/').unwrap().0.to_string() + "/";
+    let form = Server::form(near_duplicate(&photos[4].1), "10").text("prefix", prefix.clone());
+    let (status, body) = Server::json(http.post(srv.url("img/search")).multipart(form)).await;
+    assert_eq!(status, 200, "{body}");
+    let keys: Vec<&str> = body["results"].as_array().unwrap().iter().map(|h| h["key"].as_str().unwrap()).collect();
+    assert!(!keys.is_empty() && keys.iter().all(|k| k.starts_with(&prefix)), "{keys:?}");
+    let form = Server::form(near_duplicate(&photos[4].1), "3").text("prefix", "a\" or 1");
+    assert_error(Server::json(http.post(srv.url("img/search")).multipart(form)).await, 400, "bad_request");
+
+    // Count, progress, health, readiness, metrics.
+    let (status, body) = Server::json(http.get(srv.url("img/count"))).await;
+    assert_eq!((status, body["count"].as_u64(), body["indexed"].as_u64()), (200, Some(12), Some(12)));
+    let (status, body) = Server::json(http.get(srv.url("progress"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["discovered"].as_u64(), body["indexed"].as_u64(), body["failed"].as_u64()),
+        (Some(12), Some(12), Some(0))
+    );
+    assert_eq!(body["run"]["status"], "succeeded", "{body}");
+    assert_eq!(http.get(srv.url("healthz")).send().await.unwrap().status(), 200);
+    let (status, body) = Server::json(http.get(srv.url("readyz"))).await;
+    assert_eq!((status, &body["milvus"]), (200, &serde_json::json!("ok")));
+    let metrics = http.get(srv.url("metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"imageindex_http_requests_total{route="/img/search",method="POST",status="200"}"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("imageindex_embed_duration_seconds_count"));
+    let (status, doc) = Server::json(http.get(srv.url("openapi.json"))).await;
+    assert_eq!(status, 200);
+    for path in [
+        "/img/search",
+        "/img/upload",
+        "/img/count",
+        "/progress",
+        "/img/{key}",
+        "/img/drop",
+        "/img/object/{key}",
+        "/readyz",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    }
+    assert_eq!(doc["components"]["securitySchemes"]["token"]["scheme"], "bearer");
+    assert!(doc["paths"]["/img/search"]["post"]["requestBody"]["content"]["multipart/form-data"].is_object());
+    let page = http.get(srv.url("")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        page.contains("<title>imageindex search</title>") && !page.contains("http://") && !page.contains("https://")
+    );
+
+    // Every error status, as JSON.
+    let mut png = Vec::new();
+    DynamicImage::ImageRgb8(synthetic(&mut Rng(7), 64, 64))
+        .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+        .unwrap();
+    assert_error(srv.search(b"plain text".to_vec(), "3").await, 415, "unsupported_media_type");
+    assert_error(srv.search(photos[0].1[..photos[0].1.len() / 3].to_vec(), "3").await, 400, "bad_image");
+    assert_error(srv.search(png_bomb().to_vec(), "3").await, 413, "image_too_large");
+    assert_error(srv.search(vec![0xff; 2 << 20], "3").await, 413, "payload_too_large");
+    assert_error(srv.search(png.clone(), "0").await, 400, "bad_request");
+    assert_error(srv.search(png.clone(), "101").await, 400, "bad_request");
+    let no_image = reqwest::multipart::Form::new().text("topk", "3");
+    assert_error(Server::json(http.post(srv.url("img/search")).multipart(no_image)).await, 400, "bad_request");
+    assert_error(Server::json(http.post(srv.url("img/search")).body("x")).await, 415, "unsupported_media_type");
+    let r = http.post(srv.url("img/search")).json(&serde_json::json!({"url": "file:///etc/passwd"}));
+    assert_error(Server::json(r).await, 400, "bad_request");
+    assert_error(Server::json(http.get(srv.url("img/object/not/indexed.jpg"))).await, 404, "not_found");
+    assert_error(Server::json(http.get(srv.url("img/object/../../etc/passwd"))).await, 404, "not_found");
+
+    // Auth: mutating routes need the token.
+    let upload = |token: Option<&str>, bytes: Vec<u8>| {
+        let form =
+            reqwest::multipart::Form::new().part("image", reqwest::multipart::Part::bytes(bytes).file_name("x.png"));
+        let r = http.post(srv.url("img/upload")).multipart(form);
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    };
+    assert_error(Server::json(upload(None, png.clone())).await, 401, "unauthorized");
+    assert_error(Server::json(upload(Some("wrong"), png.clone())).await, 401, "unauthorized");
+    assert_error(Server::json(http.delete(srv.url(&format!("img/{}", photos[0].0)))).await, 401, "unauthorized");
+    assert_error(Server::json(http.post(srv.url("img/drop"))).await, 401, "unauthorized");
+
+    // Upload: content-addressed, the same file twice is one entry, and it is searchable at once.
+    let (status, first) = Server::json(upload(Some(TOKEN), png.clone())).await;
+    assert_eq!(status, 201, "{first}");
+    let key = first["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("uploads/") && key.ends_with(".png"), "{key}");
+    let (status, again) = Server::json(upload(Some(TOKEN), png.clone())).await;
+    assert_eq!((status, &again["key"], &again["created"]), (200, &first["key"], &serde_json::json!(false)));
+    let mut other = Vec::new();
+    DynamicImage::ImageRgb8(synthetic(&mut Rng(8), 64, 64))
+        .write_to(&mut Cursor::new(&mut other), ImageFormat::Png)
+        .unwrap();
+    let (_, second) = Server::json(upload(Some(TOKEN), other)).await;
+    assert_ne!(second["key"], first["key"], "different files never share a key");
+    assert_error(Server::json(upload(Some(TOKEN), b"not an image".to_vec())).await, 415, "unsupported_media_type");
+    let (_, body) = srv.search(png.clone(), "1").await;
+    assert_eq!(body["results"][0]["key"], key.as_str());
+    let (_, body) = Server::json(http.get(srv.url("img/count"))).await;
+    assert_eq!(body["count"].as_u64(), Some(14));
+
+    // Delete: gone from the index, the catalog and the bucket.
+    let r = http.delete(srv.url(&format!("img/{key}"))).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_error(Server::json(http.delete(srv.url(&format!("img/{key}"))).bearer_auth(TOKEN)).await, 404, "not_found");
+    assert!(fx.source.get(&key).await.is_err(), "the object left the bucket");
+    let (_, body) = Server::json(http.get(srv.url("img/count"))).await;
+    assert_eq!(body["count"].as_u64(), Some(13));
+
+    // Drop: empties the collection and the catalog, and search keeps working (on nothing).
+    let (status, _) = Server::json(http.post(srv.url("img/drop")).bearer_auth(TOKEN)).await;
+    assert_eq!(status, 200);
+    let (_, body) = Server::json(http.get(srv.url("img/count"))).await;
+    assert_eq!((body["count"].as_u64(), body["indexed"].as_u64()), (Some(0), Some(0)));
+    let (status, body) = srv.search(png, "3").await;
+    assert_eq!((status, body["results"].as_array().map(Vec::len)), (200, Some(0)));
+
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_guards_private_urls_drop_search_token_and_backpressure() {
+    let fx = Fixture::new("guards");
+    let photos = upload_photos(&fx, 2).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    // No drop, no private URLs, search behind the token, one embedding at a time.
+    let config = ServeConfig {
+        token: Some(TOKEN.into()),
+        protect_search: true,
+        max_concurrent_embeddings: 1,
+        ..Default::default()
+    };
+    let srv = Server::start(&fx, b, config).await;
+    let http = &srv.http;
+    assert_error(srv.search(photos[0].1.to_vec(), "1").await, 401, "unauthorized");
+    assert_error(Server::json(http.get(srv.url("progress"))).await, 401, "unauthorized");
+    assert_eq!(http.get(srv.url("healthz")).send().await.unwrap().status(), 200, "probes stay open");
+    let authed =
+        |bytes: Vec<u8>| http.post(srv.url("img/search")).bearer_auth(TOKEN).multipart(Server::form(bytes, "1"));
+    let (status, body) = Server::json(authed(photos[0].1.to_vec())).await;
+    assert_eq!((status, &body["results"][0]["key"]), (200, &serde_json::json!(photos[0].0)));
+    let r = http.post(srv.url("img/search")).bearer_auth(TOKEN).json(&serde_json::json!({"url": srv.url("healthz")}));
+    assert_error(Server::json(r).await, 403, "forbidden_url");
+    assert_error(Server::json(http.post(srv.url("img/drop")).bearer_auth(TOKEN)).await, 403, "disabled");
+
+    // Back-pressure: with one embedding slot, a burst gets some 503s with Retry-After, never a queue.
+    let burst = (0..6).map(|_| authed(photos[1].1.to_vec()).send());
+    let replies = futures::future::join_all(burst).await;
+    let mut statuses: Vec<u16> = vec![];
+    for r in replies {
+        let r = r.unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.headers()["retry-after"], "1");
+        }
+        statuses.push(r.status().as_u16());
+    }
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+    assert!(statuses.contains(&200) && statuses.contains(&503), "{statuses:?}");
+
+    fx.cleanup().await;
+}
+
+/// A TCP proxy to a real service that a test can cut, to take that backend down for one client.
+async fn proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cut, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let mut rx = cut_rx.clone();
+            tokio::select! {
+                _ = rx.wait_for(|c| *c) => return, // drops the listener: new connections are refused
+                Ok((mut inbound, _)) = listener.accept() => {
+                    let mut rx = cut_rx.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = rx.wait_for(|c| *c) => {} // existing connections close too
+                        }
+                    });
+                }
+            }
+        }
+    });
+    (addr, cut)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_answers_503_when_mysql_goes_down() {
+    let fx = Fixture::new("down");
+    upload_photos(&fx, 2).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    // The server's catalog reaches MariaDB through a proxy; cutting it takes MySQL down for it.
+    let mut url = url::Url::parse(&env("IMAGEINDEX_MYSQL_URL")).unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap()).parse().unwrap();
+    let (addr, cut) = proxy(target).await;
+    url.set_port(Some(addr.port())).unwrap();
+    let model = "test-model".parse().unwrap();
+    let index = Index::connect(&fx.milvus(IndexKind::Hnsw), url.as_str(), &model).await.unwrap();
+    let srv = Server::start(&fx, Backends { source: fx.source.clone(), index }, ServeConfig::default()).await;
+    let (status, body) = Server::json(srv.http.get(srv.url("readyz"))).await;
+    assert_eq!(status, 200, "{body}");
+
+    cut.send(true).unwrap();
+    let (status, body) = Server::json(srv.http.get(srv.url("readyz"))).await;
+    assert_eq!(status, 503, "{body}");
+    assert_error((status, body), 503, "backend_unavailable");
+    let r = srv.http.get(srv.url("img/count")).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["retry-after"].to_str().unwrap()), (503, "1"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "backend_unavailable");
+    // Which backend failed, for the client; the cause itself only in the server's log.
+    let msg = body["message"].as_str().unwrap();
+    assert!(msg.contains("MySQL"), "{body}");
+    assert!(!msg.contains("pool") && !msg.to_lowercase().contains("connect"), "internals sent to the client: {body}");
+    fx.cleanup().await;
+}

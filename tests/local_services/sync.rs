@@ -1,0 +1,148 @@
+//! The sync on the real services: index, search, resync, delete; index kinds; model checks.
+
+use std::process::Command;
+
+use bytes::Bytes;
+
+use imageindex::core::{IndexKind, ModelId, Precision};
+use imageindex::embed::{DecodeLimits, Preprocessor};
+use imageindex::store::{VectorStore, key_id};
+
+use super::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_search_resync_and_delete() {
+    let fx = Fixture::new("e2e");
+    let photos = upload_photos(&fx, 200).await;
+    let truncated = photos[0].1.slice(..photos[0].1.len() / 3);
+    fx.source.put("bad/truncated.jpg", truncated).await.unwrap();
+    fx.source.put("bad/notes.jpg", Bytes::from_static(b"this is a text file, not a photo\n")).await.unwrap();
+    fx.source.put("bad/bomb.png", png_bomb()).await.unwrap();
+
+    // First run: the Job's path, two shards as two `imageindex embed` processes side by side.
+    let shards: Vec<_> = (0..2)
+        .map(|shard| {
+            Command::new(env!("CARGO_BIN_EXE_imageindex"))
+                .args(["embed", "--json", "--batch-size", "8"])
+                .env("IMAGEINDEX_SOURCE", &fx.source_url)
+                .env("JOB_COMPLETION_INDEX", shard.to_string())
+                .env("IMAGEINDEX_SHARDS", "2")
+                .env("IMAGEINDEX_COLLECTION", &fx.name)
+                .env("IMAGEINDEX_THREADS", "1")
+                // One shard keeps two batches in the model at once, as on a GPU.
+                .env("IMAGEINDEX_SESSIONS", (shard + 1).to_string())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in shards {
+        assert!(child.wait().unwrap().success(), "an embed shard failed");
+    }
+    let b = fx.backends(IndexKind::Hnsw).await;
+    assert_eq!(b.index.vectors.count().await.unwrap(), 200, "Milvus holds every good photo once");
+    let counts = b.index.catalog.counts().await.unwrap();
+    assert_eq!((counts.indexed, counts.failed), (200, 3));
+    let failures = b.index.catalog.failures(10).await.unwrap();
+    let reason = |key: &str| failures.iter().find(|f| f.key == key).map(|f| f.error.clone()).unwrap_or_default();
+    assert!(reason("bad/truncated.jpg").contains("truncated JPEG"), "{failures:?}");
+    assert!(reason("bad/notes.jpg").contains("not a supported image"), "{failures:?}");
+    assert!(reason("bad/bomb.png").contains("20000x20000"), "{failures:?}");
+
+    // Near-duplicate queries find their original first.
+    for i in [0, 1, 2, 7, 50, 101, 150, 199] {
+        let (key, bytes) = &photos[i];
+        let hits = b.index.vectors.search(embed(&near_duplicate(bytes)), 5, None).await.unwrap();
+        assert_eq!(&hits[0].key, key, "query {i}: top hits {hits:?}");
+    }
+
+    // Second run: nothing new, nothing duplicated.
+    let s = fx.sync(&b).await;
+    assert_eq!((s.discovered, s.new, s.changed, s.unchanged, s.indexed, s.failed), (203, 0, 0, 203, 0, 0));
+    assert_eq!(s.vectors, 200, "the summary reports the collection's size");
+    assert_eq!(b.index.vectors.count().await.unwrap(), 200);
+
+    // Delete 10 objects: exactly those leave Milvus and the catalog.
+    let gone: Vec<&str> = photos.iter().step_by(20).map(|(k, _)| k.as_str()).collect();
+    assert_eq!(gone.len(), 10);
+    for k in &gone {
+        fx.source.delete(k).await.unwrap();
+    }
+    let s = fx.sync(&b).await;
+    assert_eq!((s.deleted, s.new, s.indexed), (10, 0, 0));
+    assert_eq!(b.index.vectors.count().await.unwrap(), 190);
+    let gone_ids: Vec<i64> = gone.iter().map(|k| key_id(k)).collect();
+    assert!(b.index.vectors.existing(&gone_ids).await.unwrap().is_empty(), "deleted objects still in Milvus");
+    let kept_ids: Vec<i64> = photos.iter().skip(1).take(10).map(|(k, _)| key_id(k)).collect();
+    assert_eq!(b.index.vectors.existing(&kept_ids).await.unwrap().len(), 10, "the wrong objects were deleted");
+    let entries = b.index.catalog.entries(0, 1).await.unwrap();
+    assert_eq!(entries.len(), 193);
+    assert!(gone.iter().all(|k| !entries.contains_key(*k)));
+
+    // A changed object is re-embedded in place: the new content is found under the same key.
+    let (key, _) = &photos[3];
+    let replacement = jpeg(&synthetic(&mut Rng(42), 400, 300), 90);
+    fx.source.put(key, replacement.clone()).await.unwrap();
+    let s = fx.sync(&b).await;
+    assert_eq!((s.changed, s.indexed, s.new), (1, 1, 0));
+    assert_eq!(b.index.vectors.count().await.unwrap(), 190);
+    let hits = b.index.vectors.search(embed(&near_duplicate(&replacement)), 3, None).await.unwrap();
+    assert_eq!(&hits[0].key, key);
+
+    // A changed object that is now broken loses its vector and is reported.
+    let (key, _) = &photos[5];
+    fx.source.put(key, Bytes::from_static(b"\xff\xd8\xff\xe0 broken")).await.unwrap();
+    let s = fx.sync(&b).await;
+    assert_eq!((s.changed, s.failed), (1, 1));
+    assert!(b.index.vectors.existing(&[key_id(key)]).await.unwrap().is_empty());
+    assert_eq!(b.index.vectors.count().await.unwrap(), 189);
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ivf_flat_l2_collections_work_too() {
+    let fx = Fixture::new("ivf");
+    let photos = upload_photos(&fx, 24).await;
+    let b = fx.backends(IndexKind::IvfFlat).await;
+    let s = fx.sync(&b).await;
+    assert_eq!((s.indexed, s.failed), (24, 0));
+    let hits = b.index.vectors.search(embed(&near_duplicate(&photos[9].1)), 3, None).await.unwrap();
+    assert_eq!(hits[0].key, photos[9].0);
+    assert!(hits[0].score <= hits[1].score, "L2: smaller is closer");
+    // A collection with another vector width is refused, not silently mixed.
+    let other = VectorStore::connect(&fx.milvus(IndexKind::IvfFlat)).await.unwrap();
+    let fp32 = model().id().clone();
+    let err = other.ensure_collection(512, &fp32, false).await.unwrap_err();
+    assert!(format!("{err:#}").contains("2048-d"), "{err:#}");
+    // So are vectors of another precision or model, in Milvus and in the catalog alike.
+    let int8 = ModelId { precision: Precision::Int8, ..fp32.clone() };
+    let err = other.ensure_collection(2048, &int8, false).await.unwrap_err();
+    assert!(format!("{err:#}").contains("holds fp32 vectors"), "{err:#}");
+    other.ensure_collection(2048, &int8, true).await.expect("mixing when asked for");
+    let err = b.index.catalog.claim(&int8, false).await.unwrap_err();
+    assert!(format!("{err:#}").contains("the catalog of"), "{err:#}");
+    let clip = ModelId { model: "clip.onnx".into(), ..fp32 };
+    let err = other.ensure_collection(2048, &clip, true).await.unwrap_err();
+    assert!(format!("{err:#}").contains("different models"), "{err:#}");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_output_matches_the_reference_tensor_path() {
+    // The Rust pipeline (decode + preprocess + model) against the model on the torchvision tensor:
+    // the raw 2048-d outputs agree element-wise to a small relative error.
+    let m = model();
+    for stem in ["chelsea", "camera"] {
+        let levels = std::fs::read(format!("{}/tests/fixtures/{stem}.levels.u8", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+        let plane = levels.len() / 3;
+        let reference: Vec<f32> =
+            levels.iter().enumerate().map(|(i, &k)| (k as f32 / 255.0 - mean[i / plane]) / std[i / plane]).collect();
+        let bytes = std::fs::read(format!("{}/tests/fixtures/{stem}.png", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let ours = Preprocessor::default().from_bytes(&bytes, DecodeLimits::default()).unwrap();
+        let out = m.embed(&[reference, ours].concat(), 2).unwrap();
+        let rel = out[0].iter().zip(&out[1]).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+        eprintln!("{stem}: relative L2 error of the embedding {rel:.2e}");
+        assert!(rel < 1e-3, "{stem}: embedding off the reference path by {rel}");
+        assert_eq!(out[0].len(), 2048);
+    }
+}
