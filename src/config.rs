@@ -12,6 +12,19 @@ use crate::embed::{DecodeLimits, Device, GpuOptions, Model, ModelOptions};
 use crate::env;
 use crate::store::{Index, MilvusConfig, Source, SourceConfig};
 
+/// What every data-plane command (`index`, `embed`, `serve`) is configured with.
+#[derive(Args, Clone, Debug)]
+pub struct DataPlaneArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub src: SourceArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct BackendArgs {
     /// Milvus gRPC address.

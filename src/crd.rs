@@ -410,16 +410,16 @@ mod tests {
 
     #[test]
     fn defaults_fill_a_minimal_spec() {
-        let ii: ImageIndex = serde_yaml::from_str(
+        let image_index: ImageIndex = serde_yaml::from_str(
             "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\nmetadata: {name: my-photos, namespace: shop}\n\
              spec: {source: {url: 's3://b/p/'}, milvus: {address: 'milvus:19530'}, mysql: {secretRef: {name: db}}}",
         )
         .unwrap();
-        assert_eq!(ii.collection(), "shop_my_photos");
-        assert_eq!(ii.spec.mysql.secret_ref.key, "url");
-        assert_eq!(ii.spec.search.service.port, 80);
-        assert_eq!(ii.spec.embedding.parallelism, 1);
-        assert_eq!(ii.spec.deletion_policy, DeletionPolicy::Retain);
-        assert_eq!(ii.spec.source.resync_interval, "10m");
+        assert_eq!(image_index.collection(), "shop_my_photos");
+        assert_eq!(image_index.spec.mysql.secret_ref.key, "url");
+        assert_eq!(image_index.spec.search.service.port, 80);
+        assert_eq!(image_index.spec.embedding.parallelism, 1);
+        assert_eq!(image_index.spec.deletion_policy, DeletionPolicy::Retain);
+        assert_eq!(image_index.spec.source.resync_interval, "10m");
     }
 }

@@ -45,35 +45,35 @@ pub struct Resolved {
 }
 
 /// Selects the ImageIndex's embedding Jobs.
-pub fn embed_selector(ii: &ImageIndex) -> String {
-    format!("{INSTANCE}={},{COMPONENT}=embed", ii.metadata.name.as_deref().unwrap_or_default())
+pub fn embed_selector(image_index: &ImageIndex) -> String {
+    format!("{INSTANCE}={},{COMPONENT}=embed", image_index.metadata.name.as_deref().unwrap_or_default())
 }
 
-pub fn search_name(ii: &ImageIndex) -> String {
-    format!("{}-search", ii.metadata.name.as_deref().unwrap_or_default())
+pub fn search_name(image_index: &ImageIndex) -> String {
+    format!("{}-search", image_index.metadata.name.as_deref().unwrap_or_default())
 }
 
 /// `http://<name>-search.<namespace>.svc:<port>`
-pub fn endpoint(ii: &ImageIndex) -> String {
-    let ns = ii.metadata.namespace.as_deref().unwrap_or("default");
-    format!("http://{}.{ns}.svc:{}", search_name(ii), ii.spec.search.service.port)
+pub fn endpoint(image_index: &ImageIndex) -> String {
+    let ns = image_index.metadata.namespace.as_deref().unwrap_or("default");
+    format!("http://{}.{ns}.svc:{}", search_name(image_index), image_index.spec.search.service.port)
 }
 
-pub fn labels(ii: &ImageIndex, component: &str) -> BTreeMap<String, String> {
+pub fn labels(image_index: &ImageIndex, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".into(), "imageindex".into()),
-        (INSTANCE.into(), ii.metadata.name.clone().unwrap_or_default()),
+        (INSTANCE.into(), image_index.metadata.name.clone().unwrap_or_default()),
         (COMPONENT.into(), component.into()),
         ("app.kubernetes.io/managed-by".into(), "imageindex-operator".into()),
     ])
 }
 
-fn meta(ii: &ImageIndex, name: String, component: &str) -> ObjectMeta {
+fn meta(image_index: &ImageIndex, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
-        namespace: ii.metadata.namespace.clone(),
-        labels: Some(labels(ii, component)),
-        owner_references: ii.controller_owner_ref(&()).map(|o| vec![o]),
+        namespace: image_index.metadata.namespace.clone(),
+        labels: Some(labels(image_index, component)),
+        owner_references: image_index.controller_owner_ref(&()).map(|o| vec![o]),
         ..Default::default()
     }
 }
@@ -83,11 +83,15 @@ fn var(name: &str, value: impl Into<String>) -> EnvVar {
 }
 
 /// An env var read from a Secret key: the value never appears in the pod spec.
-fn secret_env(name: &str, r: &SecretKeyRef) -> EnvVar {
+fn secret_env(name: &str, key_ref: &SecretKeyRef) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: r.name.clone(), key: r.key.clone(), optional: Some(false) }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: key_ref.name.clone(),
+                key: key_ref.key.clone(),
+                optional: Some(false),
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -103,18 +107,18 @@ fn model_location(uri: &str) -> (String, Option<(String, String)>) {
 }
 
 fn wants_gpu(resources: Option<&ResourceRequirements>) -> bool {
-    resources.and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key(GPU))
+    resources.and_then(|requirements| requirements.limits.as_ref()).is_some_and(|l| l.contains_key(GPU))
 }
 
 /// Settings every imageindex pod shares: source, Milvus, catalog, model.
-fn common_env(ii: &ImageIndex, r: &Resolved) -> Vec<EnvVar> {
-    let spec = &ii.spec;
+fn common_env(image_index: &ImageIndex, resolved: &Resolved) -> Vec<EnvVar> {
+    let spec = &image_index.spec;
     let (model, _) = model_location(&spec.embedding.model_uri);
     let mut e = vec![
         var(env::SOURCE, &spec.source.url),
         var(env::INCLUDE, spec.source.include.join(",")),
-        var(env::MILVUS_URL, &r.milvus_url),
-        var(env::COLLECTION, &r.collection),
+        var(env::MILVUS_URL, &resolved.milvus_url),
+        var(env::COLLECTION, &resolved.collection),
         var(env::INDEX_TYPE, spec.milvus.index.kind.as_str()),
         secret_env(env::MYSQL_URL, &spec.mysql.secret_ref),
         var(env::MODEL, model),
@@ -131,8 +135,8 @@ fn common_env(ii: &ImageIndex, r: &Resolved) -> Vec<EnvVar> {
 }
 
 /// The source's credentials Secret becomes AWS_* env as a whole (`envFrom`).
-fn env_from(ii: &ImageIndex) -> Option<Vec<EnvFromSource>> {
-    ii.spec.source.credentials_secret.as_ref().map(|name| {
+fn env_from(image_index: &ImageIndex) -> Option<Vec<EnvFromSource>> {
+    image_index.spec.source.credentials_secret.as_ref().map(|name| {
         vec![EnvFromSource {
             secret_ref: Some(SecretEnvSource { name: name.clone(), optional: Some(false) }),
             ..Default::default()
@@ -163,14 +167,14 @@ fn pod_security() -> PodSecurityContext {
 }
 
 /// `/tmp` (writable under a read-only root) and the model's PVC, if any.
-fn volumes(ii: &ImageIndex) -> (Vec<Volume>, Vec<VolumeMount>) {
+fn volumes(image_index: &ImageIndex) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut vols = vec![Volume {
         name: "tmp".into(),
         empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("1Gi".into())), ..Default::default() }),
         ..Default::default()
     }];
     let mut mounts = vec![VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() }];
-    if let (_, Some((claim, _))) = model_location(&ii.spec.embedding.model_uri) {
+    if let (_, Some((claim, _))) = model_location(&image_index.spec.embedding.model_uri) {
         vols.push(Volume {
             name: "model".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -193,26 +197,26 @@ fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
     pairs.iter().map(|(k, v)| (k.to_string(), Quantity(v.to_string()))).collect()
 }
 
-fn image(ii: &ImageIndex, r: &Resolved) -> String {
-    ii.spec.embedding.image.clone().unwrap_or_else(|| r.default_image.clone())
+fn image(image_index: &ImageIndex, resolved: &Resolved) -> String {
+    image_index.spec.embedding.image.clone().unwrap_or_else(|| resolved.default_image.clone())
 }
 
 /// The pod the Job and the Deployment both run: one imageindex container, hardened, with the
 /// image, the source's credentials and the volumes set here once.
 fn pod_template(
-    ii: &ImageIndex,
-    r: &Resolved,
+    image_index: &ImageIndex,
+    resolved: &Resolved,
     component: &str,
     mut container: Container,
     volumes: Vec<Volume>,
     mounts: Vec<VolumeMount>,
 ) -> PodTemplateSpec {
-    container.image = Some(image(ii, r));
-    container.env_from = env_from(ii);
+    container.image = Some(image(image_index, resolved));
+    container.env_from = env_from(image_index);
     container.security_context = Some(container_security());
     container.volume_mounts = Some(mounts);
     PodTemplateSpec {
-        metadata: Some(ObjectMeta { labels: Some(labels(ii, component)), ..Default::default() }),
+        metadata: Some(ObjectMeta { labels: Some(labels(image_index, component)), ..Default::default() }),
         spec: Some(PodSpec {
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
@@ -225,12 +229,12 @@ fn pod_template(
 }
 
 /// The embedding Job: an Indexed Job with one pod per shard, each running `imageindex embed`.
-pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
-    let spec = &ii.spec.embedding;
-    let shards = if r.indexed_jobs { spec.parallelism as i32 } else { 1 };
+pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> Job {
+    let spec = &image_index.spec.embedding;
+    let shards = if resolved.indexed_jobs { spec.parallelism as i32 } else { 1 };
     let gpu = wants_gpu(spec.resources.as_ref());
-    let (mut volumes, mut mounts) = volumes(ii);
-    let mut env = common_env(ii, r);
+    let (mut volumes, mut mounts) = volumes(image_index);
+    let mut env = common_env(image_index, resolved);
     env.extend([
         var(env::SHARDS, shards.to_string()),
         var(env::BATCH_SIZE, spec.batch_size.to_string()),
@@ -255,15 +259,17 @@ pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
         limits: Some(quantities(&[("memory", "2Gi")])),
         ..Default::default()
     });
-    let mut meta = meta(ii, name.to_string(), "embed");
-    meta.annotations =
-        Some(BTreeMap::from([(GENERATION.to_string(), ii.metadata.generation.unwrap_or_default().to_string())]));
+    let mut meta = meta(image_index, name.to_string(), "embed");
+    meta.annotations = Some(BTreeMap::from([(
+        GENERATION.to_string(),
+        image_index.metadata.generation.unwrap_or_default().to_string(),
+    )]));
     Job {
         metadata: meta,
         spec: Some(JobSpec {
             completions: Some(shards),
             parallelism: Some(shards),
-            completion_mode: r.indexed_jobs.then(|| "Indexed".to_string()),
+            completion_mode: resolved.indexed_jobs.then(|| "Indexed".to_string()),
             // Bad images never fail a pod (they are recorded); retries cover node loss and Milvus blips.
             backoff_limit: Some(3 * shards),
             ttl_seconds_after_finished: Some(24 * 3600),
@@ -275,7 +281,7 @@ pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
                     resources: Some(resources),
                     ..Default::default()
                 };
-                let mut t = pod_template(ii, r, "embed", container, volumes, mounts);
+                let mut t = pod_template(image_index, resolved, "embed", container, volumes, mounts);
                 let pod = t.spec.as_mut().expect("pod_template sets a spec");
                 pod.restart_policy = Some("Never".into());
                 pod.node_selector = spec.node_selector.clone();
@@ -289,10 +295,10 @@ pub fn embed_job(ii: &ImageIndex, r: &Resolved, name: &str) -> Job {
 }
 
 /// The search Deployment `<name>-search`: `imageindex serve` behind readiness and liveness probes.
-pub fn search_deployment(ii: &ImageIndex, r: &Resolved) -> Deployment {
-    let search = &ii.spec.search;
-    let (mut volumes, mut mounts) = volumes(ii);
-    let mut env = common_env(ii, r);
+pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deployment {
+    let search = &image_index.spec.search;
+    let (mut volumes, mut mounts) = volumes(image_index);
+    let mut env = common_env(image_index, resolved);
     env.push(var(env::LISTEN, format!("0.0.0.0:{HTTP_PORT}")));
     if let Some(t) = &search.token_secret_ref {
         volumes.push(Volume {
@@ -333,17 +339,17 @@ pub fn search_deployment(ii: &ImageIndex, r: &Resolved) -> Deployment {
         ..Default::default()
     });
     let selector = BTreeMap::from([
-        (INSTANCE.to_string(), ii.metadata.name.clone().unwrap_or_default()),
+        (INSTANCE.to_string(), image_index.metadata.name.clone().unwrap_or_default()),
         (COMPONENT.to_string(), "search".to_string()),
     ]);
     Deployment {
-        metadata: meta(ii, search_name(ii), "search"),
+        metadata: meta(image_index, search_name(image_index), "search"),
         spec: Some(DeploymentSpec {
             replicas: Some(search.replicas),
             selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
             template: pod_template(
-                ii,
-                r,
+                image_index,
+                resolved,
                 "search",
                 Container {
                     name: "search".into(),
@@ -371,14 +377,14 @@ pub fn search_deployment(ii: &ImageIndex, r: &Resolved) -> Deployment {
 }
 
 /// The search Service `<name>-search`.
-pub fn search_service(ii: &ImageIndex) -> Service {
-    let s = &ii.spec.search.service;
+pub fn search_service(image_index: &ImageIndex) -> Service {
+    let s = &image_index.spec.search.service;
     Service {
-        metadata: meta(ii, search_name(ii), "search"),
+        metadata: meta(image_index, search_name(image_index), "search"),
         spec: Some(ServiceSpec {
             type_: Some(s.kind.as_str().into()),
             selector: Some(BTreeMap::from([
-                (INSTANCE.to_string(), ii.metadata.name.clone().unwrap_or_default()),
+                (INSTANCE.to_string(), image_index.metadata.name.clone().unwrap_or_default()),
                 (COMPONENT.to_string(), "search".to_string()),
             ])),
             ports: Some(vec![ServicePort {
@@ -399,15 +405,15 @@ mod tests {
     use super::*;
 
     pub(crate) fn sample(extra: &str) -> ImageIndex {
-        let mut ii: ImageIndex = serde_yaml::from_str(&format!(
+        let mut image_index: ImageIndex = serde_yaml::from_str(&format!(
             "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\n\
              metadata: {{name: photos, namespace: shop, uid: 1234-abcd, generation: 3}}\n\
              spec:\n  source: {{url: 's3://bucket/photos/', endpoint: 'http://minio:9000', credentialsSecret: s3-keys}}\n  \
              milvus: {{address: 'milvus:19530'}}\n  mysql: {{secretRef: {{name: catalog, key: url}}}}\n{extra}"
         ))
         .unwrap();
-        ii.metadata.generation = Some(3);
-        ii
+        image_index.metadata.generation = Some(3);
+        image_index
     }
 
     fn resolved(indexed: bool) -> Resolved {
@@ -425,8 +431,8 @@ mod tests {
 
     #[test]
     fn job_is_indexed_owned_and_keeps_secrets_out_of_the_spec() {
-        let ii = sample("  embedding: {parallelism: 4, batchSize: 64}\n");
-        let job = embed_job(&ii, &resolved(true), "photos-embed-1");
+        let image_index = sample("  embedding: {parallelism: 4, batchSize: 64}\n");
+        let job = embed_job(&image_index, &resolved(true), "photos-embed-1");
         let spec = job.spec.as_ref().unwrap();
         assert_eq!((spec.completions, spec.parallelism), (Some(4), Some(4)));
         assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
@@ -452,8 +458,8 @@ mod tests {
 
     #[test]
     fn without_indexed_jobs_one_pod_embeds_everything() {
-        let ii = sample("  embedding: {parallelism: 4}\n");
-        let job = embed_job(&ii, &resolved(false), "j");
+        let image_index = sample("  embedding: {parallelism: 4}\n");
+        let job = embed_job(&image_index, &resolved(false), "j");
         let spec = job.spec.unwrap();
         assert_eq!((spec.completions, spec.completion_mode), (Some(1), None));
         let env = env_of(&spec.template.spec.unwrap().containers[0]);
@@ -462,12 +468,12 @@ mod tests {
 
     #[test]
     fn a_gpu_limit_runs_on_cuda_with_the_spec_scheduling() {
-        let ii = sample(
+        let image_index = sample(
             "  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n    nodeSelector: {pool: gpu}\n    \
              tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n    image: my/embed:cuda\n    \
              precision: fp16\n    engineCacheClaim: trt-engines\n",
         );
-        let job = embed_job(&ii, &resolved(true), "j");
+        let job = embed_job(&image_index, &resolved(true), "j");
         let pod = job.spec.unwrap().template.spec.unwrap();
         let c = &pod.containers[0];
         assert_eq!(env_of(c)["IMAGEINDEX_DEVICE"].value.as_deref(), Some("cuda"));
@@ -485,8 +491,8 @@ mod tests {
 
     #[test]
     fn a_model_on_a_pvc_is_mounted_read_only() {
-        let ii = sample("  embedding: {modelUri: 'pvc://models/resnet50/v2.onnx'}\n");
-        let job = embed_job(&ii, &resolved(true), "j");
+        let image_index = sample("  embedding: {modelUri: 'pvc://models/resnet50/v2.onnx'}\n");
+        let job = embed_job(&image_index, &resolved(true), "j");
         let pod = job.spec.unwrap().template.spec.unwrap();
         let vol = pod.volumes.unwrap().into_iter().find(|v| v.name == "model").unwrap();
         let pvc = vol.persistent_volume_claim.unwrap();
@@ -499,8 +505,8 @@ mod tests {
 
     #[test]
     fn search_deployment_probes_and_hardening() {
-        let ii = sample("  search: {replicas: 2, tokenSecretRef: {name: api, key: token}}\n");
-        let d = search_deployment(&ii, &resolved(true));
+        let image_index = sample("  search: {replicas: 2, tokenSecretRef: {name: api, key: token}}\n");
+        let d = search_deployment(&image_index, &resolved(true));
         assert_eq!(d.metadata.name.as_deref(), Some("photos-search"));
         let spec = d.spec.unwrap();
         assert_eq!(spec.replicas, Some(2));
@@ -522,13 +528,14 @@ mod tests {
 
     #[test]
     fn every_variable_the_pods_get_is_one_the_binary_reads() {
-        let mut ii = sample(
+        let mut image_index = sample(
             "  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n  search: {tokenSecretRef: {name: api, key: token}}\n",
         );
-        ii.spec.milvus.credentials_secret_ref = Some(SecretKeyRef { name: "milvus".into(), key: "token".into() });
+        image_index.spec.milvus.credentials_secret_ref =
+            Some(SecretKeyRef { name: "milvus".into(), key: "token".into() });
         let reads = crate::cli::Args::env_vars();
-        let job = embed_job(&ii, &resolved(true), "j").spec.unwrap().template;
-        let search = search_deployment(&ii, &resolved(true)).spec.unwrap().template;
+        let job = embed_job(&image_index, &resolved(true), "j").spec.unwrap().template;
+        let search = search_deployment(&image_index, &resolved(true)).spec.unwrap().template;
         let mut set = 0;
         for pod in [job, search] {
             for e in pod.spec.unwrap().containers[0].env.clone().unwrap() {
@@ -542,11 +549,11 @@ mod tests {
 
     #[test]
     fn service_and_endpoint_agree() {
-        let ii = sample("  search: {service: {type: LoadBalancer, port: 8000}}\n");
-        let s = search_service(&ii);
+        let image_index = sample("  search: {service: {type: LoadBalancer, port: 8000}}\n");
+        let s = search_service(&image_index);
         let spec = s.spec.unwrap();
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
         assert_eq!(spec.ports.unwrap()[0].port, 8000);
-        assert_eq!(endpoint(&ii), "http://photos-search.shop.svc:8000");
+        assert_eq!(endpoint(&image_index), "http://photos-search.shop.svc:8000");
     }
 }

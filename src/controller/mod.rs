@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -49,90 +50,16 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let leading = Arc::new(AtomicBool::new(config.lease.is_none()));
     tokio::spawn(serve_metrics(config.listen, metrics.clone(), leading.clone()));
-
-    let mut lost_lease: futures::future::BoxFuture<'static, ()> = Box::pin(futures::future::pending());
-    if let Some((ns, name)) = &config.lease {
-        let manager = LeaseManagerBuilder::new(client.clone(), name)
-            .with_namespace(ns)
-            .with_identity(&config.identity)
-            .with_duration(15)
-            .with_grace(5)
-            .build()
-            .await
-            .context("setting up leader election")?;
-        let (mut channel, _task) = manager.watch().await;
-        info!(lease = %format!("{ns}/{name}"), identity = %config.identity, "waiting for the lease");
-        while !*channel.borrow_and_update() {
-            channel.changed().await.context("leader election stopped")?;
-        }
-        info!("leading");
-        leading.store(true, Ordering::Relaxed);
-        lost_lease = Box::pin(async move {
-            while *channel.borrow_and_update() {
-                if channel.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-
-    let settings = config.settings.clone();
-    let reporter = Reporter { controller: reconcile::MANAGER.into(), instance: Some(config.identity.clone()) };
-    let ctx = Arc::new(Context::new(client.clone(), settings, Recorder::new(client.clone(), reporter), metrics));
-    let (indexes, jobs, deployments, services, secrets) = match &config.namespace {
-        Some(ns) => (
-            Api::<ImageIndex>::namespaced(client.clone(), ns),
-            Api::<Job>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
+    let lost_lease = match &config.lease {
+        Some(lease) => lead(&client, lease, &config.identity).await?,
+        None => Box::pin(futures::future::pending()),
     };
-    // Only what we made: the owned objects carry our managed-by label.
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=imageindex-operator");
-    let controller = Controller::new(indexes, watcher::Config::default());
-    let store = controller.store();
-    let by_secret = store.clone();
-    let mut controller = controller
-        .owns(jobs, owned.clone())
-        .owns(deployments, owned.clone())
-        .owns(services, owned)
-        // Secrets are watched by metadata only: their values never sit in the controller's memory.
-        .watches(secrets, watcher::Config::default(), move |s| {
-            referencing(&by_secret, &s.namespace().unwrap_or_default(), |ii| secret_names(ii).contains(&s.name_any()))
-        });
-    // The milvus-operator's CRD may not be installed; then only `address` can be used.
-    let milvus = reconcile::milvus_resource();
-    let milvus_api: Api<DynamicObject> = Api::all_with(client.clone(), &milvus);
-    if milvus_api.list(&ListParams::default().limit(1)).await.is_ok() {
-        let by_milvus = store.clone();
-        controller = controller.watches_with(milvus_api, milvus, watcher::Config::default(), move |m| {
-            let ns = m.namespace().unwrap_or_default();
-            let name = m.name_any();
-            by_milvus
-                .state()
-                .into_iter()
-                .filter(move |ii| {
-                    ii.spec.milvus.reference.as_ref().is_some_and(|r| {
-                        r.name == name
-                            && r.namespace.clone().unwrap_or_else(|| ii.namespace().unwrap_or_default()) == ns
-                    })
-                })
-                .map(|ii| ObjectRef::from_obj(&*ii))
-                .collect::<Vec<_>>()
-        });
-    } else {
-        warn!(
-            "milvus.io/v1beta1 Milvus is not served here (or not readable): spec.milvus.ref will not resolve; use spec.milvus.address"
-        );
-    }
+    leading.store(true, Ordering::Relaxed);
+
+    let reporter = Reporter { controller: reconcile::MANAGER.into(), instance: Some(config.identity.clone()) };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let ctx = Arc::new(Context::new(client.clone(), config.settings.clone(), recorder, metrics));
+    let controller = watches(&client, config.namespace.as_deref()).await;
     info!(namespace = config.namespace.as_deref().unwrap_or("(all)"), "reconciling ImageIndexes");
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
@@ -163,6 +90,86 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
     Ok(())
 }
 
+/// Waits until this replica holds the Lease `(namespace, name)`; returns a future that ends
+/// when it no longer does.
+async fn lead(client: &Client, (ns, name): &(String, String), identity: &str) -> Result<BoxFuture<'static, ()>> {
+    let manager = LeaseManagerBuilder::new(client.clone(), name)
+        .with_namespace(ns)
+        .with_identity(identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .context("setting up leader election")?;
+    let (mut channel, _task) = manager.watch().await;
+    info!(lease = %format!("{ns}/{name}"), %identity, "waiting for the lease");
+    while !*channel.borrow_and_update() {
+        channel.changed().await.context("leader election stopped")?;
+    }
+    info!("leading");
+    Ok(Box::pin(async move {
+        while *channel.borrow_and_update() {
+            if channel.changed().await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
+/// The controller and what wakes it: ImageIndexes, the objects they own, the Secrets they read
+/// and the Milvus CRs they refer to (where the milvus-operator's CRD is served).
+async fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIndex> {
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    // Only what we made: the owned objects carry our managed-by label.
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=imageindex-operator");
+    let controller = Controller::new(api::<ImageIndex>(client, namespace), watcher::Config::default());
+    let store = controller.store();
+    let by_secret = store.clone();
+    let controller = controller
+        .owns(api::<Job>(client, namespace), owned.clone())
+        .owns(api::<Deployment>(client, namespace), owned.clone())
+        .owns(api::<Service>(client, namespace), owned)
+        // Secrets are watched by metadata only: their values never sit in the controller's memory.
+        .watches(api::<PartialObjectMeta<Secret>>(client, namespace), watcher::Config::default(), move |s| {
+            referencing(&by_secret, &s.namespace().unwrap_or_default(), |image_index| {
+                secret_names(image_index).contains(&s.name_any())
+            })
+        });
+    // The milvus-operator's CRD may not be installed; then only `address` can be used.
+    let milvus = reconcile::milvus_resource();
+    let milvus_api: Api<DynamicObject> = Api::all_with(client.clone(), &milvus);
+    if milvus_api.list(&ListParams::default().limit(1)).await.is_err() {
+        warn!(
+            "milvus.io/v1beta1 Milvus is not served here (or not readable): spec.milvus.ref will not resolve; use spec.milvus.address"
+        );
+        return controller;
+    }
+    controller.watches_with(milvus_api, milvus, watcher::Config::default(), move |m| {
+        let (ns, name) = (m.namespace().unwrap_or_default(), m.name_any());
+        let refers = |image_index: &ImageIndex| {
+            image_index.spec.milvus.reference.as_ref().is_some_and(|r| {
+                r.name == name
+                    && r.namespace.clone().unwrap_or_else(|| image_index.namespace().unwrap_or_default()) == ns
+            })
+        };
+        store
+            .state()
+            .into_iter()
+            .filter(|image_index| refers(image_index))
+            .map(|image_index| ObjectRef::from_obj(&*image_index))
+            .collect::<Vec<_>>()
+    })
+}
+
 async fn sigterm() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(mut s) => {
@@ -173,8 +180,8 @@ async fn sigterm() {
 }
 
 /// Names of the Secrets an ImageIndex reads.
-fn secret_names(ii: &ImageIndex) -> Vec<String> {
-    let s = &ii.spec;
+fn secret_names(image_index: &ImageIndex) -> Vec<String> {
+    let s = &image_index.spec;
     [
         Some(s.mysql.secret_ref.name.clone()),
         s.source.credentials_secret.clone(),
@@ -194,8 +201,8 @@ fn referencing(
     store
         .state()
         .into_iter()
-        .filter(|ii| ii.namespace().as_deref() == Some(ns) && refers(ii))
-        .map(|ii| ObjectRef::from_obj(&*ii))
+        .filter(|image_index| image_index.namespace().as_deref() == Some(ns) && refers(image_index))
+        .map(|image_index| ObjectRef::from_obj(&*image_index))
         .collect()
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{AppState, ServeConfig};
-use crate::config::{BackendArgs, LimitArgs, ModelArgs, SourceArgs};
+use crate::config::DataPlaneArgs;
 use crate::env;
 
 #[derive(clap::Args)]
@@ -43,13 +43,7 @@ pub struct ServeArgs {
     #[arg(long, env = env::ALLOW_PRIVATE_URLS)]
     allow_private_urls: bool,
     #[command(flatten)]
-    backend: BackendArgs,
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    src: SourceArgs,
-    #[command(flatten)]
-    limits: LimitArgs,
+    data: DataPlaneArgs,
 }
 
 impl ServeArgs {
@@ -63,14 +57,15 @@ impl ServeArgs {
             ),
             None => self.token.clone(),
         };
-        let model = self.model.load()?;
-        let index = self.backend.connect(model.id()).await?;
-        index.ensure(model.dim(), model.id(), self.model.allow_mixed_precision).await?;
-        let source = self.source.clone().map(|url| self.src.open(url)).transpose()?;
+        let DataPlaneArgs { backend, model, src, limits } = &self.data;
+        let loaded = model.load()?;
+        let index = backend.connect(loaded.id()).await?;
+        index.ensure(loaded.dim(), loaded.id(), model.allow_mixed_precision).await?;
+        let source = self.source.clone().map(|url| src.open(url)).transpose()?;
         let defaults = ServeConfig::default();
         let config = ServeConfig {
             max_upload_bytes: self.max_upload_bytes,
-            limits: self.limits.decode(),
+            limits: limits.decode(),
             request_timeout: Duration::from_secs(self.request_timeout),
             max_concurrent_embeddings: match self.max_concurrent_embeddings {
                 0 => defaults.max_concurrent_embeddings,
@@ -81,7 +76,7 @@ impl ServeArgs {
             allow_drop: self.allow_drop,
             allow_private_urls: self.allow_private_urls,
         };
-        let state = AppState::new(Arc::new(model), index, source, config);
+        let state = AppState::new(Arc::new(loaded), index, source, config);
         eprintln!("search on http://{}/  (API: POST /img/search, GET /img/count, GET /progress)", self.listen);
         super::serve(self.listen, Arc::new(state)).await
     }

@@ -44,7 +44,7 @@ pub struct Params {
     prefix: Option<String>,
 }
 
-async fn read_input(st: &AppState, req: Request) -> Result<Input, ApiError> {
+async fn read_input(state: &AppState, req: Request) -> Result<Input, ApiError> {
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     if ctype.starts_with("multipart/form-data") {
         let mut form = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -70,7 +70,7 @@ async fn read_input(st: &AppState, req: Request) -> Result<Input, ApiError> {
         let axum::Json(j) = axum::Json::<JsonInput>::from_request(req, &())
             .await
             .map_err(|e| ApiError::bad_request(format!("expected {{\"url\": ...}}: {}", e.body_text())))?;
-        Ok(Input { image: st.fetcher.fetch(&j.url).await?, topk: j.topk, prefix: j.prefix })
+        Ok(Input { image: state.fetcher.fetch(&j.url).await?, topk: j.topk, prefix: j.prefix })
     } else {
         Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -83,28 +83,29 @@ async fn read_input(st: &AppState, req: Request) -> Result<Input, ApiError> {
 /// Decode, preprocess and embed one image on the blocking pool. At most
 /// `max_concurrent_embeddings` at once: beyond that the caller gets 503 + Retry-After at once,
 /// rather than a queue that grows without bound.
-async fn embed(st: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
-    let permit = st.embed_slots.clone().try_acquire_owned().map_err(|_| {
+async fn embed(state: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
+    let permit = state.embed_slots.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "too many images are being embedded; retry shortly",
         )
     })?;
-    let (model, limits) = (st.model.clone(), st.config.limits);
+    let (model, limits) = (state.model.clone(), state.config.limits);
     let started = Instant::now();
     let v = tokio::task::spawn_blocking(move || {
         let _permit = permit; // held until the work is done, even if the request is gone
         model.embed_image(&image, limits)
     })
     .await??;
-    st.metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
+    state.metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
     Ok(v)
 }
 
 /// The bucket, for the routes that need one.
-fn bucket(st: &AppState) -> Result<&crate::store::Source, ApiError> {
-    st.source
+fn bucket(state: &AppState) -> Result<&crate::store::Source, ApiError> {
+    state
+        .source
         .as_ref()
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)"))
 }
@@ -124,27 +125,27 @@ fn object_url(key: &str) -> String {
     params(("topk" = Option<u32>, Query, description = "Results, 1-100"), ("prefix" = Option<String>, Query, description = "Key prefix")),
     responses((status = 200, body = SearchResponse), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
 pub async fn search(
-    State(st): State<Arc<AppState>>,
+    State(state): State<Arc<AppState>>,
     Query(q): Query<Params>,
     req: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let started = Instant::now();
-    let input = read_input(&st, req).await?;
+    let input = read_input(&state, req).await?;
     let topk = input.topk.or(q.topk).unwrap_or(10);
     if !(1..=MAX_TOPK).contains(&topk) {
         return Err(ApiError::bad_request(format!("topk must be 1..={MAX_TOPK}")));
     }
     let prefix = KeyPrefix::parse(input.prefix.or(q.prefix).as_deref().unwrap_or_default())?;
-    let vector = embed(&st, input.image).await?;
+    let vector = embed(&state, input.image).await?;
     let t = Instant::now();
-    let hits = st.index.vectors.search(vector, topk, prefix.as_ref()).await?;
-    st.metrics.milvus_seconds.observe(t.elapsed().as_secs_f64());
+    let hits = state.index.vectors.search(vector, topk, prefix.as_ref()).await?;
+    state.metrics.milvus_seconds.observe(t.elapsed().as_secs_f64());
     let results = hits
         .into_iter()
         .enumerate()
         .map(|(i, h)| SearchResult { rank: i + 1, url: object_url(&h.key), key: h.key, id: h.id, score: h.score })
         .collect();
-    let metric = st.index.vectors.index_kind().metric();
+    let metric = state.index.vectors.index_kind().metric();
     Ok(Json(SearchResponse { results, metric, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
 }
 
@@ -154,9 +155,9 @@ pub async fn search(
     responses((status = 201, description = "Stored and indexed", body = UploadResponse),
               (status = 200, description = "The same bytes were already there", body = UploadResponse),
               (status = 401, body = ErrorBody), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
-pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let source = bucket(&st)?;
-    let input = read_input(&st, req).await?;
+pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
+    let source = bucket(&state)?;
+    let input = read_input(&state, req).await?;
     let ext = match sniff(&input.image) {
         Some(image::ImageFormat::Png) => "png",
         Some(image::ImageFormat::WebP) => "webp",
@@ -167,59 +168,59 @@ pub async fn upload(State(st): State<Arc<AppState>>, req: Request) -> Result<Res
     let key = format!("uploads/{hash}.{ext}");
     let id = key_id(&key);
     let url = object_url(&key);
-    if st.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
+    if state.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
         return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
     }
     // Embed first: a file that is not a usable image is refused before anything is stored.
-    let vector = embed(&st, input.image.clone()).await?;
+    let vector = embed(&state, input.image.clone()).await?;
     let size = input.image.len() as u64;
     let etag = source.put(&key, input.image).await?;
     let record = Record { id, key: key.clone(), etag, size, content_hash: Some(hash), error: None };
     let vectors = vec![Vector { id, key: key.clone(), embedding: vector }];
-    st.index.write(WriteBatch { vectors, records: vec![record], remove: vec![] }).await?;
+    state.index.write(WriteBatch { vectors, records: vec![record], remove: vec![] }).await?;
     // Answer once the image is searchable: a search right after an upload must find it.
-    st.index.wait_searchable().await?;
+    state.index.wait_searchable().await?;
     Ok((StatusCode::CREATED, Json(UploadResponse { key, id, url, created: true })).into_response())
 }
 
 /// Remove an object from the index, the catalog and the bucket.
 #[utoipa::path(delete, path = "/img/{key}", security(("token" = [])), params(("key" = String, Path)),
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn delete(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
-    let entry = st.index.catalog.entry(&key).await?;
+pub async fn delete(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+    let entry = state.index.catalog.entry(&key).await?;
     let entry = entry.ok_or_else(|| ApiError::not_found(format!("{key} is not in the index")))?;
     // The bucket first: should the index removal fail after it, the next sync sees the object
     // gone and removes it; the other way round, a failure would leave an object it re-indexes.
-    if let Some(source) = &st.source {
+    if let Some(source) = &state.source {
         source.delete(&key).await?;
     }
-    st.index.remove(&[entry.id]).await?;
-    st.index.wait_searchable().await?;
+    state.index.remove(&[entry.id]).await?;
+    state.index.wait_searchable().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Drop the collection and the catalog (only with --allow-drop).
 #[utoipa::path(post, path = "/img/drop", security(("token" = [])),
     responses((status = 200, description = "Dropped"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-pub async fn drop_all(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
-    if !st.config.allow_drop {
+pub async fn drop_all(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.config.allow_drop {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "disabled",
             "drop is disabled; start serve with --allow-drop",
         ));
     }
-    st.index.drop().await?;
-    st.index.ensure(st.model.dim(), st.model.id(), false).await?;
-    Ok(Json(serde_json::json!({ "dropped": st.index.vectors.collection() })))
+    state.index.drop().await?;
+    state.index.ensure(state.model.dim(), state.model.id(), false).await?;
+    Ok(Json(serde_json::json!({ "dropped": state.index.vectors.collection() })))
 }
 
 /// The image itself, streamed from the bucket (only keys in the catalog).
 #[utoipa::path(get, path = "/img/object/{key}", params(("key" = String, Path)),
     responses((status = 200, description = "The image", content_type = "image/*"), (status = 404, body = ErrorBody)))]
-pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
-    let source = bucket(&st)?;
-    if st.index.catalog.entry(&key).await?.is_none() {
+pub async fn object(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    let source = bucket(&state)?;
+    if state.index.catalog.entry(&key).await?.is_none() {
         return Err(ApiError::not_found(format!("{key} is not in the index")));
     }
     let stream = source.stream(&key).await?;
@@ -242,28 +243,28 @@ pub async fn object(State(st): State<Arc<AppState>>, Path(key): Path<String>) ->
 
 /// Vectors in Milvus and catalog rows.
 #[utoipa::path(get, path = "/img/count", responses((status = 200, body = CountResponse), (status = 503, body = ErrorBody)))]
-pub async fn count(State(st): State<Arc<AppState>>) -> Result<Json<CountResponse>, ApiError> {
-    let count = st.index.vectors.count().await?;
-    let c = st.index.catalog.counts().await?;
+pub async fn count(State(state): State<Arc<AppState>>) -> Result<Json<CountResponse>, ApiError> {
+    let count = state.index.vectors.count().await?;
+    let c = state.index.catalog.counts().await?;
     Ok(Json(CountResponse { count, indexed: c.indexed, failed: c.failed }))
 }
 
 /// Catalog counts and the latest indexing run.
 #[utoipa::path(get, path = "/progress", responses((status = 200, body = Progress), (status = 503, body = ErrorBody)))]
-pub async fn progress(State(st): State<Arc<AppState>>) -> Result<Json<Progress>, ApiError> {
-    Ok(Json(st.index.catalog.progress().await?))
+pub async fn progress(State(state): State<Arc<AppState>>) -> Result<Json<Progress>, ApiError> {
+    Ok(Json(state.index.catalog.progress().await?))
 }
 
 /// Ready when Milvus and MySQL answer and the collection exists.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready"), (status = 503, body = ErrorBody)))]
-pub async fn readyz(State(st): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
     // Any failure is "not ready" (503), a missing collection included.
     let unready = |e: store::Error| match e {
         e @ store::Error::Backend { .. } => ApiError::from(e),
         e => ApiError::from(store::Error::backend("the collection", e.to_string())),
     };
-    st.index.vectors.ready().await.map_err(unready)?;
-    st.index.catalog.ping().await.map_err(unready)?;
+    state.index.vectors.ready().await.map_err(unready)?;
+    state.index.catalog.ping().await.map_err(unready)?;
     Ok(Json(serde_json::json!({ "milvus": "ok", "mysql": "ok" })))
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::{Backends, Summary, SyncOptions, sync};
-use crate::config::{BackendArgs, LimitArgs, ModelArgs, SourceArgs};
+use crate::config::DataPlaneArgs;
 use crate::env;
 
 #[derive(clap::Args)]
@@ -34,13 +34,7 @@ pub struct EmbedArgs {
 #[derive(clap::Args)]
 struct RunArgs {
     #[command(flatten)]
-    backend: BackendArgs,
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    src: SourceArgs,
-    #[command(flatten)]
-    limits: LimitArgs,
+    data: DataPlaneArgs,
     /// Images per model call.
     #[arg(long, env = env::BATCH_SIZE, default_value_t = 16)]
     batch_size: usize,
@@ -70,21 +64,22 @@ impl EmbedArgs {
 }
 
 async fn run(source: String, shard: u32, shards: u32, args: RunArgs, progress_bar: bool) -> Result<()> {
-    let model = args.model.load()?;
-    let index = args.backend.connect(model.id()).await?;
-    let source = args.src.open(source)?;
+    let DataPlaneArgs { backend, model, src, limits } = &args.data;
+    let loaded = model.load()?;
+    let index = backend.connect(loaded.id()).await?;
+    let source = src.open(source)?;
     let opts = SyncOptions {
         shard,
         shards,
         batch_size: args.batch_size,
         fetch_concurrency: args.fetch_concurrency,
         decode_workers: args.decode_workers,
-        limits: args.limits.decode(),
-        max_object_bytes: args.limits.max_object_bytes,
+        limits: limits.decode(),
+        max_object_bytes: limits.max_object_bytes,
         progress_bar,
-        mixed_precision: args.model.allow_mixed_precision,
+        mixed_precision: model.allow_mixed_precision,
     };
-    let summary = sync(&Backends { source, index }, Arc::new(model), &opts).await.context("sync failed")?;
+    let summary = sync(&Backends { source, index }, Arc::new(loaded), &opts).await.context("sync failed")?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

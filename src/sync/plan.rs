@@ -32,23 +32,23 @@ pub fn shard_of(key: &str, shards: u32) -> u32 {
 
 /// Diffs the listing against the catalog for one shard. `catalog` holds only that shard's entries.
 pub fn plan(listing: Vec<Object>, mut catalog: HashMap<String, Entry>, shard: u32, shards: u32) -> Plan {
-    let mut p = Plan::default();
+    let mut diff = Plan::default();
     for object in listing {
         if shard_of(&object.key, shards) != shard {
             continue;
         }
-        p.discovered += 1;
+        diff.discovered += 1;
         let id = key_id(&object.key);
         match catalog.remove(&object.key) {
-            None => p.new.push(Work { object, id, was_indexed: false }),
+            None => diff.new.push(Work { object, id, was_indexed: false }),
             // Same etag and size: the bytes are the ones we saw (a failed object stays failed until it changes).
-            Some(e) if e.etag == object.etag && e.size == object.size => p.unchanged += 1,
-            Some(e) => p.changed.push(Work { object, id, was_indexed: e.indexed }),
+            Some(e) if e.etag == object.etag && e.size == object.size => diff.unchanged += 1,
+            Some(e) => diff.changed.push(Work { object, id, was_indexed: e.indexed }),
         }
     }
-    p.deleted = catalog.into_values().collect();
-    p.deleted.sort_by(|a, b| a.key.cmp(&b.key));
-    p
+    diff.deleted = catalog.into_values().collect();
+    diff.deleted.sort_by(|a, b| a.key.cmp(&b.key));
+    diff
 }
 
 #[cfg(test)]

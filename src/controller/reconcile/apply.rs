@@ -23,23 +23,23 @@ pub struct Error(#[from] kube::Error);
 /// The search Deployment and Service, and whether search answers. A missing token Secret holds
 /// them back (the pods could not start).
 pub async fn search(
-    ii: &ImageIndex,
+    image_index: &ImageIndex,
     ctx: &Context,
-    r: &Resolved,
+    resolved: &Resolved,
     token: &Result<(), Missing>,
 ) -> Result<Observed, Error> {
     if let Err(missing) = token {
         return Ok(Observed::no(SEARCH_READY, missing.reason, &missing.message));
     }
-    let ns = ii.namespace().unwrap_or_default();
+    let ns = image_index.namespace().unwrap_or_default();
     let pp = PatchParams::apply(MANAGER).force();
-    let name = builders::search_name(ii);
+    let name = builders::search_name(image_index);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let d = deployments.patch(&name, &pp, &Patch::Apply(builders::search_deployment(ii, r))).await?;
+    let d = deployments.patch(&name, &pp, &Patch::Apply(builders::search_deployment(image_index, resolved))).await?;
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &pp, &Patch::Apply(builders::search_service(ii)))
+        .patch(&name, &pp, &Patch::Apply(builders::search_service(image_index)))
         .await?;
-    let want = ii.spec.search.replicas;
+    let want = image_index.spec.search.replicas;
     let available = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
     Ok(if want == 0 {
         Observed::no(SEARCH_READY, reason::SCALED_TO_ZERO, "spec.search.replicas is 0")
@@ -47,7 +47,7 @@ pub async fn search(
         Observed::yes(
             SEARCH_READY,
             reason::AVAILABLE,
-            format!("{available}/{want} replicas available at {}", builders::endpoint(ii)),
+            format!("{available}/{want} replicas available at {}", builders::endpoint(image_index)),
         )
     } else {
         Observed::no(SEARCH_READY, reason::UNAVAILABLE, format!("0/{want} replicas available"))
@@ -55,24 +55,24 @@ pub async fn search(
 }
 
 /// Creates an embedding Job (`<name>-embed-<unix seconds>`); returns its name.
-pub async fn job(ii: &ImageIndex, ctx: &Context, r: &Resolved, why: &str) -> Result<String, Error> {
-    let name = format!("{}-embed-{}", ii.name_any(), Timestamp::now().as_second());
-    let job = builders::embed_job(ii, r, &name);
-    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ii.namespace().unwrap_or_default());
+pub async fn job(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved, why: &str) -> Result<String, Error> {
+    let name = format!("{}-embed-{}", image_index.name_any(), Timestamp::now().as_second());
+    let job = builders::embed_job(image_index, resolved, &name);
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
     info!(job = %name, %why, "created embedding Job");
-    publish(ctx, ii, EventType::Normal, "JobCreated", format!("Job {name}: {why}")).await;
-    if !ctx.settings.indexed_jobs && ii.spec.embedding.parallelism > 1 {
+    publish(ctx, image_index, EventType::Normal, "JobCreated", format!("Job {name}: {why}")).await;
+    if !ctx.settings.indexed_jobs && image_index.spec.embedding.parallelism > 1 {
         let note = "this cluster has no Indexed Jobs (Kubernetes 1.24+): one pod embeds every shard";
-        publish(ctx, ii, EventType::Warning, "NoIndexedJobs", note.into()).await;
+        publish(ctx, image_index, EventType::Warning, "NoIndexedJobs", note.into()).await;
     }
     Ok(name)
 }
 
 /// An event on the ImageIndex; failing to publish one is logged, never fatal.
-pub async fn publish(ctx: &Context, ii: &ImageIndex, type_: EventType, reason: &str, note: String) {
+pub async fn publish(ctx: &Context, image_index: &ImageIndex, type_: EventType, reason: &str, note: String) {
     let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&ev, &ii.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&ev, &image_index.object_ref(&())).await {
         warn!(error = %e, "could not publish an event");
     }
 }

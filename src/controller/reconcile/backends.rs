@@ -32,15 +32,15 @@ pub async fn within<T, E: Into<Error>>(limit: Duration, f: impl Future<Output = 
 }
 
 /// The vectors the Jobs will make: recorded with a new collection, checked against an old one.
-pub fn model_id(ii: &ImageIndex) -> ModelId {
+pub fn model_id(image_index: &ImageIndex) -> ModelId {
     ModelId {
-        model: ii.spec.embedding.model_uri.rsplit('/').next().unwrap_or_default().to_string(),
-        precision: ii.spec.embedding.precision,
+        model: image_index.spec.embedding.model_uri.rsplit('/').next().unwrap_or_default().to_string(),
+        precision: image_index.spec.embedding.precision,
     }
 }
 
-pub fn milvus_config(ii: &ImageIndex, url: String, token: Option<String>) -> MilvusConfig {
-    MilvusConfig { url, token, collection: ii.collection(), index: ii.spec.milvus.index.kind }
+pub fn milvus_config(image_index: &ImageIndex, url: String, token: Option<String>) -> MilvusConfig {
+    MilvusConfig { url, token, collection: image_index.collection(), index: image_index.spec.milvus.index.kind }
 }
 
 fn mismatch(e: &Error) -> Option<Observed> {
@@ -55,13 +55,13 @@ fn mismatch(e: &Error) -> Option<Observed> {
 /// The collection made (or checked), its index and load; the catalog migrated and claimed. On
 /// success, the catalog and the two conditions that hold; otherwise the conditions that say why.
 pub async fn ensure(
-    ii: &ImageIndex,
+    image_index: &ImageIndex,
     ready: &Ready,
     timeout: Duration,
 ) -> Result<(Catalog, Vec<Observed>), Vec<Observed>> {
     let url = &ready.milvus_url;
-    let model = model_id(ii);
-    let milvus = milvus_config(ii, url.clone(), ready.milvus_token.clone());
+    let model = model_id(image_index);
+    let milvus = milvus_config(image_index, url.clone(), ready.milvus_token.clone());
     let vectors = async {
         let v = VectorStore::connect(&milvus).await?;
         v.ensure_collection(DIM, &model, false).await
@@ -99,11 +99,11 @@ pub async fn ensure(
 /// Lists the bucket (with the source's credentials) and diffs it against the catalog:
 /// (objects discovered, objects new, changed or deleted).
 pub async fn diff(
-    ii: &ImageIndex,
+    image_index: &ImageIndex,
     credentials: &Result<Option<S3Credentials>, String>,
     catalog: &Catalog,
 ) -> Result<(u64, u64), Error> {
-    let s = &ii.spec.source;
+    let s = &image_index.spec.source;
     let credentials = credentials.clone().map_err(Error::Unavailable)?;
     let source = Source::open(&SourceConfig {
         url: s.url.clone(),

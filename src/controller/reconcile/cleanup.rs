@@ -27,24 +27,24 @@ pub enum Error {
     Backend(String, backends::Error),
 }
 
-pub async fn cleanup(ii: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
-    let ns = ii.namespace().unwrap_or_default();
+pub async fn cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
+    let ns = image_index.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
     let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
-    jobs.delete_collection(&dp, &ListParams::default().labels(&builders::embed_selector(ii))).await?;
-    let collection = ii.collection();
-    if ii.spec.deletion_policy == DeletionPolicy::Retain {
+    jobs.delete_collection(&dp, &ListParams::default().labels(&builders::embed_selector(image_index))).await?;
+    let collection = image_index.collection();
+    if image_index.spec.deletion_policy == DeletionPolicy::Retain {
         let note = format!("collection {collection} and its catalog rows are kept");
-        publish(ctx, ii, EventType::Normal, "Retained", note).await;
+        publish(ctx, image_index, EventType::Normal, "Retained", note).await;
         return Ok(Action::await_change());
     }
     let timeout = ctx.settings.io_timeout;
     let failed = |what: &str, e| Error::Backend(format!("{what} {collection}"), e);
     // An invalid spec made no collection through a ref; its address, if any, is still tried.
-    let source = validate::validate(ii)
+    let source = validate::validate(image_index)
         .map(|spec| spec.milvus)
         .ok()
-        .or_else(|| ii.spec.milvus.address.as_deref().map(|a| MilvusSource::Address(validate::address(a))));
+        .or_else(|| image_index.spec.milvus.address.as_deref().map(|a| MilvusSource::Address(validate::address(a))));
     // A Milvus or Secret that is already gone has nothing left to clean up.
     let milvus = match source {
         Some(source) => dereference::milvus(&ctx.client, &source).await?,
@@ -52,11 +52,11 @@ pub async fn cleanup(ii: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
     };
     match milvus {
         Milvus::Ready(url) => {
-            let token = match &ii.spec.milvus.credentials_secret_ref {
+            let token = match &image_index.spec.milvus.credentials_secret_ref {
                 Some(r) => dereference::secret_key(&ctx.client, &ns, r).await?.ok(),
                 None => None,
             };
-            let cfg = milvus_config(ii, url, token);
+            let cfg = milvus_config(image_index, url, token);
             within(timeout, async { VectorStore::connect(&cfg).await?.drop_collection().await })
                 .await
                 .map_err(|e| failed("Milvus collection", e))?;
@@ -66,13 +66,13 @@ pub async fn cleanup(ii: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
             return Err(failed("Milvus collection", backends::Error::Unavailable(msg)));
         }
     }
-    match dereference::secret_key(&ctx.client, &ns, &ii.spec.mysql.secret_ref).await? {
+    match dereference::secret_key(&ctx.client, &ns, &image_index.spec.mysql.secret_ref).await? {
         Ok(url) => within(timeout, async { Catalog::connect(&url, &collection, "").await?.drop_collection().await })
             .await
             .map_err(|e| failed("catalog rows of", e))?,
         Err(missing) => warn!(%collection, "{}; catalog rows not dropped", missing.message),
     }
     let note = format!("dropped collection {collection} and its catalog rows");
-    publish(ctx, ii, EventType::Normal, "Deleted", note).await;
+    publish(ctx, image_index, EventType::Normal, "Deleted", note).await;
     Ok(Action::await_change())
 }

@@ -54,9 +54,9 @@ pub fn milvus_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("milvus.io", "v1beta1", "Milvus"), "milvuses")
 }
 
-pub async fn dereference(ii: &ImageIndex, spec: &ValidSpec, client: &Client) -> Result<Refs, Error> {
-    let ns = ii.namespace().unwrap_or_default();
-    let s = &ii.spec;
+pub async fn dereference(image_index: &ImageIndex, spec: &ValidSpec, client: &Client) -> Result<Refs, Error> {
+    let ns = image_index.namespace().unwrap_or_default();
+    let s = &image_index.spec;
     let milvus_token = match &s.milvus.credentials_secret_ref {
         Some(r) => Some(secret_key(client, &ns, r).await?),
         None => None,
@@ -75,9 +75,9 @@ pub async fn dereference(ii: &ImageIndex, spec: &ValidSpec, client: &Client) -> 
 }
 
 /// The ImageIndex's embedding Jobs.
-pub async fn jobs(ii: &ImageIndex, client: &Client) -> Result<Vec<JobView>, Error> {
-    let api: Api<Job> = Api::namespaced(client.clone(), &ii.namespace().unwrap_or_default());
-    let listed = api.list(&ListParams::default().labels(&builders::embed_selector(ii))).await?;
+pub async fn jobs(image_index: &ImageIndex, client: &Client) -> Result<Vec<JobView>, Error> {
+    let api: Api<Job> = Api::namespaced(client.clone(), &image_index.namespace().unwrap_or_default());
+    let listed = api.list(&ListParams::default().labels(&builders::embed_selector(image_index))).await?;
     Ok(listed.items.iter().map(JobView::of).collect())
 }
 

@@ -95,13 +95,13 @@ impl From<apply::Error> for Halt {
     }
 }
 
-pub async fn reconcile(ii: Arc<ImageIndex>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(image_index: Arc<ImageIndex>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let api: Api<ImageIndex> = Api::namespaced(ctx.client.clone(), &ii.namespace().unwrap_or_default());
-    let result = finalizer(&api, FINALIZER, ii, |event| async {
+    let api: Api<ImageIndex> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
+    let result = finalizer(&api, FINALIZER, image_index, |event| async {
         match event {
-            Finalizer::Apply(ii) => apply(&ii, &ctx).await,
-            Finalizer::Cleanup(ii) => Ok(cleanup::cleanup(&ii, &ctx).await?),
+            Finalizer::Apply(image_index) => apply(&image_index, &ctx).await,
+            Finalizer::Cleanup(image_index) => Ok(cleanup::cleanup(&image_index, &ctx).await?),
         }
     })
     .await
@@ -111,10 +111,10 @@ pub async fn reconcile(ii: Arc<ImageIndex>, ctx: Arc<Context>) -> Result<Action,
 }
 
 /// A live ImageIndex: run the steps, then write what they observed, halted or not.
-async fn apply(ii: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
-    let key = object_key(ii);
-    let mut status = ii.status.clone().unwrap_or_default();
-    let (observed, action, settled) = match steps(ii, ctx, &mut status).await {
+async fn apply(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
+    let key = object_key(image_index);
+    let mut status = image_index.status.clone().unwrap_or_default();
+    let (observed, action, settled) = match steps(image_index, ctx, &mut status).await {
         Ok((observed, action)) => (observed, action, true),
         Err(Halt::Invalid(observed)) => (observed, Action::await_change(), true),
         Err(Halt::Blocked(observed)) => (observed, ctx.backoff(&key), false),
@@ -123,53 +123,64 @@ async fn apply(ii: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
     if settled {
         ctx.set_memo(&key, |m| m.retries = 0);
     }
-    update_status::write(ii, ctx, status, &observed).await?;
+    update_status::write(image_index, ctx, status, &observed).await?;
     Ok(action)
 }
 
 /// The steps in order: each hands the next what it needs, or halts with the conditions that say why.
-async fn steps(ii: &ImageIndex, ctx: &Context, status: &mut ImageIndexStatus) -> Result<(Vec<Observed>, Action), Halt> {
-    let spec = validate::validate(ii).map_err(|msg| Halt::Invalid(validate::invalid(&msg)))?;
-    let refs = dereference::dereference(ii, &spec, &ctx.client).await?;
+async fn steps(
+    image_index: &ImageIndex,
+    ctx: &Context,
+    status: &mut ImageIndexStatus,
+) -> Result<(Vec<Observed>, Action), Halt> {
+    let spec = validate::validate(image_index).map_err(|msg| Halt::Invalid(validate::invalid(&msg)))?;
+    let refs = dereference::dereference(image_index, &spec, &ctx.client).await?;
     let ready = validate::ready(&refs).map_err(Halt::Blocked)?;
-    let (catalog, mut observed) = backends::ensure(ii, &ready, ctx.settings.io_timeout).await.map_err(Halt::Blocked)?;
-    status.collection = Some(ii.collection());
+    let (catalog, mut observed) =
+        backends::ensure(image_index, &ready, ctx.settings.io_timeout).await.map_err(Halt::Blocked)?;
+    status.collection = Some(image_index.collection());
     let resolved = Resolved {
         milvus_url: ready.milvus_url,
-        collection: ii.collection(),
+        collection: image_index.collection(),
         default_image: ctx.settings.default_image.clone(),
         indexed_jobs: ctx.settings.indexed_jobs,
     };
     // The search objects first: search answers while indexing runs.
-    observed.push(apply::search(ii, ctx, &resolved, &refs.search_token).await?);
-    status.endpoint = Some(builders::endpoint(ii));
-    let action = embedding(ii, ctx, &spec, &refs, &catalog, &resolved, status, &mut observed).await?;
-    counts(ii, ctx, &catalog, status).await;
+    observed.push(apply::search(image_index, ctx, &resolved, &refs.search_token).await?);
+    status.endpoint = Some(builders::endpoint(image_index));
+    let found = Found { spec: &spec, refs: &refs, catalog: &catalog, resolved: &resolved };
+    let action = embedding(image_index, ctx, &found, status, &mut observed).await?;
+    counts(image_index, ctx, &catalog, status).await;
     Ok((observed, action))
+}
+
+/// What the steps before the Job decision found, for it to use.
+struct Found<'a> {
+    spec: &'a ValidSpec,
+    refs: &'a Refs,
+    catalog: &'a Catalog,
+    resolved: &'a Resolved,
 }
 
 /// Embedding Jobs: at most one at a time; a new one when the spec changed or the bucket did.
 /// Pushes the Indexed condition; returns when to come back.
-#[allow(clippy::too_many_arguments)]
 async fn embedding(
-    ii: &ImageIndex,
+    image_index: &ImageIndex,
     ctx: &Context,
-    spec: &ValidSpec,
-    refs: &Refs,
-    catalog: &Catalog,
-    resolved: &Resolved,
+    found: &Found<'_>,
     status: &mut ImageIndexStatus,
     observed: &mut Vec<Observed>,
 ) -> Result<Action, Halt> {
-    let key = object_key(ii);
-    let jobs = dereference::jobs(ii, &ctx.client).await?;
+    let Found { spec, refs, catalog, resolved } = found;
+    let key = object_key(image_index);
+    let jobs = dereference::jobs(image_index, &ctx.client).await?;
     let latest = jobs::latest_done(&jobs);
     if let Some(j) = latest.filter(|j| j.state == JobState::Succeeded && status.last_sync_time != j.finished) {
         status.synced_generation = Some(j.generation.max(status.synced_generation.unwrap_or_default()));
         status.last_sync_time = j.finished.clone();
-        apply::publish(ctx, ii, EventType::Normal, "Indexed", format!("Job {} completed", j.name)).await;
+        apply::publish(ctx, image_index, EventType::Normal, "Indexed", format!("Job {} completed", j.name)).await;
     }
-    let generation = ii.metadata.generation.unwrap_or_default();
+    let generation = image_index.metadata.generation.unwrap_or_default();
     let inputs = |diff| Inputs {
         jobs: &jobs,
         generation,
@@ -181,8 +192,9 @@ async fn embedding(
     let remembered = ctx.memo(&key).diff;
     let mut decision = jobs::decide(&inputs(remembered.as_ref()));
     if decision == JobDecision::Diff {
-        let url = &ii.spec.source.url;
-        let listed = within(ctx.settings.list_timeout, backends::diff(ii, &refs.source_credentials, catalog)).await;
+        let url = &image_index.spec.source.url;
+        let listed =
+            within(ctx.settings.list_timeout, backends::diff(image_index, &refs.source_credentials, catalog)).await;
         let (discovered, pending) = listed.map_err(|e| {
             observed.push(Observed::no(INDEXED, reason::SOURCE_UNAVAILABLE, format!("listing {url}: {e}")));
             Halt::Blocked(std::mem::take(observed))
@@ -204,18 +216,18 @@ async fn embedding(
             (Observed::no(INDEXED, reason::INDEXING, msg), Action::requeue(Duration::from_secs(30)))
         }
         JobDecision::FailedRecently { name, why, retry_in } => {
-            let interval = &ii.spec.source.resync_interval;
+            let interval = &image_index.spec.source.resync_interval;
             let msg = format!("Job {name} failed: {why}; retrying after {interval}");
             (Observed::no(INDEXED, reason::JOB_FAILED, msg), Action::requeue(retry_in))
         }
         JobDecision::Create { why } => {
-            let name = apply::job(ii, ctx, resolved, &why).await?;
+            let name = apply::job(image_index, ctx, resolved, &why).await?;
             let msg = format!("Job {name}: {why}");
             status.current_job = Some(name);
             (Observed::no(INDEXED, reason::INDEXING, msg), Action::requeue(Duration::from_secs(30)))
         }
         JobDecision::UpToDate { discovered } => {
-            let msg = format!("{discovered} objects in sync with {}", ii.spec.source.url);
+            let msg = format!("{discovered} objects in sync with {}", image_index.spec.source.url);
             (Observed::yes(INDEXED, reason::UP_TO_DATE, msg), Action::requeue(spec.resync))
         }
         JobDecision::Diff => unreachable!("a diff made just now holds"),
@@ -226,8 +238,8 @@ async fn embedding(
 
 /// Counts: the bucket's from the last diff (kept while a Job runs: the informer's copy of our own
 /// status can lag behind the write that set them), the catalog's fresh.
-async fn counts(ii: &ImageIndex, ctx: &Context, catalog: &Catalog, status: &mut ImageIndexStatus) {
-    if let Some(d) = ctx.memo(&object_key(ii)).diff {
+async fn counts(image_index: &ImageIndex, ctx: &Context, catalog: &Catalog, status: &mut ImageIndexStatus) {
+    if let Some(d) = ctx.memo(&object_key(image_index)).diff {
         status.images.discovered = d.discovered;
         status.images.pending = d.pending;
     }
@@ -237,11 +249,11 @@ async fn counts(ii: &ImageIndex, ctx: &Context, catalog: &Catalog, status: &mut 
     }
 }
 
-pub fn error_policy(ii: Arc<ImageIndex>, err: &Error, ctx: Arc<Context>) -> Action {
-    warn!(name = %ii.name_any(), error = %err, "reconcile failed");
-    ctx.backoff(&object_key(&ii))
+pub fn error_policy(image_index: Arc<ImageIndex>, err: &Error, ctx: Arc<Context>) -> Action {
+    warn!(name = %image_index.name_any(), error = %err, "reconcile failed");
+    ctx.backoff(&object_key(&image_index))
 }
 
-fn object_key(ii: &ImageIndex) -> String {
-    format!("{}/{}", ii.namespace().unwrap_or_default(), ii.name_any())
+fn object_key(image_index: &ImageIndex) -> String {
+    format!("{}/{}", image_index.namespace().unwrap_or_default(), image_index.name_any())
 }

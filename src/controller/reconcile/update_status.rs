@@ -28,26 +28,26 @@ fn explanation(phase: Option<Phase>, observed: &[Observed]) -> String {
 }
 
 pub async fn write(
-    ii: &ImageIndex,
+    image_index: &ImageIndex,
     ctx: &Context,
     mut st: ImageIndexStatus,
     observed: &[Observed],
 ) -> Result<(), Error> {
     let previous = st.phase;
-    st.conditions = status::merge(&st.conditions, observed, ii.metadata.generation, &Time(Timestamp::now()));
-    st.observed_generation = ii.metadata.generation;
+    st.conditions = status::merge(&st.conditions, observed, image_index.metadata.generation, &Time(Timestamp::now()));
+    st.observed_generation = image_index.metadata.generation;
     let phase = status::phase(&st.conditions, previous);
     st.phase = Some(phase);
-    if ii.status.as_ref() == Some(&st) {
+    if image_index.status.as_ref() == Some(&st) {
         return Ok(());
     }
     if previous != st.phase {
         let type_ =
             if matches!(phase, Phase::Degraded | Phase::Failed) { EventType::Warning } else { EventType::Normal };
-        publish(ctx, ii, type_, &format!("{phase:?}"), explanation(st.phase, observed)).await;
+        publish(ctx, image_index, type_, &format!("{phase:?}"), explanation(st.phase, observed)).await;
     }
-    let api: Api<ImageIndex> = Api::namespaced(ctx.client.clone(), &ii.namespace().unwrap_or_default());
+    let api: Api<ImageIndex> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": "imageindex.dev/v1alpha1", "kind": "ImageIndex", "status": st});
-    api.patch_status(&ii.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
+    api.patch_status(&image_index.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
     Ok(())
 }

@@ -33,12 +33,12 @@ pub fn address(addr: &str) -> String {
 }
 
 /// The rules the schema cannot state; the message says which and how to fix it.
-pub fn validate(ii: &ImageIndex) -> Result<ValidSpec, String> {
-    let name = ii.name_any();
-    let m = &ii.spec.milvus;
+pub fn validate(image_index: &ImageIndex) -> Result<ValidSpec, String> {
+    let name = image_index.name_any();
+    let m = &image_index.spec.milvus;
     let milvus = match (&m.reference, &m.address) {
         (Some(r), None) => MilvusSource::Ref {
-            namespace: r.namespace.clone().unwrap_or_else(|| ii.namespace().unwrap_or_default()),
+            namespace: r.namespace.clone().unwrap_or_else(|| image_index.namespace().unwrap_or_default()),
             name: r.name.clone(),
         },
         (None, Some(addr)) => MilvusSource::Address(address(addr)),
@@ -50,14 +50,14 @@ pub fn validate(ii: &ImageIndex) -> Result<ValidSpec, String> {
             "metadata.name {name:?}: must start with a letter and be at most 40 characters (it names `<name>-search` and Jobs)"
         ));
     }
-    let resync = parse_interval(&ii.spec.source.resync_interval).filter(|d| *d >= Duration::from_secs(10));
+    let resync = parse_interval(&image_index.spec.source.resync_interval).filter(|d| *d >= Duration::from_secs(10));
     let Some(resync) = resync else {
         return Err(format!(
             "spec.source.resyncInterval {:?}: use at least 10s, like `30s`, `10m` or `1h`",
-            ii.spec.source.resync_interval
+            image_index.spec.source.resync_interval
         ));
     };
-    if ii.spec.source.include.is_empty() {
+    if image_index.spec.source.include.is_empty() {
         return Err("spec.source.include: give at least one glob".into());
     }
     Ok(ValidSpec { milvus, resync })
@@ -116,7 +116,7 @@ mod tests {
     use super::*;
     use crate::controller::reconcile::dereference::Missing;
 
-    fn ii(spec: serde_json::Value) -> ImageIndex {
+    fn image_index(spec: serde_json::Value) -> ImageIndex {
         let mut base = serde_json::json!({"source": {"url": "s3://b/p/"}, "mysql": {"secretRef": {"name": "db"}}});
         base.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
         serde_json::from_value(serde_json::json!({"apiVersion": "imageindex.dev/v1alpha1", "kind": "ImageIndex",
@@ -126,19 +126,21 @@ mod tests {
 
     #[test]
     fn exactly_one_milvus_and_a_sane_interval() {
-        let both = ii(serde_json::json!({"milvus": {"address": "m:19530", "ref": {"name": "m"}}}));
+        let both = image_index(serde_json::json!({"milvus": {"address": "m:19530", "ref": {"name": "m"}}}));
         assert!(validate(&both).unwrap_err().contains("exactly one"));
-        let neither = ii(serde_json::json!({"milvus": {}}));
+        let neither = image_index(serde_json::json!({"milvus": {}}));
         assert!(validate(&neither).is_err());
-        let addr = validate(&ii(serde_json::json!({"milvus": {"address": "m:19530"}}))).unwrap();
+        let addr = validate(&image_index(serde_json::json!({"milvus": {"address": "m:19530"}}))).unwrap();
         assert_eq!(addr.milvus, MilvusSource::Address("http://m:19530".into()));
         assert_eq!(addr.resync, Duration::from_secs(600));
-        let r = validate(&ii(serde_json::json!({"milvus": {"ref": {"name": "m"}}}))).unwrap();
+        let r = validate(&image_index(serde_json::json!({"milvus": {"ref": {"name": "m"}}}))).unwrap();
         assert_eq!(r.milvus, MilvusSource::Ref { namespace: "shop".into(), name: "m".into() });
-        let fast =
-            ii(serde_json::json!({"milvus": {"address": "m"}, "source": {"url": "s3://b/", "resyncInterval": "5s"}}));
+        let fast = image_index(
+            serde_json::json!({"milvus": {"address": "m"}, "source": {"url": "s3://b/", "resyncInterval": "5s"}}),
+        );
         assert!(validate(&fast).unwrap_err().contains("at least 10s"));
-        let none = ii(serde_json::json!({"milvus": {"address": "m"}, "source": {"url": "s3://b/", "include": []}}));
+        let none =
+            image_index(serde_json::json!({"milvus": {"address": "m"}, "source": {"url": "s3://b/", "include": []}}));
         assert!(validate(&none).unwrap_err().contains("at least one glob"));
         let invalid = invalid("x");
         assert_eq!(invalid.len(), 4);
