@@ -70,7 +70,7 @@ def fp16(src, out):
     onnx.save(model, out)
 
 
-def int8(src, out, calibration, count, reduce_range):
+def int8(src, out, calibration, count, reduce_range, fp32_tail):
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -89,6 +89,13 @@ def int8(src, out, calibration, count, reduce_range):
         # Shape inference and graph folding first, as onnxruntime's quantization guide advises.
         prepared = os.path.join(tmp, "prepared.onnx")
         quant_pre_process(src, prepared, skip_symbolic_shape=True)
+        # The last nodes (the final bottleneck block and the pooling) write the embedding itself:
+        # kept in fp32, their rounding does not land in the vectors. Nodes need names to be named.
+        graph = onnx.load(prepared)
+        for i, node in enumerate(graph.graph.node):
+            node.name = node.name or f"{node.op_type.lower()}_{i}"
+        onnx.save(graph, prepared)
+        tail = [n.name for n in graph.graph.node[len(graph.graph.node) - fp32_tail:]] if fp32_tail else []
         quantize_static(
             prepared, out, Reader(),
             quant_format=QuantFormat.QDQ,
@@ -96,11 +103,12 @@ def int8(src, out, calibration, count, reduce_range):
             reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            nodes_to_exclude=tail,
         )
     model = onnx.load(out)
     stamp(model, "int8", src)
     onnx.save(model, out)
-    print(f"int8: calibrated on {len(paths)} images from {calibration}", file=sys.stderr)
+    print(f"int8: calibrated on {len(paths)} images from {calibration}; last {fp32_tail} nodes in fp32", file=sys.stderr)
 
 
 def main():
@@ -110,6 +118,8 @@ def main():
     ap.add_argument("--calibration", help="folder of photos for int8 calibration")
     ap.add_argument("--count", type=int, default=64, help="calibration photos to use")
     ap.add_argument("--reduce-range", action="store_true", help="7-bit weights, for CPUs without VNNI")
+    ap.add_argument("--fp32-tail", type=int, default=9,
+                    help="last graph nodes kept in fp32 (ResNet50: the final bottleneck block and pooling)")
     ap.add_argument("-o", "--out", required=True)
     a = ap.parse_args()
     tmp = a.out + ".tmp"
@@ -118,7 +128,7 @@ def main():
     else:
         if not a.calibration:
             sys.exit("--precision int8 needs --calibration DIR (photos like the ones you will index)")
-        int8(a.model, tmp, a.calibration, a.count, a.reduce_range)
+        int8(a.model, tmp, a.calibration, a.count, a.reduce_range, a.fp32_tail)
     os.replace(tmp, a.out)
     print(f"{a.precision}: {a.out} ({os.path.getsize(a.out) / 2**20:.0f} MiB)", file=sys.stderr)
 
