@@ -17,6 +17,8 @@ if [[ -z $src ]]; then
   [[ -d $src ]] || "$PY" "$ROOT/hack/make-sample-images.py" "$src"
 fi
 
+# The dev profile: the fastest cold build (most dependencies unoptimised, no debug info), with the
+# image crates optimised (Cargo.toml), so it indexes at the release build's speed; the tests share it.
 log "building imageindex"
 (cd "$ROOT" && cargo build --locked --quiet --bin imageindex)
 bin=$CARGO_TARGET_DIR/debug/imageindex

@@ -20,8 +20,9 @@ pub mod store;
 pub mod sync;
 pub mod telemetry;
 
-/// Picks rustls's process-wide crypto provider. Dependencies enable both `ring` and `aws-lc-rs`,
-/// and clients that do not choose one themselves (kube's) refuse to guess. Call once at start.
+/// Installs rustls's process-wide crypto provider (ring), which the HTTP clients that do not
+/// bring their own (object_store's, the URL fetcher's) build on. Idempotent: `Source::open` and the
+/// URL fetcher call it too, so library users need not remember it.
 pub fn install_crypto() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

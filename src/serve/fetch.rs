@@ -32,6 +32,7 @@ fn is_private(ip: IpAddr) -> bool {
 
 impl UrlFetcher {
     pub fn new(max_bytes: usize, allow_private: bool) -> Self {
+        crate::install_crypto(); // the clients it builds take the process's TLS provider
         Self { max_bytes, allow_private }
     }
 

@@ -58,6 +58,7 @@ pub struct Source {
 
 impl Source {
     pub fn open(cfg: &SourceConfig) -> Result<Self> {
+        crate::install_crypto(); // object_store's HTTP client takes the process's provider
         let url = parse_url(&cfg.url)?;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
             "s3" => {
