@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::core::{IndexKind, ModelId, Precision};
+use crate::core::{IndexKind, ModelId, Precision, Redacted};
 use crate::embed::{DecodeLimits, Device, GpuOptions, Model, ModelOptions};
 use crate::env;
 use crate::store::{Index, MilvusConfig, Source, SourceConfig};
@@ -32,7 +32,7 @@ pub struct BackendArgs {
     pub milvus_url: String,
     /// Milvus credentials, `user:password`, where authentication is on.
     #[arg(long, env = env::MILVUS_TOKEN, hide_env_values = true)]
-    pub milvus_token: Option<String>,
+    pub milvus_token: Option<Redacted>,
     /// Milvus collection (also the catalog's namespace in MySQL).
     #[arg(long, env = env::COLLECTION, default_value = "imageindex")]
     pub collection: String,
@@ -41,7 +41,7 @@ pub struct BackendArgs {
     pub index_type: IndexKind,
     /// MySQL catalog, `mysql://user:password@host:3306/db`.
     #[arg(long, env = env::MYSQL_URL, hide_env_values = true)]
-    pub mysql_url: String,
+    pub mysql_url: Redacted,
 }
 
 impl BackendArgs {
@@ -56,7 +56,7 @@ impl BackendArgs {
 
     /// Connects to Milvus and the catalog for vectors of `model`.
     pub async fn connect(&self, model: &ModelId) -> Result<Index> {
-        Ok(Index::connect(&self.milvus(), &self.mysql_url, model).await?)
+        Ok(Index::connect(&self.milvus(), self.mysql_url.expose(), model).await?)
     }
 }
 
@@ -167,5 +167,28 @@ impl SourceArgs {
         let config =
             SourceConfig { url, endpoint: self.s3_endpoint.clone(), include: self.include.clone(), credentials: None };
         Ok(Source::open(&config)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        backend: BackendArgs,
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_output() {
+        let cli = Cli::parse_from(["x", "--mysql-url", "mysql://u:hunter2@db/x", "--milvus-token", "root:hunter3"]);
+        let serve = crate::serve::ServeConfig { token: Some("hunter4".into()), ..Default::default() };
+        let printed = format!("{:?} {:?} {serve:?}", cli.backend, cli.backend.milvus());
+        for secret in ["hunter2", "hunter3", "hunter4"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert_eq!(cli.backend.mysql_url.expose(), "mysql://u:hunter2@db/x");
     }
 }

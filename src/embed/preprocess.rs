@@ -20,6 +20,10 @@ pub const CROP: u32 = 224;
 pub const RESIZE: u32 = 256;
 /// Elements of one preprocessed image: 3 x 224 x 224, CHW.
 pub const TENSOR_LEN: usize = 3 * (CROP as usize) * (CROP as usize);
+/// Most pixels the resize may produce (6 MB of RGB): the shorter side becomes 256, so this refuses
+/// shapes flatter than 32:1, whose resize would otherwise ask for gigabytes (a 1x1,000,000 PNG
+/// of 2 KB resizes to 256 x 256,000,000). Panoramas are 2:1 to 12:1.
+pub const MAX_RESIZED_PIXELS: u64 = RESIZE as u64 * RESIZE as u64 * 32;
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
@@ -50,6 +54,11 @@ pub enum DecodeError {
     TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
     #[error("image has no pixels")]
     Empty,
+    #[error(
+        "image is {width}x{height}: with its shorter side at 256 it would be {resized} pixels, more than \
+         the limit of {MAX_RESIZED_PIXELS} (an aspect ratio above 32:1)"
+    )]
+    BadShape { width: u32, height: u32, resized: u64 },
     #[error("corrupt {format} image: {reason}")]
     Corrupt { format: &'static str, reason: String },
     #[error("truncated JPEG image: the data ends before the end-of-image marker")]
@@ -71,7 +80,8 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, DecodeErro
     Ok(RgbImage::from_raw(w, h, p.rgb).expect("decoders fill width x height x 3 bytes"))
 }
 
-/// Refuses an image without pixels or with more than the limit, from its header's size.
+/// Refuses an image without pixels, with more than the limit, or too flat to resize, from its
+/// header's size: before anything is allocated for it.
 fn check_size(width: u32, height: u32, limits: DecodeLimits) -> Result<(), DecodeError> {
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
@@ -80,7 +90,7 @@ fn check_size(width: u32, height: u32, limits: DecodeLimits) -> Result<(), Decod
     if pixels > limits.max_pixels {
         return Err(DecodeError::TooLarge { width, height, pixels, limit: limits.max_pixels });
     }
-    Ok(())
+    resized_size(width, height).map(|_| ())
 }
 
 /// The DCT scale for `--fast-jpeg`: the smallest of 1/2, 1/4, 1/8 that still leaves the shorter
@@ -141,11 +151,20 @@ fn jpeg_orientation(b: &[u8]) -> Orientation {
 }
 
 /// torchvision's `Resize(256)` output size: the shorter side becomes 256, the longer one
-/// `int(256 * long / short)` (truncated, as torchvision computes it).
-pub fn resized_size(width: u32, height: u32) -> (u32, u32) {
+/// `int(256 * long / short)` (truncated, as torchvision computes it). Refused above
+/// `MAX_RESIZED_PIXELS`, computed in u64 so that no shape overflows.
+pub fn resized_size(width: u32, height: u32) -> Result<(u32, u32), DecodeError> {
     let (short, long) = if width <= height { (width, height) } else { (height, width) };
-    let long_new = ((RESIZE as u64 * long as u64) / short as u64) as u32;
-    if width <= height { (RESIZE, long_new) } else { (long_new, RESIZE) }
+    if short == 0 {
+        return Err(DecodeError::Empty);
+    }
+    let long_new = u64::from(RESIZE) * u64::from(long) / u64::from(short);
+    let resized = long_new * u64::from(RESIZE);
+    if resized > MAX_RESIZED_PIXELS {
+        return Err(DecodeError::BadShape { width, height, resized });
+    }
+    let long_new = long_new as u32; // at most MAX_RESIZED_PIXELS / 256
+    Ok(if width <= height { (RESIZE, long_new) } else { (long_new, RESIZE) })
 }
 
 /// torchvision's `CenterCrop` offset: `int(round((size - crop) / 2))`, with Python's
@@ -247,7 +266,7 @@ impl Preprocessor {
     pub fn tensor_into(&mut self, bytes: &[u8], limits: DecodeLimits, out: &mut [f32]) -> Result<(), DecodeError> {
         assert_eq!(out.len(), TENSOR_LEN);
         let (w, h) = self.decode(bytes, limits)?;
-        let (rw, rh) = resized_size(w, h);
+        let (rw, rh) = resized_size(w, h)?;
         let src = ImageRef::new(w, h, &self.rgb, PixelType::U8x3).expect("decoded w x h x 3 bytes");
         self.resized.resize(3 * rw as usize * rh as usize, 0);
         let mut dst = Image::from_slice_u8(rw, rh, &mut self.resized, PixelType::U8x3).expect("sized above");
@@ -285,10 +304,35 @@ mod tests {
 
     #[test]
     fn resize_matches_torchvision_sizes() {
-        assert_eq!(resized_size(451, 300), (384, 256)); // int(256 * 451 / 300) = 384
-        assert_eq!(resized_size(300, 451), (256, 384));
-        assert_eq!(resized_size(512, 512), (256, 256));
-        assert_eq!(resized_size(741, 500), (379, 256)); // 379.39 truncated
+        assert_eq!(resized_size(451, 300).unwrap(), (384, 256)); // int(256 * 451 / 300) = 384
+        assert_eq!(resized_size(300, 451).unwrap(), (256, 384));
+        assert_eq!(resized_size(512, 512).unwrap(), (256, 256));
+        assert_eq!(resized_size(741, 500).unwrap(), (379, 256)); // 379.39 truncated
+        assert_eq!(resized_size(8192, 256).unwrap(), (8192, 256)); // 32:1, the flattest allowed
+    }
+
+    /// A PNG of `width` x `height` grey pixels, compressed to almost nothing.
+    fn flat_png(width: u32, height: u32) -> Vec<u8> {
+        let mut png = Vec::new();
+        let enc = image::codecs::png::PngEncoder::new(&mut png);
+        let pixels = vec![128u8; width as usize * height as usize];
+        image::ImageEncoder::write_image(enc, &pixels, width, height, image::ExtendedColorType::L8).unwrap();
+        png
+    }
+
+    #[test]
+    fn thin_images_are_refused_before_the_resize_allocates() {
+        // 1 x 1,000,000: 1 MP decoded, but 256 x 256,000,000 resized (65 GB of RGB).
+        let thin = flat_png(1, 1_000_000);
+        let err = Preprocessor::default().from_bytes(&thin, DecodeLimits::default()).unwrap_err();
+        assert!(matches!(err, DecodeError::BadShape { width: 1, height: 1_000_000, .. }), "{err}");
+        // The same from the other side, and the largest sizes: no overflow anywhere.
+        assert!(matches!(resized_size(65_000, 1), Err(DecodeError::BadShape { .. })));
+        assert!(matches!(resized_size(u32::MAX, 1), Err(DecodeError::BadShape { .. })));
+        assert!(matches!(resized_size(u32::MAX, u32::MAX), Ok((256, 256))));
+        // A 33:1 strip is refused, a 20:1 one is embedded.
+        assert!(Preprocessor::default().from_bytes(&flat_png(33 * 40, 40), DecodeLimits::default()).is_err());
+        assert!(Preprocessor::default().from_bytes(&flat_png(20 * 40, 40), DecodeLimits::default()).is_ok());
     }
 
     #[test]

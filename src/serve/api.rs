@@ -70,4 +70,6 @@ pub struct ErrorBody {
     /// image_too_large, unsupported_media_type, backend_unavailable, overloaded, timeout, internal
     error: String,
     message: String,
+    /// Quote it when reporting a problem: the server's log has the cause under this id.
+    request_id: Option<String>,
 }

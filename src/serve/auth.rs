@@ -7,25 +7,31 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
 
 use super::ApiError;
+use crate::core::Redacted;
 
+/// The expected token, kept as its SHA-256 only.
 #[derive(Clone)]
-pub struct Token(Option<Arc<str>>);
+pub struct Token(Option<Arc<[u8; 32]>>);
 
 impl Token {
-    pub fn new(token: Option<String>) -> Self {
-        Self(token.filter(|t| !t.is_empty()).map(Into::into))
+    pub fn new(token: Option<Redacted>) -> Self {
+        Self(token.filter(|t| !t.expose().is_empty()).map(|t| Arc::new(Sha256::digest(t.expose()).into())))
+    }
+
+    /// Whether `given` is the token, in time that depends on neither where it differs nor its
+    /// length: digests of equal length are compared with every byte looked at.
+    fn admits(&self, given: &str) -> bool {
+        let Some(expected) = &self.0 else { return false };
+        let given: [u8; 32] = Sha256::digest(given).into();
+        given.iter().zip(expected.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 }
 
-/// Compares in time independent of where the strings differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 pub async fn require(State(token): State<Token>, req: Request, next: Next) -> Response {
-    let Some(expected) = &token.0 else {
+    if token.0.is_none() {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "disabled",
@@ -35,7 +41,7 @@ pub async fn require(State(token): State<Token>, req: Request, next: Next) -> Re
     };
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
     match given {
-        Some(t) if same(t.trim().as_bytes(), expected.as_bytes()) => next.run(req).await,
+        Some(t) if token.admits(t.trim()) => next.run(req).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
         None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token>")
             .into_response(),
@@ -44,11 +50,16 @@ pub async fn require(State(token): State<Token>, req: Request, next: Next) -> Re
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn compares_whole_tokens() {
-        assert!(super::same(b"secret", b"secret"));
-        assert!(!super::same(b"secret", b"secreT"));
-        assert!(!super::same(b"secret", b"secret2"));
-        assert!(!super::same(b"", b"x"));
+        let token = Token::new(Some(Redacted::new("secret")));
+        assert!(token.admits("secret"));
+        for wrong in ["secreT", "secret2", "secre", "", "x"] {
+            assert!(!token.admits(wrong), "{wrong:?}");
+        }
+        assert!(!Token::new(None).admits(""), "no token admits nothing");
+        assert!(!Token::new(Some(Redacted::new(""))).admits(""), "an empty token is no token");
     }
 }

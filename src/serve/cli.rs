@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use super::{AppState, ServeConfig};
 use crate::config::DataPlaneArgs;
+use crate::core::Redacted;
 use crate::env;
 
 #[derive(clap::Args)]
@@ -32,7 +33,7 @@ pub struct ServeArgs {
     token_file: Option<PathBuf>,
     /// The token itself (prefer --token-file). Without a token the mutating routes are disabled.
     #[arg(long, env = env::TOKEN, hide_env_values = true)]
-    token: Option<String>,
+    token: Option<Redacted>,
     /// Require the token for search, count, progress and images too.
     #[arg(long, env = env::PROTECT_SEARCH)]
     protect_search: bool,
@@ -49,12 +50,9 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub async fn run(self) -> Result<()> {
         let token = match &self.token_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .with_context(|| format!("reading the token file {}", f.display()))?
-                    .trim()
-                    .to_string(),
-            ),
+            Some(f) => Some(Redacted::new(
+                std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?.trim(),
+            )),
             None => self.token.clone(),
         };
         let DataPlaneArgs { backend, model, src, limits } = &self.data;

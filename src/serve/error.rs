@@ -29,7 +29,8 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// Something that should not fail did: logged in full, a plain 500 for the client.
+    /// Something that should not fail did: logged in full, a plain 500 for the client (with the
+    /// request id that finds the log line).
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {e}");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server's log")
@@ -75,9 +76,10 @@ impl From<DecodeError> for ApiError {
         let (status, code) = match e {
             DecodeError::Unsupported => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             DecodeError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
-            DecodeError::Empty | DecodeError::Corrupt { .. } | DecodeError::TruncatedJpeg => {
-                (StatusCode::BAD_REQUEST, "bad_image")
-            }
+            DecodeError::Empty
+            | DecodeError::BadShape { .. }
+            | DecodeError::Corrupt { .. }
+            | DecodeError::TruncatedJpeg => (StatusCode::BAD_REQUEST, "bad_image"),
         };
         Self::new(status, code, e.to_string())
     }
@@ -97,8 +99,11 @@ impl IntoResponse for ApiError {
         struct Body<'a> {
             error: &'a str,
             message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            request_id: Option<String>,
         }
-        let mut resp = (self.status, Json(Body { error: self.code, message: &self.message })).into_response();
+        let body = Body { error: self.code, message: &self.message, request_id: super::request_id::current() };
+        let mut resp = (self.status, Json(body)).into_response();
         match self.status {
             // Back-pressure: tell the client when to come back.
             StatusCode::SERVICE_UNAVAILABLE => {

@@ -10,6 +10,7 @@ mod error;
 mod fetch;
 mod metrics;
 mod openapi;
+mod request_id;
 mod routes;
 
 use std::net::SocketAddr;
@@ -39,7 +40,7 @@ pub struct ServeConfig {
     pub max_concurrent_embeddings: usize,
     /// Bearer token for upload, delete and drop (and for search when `protect_search`).
     /// Without one, the mutating routes are disabled.
-    pub token: Option<String>,
+    pub token: Option<crate::core::Redacted>,
     pub protect_search: bool,
     /// `POST /img/drop` is refused unless this is set.
     pub allow_drop: bool,
@@ -117,6 +118,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn_with_state(cfg.max_upload_bytes, routes::refuse_oversized))
         .layer(axum::middleware::from_fn_with_state(cfg.request_timeout, routes::deadline))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 

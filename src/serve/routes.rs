@@ -215,12 +215,13 @@ pub async fn drop_all(State(state): State<Arc<AppState>>) -> Result<Json<serde_j
     Ok(Json(serde_json::json!({ "dropped": state.index.vectors.collection() })))
 }
 
-/// The image itself, streamed from the bucket (only keys in the catalog).
+/// The image itself, streamed from the bucket: only indexed images (not objects recorded as
+/// failed, which may be anything a glob matched).
 #[utoipa::path(get, path = "/img/object/{key}", params(("key" = String, Path)),
     responses((status = 200, description = "The image", content_type = "image/*"), (status = 404, body = ErrorBody)))]
 pub async fn object(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let source = bucket(&state)?;
-    if state.index.catalog.entry(&key).await?.is_none() {
+    if !state.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
         return Err(ApiError::not_found(format!("{key} is not in the index")));
     }
     let stream = source.stream(&key).await?;

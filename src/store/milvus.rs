@@ -67,9 +67,15 @@ impl KeyPrefix {
         &self.0
     }
 
-    /// The Milvus filter expression: safe because of what `parse` lets through.
+    /// The Milvus filter expression: safe because of what `parse` lets through. A range rather
+    /// than `like`, where `_` matches any character (`user_1/` would match `userX1/`). The upper
+    /// bound is the prefix with its last character incremented, which for the allowed characters
+    /// is never a quote or a backslash.
     fn filter(&self) -> String {
-        format!("{KEY} like \"{}%\"", self.0)
+        let mut upper = self.0.clone().into_bytes();
+        *upper.last_mut().expect("parse refuses the empty prefix") += 1;
+        let upper = String::from_utf8(upper).expect("ASCII stays ASCII");
+        format!("{KEY} >= \"{}\" and {KEY} < \"{upper}\"", self.0)
     }
 }
 
@@ -80,7 +86,7 @@ pub struct MilvusConfig {
     /// `http://host:19530`
     pub url: String,
     /// `user:password`, where the server has authentication on.
-    pub token: Option<String>,
+    pub token: Option<crate::core::Redacted>,
     pub collection: String,
     pub index: IndexKind,
 }
@@ -104,7 +110,7 @@ impl VectorStore {
     pub async fn connect(cfg: &MilvusConfig) -> Result<Self> {
         let mut conn = ConnectConfig::new().uri(cfg.url.clone());
         if let Some(t) = &cfg.token {
-            conn = conn.token(t.clone());
+            conn = conn.token(t.expose().to_string());
         }
         let client = ClientV2::new(&conn).await.ctx(format!("connecting to Milvus at {}", cfg.url))?;
         Ok(Self { client, collection: cfg.collection.clone(), index: cfg.index })
@@ -388,7 +394,9 @@ mod tests {
     #[test]
     fn prefixes_are_plain() {
         let p = KeyPrefix::parse("photos/2024-01_a.b").unwrap().unwrap();
-        assert_eq!(p.filter(), r#"key like "photos/2024-01_a.b%""#);
+        assert_eq!(p.filter(), r#"key >= "photos/2024-01_a.b" and key < "photos/2024-01_a.c""#);
+        let p = KeyPrefix::parse("user_").unwrap().unwrap();
+        assert_eq!(p.filter(), r#"key >= "user_" and key < "user`""#);
         assert!(KeyPrefix::parse("").unwrap().is_none());
         for bad in ["a\"b", "x\\", "a% or 1", "ключ", &"a".repeat(513)] {
             assert!(KeyPrefix::parse(bad).is_err(), "{bad}");

@@ -76,8 +76,11 @@ impl Source {
                 if let Some(ep) = &cfg.endpoint {
                     b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
                 }
-                let prefix =
-                    Path::parse(url.path()).map_err(|e| Error::Invalid(format!("bad prefix in {url}: {e}")))?;
+                // The URL's path is percent-encoded (`my%20photos/`); the keys under it are not.
+                let path = percent_encoding::percent_decode_str(url.path())
+                    .decode_utf8()
+                    .map_err(|_| Error::Invalid(format!("the prefix in {url} is not UTF-8")))?;
+                let prefix = Path::parse(path).map_err(|e| Error::Invalid(format!("bad prefix in {url}: {e}")))?;
                 (Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the S3 client: {e}")))?), prefix)
             }
             "file" => {

@@ -12,15 +12,15 @@ use imageindex::sync::Backends;
 use super::support::*;
 
 /// A running `serve` on a fresh collection, with a token and drop enabled.
-struct Server {
-    base: String,
-    http: reqwest::Client,
+pub struct Server {
+    pub base: String,
+    pub http: reqwest::Client,
 }
 
-const TOKEN: &str = "test-token-123";
+pub const TOKEN: &str = "test-token-123";
 
 impl Server {
-    async fn start(fx: &Fixture, b: Backends, config: ServeConfig) -> Self {
+    pub async fn start(fx: &Fixture, b: Backends, config: ServeConfig) -> Self {
         let state = AppState::new(model(), b.index, Some(fx.source.clone()), config);
         let app = imageindex::serve::router(Arc::new(state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -29,30 +29,30 @@ impl Server {
         Self { base, http: reqwest::Client::new() }
     }
 
-    fn form(bytes: Vec<u8>, topk: &str) -> reqwest::multipart::Form {
+    pub fn form(bytes: Vec<u8>, topk: &str) -> reqwest::multipart::Form {
         reqwest::multipart::Form::new()
             .part("image", reqwest::multipart::Part::bytes(bytes).file_name("q.jpg"))
             .text("topk", topk.to_string())
     }
 
-    async fn search(&self, bytes: Vec<u8>, topk: &str) -> (u16, serde_json::Value) {
+    pub async fn search(&self, bytes: Vec<u8>, topk: &str) -> (u16, serde_json::Value) {
         let r = self.http.post(format!("{}/img/search", self.base)).multipart(Self::form(bytes, topk));
         Self::json(r).await
     }
 
-    async fn json(r: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    pub async fn json(r: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
         let r = r.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("{}/{path}", self.base)
     }
 }
 
-fn assert_error(got: (u16, serde_json::Value), status: u16, code: &str) {
+pub fn assert_error(got: (u16, serde_json::Value), status: u16, code: &str) {
     assert_eq!(got.0, status, "expected {code}: {}", got.1);
     assert_eq!(got.1["error"], code, "{}", got.1);
     assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", got.1);

@@ -181,3 +181,14 @@ pub async fn upload_photos(fx: &Fixture, n: usize) -> Vec<(String, Bytes)> {
     futures::future::try_join_all(photos.iter().map(|(k, b)| fx.source.put(k, b.clone()))).await.unwrap();
     photos
 }
+
+/// A grey PNG of `width` x `height`: a few KB on disk whatever its size.
+pub fn flat_png(width: u32, height: u32) -> Bytes {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, width, height);
+    enc.set_color(png::ColorType::Grayscale);
+    let mut w = enc.write_header().unwrap();
+    w.write_image_data(&vec![128u8; width as usize * height as usize]).unwrap();
+    w.finish().unwrap();
+    out.into()
+}

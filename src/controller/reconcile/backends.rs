@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::validate::Ready;
 use crate::controller::status::{COLLECTION_READY, MILVUS_READY, Observed, reason};
-use crate::core::ModelId;
+use crate::core::{ModelId, Redacted};
 use crate::crd::ImageIndex;
 use crate::store::{self, Catalog, MilvusConfig, S3Credentials, Source, SourceConfig, VectorStore};
 use crate::sync::plan;
@@ -39,7 +39,7 @@ pub fn model_id(image_index: &ImageIndex) -> ModelId {
     }
 }
 
-pub fn milvus_config(image_index: &ImageIndex, url: String, token: Option<String>) -> MilvusConfig {
+pub fn milvus_config(image_index: &ImageIndex, url: String, token: Option<Redacted>) -> MilvusConfig {
     MilvusConfig { url, token, collection: image_index.collection(), index: image_index.spec.milvus.index.kind }
 }
 
@@ -73,7 +73,7 @@ pub async fn ensure(
         });
     }
     let catalog = async {
-        let c = Catalog::connect(&ready.mysql_url, &milvus.collection, &model.to_string()).await?;
+        let c = Catalog::connect(ready.mysql_url.expose(), &milvus.collection, &model.to_string()).await?;
         c.claim(&model, false).await?;
         Ok::<_, store::Error>(c)
     };

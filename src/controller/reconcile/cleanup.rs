@@ -67,9 +67,11 @@ pub async fn cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, 
         }
     }
     match dereference::secret_key(&ctx.client, &ns, &image_index.spec.mysql.secret_ref).await? {
-        Ok(url) => within(timeout, async { Catalog::connect(&url, &collection, "").await?.drop_collection().await })
-            .await
-            .map_err(|e| failed("catalog rows of", e))?,
+        Ok(url) => {
+            within(timeout, async { Catalog::connect(url.expose(), &collection, "").await?.drop_collection().await })
+                .await
+                .map_err(|e| failed("catalog rows of", e))?
+        }
         Err(missing) => warn!(%collection, "{}; catalog rows not dropped", missing.message),
     }
     let note = format!("dropped collection {collection} and its catalog rows");

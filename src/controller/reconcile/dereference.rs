@@ -12,6 +12,7 @@ use super::jobs::JobView;
 use super::validate::{MilvusSource, ValidSpec};
 use crate::controller::builders;
 use crate::controller::status::reason;
+use crate::core::Redacted;
 use crate::crd::{ImageIndex, SecretKeyRef};
 use crate::store::S3Credentials;
 
@@ -42,8 +43,8 @@ pub enum Milvus {
 pub struct Refs {
     pub milvus: Milvus,
     /// The Milvus credentials, where the spec names a Secret for them.
-    pub milvus_token: Option<Result<String, Missing>>,
-    pub mysql_url: Result<String, Missing>,
+    pub milvus_token: Option<Result<Redacted, Missing>>,
+    pub mysql_url: Result<Redacted, Missing>,
     /// The search token Secret has its key (or none is needed).
     pub search_token: Result<(), Missing>,
     /// The bucket's keys from `source.credentialsSecret`; None: from the pods' environment.
@@ -105,7 +106,7 @@ pub async fn milvus(client: &Client, source: &MilvusSource) -> Result<Milvus, Er
 }
 
 /// A Secret key's value, or why it cannot be read.
-pub async fn secret_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<Result<String, Missing>, Error> {
+pub async fn secret_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<Result<Redacted, Missing>, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let Some(secret) = api.get_opt(&r.name).await? else {
         return Ok(Err(Missing {
@@ -114,7 +115,7 @@ pub async fn secret_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<R
         }));
     };
     match secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|v| String::from_utf8(v.0.clone())) {
-        Some(Ok(v)) if !v.trim().is_empty() => Ok(Ok(v.trim().to_string())),
+        Some(Ok(v)) if !v.trim().is_empty() => Ok(Ok(Redacted::new(v.trim()))),
         _ => Ok(Err(Missing {
             reason: reason::SECRET_KEY_MISSING,
             message: format!("Secret {ns}/{} has no key {:?} (or it is empty)", r.name, r.key),

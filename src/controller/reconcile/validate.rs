@@ -7,6 +7,7 @@ use kube::ResourceExt;
 
 use super::dereference::{Milvus, Refs};
 use crate::controller::status::{self, COLLECTION_READY, INDEXED, MILVUS_READY, Observed, SEARCH_READY, reason};
+use crate::core::Redacted;
 use crate::crd::{ImageIndex, parse_interval};
 
 /// A spec that passed the rules.
@@ -72,8 +73,8 @@ pub fn invalid(message: &str) -> Vec<Observed> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ready {
     pub milvus_url: String,
-    pub milvus_token: Option<String>,
-    pub mysql_url: String,
+    pub milvus_token: Option<Redacted>,
+    pub mysql_url: Redacted,
 }
 
 fn waiting(types: &[&'static str]) -> impl Iterator<Item = Observed> {
@@ -153,12 +154,13 @@ mod tests {
         let refs = Refs {
             milvus: Milvus::Ready("http://m:19530".into()),
             milvus_token: None,
-            mysql_url: Ok("mysql://db".into()),
+            mysql_url: Ok(Redacted::new("mysql://db")),
             search_token: Ok(()),
             source_credentials: Ok(None),
         };
         let ok = ready(&refs).unwrap();
-        assert_eq!((ok.milvus_url.as_str(), ok.mysql_url.as_str()), ("http://m:19530", "mysql://db"));
+        assert_eq!((ok.milvus_url.as_str(), ok.mysql_url.expose()), ("http://m:19530", "mysql://db"));
+        assert!(!format!("{ok:?} {refs:?}").contains("mysql://db"), "a secret in Debug output");
 
         let no_milvus = Refs { milvus: Milvus::NotFound("gone".into()), ..refs.clone() };
         let blocked = ready(&no_milvus).unwrap_err();
