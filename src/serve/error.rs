@@ -43,6 +43,16 @@ impl From<store::Error> for ApiError {
             store::Error::NotFound(what) => Self::not_found(format!("{what} not found")),
             store::Error::ModelMismatch(m) => Self::new(StatusCode::CONFLICT, "model_mismatch", m.0),
             store::Error::Invalid(msg) => Self::bad_request(msg),
+            store::Error::TooLarge(msg) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg),
+            // The bucket refused one of its own objects: logged, a plain 502 for the client.
+            store::Error::Refused(msg) => {
+                tracing::warn!("bucket refused: {msg}");
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    "bucket_refused",
+                    "the bucket refused the object; see the server's log",
+                )
+            }
             // Milvus, MySQL or the bucket failed: 503 (retry), saying which call; the cause is logged.
             store::Error::Backend { what, error } => {
                 tracing::warn!("backend error: {what}: {error}");

@@ -19,6 +19,8 @@ pub struct Entry {
     pub etag: Option<String>,
     pub size: u64,
     pub indexed: bool,
+    /// Failed for a reason outside the bytes (see `Record::retry`): tried again next run.
+    pub retry: bool,
 }
 
 /// A finished object, to be recorded.
@@ -31,6 +33,9 @@ pub struct Record {
     pub content_hash: Option<String>,
     /// None = indexed; Some(reason) = failed.
     pub error: Option<String>,
+    /// The failure is not about the bytes (the bucket refused or failed the GET): the next run
+    /// tries again, though the etag is the same.
+    pub retry: bool,
 }
 
 /// Counts for one collection.
@@ -80,7 +85,7 @@ pub struct Failure {
 /// A static SELECT of the columns an `Entry` is read from, with the given WHERE clause.
 macro_rules! select_entries {
     ($filter:literal) => {
-        concat!("SELECT id, object_key, etag, size, state FROM images WHERE ", $filter)
+        concat!("SELECT id, object_key, etag, size, state, retry FROM images WHERE ", $filter)
     };
 }
 
@@ -91,6 +96,7 @@ fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
         etag: r.try_get("etag")?,
         size: r.try_get::<i64, _>("size")? as u64,
         indexed: r.try_get::<String, _>("state")? == "indexed",
+        retry: r.try_get("retry")?,
     })
 }
 
@@ -134,7 +140,7 @@ impl Catalog {
             return Ok(());
         }
         let mut qb = QueryBuilder::new(
-            "INSERT INTO images (collection, id, object_key, etag, size, content_hash, state, error, model, indexed_at) ",
+            "INSERT INTO images (collection, id, object_key, etag, size, content_hash, state, error, retry, model, indexed_at) ",
         );
         qb.push_values(records, |mut b, r| {
             let ok = r.error.is_none();
@@ -146,12 +152,13 @@ impl Catalog {
                 .push_bind(&r.content_hash)
                 .push_bind(if ok { "indexed" } else { "failed" })
                 .push_bind(&r.error)
+                .push_bind(r.retry)
                 .push_bind(&self.model)
                 .push(if ok { "CURRENT_TIMESTAMP(3)" } else { "NULL" });
         });
         qb.push(
             " ON DUPLICATE KEY UPDATE object_key = VALUES(object_key), etag = VALUES(etag), size = VALUES(size), \
-             content_hash = VALUES(content_hash), state = VALUES(state), error = VALUES(error), \
+             content_hash = VALUES(content_hash), state = VALUES(state), error = VALUES(error), retry = VALUES(retry), \
              model = VALUES(model), indexed_at = VALUES(indexed_at)",
         );
         qb.build().execute(&self.pool).await.ctx("writing the catalog")?;

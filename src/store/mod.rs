@@ -8,7 +8,7 @@ pub mod source;
 
 pub use catalog::{Catalog, Counts, Entry, Progress, Record, RunProgress};
 pub use milvus::{Hit, KeyPrefix, MilvusConfig, VectorStore};
-pub use source::{Object, S3Credentials, Source, SourceConfig};
+pub use source::{Fetched, Object, S3Credentials, Source, SourceConfig};
 
 use sha2::{Digest, Sha256};
 
@@ -29,6 +29,13 @@ pub enum Error {
     /// imageindex did not make.
     #[error("{0}")]
     Invalid(String),
+    /// The object is larger than the limit (found when fetched, before its bytes are read).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The bucket answered but refused this object (access denied, archived, a key it cannot
+    /// address): about the object, not a bucket that is down.
+    #[error("the bucket refused it: {0}")]
+    Refused(String),
     /// Milvus, MySQL or the bucket failed at `what`; worth a retry.
     #[error("{what}: {error}")]
     Backend { what: String, error: BoxError },

@@ -1,17 +1,25 @@
 //! The image source: a bucket or folder behind `object_store`, listed with include globs.
+//!
+//! S3 buckets are listed by `s3_list` (ListObjectsV2 signed by object_store), not by object_store's
+//! own lister: that one fails the whole listing on a single key its `Path` cannot hold (`a//b.jpg`,
+//! `./x.jpg`, a control character), so anyone who can write to the bucket could freeze the index.
+//! Such keys are listed like any other; fetching one fails for that object alone.
+
+mod s3_list;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
 
-use super::{Context, Error, Result};
+use super::{Error, Result};
 
 /// Default include patterns: the formats we decode.
 pub const DEFAULT_INCLUDE: &[&str] = &["**/*.jpg", "**/*.jpeg", "**/*.png", "**/*.webp"];
@@ -49,24 +57,51 @@ impl std::fmt::Debug for S3Credentials {
     }
 }
 
+/// An object's bytes, with the etag and size of what was fetched (which may be newer than the
+/// listing).
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub bytes: Bytes,
+    pub etag: Option<String>,
+    pub size: u64,
+}
+
 #[derive(Clone)]
 pub struct Source {
     store: Arc<dyn ObjectStore>,
+    /// Lists S3 buckets (None for a folder, which object_store lists entry by entry).
+    s3: Option<s3_list::Lister>,
     prefix: Path,
     include: GlobSet,
+}
+
+/// Retries of one request to the bucket (5xx, 429, timeouts, resets), with exponential backoff.
+/// Bounded in time, so that a bucket that stays down stops the run within a minute or so.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(30),
+    }
 }
 
 impl Source {
     pub fn open(cfg: &SourceConfig) -> Result<Self> {
         crate::install_crypto(); // object_store's HTTP client takes the process's provider
         let url = parse_url(&cfg.url)?;
-        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
+        let (store, s3, prefix): (Arc<dyn ObjectStore>, _, Path) = match url.scheme() {
             "s3" => {
                 let bucket =
                     url.host_str().ok_or_else(|| Error::Invalid(format!("{url}: an s3 URL needs a bucket")))?;
                 // Keys and region come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod with a Secret.
-                let mut b =
-                    AmazonS3Builder::from_env().with_bucket_name(bucket).with_virtual_hosted_style_request(false);
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_virtual_hosted_style_request(false)
+                    .with_retry(retry_config());
                 if let Some(c) = &cfg.credentials {
                     b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
                     if let Some(r) = &c.region {
@@ -81,7 +116,9 @@ impl Source {
                     .decode_utf8()
                     .map_err(|_| Error::Invalid(format!("the prefix in {url} is not UTF-8")))?;
                 let prefix = Path::parse(path).map_err(|e| Error::Invalid(format!("bad prefix in {url}: {e}")))?;
-                (Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the S3 client: {e}")))?), prefix)
+                let s3 = Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the S3 client: {e}")))?);
+                let lister = s3_list::Lister::new(s3.clone(), cfg.endpoint.is_some())?;
+                (s3, Some(lister), prefix)
             }
             "file" => {
                 let dir = url.to_file_path().map_err(|_| Error::Invalid(format!("bad file URL {url}")))?;
@@ -89,7 +126,7 @@ impl Source {
                     return Err(Error::Invalid(format!("{} is not a directory", dir.display())));
                 }
                 let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| Error::Invalid(e.to_string()))?;
-                (Arc::new(fs), Path::default())
+                (Arc::new(fs), None, Path::default())
             }
             other => {
                 return Err(Error::Invalid(format!(
@@ -110,37 +147,71 @@ impl Source {
             set.add(glob);
         }
         let include = set.build().map_err(|e| Error::Invalid(e.to_string()))?;
-        Ok(Self { store, prefix, include })
+        Ok(Self { store, s3, prefix, include })
     }
 
     fn location(&self, key: &str) -> Result<Path> {
-        let key = Path::parse(key).map_err(|e| Error::Invalid(format!("bad object key {key:?}: {e}")))?;
+        let key = Path::parse(key).map_err(|e| {
+            Error::Invalid(format!("the key {key:?} cannot be fetched safely ({e}); rename the object"))
+        })?;
         let mut loc = self.prefix.clone();
         loc.extend(key.parts());
         Ok(loc)
     }
 
-    /// Every object under the prefix that an include glob matches, sorted by key.
+    /// Every object under the prefix that an include glob matches, sorted by key. Keys are as
+    /// the bucket has them, including ones that cannot be fetched (see the module comment).
     pub async fn list(&self) -> Result<Vec<Object>> {
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let metas: Vec<_> = self.store.list(prefix).try_collect().await.ctx("listing the source")?;
-        let strip = self.prefix.as_ref().len();
-        let mut out: Vec<Object> = metas
+        // Under the prefix as a folder: `photos` lists photos/..., never photos2/...
+        let under = match self.prefix.as_ref() {
+            "" => String::new(),
+            p => format!("{p}/"),
+        };
+        let listed = match &self.s3 {
+            Some(lister) => lister.list(&under).await?,
+            None => self.list_folder().await?,
+        };
+        let mut out: Vec<Object> = listed
             .into_iter()
-            .filter_map(|m| {
-                let full = m.location.as_ref();
-                let key = full[strip..].trim_start_matches('/').to_string();
-                self.include.is_match(key.to_lowercase()).then_some(Object { key, etag: m.e_tag, size: m.size })
+            .filter_map(|mut o| {
+                o.key = o.key.strip_prefix(&under)?.to_string();
+                self.include.is_match(o.key.to_lowercase()).then_some(o)
             })
             .collect();
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 
+    /// A folder, through object_store. A file it cannot name (a name that is not UTF-8, say) is
+    /// skipped with a warning; the listing goes on.
+    async fn list_folder(&self) -> Result<Vec<Object>> {
+        let mut entries = self.store.list(None);
+        let mut out = Vec::new();
+        while let Some(entry) = entries.next().await {
+            match entry {
+                Ok(m) => out.push(Object { key: m.location.to_string(), etag: m.e_tag, size: m.size }),
+                Err(e @ object_store::Error::InvalidPath { .. }) => tracing::warn!("skipping a file: {e}"),
+                Err(e) => return Err(Error::backend("listing the source", e)),
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn get(&self, key: &str) -> Result<Bytes> {
+        Ok(self.fetch(key, u64::MAX).await?.bytes)
+    }
+
+    /// The object's bytes, refused (`Error::TooLarge`) without reading them if the object is now
+    /// larger than `max_bytes` (it may have been replaced since it was listed).
+    pub async fn fetch(&self, key: &str, max_bytes: u64) -> Result<Fetched> {
         let loc = self.location(key)?;
         let got = self.store.get(&loc).await.map_err(|e| bucket_error(key, "fetching", e))?;
-        got.bytes().await.map_err(|e| bucket_error(key, "fetching", e))
+        let (etag, size) = (got.meta.e_tag.clone(), got.meta.size);
+        if size > max_bytes {
+            return Err(Error::TooLarge(format!("object is {size} bytes, more than the limit of {max_bytes}")));
+        }
+        let bytes = got.bytes().await.map_err(|e| bucket_error(key, "fetching", e))?;
+        Ok(Fetched { bytes, etag, size })
     }
 
     /// Writes an object; returns its etag.
@@ -160,10 +231,20 @@ impl Source {
     }
 }
 
-/// NotFound is its own case: the sync skips an object deleted since the listing.
+/// NotFound is its own case (the sync skips an object deleted since the listing), and so is a
+/// bucket that answered but refused this object (403, 401, a failed precondition): that is about
+/// the object, not a bucket that is down. What is left failed after object_store's retries.
 fn bucket_error(key: &str, doing: &str, e: object_store::Error) -> Error {
+    use object_store::Error as E;
     match e {
-        object_store::Error::NotFound { .. } => Error::NotFound(format!("object {key:?}")),
+        E::NotFound { .. } => Error::NotFound(format!("object {key:?}")),
+        e @ (E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotSupported { .. }
+        | E::NotImplemented { .. }
+        | E::InvalidPath { .. }) => Error::Refused(format!("{doing} {key:?}: {e}")),
         e => Error::backend(format!("{doing} {key:?}"), e),
     }
 }

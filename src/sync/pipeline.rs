@@ -5,7 +5,9 @@
 //!
 //! Stages overlap through bounded channels, so the model (the slowest stage on a CPU) never
 //! waits for fetching or decoding, and memory stays flat however much work there is. A bad
-//! object becomes a failed record; only a backend failure (the bucket, the model) stops it.
+//! object becomes a failed record, and so does one the bucket refuses or keeps failing (after
+//! object_store's retries); only a bucket that fails `BUCKET_DOWN_AFTER` fetches in a row, with
+//! none succeeding, or the model, stops it.
 
 use std::sync::{Arc, Mutex};
 
@@ -22,9 +24,61 @@ use crate::store::{self, Record, Source, Vector, WriteBatch, content_hash};
 /// costs the servers CPU on the cores we share.
 const WRITE_BATCH: usize = 32;
 
+/// Fetches failing in a row (each after its own retries) that mean the bucket is down, not one
+/// object: the run stops, and the next one resumes.
+const BUCKET_DOWN_AFTER: usize = 16;
+
 enum Decoded {
-    Ready { work: Work, hash: String, tensor: Vec<f32> },
-    Failed { work: Work, hash: Option<String>, error: String },
+    Ready {
+        work: Work,
+        hash: String,
+        tensor: Vec<f32>,
+    },
+    /// `retry`: not about the bytes (see `Record::retry`).
+    Failed {
+        work: Work,
+        hash: Option<String>,
+        error: String,
+        retry: bool,
+    },
+}
+
+/// What fetching one object came to.
+enum Fetch {
+    Got(Work, bytes::Bytes),
+    /// Deleted since the listing: the next run removes it.
+    Gone,
+    /// About this object: recorded, and the run goes on.
+    Failed {
+        work: Work,
+        error: String,
+        retry: bool,
+    },
+    /// The bucket failed (after retries): recorded too, unless it keeps happening.
+    Down {
+        work: Work,
+        error: store::Error,
+    },
+}
+
+async fn fetch(source: &Source, mut work: Work, max_bytes: u64) -> Fetch {
+    let failed = |work, error: String, retry| Fetch::Failed { work, error, retry };
+    if work.object.size > max_bytes {
+        let error = format!("object is {} bytes, more than the limit of {max_bytes}", work.object.size);
+        return failed(work, error, false);
+    }
+    match source.fetch(&work.object.key, max_bytes).await {
+        Ok(f) => {
+            // What was fetched may be newer than the listing: record what the vector is of.
+            (work.object.etag, work.object.size) = (f.etag, f.size);
+            Fetch::Got(work, f.bytes)
+        }
+        Err(store::Error::NotFound(_)) => Fetch::Gone,
+        // The key cannot be addressed, or the object grew past the limit: about these bytes/name.
+        Err(e @ (store::Error::Invalid(_) | store::Error::TooLarge(_))) => failed(work, e.to_string(), false),
+        Err(e @ store::Error::Backend { .. }) => Fetch::Down { work, error: e },
+        Err(e) => failed(work, e.to_string(), true),
+    }
 }
 
 /// Tensor buffers (600 KB an image) handed back once copied into a batch, so decoding reuses
@@ -49,12 +103,12 @@ fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits, pool: &TensorPo
         Ok(()) => Decoded::Ready { work, hash, tensor },
         Err(e) => {
             pool.give(tensor);
-            Decoded::Failed { work, hash: Some(hash), error: e.to_string() }
+            Decoded::Failed { work, hash: Some(hash), error: e.to_string(), retry: false }
         }
     }
 }
 
-fn record(work: &Work, hash: Option<String>, error: Option<String>) -> Record {
+fn record(work: &Work, hash: Option<String>, error: Option<String>, retry: bool) -> Record {
     Record {
         id: work.id,
         key: work.object.key.clone(),
@@ -62,6 +116,7 @@ fn record(work: &Work, hash: Option<String>, error: Option<String>) -> Record {
         size: work.object.size,
         content_hash: hash,
         error,
+        retry,
     }
 }
 
@@ -75,30 +130,27 @@ fn fetch_and_decode(
 ) -> (mpsc::Receiver<Decoded>, tokio::task::JoinHandle<Result<(), Error>>) {
     let decoders = if opts.decode_workers == 0 { available_cores() } else { opts.decode_workers };
     let (limits, max_bytes) = (opts.limits, opts.max_object_bytes);
+    // Fetches failed in a row; any success resets it (fetches finish in any order).
+    let mut down_in_a_row = 0;
     let decoded = stream::iter(work)
         .map(move |w| {
             let source = source.clone();
-            async move {
-                if w.object.size > max_bytes {
-                    let error = format!("object is {} bytes, more than the limit of {max_bytes}", w.object.size);
-                    return Ok(Some(Err((w, error))));
-                }
-                match source.get(&w.object.key).await {
-                    Ok(bytes) => Ok(Some(Ok((w, bytes)))),
-                    // Deleted between listing and fetching: the next run removes it.
-                    Err(store::Error::NotFound(_)) => Ok(None),
-                    Err(e) => Err(Error::Store(e)),
-                }
-            }
+            async move { fetch(&source, w, max_bytes).await }
         })
         .buffer_unordered(opts.fetch_concurrency.max(1))
-        .map(move |fetched: Result<Option<_>, Error>| {
+        .map(move |fetched| {
             let pool = pool.clone();
+            down_in_a_row = if matches!(fetched, Fetch::Down { .. }) { down_in_a_row + 1 } else { 0 };
+            let bucket_down = down_in_a_row >= BUCKET_DOWN_AFTER;
             async move {
-                Ok::<_, Error>(match fetched? {
-                    None => None,
-                    Some(Err((work, error))) => Some(Decoded::Failed { work, hash: None, error }),
-                    Some(Ok((work, bytes))) => {
+                Ok::<_, Error>(match fetched {
+                    Fetch::Gone => None,
+                    Fetch::Down { error, .. } if bucket_down => return Err(Error::Store(error)),
+                    Fetch::Down { work, error } => {
+                        Some(Decoded::Failed { work, hash: None, error: error.to_string(), retry: true })
+                    }
+                    Fetch::Failed { work, error, retry } => Some(Decoded::Failed { work, hash: None, error, retry }),
+                    Fetch::Got(work, bytes) => {
                         Some(tokio::task::spawn_blocking(move || decode(work, bytes, limits, &pool)).await?)
                     }
                 })
@@ -147,11 +199,11 @@ pub(super) async fn produce(
     while !done {
         match ready.recv().await {
             None => done = true,
-            Some(Decoded::Failed { work, hash, error }) => {
+            Some(Decoded::Failed { work, hash, error, retry }) => {
                 if work.was_indexed {
                     pending.remove.push(work.id);
                 }
-                pending.records.push(record(&work, hash, Some(error)));
+                pending.records.push(record(&work, hash, Some(error), retry));
             }
             Some(Decoded::Ready { work, hash, tensor }) => {
                 tensors.extend_from_slice(&tensor);
@@ -176,7 +228,7 @@ pub(super) async fn produce(
             input.clear();
             spare_inputs.push(input);
             for ((work, hash), embedding) in items.into_iter().zip(embedded?) {
-                pending.records.push(record(&work, Some(hash), None));
+                pending.records.push(record(&work, Some(hash), None, false));
                 pending.vectors.push(Vector { id: work.id, key: work.object.key, embedding });
             }
         }

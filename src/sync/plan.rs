@@ -41,8 +41,9 @@ pub fn plan(listing: Vec<Object>, mut catalog: HashMap<String, Entry>, shard: u3
         let id = key_id(&object.key);
         match catalog.remove(&object.key) {
             None => diff.new.push(Work { object, id, was_indexed: false }),
-            // Same etag and size: the bytes are the ones we saw (a failed object stays failed until it changes).
-            Some(e) if e.etag == object.etag && e.size == object.size => diff.unchanged += 1,
+            // Same etag and size: the bytes are the ones we saw (a failed object stays failed until
+            // it changes, unless its bytes were never seen).
+            Some(e) if !e.retry && e.etag == object.etag && e.size == object.size => diff.unchanged += 1,
             Some(e) => diff.changed.push(Work { object, id, was_indexed: e.indexed }),
         }
     }
@@ -61,7 +62,10 @@ mod tests {
     }
 
     fn entry(key: &str, etag: &str, indexed: bool) -> (String, Entry) {
-        (key.into(), Entry { id: key_id(key), key: key.into(), etag: Some(etag.into()), size: 10, indexed })
+        (
+            key.into(),
+            Entry { id: key_id(key), key: key.into(), etag: Some(etag.into()), size: 10, indexed, retry: false },
+        )
     }
 
     #[test]
@@ -80,6 +84,14 @@ mod tests {
         assert_eq!(p.changed.len(), 1);
         assert!(p.changed[0].was_indexed && p.changed[0].object.key == "b.jpg");
         assert_eq!(p.deleted.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["d.jpg"]);
+    }
+
+    #[test]
+    fn objects_whose_fetch_failed_are_tried_again() {
+        let (key, mut refused) = entry("a.jpg", "1", false);
+        refused.retry = true;
+        let p = plan(vec![obj("a.jpg", "1")], HashMap::from([(key, refused)]), 0, 1);
+        assert_eq!((p.changed.len(), p.unchanged), (1, 0));
     }
 
     #[test]

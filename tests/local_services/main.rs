@@ -3,6 +3,7 @@
 //! them and sets the environment; without it these tests fail and say so (they never skip).
 //! `cargo test --lib` runs the unit tests alone, with no services.
 
+mod faults;
 mod hostile;
 mod mock_api;
 mod operator;
