@@ -75,6 +75,29 @@ pub struct SourceSpec {
     #[serde(default = "default_resync")]
     #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
     pub resync_interval: String,
+    /// Most of the catalog one sync may delete, in percent (10 objects may always go). A listing
+    /// that would delete more (a typo'd prefix, a bucket policy change) deletes and indexes nothing,
+    /// and `Indexed` says why.
+    #[serde(default = "default_max_delete_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_delete_percent: u8,
+    /// Delete whatever the listing says is gone, however much. Set it for the one sync that should,
+    /// then unset it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_mass_deletion: bool,
+}
+
+fn default_max_delete_percent() -> u8 {
+    10
+}
+
+impl SourceSpec {
+    pub fn deletion_guard(&self) -> crate::sync::DeletionGuard {
+        crate::sync::DeletionGuard {
+            max_share: f64::from(self.max_delete_percent) / 100.0,
+            allow: self.allow_mass_deletion,
+        }
+    }
 }
 
 fn default_include() -> Vec<String> {

@@ -34,6 +34,8 @@ pub const SOURCE: &str = "IMAGEINDEX_SOURCE";
 pub const BATCH_SIZE: &str = "IMAGEINDEX_BATCH_SIZE";
 pub const FETCH_CONCURRENCY: &str = "IMAGEINDEX_FETCH_CONCURRENCY";
 pub const DECODE_WORKERS: &str = "IMAGEINDEX_DECODE_WORKERS";
+pub const MAX_DELETE_PERCENT: &str = "IMAGEINDEX_MAX_DELETE_PERCENT";
+pub const ALLOW_MASS_DELETE: &str = "IMAGEINDEX_ALLOW_MASS_DELETE";
 /// Set by Kubernetes in an Indexed Job's pods.
 pub const SHARD: &str = "JOB_COMPLETION_INDEX";
 pub const SHARDS: &str = "IMAGEINDEX_SHARDS";

@@ -239,7 +239,11 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
         var(env::SHARDS, shards.to_string()),
         var(env::BATCH_SIZE, spec.batch_size.to_string()),
         var(env::DEVICE, if gpu { "cuda" } else { "cpu" }),
+        var(env::MAX_DELETE_PERCENT, image_index.spec.source.max_delete_percent.to_string()),
     ]);
+    if image_index.spec.source.allow_mass_deletion {
+        env.push(var(env::ALLOW_MASS_DELETE, "true"));
+    }
     if gpu {
         // TensorRT's engines (used where the image has its libraries), kept on a claim if given.
         env.push(var(env::TRT_CACHE, TRT_CACHE));

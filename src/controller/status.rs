@@ -26,6 +26,7 @@ pub mod reason {
     pub const INDEXING: &str = "Indexing";
     pub const UP_TO_DATE: &str = "UpToDate";
     pub const JOB_FAILED: &str = "JobFailed";
+    pub const DELETION_REFUSED: &str = "DeletionRefused";
     pub const AVAILABLE: &str = "Available";
     pub const UNAVAILABLE: &str = "Unavailable";
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";

@@ -75,6 +75,11 @@ pub struct RunStatus {
     pub progress: RunProgress,
 }
 
+/// A moment on the catalog's own clock (DATETIME(3), the server's time), to compare with
+/// `updated_at` without trusting this machine's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatalogTime(chrono::NaiveDateTime);
+
 /// A failed object and why.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Failure {
@@ -165,11 +170,67 @@ impl Catalog {
         Ok(())
     }
 
-    /// Forgets objects (through `Index`, which removes their vectors first).
+    /// The catalog's clock: rows written at or after it are newer than whatever was read before.
+    pub async fn clock(&self) -> Result<CatalogTime> {
+        let now = sqlx::query_scalar("SELECT CAST(CURRENT_TIMESTAMP(3) AS DATETIME(3))")
+            .fetch_one(&self.pool)
+            .await
+            .ctx("reading the catalog's clock")?;
+        Ok(CatalogTime(now))
+    }
+
+    /// Those of `ids` that have rows, last written before `before` where given.
+    pub(crate) async fn rows(&self, ids: &[i64], before: Option<CatalogTime>) -> Result<Vec<i64>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(1000) {
+            let mut qb = QueryBuilder::new("SELECT id FROM images WHERE collection = ");
+            qb.push_bind(&self.collection);
+            if let Some(before) = before {
+                qb.push(" AND updated_at < ").push_bind(before.0);
+            }
+            qb.push(" AND id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            let rows = qb.build().fetch_all(&self.pool).await.ctx("reading the catalog")?;
+            for r in rows {
+                out.push(r.try_get("id")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks rows to be embedded again by the next run (their etag forgotten, so the object looks changed).
+    pub(crate) async fn redo(&self, ids: &[i64]) -> Result<()> {
+        for chunk in ids.chunks(1000) {
+            let mut qb = QueryBuilder::new("UPDATE images SET etag = NULL, retry = TRUE WHERE collection = ");
+            qb.push_bind(&self.collection).push(" AND id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build().execute(&self.pool).await.ctx("marking catalog rows for a redo")?;
+        }
+        Ok(())
+    }
+
+    /// Forgets objects (through `Index`, which removes their vectors first); with `since`, only
+    /// rows last written before it.
     pub(crate) async fn delete(&self, ids: &[i64]) -> Result<()> {
+        self.delete_written_before(ids, None).await
+    }
+
+    pub(crate) async fn delete_written_before(&self, ids: &[i64], since: Option<CatalogTime>) -> Result<()> {
         for chunk in ids.chunks(1000) {
             let mut qb = QueryBuilder::new("DELETE FROM images WHERE collection = ");
-            qb.push_bind(&self.collection).push(" AND id IN (");
+            qb.push_bind(&self.collection);
+            if let Some(since) = since {
+                qb.push(" AND updated_at < ").push_bind(since.0);
+            }
+            qb.push(" AND id IN (");
             let mut sep = qb.separated(", ");
             for id in chunk {
                 sep.push_bind(*id);

@@ -6,7 +6,7 @@ pub mod catalog;
 pub mod milvus;
 pub mod source;
 
-pub use catalog::{Catalog, Counts, Entry, Progress, Record, RunProgress};
+pub use catalog::{Catalog, CatalogTime, Counts, Entry, Progress, Record, RunProgress};
 pub use milvus::{Hit, KeyPrefix, MilvusConfig, VectorStore};
 pub use source::{Fetched, Object, S3Credentials, Source, SourceConfig};
 
@@ -129,6 +129,22 @@ impl Index {
     pub async fn remove(&self, ids: &[i64]) -> Result<()> {
         self.vectors.delete(ids).await?;
         self.catalog.delete(ids).await
+    }
+
+    /// Removes the objects among `ids` whose rows were last written before `since` (the moment a
+    /// sync began listing); a row written since is a newer write (an upload, another run) and
+    /// stays. Should a write land between the two deletes, its row is marked to be embedded
+    /// again, since its vector may have gone. Returns how many were removed.
+    pub async fn remove_unless_written_since(&self, ids: &[i64], since: CatalogTime) -> Result<usize> {
+        let stale = self.catalog.rows(ids, Some(since)).await?;
+        self.vectors.delete(&stale).await?;
+        self.catalog.delete_written_before(&stale, Some(since)).await?;
+        let rewritten = self.catalog.rows(&stale, None).await?;
+        if !rewritten.is_empty() {
+            tracing::warn!("{} objects were written while being removed; they will be embedded again", rewritten.len());
+            self.catalog.redo(&rewritten).await?;
+        }
+        Ok(stale.len() - rewritten.len())
     }
 
     /// Waits until every acknowledged write is searchable; returns the vectors in the collection.

@@ -197,6 +197,15 @@ impl Source {
         Ok(out)
     }
 
+    /// Whether the object is there (a HEAD): the proof a sync asks for before it deletes a vector.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        match self.store.head(&self.location(key)?).await.map_err(|e| bucket_error(key, "checking", e)) {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         Ok(self.fetch(key, u64::MAX).await?.bytes)
     }

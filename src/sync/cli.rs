@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::{Backends, Summary, SyncOptions, sync};
+use super::{Backends, DeletionGuard, Summary, SyncOptions, sync};
 use crate::config::DataPlaneArgs;
 use crate::env;
 
@@ -44,6 +44,13 @@ struct RunArgs {
     /// Images decoded concurrently; 0 = the cores this process may use.
     #[arg(long, env = env::DECODE_WORKERS, default_value_t = 0)]
     decode_workers: usize,
+    /// Most of the catalog one run may delete, in percent (at least 10 objects may always go).
+    /// A run that would delete more refuses, deleting and indexing nothing.
+    #[arg(long, env = env::MAX_DELETE_PERCENT, default_value_t = 10.0)]
+    max_delete_percent: f64,
+    /// Delete whatever the listing says is gone, however much (also from an empty listing).
+    #[arg(long, env = env::ALLOW_MASS_DELETE)]
+    allow_mass_delete: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -78,6 +85,7 @@ async fn run(source: String, shard: u32, shards: u32, args: RunArgs, progress_ba
         max_object_bytes: limits.max_object_bytes,
         progress_bar,
         mixed_precision: model.allow_mixed_precision,
+        deletion: DeletionGuard { max_share: args.max_delete_percent / 100.0, allow: args.allow_mass_delete },
     };
     let summary = sync(&Backends { source, index }, Arc::new(loaded), &opts).await.context("sync failed")?;
     if args.json {
@@ -90,12 +98,13 @@ async fn run(source: String, shard: u32, shards: u32, args: RunArgs, progress_ba
 
 fn print_summary(s: &Summary) {
     eprintln!(
-        "discovered {} | new {} changed {} unchanged {} deleted {} | indexed {} failed {} | {:.1} images/s | {} vectors in the collection",
+        "discovered {} | new {} changed {} unchanged {} deleted {} kept {} | indexed {} failed {} | {:.1} images/s | {} vectors in the collection",
         s.discovered,
         s.new,
         s.changed,
         s.unchanged,
         s.deleted,
+        s.kept,
         s.indexed,
         s.failed,
         s.images_per_second(),

@@ -12,7 +12,7 @@ mod pipeline;
 pub mod plan;
 mod run;
 
-pub use plan::{Plan, Work, plan, shard_of};
+pub use plan::{DeletionGuard, MassDeletion, Plan, Work, plan, shard_of};
 pub use run::{embed_only, sync};
 
 use crate::embed::{DecodeLimits, ModelError};
@@ -27,6 +27,8 @@ pub enum Error {
     Model(#[from] ModelError),
     #[error("a pipeline task panicked: {0}")]
     Panicked(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    MassDeletion(#[from] MassDeletion),
 }
 
 /// The backends one sync talks to.
@@ -50,6 +52,7 @@ pub struct SyncOptions {
     pub progress_bar: bool,
     /// Let vectors of another precision into the collection (see `ModelId::check`).
     pub mixed_precision: bool,
+    pub deletion: DeletionGuard,
 }
 
 impl Default for SyncOptions {
@@ -64,6 +67,7 @@ impl Default for SyncOptions {
             max_object_bytes: 64 << 20,
             progress_bar: false,
             mixed_precision: false,
+            deletion: DeletionGuard::default(),
         }
     }
 }
@@ -76,6 +80,9 @@ pub struct Summary {
     pub changed: usize,
     pub unchanged: usize,
     pub deleted: usize,
+    /// Catalog entries whose object the listing lacks but the bucket still has (a HEAD found it),
+    /// or that were written after the listing began: kept.
+    pub kept: usize,
     pub indexed: usize,
     pub failed: usize,
     /// Objects that failed in this run, with the reason.

@@ -25,6 +25,57 @@ pub struct Plan {
     pub unchanged: usize,
 }
 
+/// Deletions a run makes only when told to: a wrong listing (a typo'd prefix, a bucket policy
+/// change, a listing that returns nothing) makes every row look deleted, and the vectors cost
+/// GPU-hours to recompute.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeletionGuard {
+    /// Most of the catalog (0..=1) one run may delete; at least `FREE_DELETIONS` are always allowed.
+    pub max_share: f64,
+    /// Delete whatever the listing says is gone.
+    pub allow: bool,
+}
+
+impl Default for DeletionGuard {
+    fn default() -> Self {
+        Self { max_share: 0.10, allow: false }
+    }
+}
+
+/// Deletions allowed whatever the share, so that small collections can lose a few images; an
+/// empty listing never deletes all of a catalog without `allow`.
+pub const FREE_DELETIONS: usize = 10;
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error(
+    "refusing to delete {deleted} of the {catalog} objects in the catalog{why}: the listing may be wrong \
+     (a typo'd prefix, a bucket policy change). Nothing was deleted or indexed. If they are really gone, \
+     run with --allow-mass-delete (spec.source.allowMassDeletion)"
+)]
+pub struct MassDeletion {
+    pub deleted: usize,
+    pub catalog: usize,
+    why: String,
+}
+
+impl DeletionGuard {
+    /// Whether `plan` may delete what it says is gone from a catalog of `catalog` entries.
+    pub fn check(&self, plan: &Plan, catalog: usize) -> Result<(), MassDeletion> {
+        let deleted = plan.deleted.len();
+        let share = deleted as f64 / catalog.max(1) as f64;
+        let why = if self.allow || deleted == 0 {
+            return Ok(());
+        } else if plan.discovered == 0 {
+            ", because the listing is empty".to_string()
+        } else if deleted > FREE_DELETIONS && share > self.max_share {
+            format!(" ({:.1}%, more than the {:.0}% allowed)", share * 100.0, self.max_share * 100.0)
+        } else {
+            return Ok(());
+        };
+        Err(MassDeletion { deleted, catalog, why })
+    }
+}
+
 /// The shard an object key belongs to: its id modulo the shard count (ids are uniform hashes).
 pub fn shard_of(key: &str, shards: u32) -> u32 {
     (key_id(key) % i64::from(shards.max(1))) as u32
@@ -84,6 +135,27 @@ mod tests {
         assert_eq!(p.changed.len(), 1);
         assert!(p.changed[0].was_indexed && p.changed[0].object.key == "b.jpg");
         assert_eq!(p.deleted.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["d.jpg"]);
+    }
+
+    #[test]
+    fn mass_deletions_are_refused_unless_allowed() {
+        let catalog: HashMap<_, _> = (0..200).map(|i| entry(&format!("{i}.jpg"), "e", true)).collect();
+        let listing = |n: usize| (0..n).map(|i| obj(&format!("{i}.jpg"), "e")).collect::<Vec<_>>();
+        let guard = DeletionGuard::default();
+        let check = |n, g: DeletionGuard| g.check(&plan(listing(n), catalog.clone(), 0, 1), 200);
+        assert_eq!(check(200, guard), Ok(()));
+        assert_eq!(check(180, guard), Ok(()), "10% may go");
+        let refused = check(179, guard).unwrap_err();
+        assert_eq!((refused.deleted, refused.catalog), (21, 200));
+        assert!(refused.to_string().contains("(10.5%, more than the 10% allowed)"), "{refused}");
+        let empty = check(0, guard).unwrap_err();
+        assert!(empty.to_string().contains("the listing is empty"), "{empty}");
+        assert_eq!(check(0, DeletionGuard { allow: true, ..guard }), Ok(()));
+        assert_eq!(check(100, DeletionGuard { max_share: 0.5, ..guard }), Ok(()));
+        // A few deletions from a small catalog pass; an empty listing never empties it.
+        let small: HashMap<_, _> = (0..5).map(|i| entry(&format!("{i}.jpg"), "e", true)).collect();
+        assert_eq!(guard.check(&plan(listing(2), small.clone(), 0, 1), 5), Ok(()));
+        assert!(guard.check(&plan(vec![], small, 0, 1), 5).is_err());
     }
 
     #[test]

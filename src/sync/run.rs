@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, stream};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
@@ -11,7 +12,7 @@ use super::pipeline::produce;
 use super::plan::{Plan, Work, plan};
 use super::{Backends, Error, Summary, SyncOptions};
 use crate::embed::Model;
-use crate::store::{RunProgress, Source, WriteBatch};
+use crate::store::{Entry, RunProgress, Source, WriteBatch};
 
 /// Runs one sync of one shard, and records it (with its progress and outcome) in the catalog.
 pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) -> Result<Summary, Error> {
@@ -34,9 +35,14 @@ async fn run_shard(
     progress: &mut RunProgress,
 ) -> Result<Summary, Error> {
     let Backends { source, index } = backends;
+    // Before the listing: a row written from now on is newer than the listing, and never deleted.
+    let listing_began = index.catalog.clock().await?;
     let listing = source.list().await?;
     let entries = index.catalog.entries(opts.shard, opts.shards).await?;
-    let Plan { discovered, new, changed, deleted, unchanged } = plan(listing, entries, opts.shard, opts.shards);
+    let catalog_size = entries.len();
+    let diff = plan(listing, entries, opts.shard, opts.shards);
+    opts.deletion.check(&diff, catalog_size)?;
+    let Plan { discovered, new, changed, deleted, unchanged } = diff;
     let mut summary = Summary {
         discovered,
         new: new.len(),
@@ -48,10 +54,12 @@ async fn run_shard(
     progress.discovered = discovered as u64;
     progress.planned = (new.len() + changed.len()) as u64;
 
-    // Gone from the bucket: out of the index (Milvus first, then the catalog).
-    let gone: Vec<i64> = deleted.iter().map(|e| e.id).collect();
-    index.remove(&gone).await?;
-    progress.deleted = gone.len() as u64;
+    // Gone from the bucket: out of the index (Milvus first, then the catalog), once proven gone.
+    let gone = proven_gone(source, deleted).await;
+    let removed = index.remove_unless_written_since(&gone, listing_began).await?;
+    summary.kept = summary.deleted - removed;
+    summary.deleted = removed;
+    progress.deleted = removed as u64;
     index.catalog.update_run(run, progress).await?;
 
     let started = Instant::now();
@@ -64,6 +72,24 @@ async fn run_shard(
     summary.indexed = progress.indexed as usize;
     summary.failed = progress.failed as usize;
     Ok(summary)
+}
+
+/// The ids of `deleted` that are really gone. A vector costs a model run to remake, so an indexed
+/// object is removed only once a HEAD says the bucket no longer has it (the listing may have
+/// missed it, or it came back since); a failed one holds no vector and goes on the listing's word.
+async fn proven_gone(source: &Source, deleted: Vec<Entry>) -> Vec<i64> {
+    let checks = stream::iter(deleted).map(|e| async move {
+        let there = if e.indexed { source.exists(&e.key).await } else { Ok(false) };
+        match there {
+            Ok(false) => Some(e.id),
+            Ok(true) => None,
+            Err(err) => {
+                tracing::warn!("keeping {:?}: cannot tell whether it is gone ({err})", e.key);
+                None
+            }
+        }
+    });
+    checks.buffer_unordered(16).filter_map(std::future::ready).collect().await
 }
 
 /// Runs the pipeline over `work` and writes what it produces; returns the objects that failed.

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use imageindex::core::IndexKind;
 use imageindex::store::{Index, Source, SourceConfig};
-use imageindex::sync::{SyncOptions, sync};
+use imageindex::sync::{DeletionGuard, SyncOptions, sync};
 
 use super::support::*;
 
@@ -31,6 +31,11 @@ pub struct Faults {
     pub shrink: Mutex<HashSet<String>>,
     /// Every request answers 503.
     pub down: AtomicBool,
+    /// Writes and deletes (anything but GET and HEAD) answer 403.
+    pub read_only: AtomicBool,
+    /// The next listing, once read from the bucket, is held: the sender says it was read, and
+    /// the reply waits for the receiver.
+    pub hold_listing: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Receiver<()>)>>,
     pub object_gets: AtomicUsize,
     pub injected_500s: AtomicUsize,
 }
@@ -69,14 +74,17 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         return s3_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
     }
     let (parts, body) = req.into_parts();
+    if f.read_only.load(Ordering::SeqCst) && !matches!(parts.method.as_str(), "GET" | "HEAD") {
+        return s3_error(StatusCode::FORBIDDEN, "AccessDenied");
+    }
     let query = parts.uri.query().unwrap_or_default().to_string();
     let listing = parts.method == "GET" && query_param(&query, "list-type").is_some();
-    let object_get = parts.method == "GET" && !listing && parts.uri.path().matches('/').count() >= 2;
-    if object_get {
+    let on_object = !listing && parts.uri.path().matches('/').count() >= 2;
+    if on_object && f.deny.lock().unwrap().contains(&relative_key(parts.uri.path())) {
+        return s3_error(StatusCode::FORBIDDEN, "AccessDenied");
+    }
+    if on_object && parts.method == "GET" {
         let key = relative_key(parts.uri.path());
-        if f.deny.lock().unwrap().contains(&key) {
-            return s3_error(StatusCode::FORBIDDEN, "AccessDenied");
-        }
         if f.vanish.lock().unwrap().contains(&key) {
             return s3_error(StatusCode::NOT_FOUND, "NoSuchKey");
         }
@@ -98,6 +106,11 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     let mut bytes = resp.bytes().await.unwrap().to_vec();
     if listing && status.is_success() {
         bytes = rewrite_listing(f, &query, String::from_utf8(bytes).unwrap()).into_bytes();
+        let held = f.hold_listing.lock().unwrap().take();
+        if let Some((read, release)) = held {
+            read.send(()).unwrap();
+            release.await.unwrap();
+        }
     }
     let mut out = Response::new(Body::from(bytes));
     *out.status_mut() = status;
@@ -268,5 +281,133 @@ async fn a_misbehaving_bucket_loses_nothing_and_stops_nothing() {
     let err = sync(&backends, model(), &opts).await.unwrap_err().to_string();
     assert!(err.contains("listing the source"), "{err}");
     assert_eq!(backends.index.vectors.count().await.unwrap(), 60);
+    fx.cleanup().await;
+}
+
+/// A typo'd prefix or an empty listing would have deleted the whole collection; it refuses, says
+/// why, deletes nothing, and deletes when allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_listing_deletes_nothing() {
+    let fx = Fixture::new("faults_guard");
+    upload_photos(&fx, 30).await;
+    let index = fx.index(IndexKind::Hnsw).await;
+    let right = imageindex::sync::Backends { source: fx.source.clone(), index };
+    assert_eq!(fx.sync(&right).await.indexed, 30);
+    // A prefix with nothing under it, and another folder with two other photos (a typo).
+    let empty = Fixture::new("faults_guard_empty");
+    let typo = Fixture::new("faults_guard_typo");
+    upload_photos(&typo, 2).await;
+    // The typo'd folder has two of the same keys (the same photos): 28 would go.
+    let cases = [
+        (&empty, "30 of the 30", "the listing is empty"),
+        (&typo, "28 of the 30", "(93.3%, more than the 10% allowed)"),
+    ];
+    for (elsewhere, count, why) in cases {
+        let wrong =
+            imageindex::sync::Backends { source: elsewhere.source.clone(), index: fx.index(IndexKind::Hnsw).await };
+        let err = sync(&wrong, model(), &SyncOptions::default()).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("refusing to delete {count}")) && err.contains(why), "{err}");
+        assert!(err.contains("--allow-mass-delete"), "says how to go on: {err}");
+        let c = consistency(&fx, &right.index, &[]).await;
+        assert_eq!((c.indexed, c.lost, c.extra_vectors), (30, 0, 0), "{}: something was deleted", elsewhere.source_url);
+        let progress = right.index.catalog.progress().await.unwrap();
+        assert_eq!(progress.run.unwrap().status, "failed", "the refusal is the run's outcome");
+    }
+    // Allowed, the listing's word goes: 28 deleted, the 2 shared keys unchanged.
+    let wrong = imageindex::sync::Backends { source: typo.source.clone(), index: fx.index(IndexKind::Hnsw).await };
+    let allow = SyncOptions { deletion: DeletionGuard { allow: true, ..Default::default() }, ..Default::default() };
+    let s = sync(&wrong, model(), &allow).await.unwrap();
+    assert_eq!((s.deleted, s.unchanged, s.vectors), (28, 2, 2));
+    fx.cleanup().await;
+}
+
+/// An upload that lands while a sync is listing is "gone" by that listing's word; the sync deleted
+/// it. Now rows written after the listing began, and objects a HEAD still finds, are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_during_a_listing_survive_the_sync() {
+    let fx = Fixture::new("faults_race");
+    upload_photos(&fx, 12).await;
+    let proxy = S3Proxy::start().await;
+    let backends = imageindex::sync::Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+    assert_eq!(sync(&backends, model(), &SyncOptions::default()).await.unwrap().indexed, 12);
+
+    let (read_tx, read_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+    *proxy.faults.hold_listing.lock().unwrap() = Some((read_tx, release_rx));
+    let running =
+        tokio::spawn(async move { sync(&backends, model(), &SyncOptions::default()).await.map(|s| (s, backends)) });
+    read_rx.await.unwrap();
+    // What `POST /img/upload` does, while the listing is on its way: the bucket, then the index.
+    let writer = fx.index(IndexKind::Hnsw).await;
+    let img = jpeg(&photo_set(13)[12].1, 90);
+    let key = "uploads/fresh.jpg";
+    fx.source.put(key, img.clone()).await.unwrap();
+    let id = imageindex::store::key_id(key);
+    let record = imageindex::store::Record {
+        id,
+        key: key.into(),
+        etag: None,
+        size: img.len() as u64,
+        content_hash: None,
+        error: None,
+        retry: false,
+    };
+    let vectors = vec![imageindex::store::Vector { id, key: key.into(), embedding: embed(&img) }];
+    writer.write(imageindex::store::WriteBatch { vectors, records: vec![record], remove: vec![] }).await.unwrap();
+    release_tx.send(()).unwrap();
+    let (s, backends) = running.await.unwrap().unwrap();
+    assert_eq!((s.deleted, s.kept), (0, 1), "the upload was deleted as gone");
+    assert_eq!(backends.index.vectors.existing(&[id]).await.unwrap(), [id]);
+    let c = consistency(&fx, &backends.index, &[]).await;
+    assert_eq!(c, Consistency { expected: 13, indexed: 13, failed: 0, lost: 0, extra_vectors: 0 });
+    fx.cleanup().await;
+}
+
+/// Two syncs of one collection at once (an old and a new Job, the CLI beside the operator).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_syncs_at_once_converge() {
+    let fx = Fixture::new("faults_twice");
+    upload_photos(&fx, 40).await;
+    let (a, b) = (fx.backends(IndexKind::Hnsw).await, fx.backends(IndexKind::Hnsw).await);
+    let opts = SyncOptions::default();
+    let (ra, rb) = tokio::join!(sync(&a, model(), &opts), sync(&b, model(), &opts));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.failed, rb.failed), (0, 0));
+    let c = consistency(&fx, &a.index, &[]).await;
+    assert_eq!(c, Consistency { expected: 40, indexed: 40, failed: 0, lost: 0, extra_vectors: 0 });
+    fx.cleanup().await;
+}
+
+/// `DELETE /img/{key}` with a bucket that refuses the delete: nothing is removed from the index
+/// (the old order removed the vector first, leaving an `indexed` row without one, forever).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_bucket_delete_leaves_the_index_whole() {
+    let fx = Fixture::new("faults_delete");
+    let photos = upload_photos(&fx, 3).await;
+    let proxy = S3Proxy::start().await;
+    let b = imageindex::sync::Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+    assert_eq!(sync(&b, model(), &SyncOptions::default()).await.unwrap().indexed, 3);
+    let config = imageindex::serve::ServeConfig { token: Some(super::serve::TOKEN.into()), ..Default::default() };
+    let state = imageindex::serve::AppState::new(model(), b.index, Some(b.source), config);
+    let app = imageindex::serve::router(Arc::new(state));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http = reqwest::Client::new();
+    let key = &photos[1].0;
+    let delete = || http.delete(format!("{base}/img/{key}")).bearer_auth(super::serve::TOKEN).send();
+
+    proxy.faults.read_only.store(true, Ordering::SeqCst);
+    assert_eq!(delete().await.unwrap().status(), 502);
+    let index = fx.index(IndexKind::Hnsw).await;
+    let id = imageindex::store::key_id(key);
+    assert!(index.catalog.entry(key).await.unwrap().is_some_and(|e| e.indexed), "the row went");
+    assert_eq!(index.vectors.existing(&[id]).await.unwrap(), [id], "the vector went");
+
+    proxy.faults.read_only.store(false, Ordering::SeqCst);
+    assert_eq!(delete().await.unwrap().status(), 204);
+    assert!(index.catalog.entry(key).await.unwrap().is_none());
+    assert!(index.vectors.existing(&[id]).await.unwrap().is_empty());
+    assert!(!fx.source.exists(key).await.unwrap());
     fx.cleanup().await;
 }

@@ -96,13 +96,21 @@ pub async fn ensure(
     }
 }
 
-/// Lists the bucket (with the source's credentials) and diffs it against the catalog:
-/// (objects discovered, objects new, changed or deleted).
+/// What listing the bucket against the catalog found.
+pub struct Listed {
+    pub discovered: u64,
+    /// Objects new, changed or deleted.
+    pub pending: u64,
+    /// Why the deletions are refused (see `DeletionGuard`); the Job would refuse them too.
+    pub refused: Option<String>,
+}
+
+/// Lists the bucket (with the source's credentials) and diffs it against the catalog.
 pub async fn diff(
     image_index: &ImageIndex,
     credentials: &Result<Option<S3Credentials>, String>,
     catalog: &Catalog,
-) -> Result<(u64, u64), Error> {
+) -> Result<Listed, Error> {
     let s = &image_index.spec.source;
     let credentials = credentials.clone().map_err(Error::Unavailable)?;
     let source = Source::open(&SourceConfig {
@@ -112,6 +120,10 @@ pub async fn diff(
         credentials,
     })?;
     let listing = source.list().await?;
-    let p = plan(listing, catalog.entries(0, 1).await?, 0, 1);
-    Ok((p.discovered as u64, (p.new.len() + p.changed.len() + p.deleted.len()) as u64))
+    let entries = catalog.entries(0, 1).await?;
+    let catalog_size = entries.len();
+    let p = plan(listing, entries, 0, 1);
+    let refused = s.deletion_guard().check(&p, catalog_size).err().map(|e| e.to_string());
+    let pending = (p.new.len() + p.changed.len() + p.deleted.len()) as u64;
+    Ok(Listed { discovered: p.discovered as u64, pending, refused })
 }

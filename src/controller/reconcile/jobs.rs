@@ -62,6 +62,8 @@ pub struct Diff {
     /// Objects in the bucket, and objects new, changed or deleted since the catalog saw them.
     pub discovered: u64,
     pub pending: u64,
+    /// The deletions it would make are refused (see `DeletionGuard`), and why.
+    pub refused: Option<String>,
 }
 
 /// What the decision looks at.
@@ -85,6 +87,8 @@ pub enum JobDecision {
     Diff,
     /// Start a Job, for this reason.
     Create { why: String },
+    /// The listing would delete more than the spec allows: no Job until it changes (or is allowed).
+    DeletionRefused { why: String },
     /// Nothing to do until the next resync.
     UpToDate { discovered: u64 },
 }
@@ -119,7 +123,9 @@ pub fn decide(i: &Inputs) -> JobDecision {
             && d.after_job == last_job
     };
     let Some(diff) = i.diff.filter(holds) else { return JobDecision::Diff };
-    if i.synced_generation != Some(i.generation) {
+    if let Some(why) = &diff.refused {
+        JobDecision::DeletionRefused { why: why.clone() }
+    } else if i.synced_generation != Some(i.generation) {
         JobDecision::Create { why: format!("spec generation {} not indexed yet", i.generation) }
     } else if diff.pending > 0 {
         JobDecision::Create { why: format!("{} objects new, changed or deleted", diff.pending) }
@@ -151,7 +157,14 @@ mod tests {
     }
 
     fn diff(secs_ago: i64, after: Option<&str>, pending: u64) -> Diff {
-        Diff { at: at(secs_ago), generation: 3, after_job: after.map(Into::into), discovered: 10, pending }
+        Diff {
+            at: at(secs_ago),
+            generation: 3,
+            after_job: after.map(Into::into),
+            discovered: 10,
+            pending,
+            refused: None,
+        }
     }
 
     fn decide_with(jobs: &[JobView], synced: Option<i64>, d: Option<&Diff>) -> JobDecision {
@@ -220,5 +233,16 @@ mod tests {
         b.created = Some(at(50));
         let running = job("c", 1, JobState::Active, None);
         assert_eq!(latest_done(&[a, b, running]).unwrap().name, "b");
+    }
+
+    #[test]
+    fn a_refused_deletion_starts_no_job() {
+        let done = [job("j1", 3, JobState::Succeeded, Some(60))];
+        let why = "refusing to delete 30 of the 30".to_string();
+        let refused = Diff { refused: Some(why.clone()), ..diff(5, Some("j1"), 30) };
+        let expected = JobDecision::DeletionRefused { why };
+        assert_eq!(decide_with(&done, Some(3), Some(&refused)), expected);
+        // Even for a spec generation not indexed yet: a new spec is listed afresh first.
+        assert_eq!(decide_with(&done, Some(2), Some(&refused)), expected);
     }
 }

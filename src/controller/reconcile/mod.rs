@@ -195,12 +195,12 @@ async fn embedding(
         let url = &image_index.spec.source.url;
         let listed =
             within(ctx.settings.list_timeout, backends::diff(image_index, &refs.source_credentials, catalog)).await;
-        let (discovered, pending) = listed.map_err(|e| {
+        let backends::Listed { discovered, pending, refused } = listed.map_err(|e| {
             observed.push(Observed::no(INDEXED, reason::SOURCE_UNAVAILABLE, format!("listing {url}: {e}")));
             Halt::Blocked(std::mem::take(observed))
         })?;
         let after_job = latest.map(|j| j.name.clone());
-        let diff = Diff { at: Timestamp::now(), generation, after_job, discovered, pending };
+        let diff = Diff { at: Timestamp::now(), generation, after_job, discovered, pending, refused };
         ctx.set_memo(&key, |m| m.diff = Some(diff.clone()));
         decision = jobs::decide(&inputs(Some(&diff)));
     }
@@ -225,6 +225,10 @@ async fn embedding(
             let msg = format!("Job {name}: {why}");
             status.current_job = Some(name);
             (Observed::no(INDEXED, reason::INDEXING, msg), Action::requeue(Duration::from_secs(30)))
+        }
+        JobDecision::DeletionRefused { why } => {
+            apply::publish(ctx, image_index, EventType::Warning, "DeletionRefused", why.clone()).await;
+            (Observed::no(INDEXED, reason::DELETION_REFUSED, why), Action::requeue(spec.resync))
         }
         JobDecision::UpToDate { discovered } => {
             let msg = format!("{discovered} objects in sync with {}", image_index.spec.source.url);
