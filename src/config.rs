@@ -153,11 +153,18 @@ pub struct LimitArgs {
     /// several times less decode work for large photos, embeddings slightly off the exact path's.
     #[arg(long, env = env::FAST_JPEG)]
     pub fast_jpeg: bool,
+    /// Memory all decodes at once may take, in MiB: each reserves its peak (read from the
+    /// header) before it starts, and waits (index, embed) or is turned away with 503 (serve).
+    #[arg(long, env = env::DECODE_MEMORY_MIB, default_value_t = 512)]
+    pub decode_memory_mib: u64,
+    /// JPEGs above this many pixels decode at a DCT scale (shorter side kept at 512 or more).
+    #[arg(long, env = env::EXACT_MAX_PIXELS, default_value_t = DecodeLimits::default().exact_max_pixels)]
+    pub exact_max_pixels: u64,
 }
 
 impl LimitArgs {
     pub fn decode(&self) -> DecodeLimits {
-        DecodeLimits { max_pixels: self.max_pixels, fast_jpeg: self.fast_jpeg }
+        DecodeLimits { max_pixels: self.max_pixels, fast_jpeg: self.fast_jpeg, exact_max_pixels: self.exact_max_pixels }
     }
 }
 

@@ -28,6 +28,8 @@ pub const INCLUDE: &str = "IMAGEINDEX_INCLUDE";
 pub const MAX_PIXELS: &str = "IMAGEINDEX_MAX_PIXELS";
 pub const MAX_OBJECT_BYTES: &str = "IMAGEINDEX_MAX_OBJECT_BYTES";
 pub const FAST_JPEG: &str = "IMAGEINDEX_FAST_JPEG";
+pub const DECODE_MEMORY_MIB: &str = "IMAGEINDEX_DECODE_MEMORY_MIB";
+pub const EXACT_MAX_PIXELS: &str = "IMAGEINDEX_EXACT_MAX_PIXELS";
 pub const SOURCE: &str = "IMAGEINDEX_SOURCE";
 
 // `index` and `embed`.

@@ -4,12 +4,14 @@
 //! One path from bytes to vectors serves every caller: `preprocess_into` (decode + transform
 //! into a tensor buffer) and `Model::embed` (a batch of tensors to L2-normalised vectors). The
 //! sync runs the two on separate threads, batched; `Model::embed_image` runs them for one image.
+mod budget;
 mod jpeg;
 mod model;
 pub mod preprocess;
 
+pub use budget::{MemoryBudget, Reservation};
 pub use model::{Device, GpuOptions, Model, ModelError, ModelOptions, available_cores, normalized, variant_path};
-pub use preprocess::{DecodeError, DecodeLimits, Preprocessor, TENSOR_LEN};
+pub use preprocess::{DecodeError, DecodeLimits, Preprocessor, TENSOR_LEN, decode_cost};
 
 /// Why an image did not become a vector: the image (the caller's fault, recorded per object) or
 /// the model (the process's fault).

@@ -37,12 +37,17 @@ pub struct DecodeLimits {
     /// domain (as libjpeg-turbo's scaled decoding and PIL's draft mode do): much less work for
     /// large photos, slightly different pixels. Off by default: the exact path matches torchvision.
     pub fast_jpeg: bool,
+    /// JPEGs above this many pixels are decoded at a DCT scale even without `fast_jpeg`, keeping
+    /// the shorter side at 512 or more (twice the resize target, so the antialiased resize still
+    /// filters): an 8000x8000 photo decodes to 1000x1000 (3 MB) instead of 192 MB, for embeddings
+    /// that differ from the exact path's by about a grey level.
+    pub exact_max_pixels: u64,
 }
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        // PIL refuses above 2 x 89.5 MP; 64 MP covers any camera and keeps a decode under 200 MB.
-        Self { max_pixels: 64_000_000, fast_jpeg: false }
+        // PIL refuses above 2 x 89.5 MP; 64 MP covers any camera.
+        Self { max_pixels: 64_000_000, fast_jpeg: false, exact_max_pixels: 16_000_000 }
     }
 }
 
@@ -63,6 +68,8 @@ pub enum DecodeError {
     Corrupt { format: &'static str, reason: String },
     #[error("truncated JPEG image: the data ends before the end-of-image marker")]
     TruncatedJpeg,
+    #[error("decoding it takes {} MB, more than the decode memory budget of {} MB", needed >> 20, budget >> 20)]
+    OverBudget { needed: u64, budget: u64 },
 }
 
 /// Sniffs the format from the bytes (never the file name) and returns it if we decode it.
@@ -97,6 +104,64 @@ fn check_size(width: u32, height: u32, limits: DecodeLimits) -> Result<(), Decod
 /// side at `RESIZE` or more, so the antialiased resize after it still does the final step.
 fn dct_denominator(short_side: u32) -> u32 {
     [8, 4, 2].into_iter().find(|&d| short_side / d >= RESIZE).unwrap_or(1)
+}
+
+/// The DCT scale a JPEG of this size is decoded at (see `DecodeLimits`).
+fn jpeg_denominator(width: u32, height: u32, limits: DecodeLimits) -> u32 {
+    let short = width.min(height);
+    if limits.fast_jpeg {
+        dct_denominator(short)
+    } else if u64::from(width) * u64::from(height) > limits.exact_max_pixels {
+        [8, 4, 2].into_iter().find(|&d| short / d >= 2 * RESIZE).unwrap_or(1)
+    } else {
+        1
+    }
+}
+
+/// A JPEG's frame header (SOFn): (width, height, components, progressive).
+fn jpeg_frame(b: &[u8]) -> Option<(u32, u32, u8, bool)> {
+    let (code, p) = jpeg_markers(b)
+        .take_while(|&(code, _)| code != 0xDA)
+        .find(|&(code, _)| matches!(code, 0xC0..=0xCF) && !matches!(code, 0xC4 | 0xC8 | 0xCC))?;
+    let (h, w) = (u16::from_be_bytes([*p.get(1)?, *p.get(2)?]), u16::from_be_bytes([*p.get(3)?, *p.get(4)?]));
+    Some((u32::from(w), u32::from(h), *p.get(5)?, matches!(code, 0xC2 | 0xC6 | 0xCA | 0xCE)))
+}
+
+/// Bytes of memory decoding and preprocessing `bytes` will take at its peak, from the header
+/// alone, so that a memory budget can be reserved before anything is allocated. Refuses what
+/// `decode` would refuse from the header (no pixels, too many, too flat). An upper bound: the
+/// decoded image (in the file's own pixel format for image-rs, then as RGB8 unless it is that
+/// already), an upright copy when the EXIF orientation asks for one, libjpeg's whole-image
+/// coefficients for a progressive JPEG, and the resize's two buffers.
+pub fn decode_cost(bytes: &[u8], limits: DecodeLimits) -> Result<u64, DecodeError> {
+    let format = sniff(bytes).ok_or(DecodeError::Unsupported)?;
+    let (w, h, native, extra, rotated) = if format == ImageFormat::Jpeg {
+        let (w, h, components, progressive) =
+            jpeg_frame(bytes).ok_or(DecodeError::Corrupt { format: "JPEG", reason: "no frame header".into() })?;
+        check_size(w, h, limits)?;
+        let full = u64::from(w) * u64::from(h);
+        let d = jpeg_denominator(w, h, limits);
+        let (dw, dh) = (w.div_ceil(d), h.div_ceil(d));
+        // CMYK (4 components) goes through image-rs at full size.
+        let native = if components == 4 { 4 * full } else { 3 * u64::from(dw) * u64::from(dh) };
+        let coefficients = if progressive { 2 * full * u64::from(components.min(3)) } else { 0 };
+        let (w, h) = if components == 4 { (w, h) } else { (dw, dh) };
+        let cmyk_to_rgb = if components == 4 { 3 * full } else { 0 };
+        (w, h, native, coefficients + cmyk_to_rgb, jpeg_orientation(bytes) != Orientation::NoTransforms)
+    } else {
+        let reader = ImageReader::with_format(Cursor::new(bytes), format);
+        let corrupt = |e: image::ImageError| DecodeError::Corrupt { format: "PNG or WebP", reason: e.to_string() };
+        let mut decoder = reader.into_decoder().map_err(corrupt)?;
+        let (w, h) = decoder.dimensions();
+        check_size(w, h, limits)?;
+        let to_rgb = if decoder.color_type() == image::ColorType::Rgb8 { 0 } else { 3 * u64::from(w) * u64::from(h) };
+        let rotated = decoder.orientation().is_ok_and(|o| o != Orientation::NoTransforms);
+        (w, h, decoder.total_bytes(), to_rgb, rotated)
+    };
+    let (rw, rh) = resized_size(w, h)?;
+    let upright = if rotated { 3 * u64::from(w) * u64::from(h) } else { 0 };
+    let resize = 3 * u64::from(rw) * (u64::from(rh) + u64::from(h));
+    Ok(native + extra + upright + resize)
 }
 
 /// A JPEG's markers in file order, from just after SOI: (code, payload), the payload empty for
@@ -175,6 +240,9 @@ pub fn crop_offset(size: u32, crop: u32) -> u32 {
     if r == 1 && q % 2 == 1 { q + 1 } else { q }
 }
 
+/// Buffers up to this size stay with a thread between images (a 12 MP photo's RGB).
+const KEEP_BYTES: usize = 36 << 20;
+
 /// Decoding and preprocessing state, kept from image to image (one per thread): the TurboJPEG
 /// handle, the decoded and resized pixel buffers, and the resizer's scratch space. Nothing is
 /// allocated per image once the buffers have grown to the largest photo seen.
@@ -252,7 +320,7 @@ impl Preprocessor {
         if !header.rgb {
             return Ok(None);
         }
-        let denom = if limits.fast_jpeg { dct_denominator(header.width.min(header.height)) } else { 1 };
+        let denom = jpeg_denominator(header.width, header.height, limits);
         let (w, h) = decoder.decode_rgb(bytes, denom, &mut self.rgb).map_err(corrupt)?;
         let orientation = jpeg_orientation(bytes);
         if orientation == Orientation::NoTransforms {
@@ -262,8 +330,18 @@ impl Preprocessor {
         Ok(Some(self.keep_upright(DynamicImage::ImageRgb8(stored), orientation)))
     }
 
-    /// Bytes -> normalised CHW tensor, written into `out` (`TENSOR_LEN` floats).
+    /// Bytes -> normalised CHW tensor, written into `out` (`TENSOR_LEN` floats). Buffers grown
+    /// past `KEEP_BYTES` by an outlier are let go afterwards: threads live on, and a few huge
+    /// images would otherwise pin their peak for good.
     pub fn tensor_into(&mut self, bytes: &[u8], limits: DecodeLimits, out: &mut [f32]) -> Result<(), DecodeError> {
+        let result = self.tensor_into_kept(bytes, limits, out);
+        if self.rgb.capacity() > KEEP_BYTES || self.resized.capacity() > KEEP_BYTES {
+            (self.rgb, self.resized, self.resizer) = (Vec::new(), Vec::new(), Resizer::new());
+        }
+        result
+    }
+
+    fn tensor_into_kept(&mut self, bytes: &[u8], limits: DecodeLimits, out: &mut [f32]) -> Result<(), DecodeError> {
         assert_eq!(out.len(), TENSOR_LEN);
         let (w, h) = self.decode(bytes, limits)?;
         let (rw, rh) = resized_size(w, h)?;
@@ -318,6 +396,31 @@ mod tests {
         let pixels = vec![128u8; width as usize * height as usize];
         image::ImageEncoder::write_image(enc, &pixels, width, height, image::ExtendedColorType::L8).unwrap();
         png
+    }
+
+    #[test]
+    fn large_jpegs_decode_at_a_dct_scale_and_costs_are_known_from_the_header() {
+        let flat = RgbImage::from_pixel(8000, 8000, image::Rgb([90, 120, 200]));
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80).encode_image(&flat).unwrap();
+        let limits = DecodeLimits::default();
+        // 64 MP: 1/8 scale keeps the shorter side at 1000 (>= 512), 3 MB instead of 192 MB.
+        assert_eq!(decode(&jpeg, limits).unwrap().dimensions(), (1000, 1000));
+        let cost = decode_cost(&jpeg, limits).unwrap();
+        assert!(cost < 12 << 20, "{cost} bytes for a 1000x1000 decode");
+        let exact = DecodeLimits { exact_max_pixels: u64::MAX, ..limits };
+        assert!(decode_cost(&jpeg, exact).unwrap() > 3 * 64_000_000, "the exact path decodes 192 MB");
+        // A PNG cannot be scaled while decoding: its cost is the whole image (grey, then as RGB).
+        let png = flat_png(4000, 4000);
+        let cost = decode_cost(&png, limits).unwrap();
+        assert!((16_000_000 * 4..16_000_000 * 5).contains(&cost), "{cost}");
+        // Refusals come from the header too.
+        assert!(matches!(decode_cost(&flat_png(1, 1_000_000), limits), Err(DecodeError::BadShape { .. })));
+        assert!(matches!(decode_cost(b"GIF89a", limits), Err(DecodeError::Unsupported)));
+        // After an outlier, the thread's buffers do not stay at its size.
+        let mut p = Preprocessor::default();
+        p.from_bytes(&png, limits).unwrap();
+        assert!(p.rgb.capacity() <= KEEP_BYTES && p.resized.capacity() <= KEEP_BYTES);
     }
 
     #[test]

@@ -69,6 +69,7 @@ impl ServeArgs {
                 0 => defaults.max_concurrent_embeddings,
                 n => n,
             },
+            decode_memory: limits.decode_memory_mib << 20,
             token,
             protect_search: self.protect_search,
             allow_drop: self.allow_drop,

@@ -85,7 +85,9 @@ impl From<DecodeError> for ApiError {
     fn from(e: DecodeError) -> Self {
         let (status, code) = match e {
             DecodeError::Unsupported => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-            DecodeError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
+            DecodeError::TooLarge { .. } | DecodeError::OverBudget { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large")
+            }
             DecodeError::Empty
             | DecodeError::BadShape { .. }
             | DecodeError::Corrupt { .. }

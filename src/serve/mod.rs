@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 pub use error::ApiError;
 
-use crate::embed::{DecodeLimits, Model, available_cores};
+use crate::embed::{DecodeLimits, MemoryBudget, Model, available_cores};
 use crate::store::{Index, Source};
 
 /// Limits and switches of the service.
@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Images embedded at once; beyond that, requests get 503 + Retry-After instead of queueing.
     pub max_concurrent_embeddings: usize,
+    /// Memory the decodes in flight may take at once (see `MemoryBudget`); beyond it, 503.
+    pub decode_memory: u64,
     /// Bearer token for upload, delete and drop (and for search when `protect_search`).
     /// Without one, the mutating routes are disabled.
     pub token: Option<crate::core::Redacted>,
@@ -55,6 +57,7 @@ impl Default for ServeConfig {
             limits: DecodeLimits::default(),
             request_timeout: Duration::from_secs(30),
             max_concurrent_embeddings: 2 * available_cores(),
+            decode_memory: 512 << 20,
             token: None,
             protect_search: false,
             allow_drop: false,
@@ -70,6 +73,7 @@ pub struct AppState {
     source: Option<Source>,
     config: ServeConfig,
     embed_slots: Arc<Semaphore>,
+    decode_memory: MemoryBudget,
     fetcher: fetch::UrlFetcher,
     metrics: metrics::Metrics,
 }
@@ -78,6 +82,7 @@ impl AppState {
     pub fn new(model: Arc<Model>, index: Index, source: Option<Source>, config: ServeConfig) -> Self {
         Self {
             embed_slots: Arc::new(Semaphore::new(config.max_concurrent_embeddings.max(1))),
+            decode_memory: MemoryBudget::new(config.decode_memory),
             fetcher: fetch::UrlFetcher::new(config.max_upload_bytes, config.allow_private_urls),
             metrics: metrics::Metrics::default(),
             model,

@@ -84,17 +84,21 @@ async fn read_input(state: &AppState, req: Request) -> Result<Input, ApiError> {
 /// `max_concurrent_embeddings` at once: beyond that the caller gets 503 + Retry-After at once,
 /// rather than a queue that grows without bound.
 async fn embed(state: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
-    let permit = state.embed_slots.clone().try_acquire_owned().map_err(|_| {
+    let overloaded = || {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "too many images are being embedded; retry shortly",
         )
-    })?;
+    };
+    // What the decode will take, from the header: refused or reserved before anything is allocated.
+    let cost = crate::embed::decode_cost(&image, state.config.limits)?;
+    let memory = state.decode_memory.try_reserve(cost)?.ok_or_else(overloaded)?;
+    let permit = state.embed_slots.clone().try_acquire_owned().map_err(|_| overloaded())?;
     let (model, limits) = (state.model.clone(), state.config.limits);
     let started = Instant::now();
     let v = tokio::task::spawn_blocking(move || {
-        let _permit = permit; // held until the work is done, even if the request is gone
+        let _held = (permit, memory); // until the work is done, even if the request is gone
         model.embed_image(&image, limits)
     })
     .await??;

@@ -83,6 +83,8 @@ async fn run(source: String, shard: u32, shards: u32, args: RunArgs, progress_ba
         decode_workers: args.decode_workers,
         limits: limits.decode(),
         max_object_bytes: limits.max_object_bytes,
+        decode_memory: limits.decode_memory_mib << 20,
+        fetch_memory: SyncOptions::default().fetch_memory,
         progress_bar,
         mixed_precision: model.allow_mixed_precision,
         deletion: DeletionGuard { max_share: args.max_delete_percent / 100.0, allow: args.allow_mass_delete },

@@ -49,6 +49,10 @@ pub struct SyncOptions {
     pub limits: DecodeLimits,
     /// Larger objects are recorded as failed without being fetched.
     pub max_object_bytes: u64,
+    /// Memory the decodes in flight may take at once (see `MemoryBudget`).
+    pub decode_memory: u64,
+    /// Bytes of fetched objects waiting to be decoded, at most (at least one object's).
+    pub fetch_memory: u64,
     pub progress_bar: bool,
     /// Let vectors of another precision into the collection (see `ModelId::check`).
     pub mixed_precision: bool,
@@ -65,6 +69,8 @@ impl Default for SyncOptions {
             decode_workers: 0,
             limits: DecodeLimits::default(),
             max_object_bytes: 64 << 20,
+            decode_memory: 512 << 20,
+            fetch_memory: 256 << 20,
             progress_bar: false,
             mixed_precision: false,
             deletion: DeletionGuard::default(),

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::plan::Work;
 use super::{Error, SyncOptions};
-use crate::embed::{DecodeLimits, Model, TENSOR_LEN, available_cores, preprocess_into};
+use crate::embed::{DecodeLimits, MemoryBudget, Model, TENSOR_LEN, available_cores, decode_cost, preprocess_into};
 use crate::store::{self, Record, Source, Vector, WriteBatch, content_hash};
 
 /// Fewest rows per write to Milvus and the catalog (except the last): every upsert and insert
@@ -45,33 +45,29 @@ enum Decoded {
 
 /// What fetching one object came to.
 enum Fetch {
-    Got(Work, bytes::Bytes),
+    /// The bytes, with their share of the fetch budget.
+    Got(Work, bytes::Bytes, crate::embed::Reservation),
     /// Deleted since the listing: the next run removes it.
     Gone,
     /// About this object: recorded, and the run goes on.
-    Failed {
-        work: Work,
-        error: String,
-        retry: bool,
-    },
+    Failed { work: Work, error: String, retry: bool },
     /// The bucket failed (after retries): recorded too, unless it keeps happening.
-    Down {
-        work: Work,
-        error: store::Error,
-    },
+    Down { work: Work, error: store::Error },
 }
 
-async fn fetch(source: &Source, mut work: Work, max_bytes: u64) -> Fetch {
+async fn fetch(source: &Source, mut work: Work, max_bytes: u64, budget: &MemoryBudget) -> Fetch {
     let failed = |work, error: String, retry| Fetch::Failed { work, error, retry };
     if work.object.size > max_bytes {
         let error = format!("object is {} bytes, more than the limit of {max_bytes}", work.object.size);
         return failed(work, error, false);
     }
+    // Fetched bytes wait for a decoder: at most the fetch budget of them (one object always fits).
+    let held = budget.reserve(work.object.size.min(budget.bytes())).await.expect("clamped to the budget");
     match source.fetch(&work.object.key, max_bytes).await {
         Ok(f) => {
             // What was fetched may be newer than the listing: record what the vector is of.
             (work.object.etag, work.object.size) = (f.etag, f.size);
-            Fetch::Got(work, f.bytes)
+            Fetch::Got(work, f.bytes, held)
         }
         Err(store::Error::NotFound(_)) => Fetch::Gone,
         // The key cannot be addressed, or the object grew past the limit: about these bytes/name.
@@ -130,16 +126,17 @@ fn fetch_and_decode(
 ) -> (mpsc::Receiver<Decoded>, tokio::task::JoinHandle<Result<(), Error>>) {
     let decoders = if opts.decode_workers == 0 { available_cores() } else { opts.decode_workers };
     let (limits, max_bytes) = (opts.limits, opts.max_object_bytes);
+    let (fetched_bytes, decode_memory) = (MemoryBudget::new(opts.fetch_memory), MemoryBudget::new(opts.decode_memory));
     // Fetches failed in a row; any success resets it (fetches finish in any order).
     let mut down_in_a_row = 0;
     let decoded = stream::iter(work)
         .map(move |w| {
-            let source = source.clone();
-            async move { fetch(&source, w, max_bytes).await }
+            let (source, budget) = (source.clone(), fetched_bytes.clone());
+            async move { fetch(&source, w, max_bytes, &budget).await }
         })
         .buffer_unordered(opts.fetch_concurrency.max(1))
         .map(move |fetched| {
-            let pool = pool.clone();
+            let (pool, decode_memory) = (pool.clone(), decode_memory.clone());
             down_in_a_row = if matches!(fetched, Fetch::Down { .. }) { down_in_a_row + 1 } else { 0 };
             let bucket_down = down_in_a_row >= BUCKET_DOWN_AFTER;
             async move {
@@ -150,8 +147,25 @@ fn fetch_and_decode(
                         Some(Decoded::Failed { work, hash: None, error: error.to_string(), retry: true })
                     }
                     Fetch::Failed { work, error, retry } => Some(Decoded::Failed { work, hash: None, error, retry }),
-                    Fetch::Got(work, bytes) => {
-                        Some(tokio::task::spawn_blocking(move || decode(work, bytes, limits, &pool)).await?)
+                    Fetch::Got(work, bytes, held) => {
+                        // The decode's peak, reserved from the header before anything is allocated.
+                        let reserved = match decode_cost(&bytes, limits) {
+                            Ok(cost) => decode_memory.reserve(cost).await,
+                            Err(e) => Err(e),
+                        };
+                        match reserved {
+                            Ok(reservation) => Some(
+                                tokio::task::spawn_blocking(move || {
+                                    let _memory = (reservation, held);
+                                    decode(work, bytes, limits, &pool)
+                                })
+                                .await?,
+                            ),
+                            Err(e) => {
+                                let hash = Some(content_hash(&bytes));
+                                Some(Decoded::Failed { work, hash, error: e.to_string(), retry: false })
+                            }
+                        }
                     }
                 })
             }
