@@ -28,6 +28,12 @@ pub struct ServeArgs {
     /// Images embedded at once; more get 503 + Retry-After. 0 = twice the cores.
     #[arg(long, env = env::MAX_CONCURRENT_EMBEDDINGS, default_value_t = 0)]
     max_concurrent_embeddings: usize,
+    /// Seconds a client has to send a request's headers (also how long a kept-alive connection may idle).
+    #[arg(long, env = env::HEADER_TIMEOUT, default_value_t = 10)]
+    header_timeout: u64,
+    /// Connections open at once; more are closed as they arrive.
+    #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = 1024)]
+    max_connections: usize,
     /// File holding the bearer token for upload, delete and drop (a mounted Secret).
     #[arg(long, env = env::TOKEN_FILE)]
     token_file: Option<PathBuf>,
@@ -74,6 +80,10 @@ impl ServeArgs {
             protect_search: self.protect_search,
             allow_drop: self.allow_drop,
             allow_private_urls: self.allow_private_urls,
+            connections: super::ConnectionLimits {
+                header_timeout: Duration::from_secs(self.header_timeout),
+                max_connections: self.max_connections,
+            },
         };
         let state = AppState::new(Arc::new(loaded), index, source, config);
         eprintln!("search on http://{}/  (API: POST /img/search, GET /img/count, GET /progress)", self.listen);

@@ -8,11 +8,13 @@ mod auth;
 pub mod cli;
 mod error;
 mod fetch;
+mod http;
 mod metrics;
 mod openapi;
 mod request_id;
 mod routes;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use axum::routing::{delete, get, post};
 use tokio::sync::Semaphore;
 
 pub use error::ApiError;
+pub use http::ConnectionLimits;
 
 use crate::embed::{DecodeLimits, MemoryBudget, Model, available_cores};
 use crate::store::{Index, Source};
@@ -48,6 +51,7 @@ pub struct ServeConfig {
     pub allow_drop: bool,
     /// Let `{"url": ...}` queries reach loopback and private addresses (off: no SSRF into the cluster).
     pub allow_private_urls: bool,
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServeConfig {
@@ -62,6 +66,7 @@ impl Default for ServeConfig {
             protect_search: false,
             allow_drop: false,
             allow_private_urls: false,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -130,8 +135,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving search");
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    serve_on(listener, state, shutdown_signal()).await;
     Ok(())
+}
+
+/// Serves on a bound listener until `shutdown` (the tests' way in).
+pub async fn serve_on(listener: tokio::net::TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let limits = state.config.connections;
+    http::run(listener, router(state), limits, shutdown).await
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C: stop accepting, finish what is in flight.

@@ -80,21 +80,26 @@ async fn read_input(state: &AppState, req: Request) -> Result<Input, ApiError> {
     }
 }
 
-/// Decode, preprocess and embed one image on the blocking pool. At most
-/// `max_concurrent_embeddings` at once: beyond that the caller gets 503 + Retry-After at once,
-/// rather than a queue that grows without bound.
-async fn embed(state: &AppState, image: Bytes) -> Result<Vec<f32>, ApiError> {
-    let overloaded = || {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "too many images are being embedded; retry shortly",
-        )
-    };
+fn overloaded() -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many images are being embedded; retry shortly")
+}
+
+/// A slot to embed one image, taken before the body is read or the URL fetched: at most
+/// `max_concurrent_embeddings` at once, and beyond that 503 + Retry-After at once, with nothing
+/// buffered or fetched for it, rather than a queue that grows without bound.
+fn embed_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.embed_slots.clone().try_acquire_owned().map_err(|_| overloaded())
+}
+
+/// Decode, preprocess and embed one image on the blocking pool, in the slot taken for it.
+async fn embed(
+    state: &AppState,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    image: Bytes,
+) -> Result<Vec<f32>, ApiError> {
     // What the decode will take, from the header: refused or reserved before anything is allocated.
     let cost = crate::embed::decode_cost(&image, state.config.limits)?;
     let memory = state.decode_memory.try_reserve(cost)?.ok_or_else(overloaded)?;
-    let permit = state.embed_slots.clone().try_acquire_owned().map_err(|_| overloaded())?;
     let (model, limits) = (state.model.clone(), state.config.limits);
     let started = Instant::now();
     let v = tokio::task::spawn_blocking(move || {
@@ -134,13 +139,14 @@ pub async fn search(
     req: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let started = Instant::now();
+    let slot = embed_slot(&state)?;
     let input = read_input(&state, req).await?;
     let topk = input.topk.or(q.topk).unwrap_or(10);
     if !(1..=MAX_TOPK).contains(&topk) {
         return Err(ApiError::bad_request(format!("topk must be 1..={MAX_TOPK}")));
     }
     let prefix = KeyPrefix::parse(input.prefix.or(q.prefix).as_deref().unwrap_or_default())?;
-    let vector = embed(&state, input.image).await?;
+    let vector = embed(&state, slot, input.image).await?;
     let t = Instant::now();
     let hits = state.index.vectors.search(vector, topk, prefix.as_ref()).await?;
     state.metrics.milvus_seconds.observe(t.elapsed().as_secs_f64());
@@ -161,6 +167,7 @@ pub async fn search(
               (status = 401, body = ErrorBody), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
 pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
     let source = bucket(&state)?;
+    let slot = embed_slot(&state)?;
     let input = read_input(&state, req).await?;
     let ext = match sniff(&input.image) {
         Some(image::ImageFormat::Png) => "png",
@@ -176,7 +183,7 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
         return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
     }
     // Embed first: a file that is not a usable image is refused before anything is stored.
-    let vector = embed(&state, input.image.clone()).await?;
+    let vector = embed(&state, slot, input.image.clone()).await?;
     let size = input.image.len() as u64;
     let etag = source.put(&key, input.image).await?;
     let record = Record { id, key: key.clone(), etag, size, content_hash: Some(hash), error: None, retry: false };
@@ -283,14 +290,16 @@ pub async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -
 }
 
 /// Refuses a body whose Content-Length is over the limit, with a 413 the client can read: the
-/// body is drained first (bounded in bytes and time), because closing a socket with unread data
-/// makes the kernel send a reset that can destroy the response in flight.
+/// body is read and thrown away first, frame by frame (never held; bounded in bytes and time),
+/// because closing a socket with unread data makes the kernel send a reset that can destroy the
+/// response in flight.
 pub async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) -> Response {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     match declared {
         Some(len) if len > limit as u64 => {
             if len <= 4 * limit as u64 {
-                let drain = axum::body::to_bytes(req.into_body(), usize::MAX);
+                let mut frames = req.into_body().into_data_stream();
+                let drain = async { while let Some(Ok(_)) = futures::StreamExt::next(&mut frames).await {} };
                 let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
             }
             ApiError::new(

@@ -389,10 +389,9 @@ async fn a_failed_bucket_delete_leaves_the_index_whole() {
     assert_eq!(sync(&b, model(), &SyncOptions::default()).await.unwrap().indexed, 3);
     let config = imageindex::serve::ServeConfig { token: Some(super::serve::TOKEN.into()), ..Default::default() };
     let state = imageindex::serve::AppState::new(model(), b.index, Some(b.source), config);
-    let app = imageindex::serve::router(Arc::new(state));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    tokio::spawn(imageindex::serve::serve_on(listener, Arc::new(state), std::future::pending()));
     let http = reqwest::Client::new();
     let key = &photos[1].0;
     let delete = || http.delete(format!("{base}/img/{key}")).bearer_auth(super::serve::TOKEN).send();

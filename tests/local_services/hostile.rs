@@ -73,3 +73,51 @@ async fn percent_encoded_and_non_ascii_prefixes_list_their_objects() {
         assert_eq!(source.get(key).await.unwrap(), img);
     }
 }
+
+/// A client that never finishes its headers held a connection (and a task) for ever, and any
+/// number of them could: `axum::serve` had no header timeout and no connection bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_and_connection_floods_are_cut_off() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new("hostile_slow");
+    let connections =
+        imageindex::serve::ConnectionLimits { header_timeout: Duration::from_secs(1), max_connections: 8 };
+    let srv =
+        Server::start(&fx, fx.backends(IndexKind::Hnsw).await, ServeConfig { connections, ..Default::default() }).await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+
+    // Slowloris: half a request line, then a byte now and then. Cut off after the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /img/search HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 256];
+        loop {
+            let _ = slow.write_all(b"X").await;
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408, then the close
+            }
+        }
+    });
+    assert!(cut.await.is_ok(), "the slow client was still connected after 5 s");
+
+    // A flood of idle connections: beyond 8, each is closed as it is accepted.
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut closed = 0;
+    for c in &mut idle {
+        let mut buf = [0u8; 16];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 20, "only {closed} of 30 connections beyond the limit of 8 were closed");
+    // The idle ones time out too, and the service answers again.
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(srv.http.get(srv.url("healthz")).send().await.unwrap().status(), 200);
+    fx.cleanup().await;
+}

@@ -22,10 +22,9 @@ pub const TOKEN: &str = "test-token-123";
 impl Server {
     pub async fn start(fx: &Fixture, b: Backends, config: ServeConfig) -> Self {
         let state = AppState::new(model(), b.index, Some(fx.source.clone()), config);
-        let app = imageindex::serve::router(Arc::new(state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        tokio::spawn(imageindex::serve::serve_on(listener, Arc::new(state), std::future::pending()));
         Self { base, http: reqwest::Client::new() }
     }
 
