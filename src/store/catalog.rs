@@ -94,6 +94,16 @@ macro_rules! select_entries {
     };
 }
 
+/// `(id, id, ...)`, every id bound.
+fn push_ids(qb: &mut QueryBuilder<sqlx::MySql>, ids: &[i64]) {
+    qb.push("(");
+    let mut sep = qb.separated(", ");
+    for id in ids {
+        sep.push_bind(*id);
+    }
+    qb.push(")");
+}
+
 fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
     Ok(Entry {
         id: r.try_get("id")?,
@@ -188,12 +198,8 @@ impl Catalog {
             if let Some(before) = before {
                 qb.push(" AND updated_at < ").push_bind(before.0);
             }
-            qb.push(" AND id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
-            qb.push(")");
+            qb.push(" AND id IN ");
+            push_ids(&mut qb, chunk);
             let rows = qb.build().fetch_all(&self.pool).await.ctx("reading the catalog")?;
             for r in rows {
                 out.push(r.try_get("id")?);
@@ -206,12 +212,8 @@ impl Catalog {
     pub(crate) async fn redo(&self, ids: &[i64]) -> Result<()> {
         for chunk in ids.chunks(1000) {
             let mut qb = QueryBuilder::new("UPDATE images SET etag = NULL, retry = TRUE WHERE collection = ");
-            qb.push_bind(&self.collection).push(" AND id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
-            qb.push(")");
+            qb.push_bind(&self.collection).push(" AND id IN ");
+            push_ids(&mut qb, chunk);
             qb.build().execute(&self.pool).await.ctx("marking catalog rows for a redo")?;
         }
         Ok(())
@@ -230,12 +232,8 @@ impl Catalog {
             if let Some(since) = since {
                 qb.push(" AND updated_at < ").push_bind(since.0);
             }
-            qb.push(" AND id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(*id);
-            }
-            qb.push(")");
+            qb.push(" AND id IN ");
+            push_ids(&mut qb, chunk);
             qb.build().execute(&self.pool).await.ctx("deleting from the catalog")?;
         }
         Ok(())
