@@ -14,8 +14,9 @@ source "$STATE/env"
 source "$STATE/kube.env"
 export IMAGEINDEX_MODEL=$model IMAGEINDEX_PARITY_PHOTOS=$parity
 cd "$ROOT"
-rm -f "$STATE/artifacts/parity.txt" "$STATE/artifacts/cuda.txt"
+rm -f "$STATE/artifacts/parity.txt" "$STATE/artifacts/cuda.txt" "$STATE/artifacts/fault-matrix.txt"
 cargo test --locked "$@"
+"$ROOT/hack/fault-matrix.sh" --print
 # What the passing tests measured or skipped (cargo captures their output).
 for f in parity.txt cuda.txt; do
   if [[ -f $STATE/artifacts/$f ]]; then log "$f:"; cat "$STATE/artifacts/$f" >&2; fi

@@ -42,6 +42,10 @@ pub struct BackendArgs {
     /// MySQL catalog, `mysql://user:password@host:3306/db`.
     #[arg(long, env = env::MYSQL_URL, hide_env_values = true)]
     pub mysql_url: Redacted,
+    /// Who this run claims the collection for. A collection another owner holds is refused, so
+    /// two indexes never share one by accident; the operator sets its ImageIndex here.
+    #[arg(long, env = env::OWNER, default_value = crate::store::LOCAL_OWNER)]
+    pub owner: String,
 }
 
 impl BackendArgs {

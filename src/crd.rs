@@ -15,6 +15,7 @@ use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::core::{IndexKind, Precision};
 
@@ -123,7 +124,9 @@ pub struct MilvusSpec {
     /// Secret key holding `user:password`, where Milvus has authentication on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretKeyRef>,
-    /// The collection; `<namespace>_<name>` (dashes as underscores) when unset.
+    /// The collection; when unset, `<namespace>_<name>_<hash>` (dashes and dots as underscores,
+    /// and a hash of the exact namespace and name, so that `team-a/photos` and `team/a-photos`
+    /// never share one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"))]
     pub collection: Option<String>,
@@ -364,14 +367,45 @@ pub enum Phase {
 }
 
 impl ImageIndex {
-    /// The Milvus collection (and catalog namespace): the spec's, or `<namespace>_<name>`.
+    /// The Milvus collection (and catalog namespace): the spec's; else the one status says is in
+    /// use (an index made before names carried a hash keeps its collection); else
+    /// `default_collection`.
     pub fn collection(&self) -> String {
-        self.spec.milvus.collection.clone().unwrap_or_else(|| {
-            let ns = self.metadata.namespace.as_deref().unwrap_or("default");
-            let name = self.metadata.name.as_deref().unwrap_or_default();
-            format!("{ns}_{name}").replace(['-', '.'], "_")
-        })
+        self.spec
+            .milvus
+            .collection
+            .clone()
+            .or_else(|| self.status.as_ref().and_then(|s| s.collection.clone()))
+            .unwrap_or_else(|| {
+                default_collection(
+                    self.metadata.namespace.as_deref().unwrap_or("default"),
+                    self.metadata.name.as_deref().unwrap_or_default(),
+                )
+            })
     }
+
+    /// Who this ImageIndex claims its collection as (see `Catalog::claim_owner`): its UID, which
+    /// a deleted and re-created ImageIndex of the same name does not share.
+    pub fn owner(&self) -> String {
+        format!(
+            "ImageIndex {}/{} (uid {})",
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or_default(),
+            self.metadata.uid.as_deref().unwrap_or("none")
+        )
+    }
+}
+
+/// `<namespace>_<name>_<hash>`: readable, a valid Milvus name (dashes and dots become
+/// underscores), and unambiguous: the hash is of the exact `namespace/name`, which the
+/// replacement alone would not keep apart (`team-a/photos`, `team/a-photos`).
+pub fn default_collection(namespace: &str, name: &str) -> String {
+    let hash = sha2::Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let mut readable = format!("{namespace}_{name}").replace(['-', '.'], "_");
+    // Milvus names are at most 255 characters; the hash keeps a cut name unique.
+    readable.truncate(200);
+    format!("{readable}_{hex}")
 }
 
 /// The CRD as YAML, as `imageindex crd` prints it and `crds/imageindex.yaml` holds it.
@@ -423,6 +457,30 @@ mod tests {
     }
 
     #[test]
+    fn default_collections_never_collide() {
+        let a = default_collection("team-a", "photos");
+        let b = default_collection("team", "a-photos");
+        assert!(a.starts_with("team_a_photos_") && b.starts_with("team_a_photos_"), "{a} {b}");
+        assert_ne!(a, b);
+        let long = default_collection(&"n".repeat(63), &"x".repeat(253));
+        assert!(long.len() <= 255 && long.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{long}");
+    }
+
+    #[test]
+    fn the_collection_in_use_stays_in_use() {
+        let mut image_index: ImageIndex = serde_yaml::from_str(
+            "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\nmetadata: {name: photos, namespace: shop}\n\
+             spec: {source: {url: 's3://b/p/'}, milvus: {address: 'milvus:19530'}, mysql: {secretRef: {name: db}}}",
+        )
+        .unwrap();
+        // Made by an operator before names had a hash: status says which one it uses.
+        image_index.status = Some(ImageIndexStatus { collection: Some("shop_photos".into()), ..Default::default() });
+        assert_eq!(image_index.collection(), "shop_photos");
+        image_index.spec.milvus.collection = Some("mine".into());
+        assert_eq!(image_index.collection(), "mine");
+    }
+
+    #[test]
     fn intervals() {
         assert_eq!(parse_interval("90s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_interval("1h30m"), Some(Duration::from_secs(5400)));
@@ -438,7 +496,7 @@ mod tests {
              spec: {source: {url: 's3://b/p/'}, milvus: {address: 'milvus:19530'}, mysql: {secretRef: {name: db}}}",
         )
         .unwrap();
-        assert_eq!(image_index.collection(), "shop_my_photos");
+        assert_eq!(image_index.collection(), default_collection("shop", "my-photos"));
         assert_eq!(image_index.spec.mysql.secret_ref.key, "url");
         assert_eq!(image_index.spec.search.service.port, 80);
         assert_eq!(image_index.spec.embedding.parallelism, 1);

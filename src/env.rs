@@ -9,6 +9,7 @@ pub const MILVUS_TOKEN: &str = "IMAGEINDEX_MILVUS_TOKEN";
 pub const COLLECTION: &str = "IMAGEINDEX_COLLECTION";
 pub const INDEX_TYPE: &str = "IMAGEINDEX_INDEX_TYPE";
 pub const MYSQL_URL: &str = "IMAGEINDEX_MYSQL_URL";
+pub const OWNER: &str = "IMAGEINDEX_OWNER";
 pub const MODEL: &str = "IMAGEINDEX_MODEL";
 pub const DEVICE: &str = "IMAGEINDEX_DEVICE";
 pub const PRECISION: &str = "IMAGEINDEX_PRECISION";
@@ -37,6 +38,7 @@ pub const BATCH_SIZE: &str = "IMAGEINDEX_BATCH_SIZE";
 pub const FETCH_CONCURRENCY: &str = "IMAGEINDEX_FETCH_CONCURRENCY";
 pub const DECODE_WORKERS: &str = "IMAGEINDEX_DECODE_WORKERS";
 pub const MAX_DELETE_PERCENT: &str = "IMAGEINDEX_MAX_DELETE_PERCENT";
+pub const RECONCILE: &str = "IMAGEINDEX_RECONCILE";
 pub const ALLOW_MASS_DELETE: &str = "IMAGEINDEX_ALLOW_MASS_DELETE";
 /// Set by Kubernetes in an Indexed Job's pods.
 pub const SHARD: &str = "JOB_COMPLETION_INDEX";

@@ -119,6 +119,7 @@ fn common_env(image_index: &ImageIndex, resolved: &Resolved) -> Vec<EnvVar> {
         var(env::INCLUDE, spec.source.include.join(",")),
         var(env::MILVUS_URL, &resolved.milvus_url),
         var(env::COLLECTION, &resolved.collection),
+        var(env::OWNER, image_index.owner()),
         var(env::INDEX_TYPE, spec.milvus.index.kind.as_str()),
         secret_env(env::MYSQL_URL, &spec.mysql.secret_ref),
         var(env::MODEL, model),

@@ -21,6 +21,10 @@ pub mod reason {
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const MYSQL_UNAVAILABLE: &str = "MySQLUnavailable";
     pub const MODEL_MISMATCH: &str = "ModelMismatch";
+    /// Another index owns the collection (see `Catalog::claim_owner`).
+    pub const COLLECTION_CLAIMED: &str = "CollectionClaimed";
+    /// Milvus or MySQL answered but making or checking the collection failed.
+    pub const COLLECTION_UNAVAILABLE: &str = "CollectionUnavailable";
     pub const SOURCE_UNAVAILABLE: &str = "SourceUnavailable";
     pub const WAITING: &str = "WaitingForDependencies";
     pub const INDEXING: &str = "Indexing";

@@ -64,7 +64,7 @@ impl ServeArgs {
         let DataPlaneArgs { backend, model, src, limits } = &self.data;
         let loaded = model.load()?;
         let index = backend.connect(loaded.id()).await?;
-        index.ensure(loaded.dim(), loaded.id(), model.allow_mixed_precision).await?;
+        index.ensure(loaded.dim(), loaded.id(), model.allow_mixed_precision, &backend.owner).await?;
         let source = self.source.clone().map(|url| src.open(url)).transpose()?;
         let defaults = ServeConfig::default();
         let config = ServeConfig {
@@ -80,6 +80,7 @@ impl ServeArgs {
             protect_search: self.protect_search,
             allow_drop: self.allow_drop,
             allow_private_urls: self.allow_private_urls,
+            owner: backend.owner.clone(),
             connections: super::ConnectionLimits {
                 header_timeout: Duration::from_secs(self.header_timeout),
                 max_connections: self.max_connections,

@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub allow_drop: bool,
     /// Let `{"url": ...}` queries reach loopback and private addresses (off: no SSRF into the cluster).
     pub allow_private_urls: bool,
+    /// Who the server claims the collection for when it makes it again (after a drop).
+    pub owner: String,
     pub connections: ConnectionLimits,
 }
 
@@ -66,6 +68,7 @@ impl Default for ServeConfig {
             protect_search: false,
             allow_drop: false,
             allow_private_urls: false,
+            owner: crate::store::LOCAL_OWNER.into(),
             connections: ConnectionLimits::default(),
         }
     }

@@ -222,7 +222,7 @@ pub async fn drop_all(State(state): State<Arc<AppState>>) -> Result<Json<serde_j
         ));
     }
     state.index.drop().await?;
-    state.index.ensure(state.model.dim(), state.model.id(), false).await?;
+    state.index.ensure(state.model.dim(), state.model.id(), false, &state.config.owner).await?;
     Ok(Json(serde_json::json!({ "dropped": state.index.vectors.collection() })))
 }
 

@@ -366,21 +366,115 @@ impl Catalog {
         Ok(())
     }
 
-    /// Records `model` as the one whose vectors this collection holds, or checks that it is the
-    /// one already recorded (see `ModelId::check`).
-    pub async fn claim(&self, model: &ModelId, mixed_precision: bool) -> Result<()> {
-        sqlx::query("INSERT IGNORE INTO collections (collection, model) VALUES (?, ?)")
+    /// Claims the collection for `owner`: recorded when it has none (new, or made before owners
+    /// were recorded), refused when another holds it (two indexes whose names collide, on one
+    /// MySQL, must never share a catalog).
+    pub async fn claim_owner(&self, owner: &str) -> Result<()> {
+        sqlx::query("INSERT IGNORE INTO collections (collection, owner) VALUES (?, ?)")
             .bind(&self.collection)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .ctx("claiming the collection")?;
+        sqlx::query("UPDATE collections SET owner = ? WHERE collection = ? AND owner IS NULL")
+            .bind(owner)
+            .bind(&self.collection)
+            .execute(&self.pool)
+            .await
+            .ctx("claiming the collection")?;
+        match self.owner().await? {
+            Some(theirs) if theirs != owner => Err(Error::Claimed(format!(
+                "collection {} belongs to {theirs}, not {owner}: name another collection \
+                 (spec.milvus.collection, --collection), or run as its owner (--owner)",
+                self.collection
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Who holds the collection, if anyone.
+    pub async fn owner(&self) -> Result<Option<String>> {
+        let owner: Option<Option<String>> = sqlx::query_scalar("SELECT owner FROM collections WHERE collection = ?")
+            .bind(&self.collection)
+            .fetch_optional(&self.pool)
+            .await
+            .ctx("reading the collection's owner")?;
+        Ok(owner.flatten())
+    }
+
+    /// Lets go of the collection, if `owner` holds it: kept, for whoever claims it next.
+    pub async fn release(&self, owner: &str) -> Result<()> {
+        sqlx::query("UPDATE collections SET owner = NULL WHERE collection = ? AND owner = ?")
+            .bind(&self.collection)
+            .bind(owner)
+            .execute(&self.pool)
+            .await
+            .ctx("releasing the collection")?;
+        Ok(())
+    }
+
+    /// Records `model` as the one whose vectors this collection holds, or checks that it is the
+    /// one already recorded (see `ModelId::check`). `fresh`: the Milvus collection was just made,
+    /// so whatever was recorded before describes vectors that are gone.
+    pub async fn claim_model(&self, model: &ModelId, mixed_precision: bool, fresh: bool) -> Result<()> {
+        let sql = if fresh {
+            "UPDATE collections SET model = ? WHERE collection = ?"
+        } else {
+            "UPDATE collections SET model = ? WHERE collection = ? AND model IS NULL"
+        };
+        sqlx::query(sql)
             .bind(model.to_string())
+            .bind(&self.collection)
             .execute(&self.pool)
             .await
             .ctx("recording the collection's model")?;
-        let recorded: String = sqlx::query_scalar("SELECT model FROM collections WHERE collection = ?")
+        let recorded: Option<Option<String>> = sqlx::query_scalar("SELECT model FROM collections WHERE collection = ?")
             .bind(&self.collection)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
+        let Some(Some(recorded)) = recorded else {
+            return Err(Error::Invalid(format!("collection {} is not claimed; claim_owner first", self.collection)));
+        };
         let recorded: ModelId = recorded.parse().map_err(Error::Invalid)?;
         Ok(model.check(&recorded, mixed_precision, &format!("the catalog of {}", self.collection))?)
+    }
+
+    /// Ids of the indexed rows whose id % `shards` is `shard`.
+    pub async fn indexed_ids(&self, shard: u32, shards: u32) -> Result<Vec<i64>> {
+        sqlx::query_scalar("SELECT id FROM images WHERE collection = ? AND state = 'indexed' AND MOD(id, ?) = ?")
+            .bind(&self.collection)
+            .bind(shards)
+            .bind(shard)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("reading the catalog's indexed ids")
+    }
+
+    /// Those of `ids` whose rows say indexed.
+    pub(crate) async fn indexed_among(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(1000) {
+            let mut qb = QueryBuilder::new("SELECT id FROM images WHERE state = 'indexed' AND collection = ");
+            qb.push_bind(&self.collection).push(" AND id IN ");
+            push_ids(&mut qb, chunk);
+            let rows = qb.build().fetch_all(&self.pool).await.ctx("reading the catalog")?;
+            for r in rows {
+                out.push(r.try_get("id")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets every object row last written before `before` (its vector is gone with the
+    /// collection it was in); returns how many.
+    pub(crate) async fn forget_written_before(&self, before: CatalogTime) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM images WHERE collection = ? AND updated_at < ?")
+            .bind(&self.collection)
+            .bind(before.0)
+            .execute(&self.pool)
+            .await
+            .ctx("forgetting the rows of a lost collection")?;
+        Ok(done.rows_affected())
     }
 
     /// MySQL answers.

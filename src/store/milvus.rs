@@ -81,6 +81,13 @@ impl KeyPrefix {
 
 const NLIST: usize = 128;
 
+/// Whether `ensure_collection` found the collection or made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ensured {
+    Existed,
+    Created,
+}
+
 #[derive(Clone, Debug)]
 pub struct MilvusConfig {
     /// `http://host:19530`
@@ -127,12 +134,14 @@ impl VectorStore {
     /// Creates the collection, its index and loads it, or checks that the existing one fits: the
     /// same vector width and vectors of the same model and precision (recorded in the collection's
     /// description when it is created; collections made before that record nothing to check).
-    pub async fn ensure_collection(&self, dim: usize, model: &ModelId, mixed_precision: bool) -> Result<()> {
+    /// Says whether this call created it: a new collection holds nothing the catalog may claim.
+    pub async fn ensure_collection(&self, dim: usize, model: &ModelId, mixed_precision: bool) -> Result<Ensured> {
         let name = self.collection.as_str();
         let check = |recorded: Option<ModelId>| match recorded {
             Some(theirs) => Ok(model.check(&theirs, mixed_precision, &format!("Milvus collection {name}"))?),
             None => Ok::<_, Error>(()),
         };
+        let mut ensured = Ensured::Existed;
         if self.exists().await? {
             check(self.check_schema(dim).await?)?;
         } else {
@@ -153,6 +162,8 @@ impl VectorStore {
                     return Err(Error::backend(format!("creating collection {name}"), e));
                 }
                 check(self.check_schema(dim).await?)?;
+            } else {
+                ensured = Ensured::Created;
             }
         }
         // Milvus 2.3 answers "index not found" rather than an empty list.
@@ -178,7 +189,7 @@ impl VectorStore {
             .load_collection(LoadCollectionRequest::builder().collection_name(name).build()?)
             .await
             .ctx(format!("loading collection {name}"))?;
-        Ok(())
+        Ok(ensured)
     }
 
     /// Checks the fields; returns the model recorded in the description, if any.
@@ -296,6 +307,45 @@ impl VectorStore {
                 .await?;
             if let Some(col) = resp.results().get_output_field(ID).and_then(|c| c.as_int64()) {
                 out.extend_from_slice(col);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every id in the collection whose id % `shards` is `shard`, with Strong consistency. Read in
+    /// id ranges: Milvus answers at most `PAGE` rows a query, and ids are uniform hashes, so a
+    /// range of the expected size rarely fills; one that does is split and read again.
+    pub async fn ids(&self, shard: u32, shards: u32) -> Result<Vec<i64>> {
+        const PAGE: usize = 16_384;
+        let ranges = (self.count().await? as usize / (PAGE / 4)).max(1) as i64;
+        let step = i64::MAX / ranges;
+        let mut todo: Vec<(i64, i64)> =
+            (0..ranges).map(|i| (i * step, if i == ranges - 1 { i64::MAX } else { (i + 1) * step - 1 })).collect();
+        let mut out = Vec::new();
+        while let Some((lo, hi)) = todo.pop() {
+            let mut filter = format!("{ID} >= {lo} and {ID} <= {hi}");
+            if shards > 1 {
+                filter.push_str(&format!(" and {ID} % {shards} == {shard}"));
+            }
+            let resp = self
+                .client
+                .query(
+                    QueryRequest::builder()
+                        .collection_name(&self.collection)
+                        .filter(filter)
+                        .output_fields([ID])
+                        .limit(PAGE as i64)
+                        .consistency_level(ConsistencyLevel::Strong)
+                        .build()?,
+                )
+                .await
+                .ctx("listing Milvus ids")?;
+            let ids = resp.results().get_output_field(ID).and_then(|c| c.as_int64()).unwrap_or_default();
+            if ids.len() >= PAGE && hi > lo {
+                let mid = lo + (hi - lo) / 2;
+                todo.extend([(lo, mid), (mid + 1, hi)]);
+            } else {
+                out.extend_from_slice(ids);
             }
         }
         Ok(out)

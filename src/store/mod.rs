@@ -7,12 +7,18 @@ pub mod milvus;
 pub mod source;
 
 pub use catalog::{Catalog, CatalogTime, Counts, Entry, Progress, Record, RunProgress};
-pub use milvus::{Hit, KeyPrefix, MilvusConfig, VectorStore};
+pub use milvus::{Ensured, Hit, KeyPrefix, MilvusConfig, VectorStore};
 pub use source::{Fetched, Object, S3Credentials, Source, SourceConfig};
+
+use std::collections::HashSet;
 
 use sha2::{Digest, Sha256};
 
 use crate::core::{ModelId, ModelMismatch};
+
+/// The owner a run or server claims a collection for when it is given none: every CLI run on
+/// every machine, as one. The operator claims for its ImageIndex by UID.
+pub const LOCAL_OWNER: &str = "imageindex-cli";
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -36,6 +42,9 @@ pub enum Error {
     /// address): about the object, not a bucket that is down.
     #[error("the bucket refused it: {0}")]
     Refused(String),
+    /// Another index owns the collection (their names collide): the message names it.
+    #[error("{0}")]
+    Claimed(String),
     /// Milvus, MySQL or the bucket failed at `what`; worth a retry.
     #[error("{what}: {error}")]
     Backend { what: String, error: BoxError },
@@ -111,11 +120,58 @@ impl Index {
         Ok(Self { vectors, catalog })
     }
 
-    /// The collection ready for `dim`-wide vectors of `model`: created or checked in Milvus, and
-    /// recorded or checked in the catalog (see `ModelId::check`).
-    pub async fn ensure(&self, dim: usize, model: &ModelId, mixed_precision: bool) -> Result<()> {
-        self.vectors.ensure_collection(dim, model, mixed_precision).await?;
-        self.catalog.claim(model, mixed_precision).await
+    /// The collection ready for `dim`-wide vectors of `model`, held by `owner`: claimed in the
+    /// catalog (refused when another owns it), created or checked in Milvus, and its model
+    /// recorded or checked (see `ModelId::check`). A collection made here is empty, so catalog
+    /// rows from before it describe vectors that are gone (dropped outside, or a drop cut short):
+    /// they are forgotten, and the objects embedded again.
+    pub async fn ensure(&self, dim: usize, model: &ModelId, mixed_precision: bool, owner: &str) -> Result<Ensured> {
+        let before = self.catalog.clock().await?;
+        self.catalog.claim_owner(owner).await?;
+        let ensured = self.vectors.ensure_collection(dim, model, mixed_precision).await?;
+        if ensured == Ensured::Created {
+            let forgotten = self.catalog.forget_written_before(before).await?;
+            if forgotten > 0 {
+                tracing::warn!(
+                    "collection {} was not in Milvus; forgot its {forgotten} catalog rows, to be embedded again",
+                    self.vectors.collection()
+                );
+            }
+        }
+        self.catalog.claim_model(model, mixed_precision, ensured == Ensured::Created).await?;
+        Ok(ensured)
+    }
+
+    /// Makes Milvus and the catalog agree on the objects of `shard`: vectors without an indexed
+    /// row (a crash between the two writes, then the object deleted) are deleted, and indexed
+    /// rows without a vector (lost outside) are marked to be embedded again. Safe beside writers,
+    /// which write the vector first and the row second: an "orphan" whose row appears meanwhile
+    /// was a write in flight, and is marked to be embedded again since its vector went.
+    pub async fn reconcile(&self, shard: u32, shards: u32) -> Result<Repair> {
+        let rows: HashSet<i64> = self.catalog.indexed_ids(shard, shards).await?.into_iter().collect();
+        let vectors: HashSet<i64> = self.vectors.ids(shard, shards).await?.into_iter().collect();
+        let missing: Vec<i64> = rows.difference(&vectors).copied().collect();
+        let orphans: Vec<i64> = vectors.difference(&rows).copied().collect();
+        self.catalog.redo(&missing).await?;
+        self.vectors.delete(&orphans).await?;
+        let in_flight = self.catalog.indexed_among(&orphans).await?;
+        self.catalog.redo(&in_flight).await?;
+        let repair = Repair { orphans: orphans.len() - in_flight.len(), missing: missing.len() + in_flight.len() };
+        if repair != Repair::default() {
+            tracing::warn!(
+                "collection {}: deleted {} vectors without a catalog row; {} indexed objects had no vector and will be embedded again",
+                self.vectors.collection(),
+                repair.orphans,
+                repair.missing
+            );
+        }
+        Ok(repair)
+    }
+
+    /// Whether Milvus holds as many vectors as the catalog has indexed rows (all shards): the
+    /// cheap check that says when `reconcile` is worth its listing.
+    pub async fn counts_agree(&self) -> Result<bool> {
+        Ok(self.vectors.count().await? == self.catalog.counts().await?.indexed)
     }
 
     /// Upserts the vectors, removes the replaced ones, then records the rows.
@@ -157,6 +213,15 @@ impl Index {
         self.vectors.drop_collection().await?;
         self.catalog.drop_collection().await
     }
+}
+
+/// What `Index::reconcile` repaired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Repair {
+    /// Vectors without an indexed catalog row, deleted.
+    pub orphans: usize,
+    /// Indexed rows without a vector, marked to be embedded again.
+    pub missing: usize,
 }
 
 /// The id of an object key: the first 8 bytes of its SHA-256, as a non-negative i64. The same key

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::{Backends, DeletionGuard, Summary, SyncOptions, sync};
+use super::{Backends, DeletionGuard, Reconcile, Summary, SyncOptions, sync};
 use crate::config::DataPlaneArgs;
 use crate::env;
 
@@ -51,6 +51,10 @@ struct RunArgs {
     /// Delete whatever the listing says is gone, however much (also from an empty listing).
     #[arg(long, env = env::ALLOW_MASS_DELETE)]
     allow_mass_delete: bool,
+    /// When to compare Milvus with the catalog object by object and repair what disagrees:
+    /// when their counts differ (one count each), or on every run (lists every id).
+    #[arg(long, env = env::RECONCILE, value_enum, default_value = "if-counts-differ")]
+    reconcile: Reconcile,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -88,6 +92,8 @@ async fn run(source: String, shard: u32, shards: u32, args: RunArgs, progress_ba
         progress_bar,
         mixed_precision: model.allow_mixed_precision,
         deletion: DeletionGuard { max_share: args.max_delete_percent / 100.0, allow: args.allow_mass_delete },
+        owner: backend.owner.clone(),
+        reconcile: args.reconcile,
     };
     let summary = sync(&Backends { source, index }, Arc::new(loaded), &opts).await.context("sync failed")?;
     if args.json {
@@ -100,7 +106,7 @@ async fn run(source: String, shard: u32, shards: u32, args: RunArgs, progress_ba
 
 fn print_summary(s: &Summary) {
     eprintln!(
-        "discovered {} | new {} changed {} unchanged {} deleted {} kept {} | indexed {} failed {} | {:.1} images/s | {} vectors in the collection",
+        "discovered {} | new {} changed {} unchanged {} deleted {} kept {} | indexed {} failed {} | {:.1} images/s | {} vectors in the collection{}",
         s.discovered,
         s.new,
         s.changed,
@@ -110,7 +116,14 @@ fn print_summary(s: &Summary) {
         s.indexed,
         s.failed,
         s.images_per_second(),
-        s.vectors
+        s.vectors,
+        match s.repaired {
+            r if r.orphans + r.missing > 0 => format!(
+                " | repaired: {} vectors without a catalog row deleted, {} objects without a vector to embed again",
+                r.orphans, r.missing
+            ),
+            _ => String::new(),
+        }
     );
     for (key, err) in &s.failures {
         eprintln!("  failed {key}: {err}");

@@ -57,6 +57,20 @@ pub struct SyncOptions {
     /// Let vectors of another precision into the collection (see `ModelId::check`).
     pub mixed_precision: bool,
     pub deletion: DeletionGuard,
+    /// Who this run claims the collection for (see `Catalog::claim_owner`).
+    pub owner: String,
+    pub reconcile: Reconcile,
+}
+
+/// When a run compares Milvus with the catalog object by object (see `Index::reconcile`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reconcile {
+    /// When the vector count and the indexed rows differ, before and after the run: one count
+    /// each, but blind to errors that cancel out (an orphan and a lost vector).
+    #[default]
+    IfCountsDiffer,
+    /// Every run: lists every id of the shard in Milvus and in the catalog.
+    Always,
 }
 
 impl Default for SyncOptions {
@@ -74,6 +88,8 @@ impl Default for SyncOptions {
             progress_bar: false,
             mixed_precision: false,
             deletion: DeletionGuard::default(),
+            owner: store::LOCAL_OWNER.into(),
+            reconcile: Reconcile::default(),
         }
     }
 }
@@ -95,6 +111,8 @@ pub struct Summary {
     pub failures: Vec<(String, String)>,
     /// Vectors in the collection after the run (all shards).
     pub vectors: u64,
+    /// What disagreed between Milvus and the catalog, and was repaired.
+    pub repaired: store::Repair,
     /// Seconds spent embedding (fetch to write), excluding listing and deletes.
     pub embed_seconds: f64,
 }

@@ -10,14 +10,14 @@ use tokio::sync::mpsc;
 
 use super::pipeline::produce;
 use super::plan::{Plan, Work, plan};
-use super::{Backends, Error, Summary, SyncOptions};
+use super::{Backends, Error, Reconcile, Summary, SyncOptions};
 use crate::embed::Model;
-use crate::store::{Entry, RunProgress, Source, WriteBatch};
+use crate::store::{Entry, Index, Repair, RunProgress, Source, WriteBatch};
 
 /// Runs one sync of one shard, and records it (with its progress and outcome) in the catalog.
 pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) -> Result<Summary, Error> {
     let catalog = &backends.index.catalog;
-    backends.index.ensure(model.dim(), model.id(), opts.mixed_precision).await?;
+    backends.index.ensure(model.dim(), model.id(), opts.mixed_precision, &opts.owner).await?;
     let run = catalog.start_run(opts.shard, opts.shards).await?;
     let mut progress = RunProgress::default();
     let result = run_shard(backends, model, opts, run, &mut progress).await;
@@ -35,6 +35,9 @@ async fn run_shard(
     progress: &mut RunProgress,
 ) -> Result<Summary, Error> {
     let Backends { source, index } = backends;
+    // Milvus and the catalog disagree (a collection lost outside, a crash between the two
+    // writes): repair this shard first, so that the plan embeds what lost its vector.
+    let mut repaired = repair(index, opts).await?;
     // Before the listing: a row written from now on is newer than the listing, and never deleted.
     let listing_began = index.catalog.clock().await?;
     let listing = source.list().await?;
@@ -68,10 +71,27 @@ async fn run_shard(
     // Searches right after the run see all of it. No flush: an upsert is durable once
     // acknowledged, and sealing segments is Milvus's own business (a flush per run costs seconds).
     summary.vectors = index.wait_searchable().await?;
+    // And after: what this run did must leave them agreeing. Anything repaired now (a vector lost
+    // while the run wrote) is embedded by the next run, which the catalog's marks make a change.
+    let after = repair(index, opts).await?;
+    repaired.orphans += after.orphans;
+    repaired.missing += after.missing;
+    if after != Repair::default() {
+        summary.vectors = index.wait_searchable().await?;
+    }
+    summary.repaired = repaired;
     summary.embed_seconds = started.elapsed().as_secs_f64();
     summary.indexed = progress.indexed as usize;
     summary.failed = progress.failed as usize;
     Ok(summary)
+}
+
+/// Reconciles this shard when the counts say Milvus and the catalog disagree (cheap when they do not).
+async fn repair(index: &Index, opts: &SyncOptions) -> Result<Repair, Error> {
+    if opts.reconcile == Reconcile::IfCountsDiffer && index.counts_agree().await? {
+        return Ok(Repair::default());
+    }
+    Ok(index.reconcile(opts.shard, opts.shards).await?)
 }
 
 /// The ids of `deleted` that are really gone. A vector costs a model run to remake, so an indexed

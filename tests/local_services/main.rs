@@ -3,11 +3,13 @@
 //! them and sets the environment; without it these tests fail and say so (they never skip).
 //! `cargo test --lib` runs the unit tests alone, with no services.
 
-mod faults;
+mod consistency;
 mod hostile;
 mod mock_api;
 mod operator;
 mod precision;
+mod reconcile;
+mod s3_proxy;
 mod serve;
 mod support;
 mod sync;

@@ -18,7 +18,8 @@ use imageindex::controller::metrics::Metrics;
 use imageindex::controller::reconcile::{Context, Settings, reconcile};
 use imageindex::crd::{ImageIndex, ImageIndexStatus, Phase};
 
-use super::support::{Fixture, env};
+use super::support::{Fixture, env, model, upload_photos};
+use imageindex::sync::{SyncOptions, sync};
 
 /// What the fake apiserver holds.
 #[derive(Clone, Default)]
@@ -328,7 +329,9 @@ async fn happy_path_creates_a_job_then_reports_ready() {
 
     // A Job completed for this generation and the object is in the catalog: Ready.
     let backends = fx.backends(imageindex::core::IndexKind::Hnsw).await;
-    fx.sync(&backends).await;
+    // As the Job does: for the ImageIndex that owns the collection.
+    let as_job = SyncOptions { owner: imageindex(live_spec(&fx), false).owner(), ..Default::default() };
+    sync(&backends, model(), &as_job).await.unwrap();
     let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, Some(("Complete", "")))], ..live_cluster() };
     let (action, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
     let st = written(&calls);
@@ -380,18 +383,47 @@ async fn deletion_retain_keeps_data_and_delete_tolerates_what_is_gone() {
     let (_, calls) = run(imageindex(sample_spec(), true), Cluster::default()).await;
     assert!(calls.iter().any(|c| c.method == Method::DELETE && c.path.ends_with("/jobs")), "running Jobs are stopped");
     assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "Retained"));
-    assert!(!calls.iter().any(|c| c.path.contains("/secrets/")), "Retain touches no data");
+    assert!(!calls.iter().any(|c| c.method == Method::DELETE && !c.path.ends_with("/jobs")), "Retain deletes nothing");
     let last = calls.last().unwrap();
     assert!(
         last.method == Method::PATCH && last.path.ends_with("/imageindexes/photos"),
         "the finalizer is removed last"
     );
 
-    // Delete, with the Milvus CR and the Secret already gone: nothing left to drop, the finalizer goes.
+    // Delete, with the Milvus CR and the Secret already gone: whose the collection is cannot be
+    // read, so nothing is dropped; it says so, and the finalizer goes.
     let mut spec = sample_spec();
     spec["deletionPolicy"] = json!("Delete");
     spec["milvus"] = json!({"ref": {"name": "gone"}});
     let (_, calls) = run(imageindex(spec, true), Cluster::default()).await;
-    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "Deleted"));
+    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "NotDropped"));
     assert!(calls.last().unwrap().path.ends_with("/imageindexes/photos"));
+}
+
+/// `Delete` drops only a collection this ImageIndex owns: one that another holds (their names
+/// collided, or it was named on purpose) is kept, with a Warning. Before, it was dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn deletion_drops_only_what_this_imageindex_owns() {
+    let fx = Fixture::new("mock_owner");
+    upload_photos(&fx, 2).await;
+    let mut spec = live_spec(&fx);
+    spec["deletionPolicy"] = json!("Delete");
+    // Another index made and owns the collection.
+    let other = SyncOptions { owner: "ImageIndex team/a-photos (uid 2)".into(), ..Default::default() };
+    let b = fx.backends(imageindex::core::IndexKind::Hnsw).await;
+    assert_eq!(sync(&b, model(), &other).await.unwrap().indexed, 2);
+    let (_, calls) = run(imageindex(spec.clone(), true), live_cluster()).await;
+    let event = calls.iter().find(|c| c.path.ends_with("/events") && c.body["reason"] == "NotDropped");
+    let note = event.expect("a NotDropped event").body["note"].as_str().unwrap().to_string();
+    assert!(note.contains("belongs to ImageIndex team/a-photos (uid 2)"), "{note}");
+    assert_eq!(b.index.vectors.count().await.unwrap(), 2, "another's collection was dropped");
+    assert_eq!(b.index.catalog.counts().await.unwrap().indexed, 2);
+
+    // Its own (reconciled once: claimed for its UID), it is dropped.
+    b.index.catalog.release(&other.owner).await.unwrap();
+    run(imageindex(spec.clone(), false), live_cluster()).await;
+    let (_, calls) = run(imageindex(spec, true), live_cluster()).await;
+    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "Deleted"));
+    assert!(b.index.vectors.ready().await.is_err(), "the collection is still there");
+    assert_eq!(b.index.catalog.counts().await.unwrap().indexed, 0);
 }

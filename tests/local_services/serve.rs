@@ -314,3 +314,39 @@ async fn serve_answers_503_when_mysql_goes_down() {
     assert!(!msg.contains("pool") && !msg.to_lowercase().contains("connect"), "internals sent to the client: {body}");
     fx.cleanup().await;
 }
+
+/// `DELETE /img/{key}` with a bucket that refuses the delete: nothing is removed from the index
+/// (the old order removed the vector first, leaving an `indexed` row without one, forever).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_bucket_delete_leaves_the_index_whole() {
+    let fx = Fixture::new("faults_delete");
+    let photos = upload_photos(&fx, 3).await;
+    let proxy = super::s3_proxy::S3Proxy::start().await;
+    let b = imageindex::sync::Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+    assert_eq!(
+        imageindex::sync::sync(&b, model(), &imageindex::sync::SyncOptions::default()).await.unwrap().indexed,
+        3
+    );
+    let config = ServeConfig { token: Some(TOKEN.into()), ..Default::default() };
+    let state = AppState::new(model(), b.index, Some(b.source), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(imageindex::serve::serve_on(listener, Arc::new(state), std::future::pending()));
+    let http = reqwest::Client::new();
+    let key = &photos[1].0;
+    let delete = || http.delete(format!("{base}/img/{key}")).bearer_auth(TOKEN).send();
+
+    proxy.faults.read_only.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(delete().await.unwrap().status(), 502);
+    let index = fx.index(IndexKind::Hnsw).await;
+    let id = imageindex::store::key_id(key);
+    assert!(index.catalog.entry(key).await.unwrap().is_some_and(|e| e.indexed), "the row went");
+    assert_eq!(index.vectors.existing(&[id]).await.unwrap(), [id], "the vector went");
+
+    proxy.faults.read_only.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(delete().await.unwrap().status(), 204);
+    assert!(index.catalog.entry(key).await.unwrap().is_none());
+    assert!(index.vectors.existing(&[id]).await.unwrap().is_empty());
+    assert!(!fx.source.exists(key).await.unwrap());
+    fx.cleanup().await;
+}

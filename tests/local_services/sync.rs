@@ -118,7 +118,7 @@ async fn ivf_flat_l2_collections_work_too() {
     let err = other.ensure_collection(2048, &int8, false).await.unwrap_err();
     assert!(format!("{err:#}").contains("holds fp32 vectors"), "{err:#}");
     other.ensure_collection(2048, &int8, true).await.expect("mixing when asked for");
-    let err = b.index.catalog.claim(&int8, false).await.unwrap_err();
+    let err = b.index.catalog.claim_model(&int8, false, false).await.unwrap_err();
     assert!(format!("{err:#}").contains("the catalog of"), "{err:#}");
     let clip = ModelId { model: "clip.onnx".into(), ..fp32 };
     let err = other.ensure_collection(2048, &clip, true).await.unwrap_err();

@@ -9,7 +9,7 @@ use super::validate::Ready;
 use crate::controller::status::{COLLECTION_READY, MILVUS_READY, Observed, reason};
 use crate::core::{ModelId, Redacted};
 use crate::crd::ImageIndex;
-use crate::store::{self, Catalog, MilvusConfig, S3Credentials, Source, SourceConfig, VectorStore};
+use crate::store::{self, Catalog, Index, MilvusConfig, S3Credentials, Source, SourceConfig, VectorStore};
 use crate::sync::plan;
 
 /// ResNet50's pooled output.
@@ -43,17 +43,18 @@ pub fn milvus_config(image_index: &ImageIndex, url: String, token: Option<Redact
     MilvusConfig { url, token, collection: image_index.collection(), index: image_index.spec.milvus.index.kind }
 }
 
-fn mismatch(e: &Error) -> Option<Observed> {
+/// Why the collection is not ready, as a condition.
+fn not_ready(e: &Error) -> Observed {
     match e {
-        Error::Store(store::Error::ModelMismatch(m)) => {
-            Some(Observed::no(COLLECTION_READY, reason::MODEL_MISMATCH, &m.0))
-        }
-        _ => None,
+        Error::Store(store::Error::ModelMismatch(m)) => Observed::no(COLLECTION_READY, reason::MODEL_MISMATCH, &m.0),
+        Error::Store(store::Error::Claimed(msg)) => Observed::no(COLLECTION_READY, reason::COLLECTION_CLAIMED, msg),
+        e => Observed::no(COLLECTION_READY, reason::COLLECTION_UNAVAILABLE, e.to_string()),
     }
 }
 
-/// The collection made (or checked), its index and load; the catalog migrated and claimed. On
-/// success, the catalog and the two conditions that hold; otherwise the conditions that say why.
+/// The collection made (or checked), its index and load; the catalog migrated and the collection
+/// claimed for this ImageIndex. On success, the catalog and the two conditions that hold;
+/// otherwise the conditions that say why.
 pub async fn ensure(
     image_index: &ImageIndex,
     ready: &Ready,
@@ -62,26 +63,26 @@ pub async fn ensure(
     let url = &ready.milvus_url;
     let model = model_id(image_index);
     let milvus = milvus_config(image_index, url.clone(), ready.milvus_token.clone());
-    let vectors = async {
-        let v = VectorStore::connect(&milvus).await?;
-        v.ensure_collection(DIM, &model, false).await
+    let vectors = match within(timeout, VectorStore::connect(&milvus)).await {
+        Ok(v) => v,
+        Err(e) => return Err(vec![Observed::no(MILVUS_READY, reason::MILVUS_UNAVAILABLE, format!("{url}: {e}"))]),
     };
-    if let Err(e) = within(timeout, vectors).await {
-        return Err(match mismatch(&e) {
-            Some(m) => vec![Observed::yes(MILVUS_READY, reason::READY, url), m],
-            None => vec![Observed::no(MILVUS_READY, reason::MILVUS_UNAVAILABLE, format!("{url}: {e}"))],
-        });
-    }
-    let catalog = async {
-        let c = Catalog::connect(ready.mysql_url.expose(), &milvus.collection, &model.to_string()).await?;
-        c.claim(&model, false).await?;
-        Ok::<_, store::Error>(c)
+    let milvus_ready = Observed::yes(MILVUS_READY, reason::READY, format!("Milvus at {url}"));
+    let model_name = model.to_string();
+    let catalog = match within(timeout, Catalog::connect(ready.mysql_url.expose(), &milvus.collection, &model_name))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(vec![milvus_ready, Observed::no(COLLECTION_READY, reason::MYSQL_UNAVAILABLE, e.to_string())]);
+        }
     };
-    match within(timeout, catalog).await {
-        Ok(c) => Ok((
-            c,
+    let index = Index { vectors, catalog };
+    match within(timeout, index.ensure(DIM, &model, false, &image_index.owner())).await {
+        Ok(_) => Ok((
+            index.catalog,
             vec![
-                Observed::yes(MILVUS_READY, reason::READY, format!("Milvus at {url}")),
+                milvus_ready,
                 Observed::yes(
                     COLLECTION_READY,
                     reason::READY,
@@ -89,10 +90,7 @@ pub async fn ensure(
                 ),
             ],
         )),
-        Err(e) => Err(vec![
-            Observed::yes(MILVUS_READY, reason::READY, url),
-            mismatch(&e).unwrap_or_else(|| Observed::no(COLLECTION_READY, reason::MYSQL_UNAVAILABLE, e.to_string())),
-        ]),
+        Err(e) => Err(vec![milvus_ready, not_ready(&e)]),
     }
 }
 
