@@ -38,6 +38,11 @@ pub struct ControllerArgs {
     list_timeout: u64,
 }
 
+/// The namespace to watch: none, or an empty one (the chart's default `""`), is every namespace.
+fn watch_namespace(arg: Option<String>) -> Option<String> {
+    arg.map(|n| n.trim().to_string()).filter(|n| !n.is_empty())
+}
+
 impl ControllerArgs {
     pub async fn run(self) -> Result<()> {
         let client =
@@ -56,11 +61,23 @@ impl ControllerArgs {
                 io_timeout: Duration::from_secs(self.io_timeout),
                 list_timeout: Duration::from_secs(self.list_timeout),
             },
-            namespace: self.namespace,
+            namespace: watch_namespace(self.namespace),
             listen: self.metrics_listen,
             lease: (!self.no_leader_election).then_some((self.lease_namespace, self.lease_name)),
             identity,
         };
         super::run(client, config).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_namespace_watches_all() {
+        assert_eq!(watch_namespace(Some(String::new())), None);
+        assert_eq!(watch_namespace(None), None);
+        assert_eq!(watch_namespace(Some("shop".into())), Some("shop".into()));
     }
 }

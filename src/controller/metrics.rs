@@ -5,6 +5,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -18,6 +19,7 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    leading: Gauge,
 }
 
 impl Default for Metrics {
@@ -30,7 +32,9 @@ impl Default for Metrics {
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed, by kind of error", failures.clone());
         registry.register("reconcile_duration_seconds", "Time per reconcile", duration.clone());
-        Self { registry, reconciles, failures, duration }
+        let leading = Gauge::default();
+        registry.register("leading", "1 while this replica holds the lease and reconciles", leading.clone());
+        Self { registry, reconciles, failures, duration, leading }
     }
 }
 
@@ -41,6 +45,10 @@ impl Metrics {
         if let Some(e) = error {
             self.failures.get_or_create(&ErrorLabels { error: e.to_string() }).inc();
         }
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.set(leading as i64);
     }
 
     pub fn encode(&self) -> String {

@@ -55,6 +55,7 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
         None => Box::pin(futures::future::pending()),
     };
     leading.store(true, Ordering::Relaxed);
+    metrics.set_leading(true);
 
     let reporter = Reporter { controller: reconcile::MANAGER.into(), instance: Some(config.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
@@ -206,9 +207,11 @@ fn referencing(
         .collect()
 }
 
-/// `/metrics` (Prometheus), `/healthz` (the process runs), `/readyz` (this replica leads).
+/// `/metrics` (Prometheus), `/healthz` (the process runs), `/readyz` (it serves: leading or on
+/// standby). Readiness never waits for the lease: with a RollingUpdate, the new pod must become
+/// Ready while the old one still leads, or the rollout stalls; the body says which it is.
 async fn serve_metrics(listen: SocketAddr, metrics: Arc<metrics::Metrics>, leading: Arc<AtomicBool>) {
-    use axum::http::{StatusCode, header};
+    use axum::http::header;
     use axum::routing::get;
     let app = axum::Router::new()
         .route(
@@ -216,16 +219,7 @@ async fn serve_metrics(listen: SocketAddr, metrics: Arc<metrics::Metrics>, leadi
             get(move || async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.encode()) }),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if leading.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "leading")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "standby")
-                }
-            }),
-        );
+        .route("/readyz", get(move || async move { role(leading.load(Ordering::Relaxed)) }));
     match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => {
             if let Err(e) = axum::serve(l, app).await {
@@ -234,6 +228,11 @@ async fn serve_metrics(listen: SocketAddr, metrics: Arc<metrics::Metrics>, leadi
         }
         Err(e) => error!(error = %e, %listen, "cannot listen for /metrics"),
     }
+}
+
+/// What `/readyz` says: 200 either way.
+fn role(leading: bool) -> &'static str {
+    if leading { "leading" } else { "standby" }
 }
 
 /// Whether the server runs Indexed Jobs (GA in 1.24; 1.20, the apiserver we can build here, does not).

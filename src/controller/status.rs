@@ -9,6 +9,9 @@ pub const COLLECTION_READY: &str = "CollectionReady";
 pub const INDEXED: &str = "Indexed";
 pub const SEARCH_READY: &str = "SearchReady";
 pub const ALL: [&str; 4] = [MILVUS_READY, COLLECTION_READY, INDEXED, SEARCH_READY];
+/// The aggregate that kstatus, Argo CD, Flux and `kubectl wait --for=condition=Ready` read: True
+/// when all four hold; otherwise False, with the reason of the first that does not.
+pub const READY: &str = "Ready";
 
 /// Every reason a condition can carry. `kubectl describe` shows them; tests cover each.
 pub mod reason {
@@ -34,6 +37,34 @@ pub mod reason {
     pub const AVAILABLE: &str = "Available";
     pub const UNAVAILABLE: &str = "Unavailable";
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+
+    const ALL: &[&str] = &[
+        READY,
+        INVALID_SPEC,
+        MILVUS_NOT_FOUND,
+        MILVUS_NOT_READY,
+        MILVUS_UNAVAILABLE,
+        SECRET_NOT_FOUND,
+        SECRET_KEY_MISSING,
+        MYSQL_UNAVAILABLE,
+        MODEL_MISMATCH,
+        COLLECTION_CLAIMED,
+        COLLECTION_UNAVAILABLE,
+        SOURCE_UNAVAILABLE,
+        WAITING,
+        INDEXING,
+        UP_TO_DATE,
+        JOB_FAILED,
+        DELETION_REFUSED,
+        AVAILABLE,
+        UNAVAILABLE,
+        SCALED_TO_ZERO,
+    ];
+
+    /// The reason among these that `r` is (conditions read back from the API hold Strings).
+    pub fn known(r: &str) -> &'static str {
+        ALL.iter().find(|k| **k == r).copied().unwrap_or(WAITING)
+    }
 }
 
 /// One condition as a reconcile decided it (time and generation are added by `merge`).
@@ -60,29 +91,48 @@ impl Observed {
 /// The new condition list: observed ones replace old ones of the same type, keeping
 /// `lastTransitionTime` when the status did not change; types not observed this time keep theirs.
 pub fn merge(old: &[Condition], observed: &[Observed], generation: Option<i64>, now: &Time) -> Vec<Condition> {
-    ALL.iter()
+    let mut conds: Vec<Condition> = ALL
+        .iter()
         .filter_map(|&t| {
             let prev = old.iter().find(|c| c.type_ == t);
             let Some(o) = observed.iter().find(|o| o.type_ == t) else { return prev.cloned() };
-            let status = match o.ok {
-                Some(true) => "True",
-                Some(false) => "False",
-                None => "Unknown",
-            };
-            let last_transition_time = match prev {
-                Some(p) if p.status == status => p.last_transition_time.clone(),
-                _ => now.clone(),
-            };
-            Some(Condition {
-                type_: t.into(),
-                status: status.into(),
-                reason: o.reason.into(),
-                message: o.message.clone(),
-                observed_generation: generation,
-                last_transition_time,
-            })
+            Some(condition(prev, o, generation, now))
         })
-        .collect()
+        .collect();
+    let blocking = ALL.iter().find_map(|&t| match conds.iter().find(|c| c.type_ == t) {
+        Some(c) if c.status == "True" => None,
+        Some(c) => Some((c.reason.clone(), format!("{t}: {}", c.message))),
+        None => Some((reason::WAITING.to_string(), format!("{t}: not observed yet"))),
+    });
+    let ready = match &blocking {
+        None => Observed::yes(READY, reason::READY, "searchable and up to date"),
+        Some((why, message)) => {
+            Observed { type_: READY, ok: Some(false), reason: reason::known(why), message: message.clone() }
+        }
+    };
+    conds.push(condition(old.iter().find(|c| c.type_ == READY), &ready, generation, now));
+    conds
+}
+
+/// One condition from what was observed, keeping `lastTransitionTime` when the status is unchanged.
+fn condition(prev: Option<&Condition>, o: &Observed, generation: Option<i64>, now: &Time) -> Condition {
+    let status = match o.ok {
+        Some(true) => "True",
+        Some(false) => "False",
+        None => "Unknown",
+    };
+    let last_transition_time = match prev {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => now.clone(),
+    };
+    Condition {
+        type_: o.type_.into(),
+        status: status.into(),
+        reason: o.reason.into(),
+        message: o.message.clone(),
+        observed_generation: generation,
+        last_transition_time,
+    }
 }
 
 fn is(conds: &[Condition], t: &str, status: &str) -> bool {
@@ -133,7 +183,17 @@ mod tests {
         assert_eq!((m.status.as_str(), m.last_transition_time.clone()), ("False", t(300)));
         // Conditions not observed this time are kept as they were.
         assert_eq!(broke.iter().find(|c| c.type_ == INDEXED).unwrap().last_transition_time, t(100));
-        assert_eq!(broke.len(), 4);
+        assert_eq!(broke.len(), 5);
+        // The aggregate follows: False with the reason of the one that broke, then True again.
+        let ready = |c: &[Condition]| c.iter().find(|c| c.type_ == READY).cloned().unwrap();
+        assert_eq!((ready(&again).status.as_str(), ready(&again).last_transition_time), ("True", t(100)));
+        let r = ready(&broke);
+        assert_eq!((r.status.as_str(), r.reason.as_str()), ("False", reason::MILVUS_NOT_READY));
+        assert!(r.message.starts_with("MilvusReady: x"), "{}", r.message);
+        let healed = merge(&broke, &all_true(), Some(3), &t(400));
+        assert_eq!((ready(&healed).status.as_str(), ready(&healed).last_transition_time), ("True", t(400)));
+        let partial = merge(&[], &[Observed::yes(MILVUS_READY, reason::READY, "")], None, &t(1));
+        assert_eq!(ready(&partial).reason, reason::WAITING);
     }
 
     #[test]

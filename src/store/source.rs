@@ -49,6 +49,8 @@ pub struct S3Credentials {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub region: Option<String>,
+    /// Temporary credentials (STS, `AWS_SESSION_TOKEN`) come with a session token.
+    pub session_token: Option<String>,
 }
 
 impl std::fmt::Debug for S3Credentials {
@@ -104,6 +106,9 @@ impl Source {
                     .with_retry(retry_config());
                 if let Some(c) = &cfg.credentials {
                     b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
+                    if let Some(t) = &c.session_token {
+                        b = b.with_token(t);
+                    }
                     if let Some(r) = &c.region {
                         b = b.with_region(r);
                     }

@@ -134,17 +134,48 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
 
     // The controller, as the chart's ServiceAccount.
     let log_path = artifacts().join("controller.log");
-    let controller = Proc(
-        Command::new(env!("CARGO_BIN_EXE_imageindex"))
-            .args(["controller", "--lease-namespace", "imageindex-system", "--identity", &ns])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
-            .env("KUBECONFIG", env("IMAGEINDEX_TEST_CONTROLLER_KUBECONFIG"))
-            .env("RUST_LOG", "info,kube=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let replica = |identity: &str, port: u16, log: Stdio| {
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_imageindex"))
+                .args(["controller", "--lease-namespace", "imageindex-system", "--identity", identity])
+                .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+                .env("KUBECONFIG", env("IMAGEINDEX_TEST_CONTROLLER_KUBECONFIG"))
+                .env("RUST_LOG", "info,kube=warn")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let http = reqwest::Client::new();
+    let readyz = |port: u16| {
+        let http = http.clone();
+        async move {
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            for _ in 0..300 {
+                if let Ok(r) = http.get(&url).send().await
+                    && r.status() == 200
+                {
+                    return r.text().await.unwrap();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("/readyz on :{port} never answered 200 in 30 s");
+        }
+    };
+    let leader_port = free_port();
+    let controller = replica(&ns, leader_port, std::fs::File::create(&log_path).unwrap().into());
+    while readyz(leader_port).await != "leading" {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A second replica, as a rollout's new pod: it waits for the lease and is Ready meanwhile
+    // (it was 503 until it led, so the rollout never finished).
+    let standby_port = free_port();
+    let standby = replica(&format!("{ns}-standby"), standby_port, Stdio::null());
+    assert_eq!(readyz(standby_port).await, "standby");
+    let metrics = http.get(format!("http://127.0.0.1:{standby_port}/metrics")).send().await.unwrap();
+    assert!(metrics.text().await.unwrap().contains("imageindex_controller_leading 0"));
+    drop(standby);
     // What a user sees: `kubectl get imgidx -w`, kept as an artifact and checked for the phases.
     let watch_path = artifacts().join("kubectl-get-imgidx.txt");
     let _watch = Proc(

@@ -2,6 +2,9 @@
 //! CR, the Secrets) and lists the ImageIndex's Jobs; what is missing is kept as data for the
 //! pure steps to judge. Only Kubernetes API failures are errors.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
@@ -132,12 +135,36 @@ async fn source_credentials(
     let Some(secret) = Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await? else {
         return Ok(Err(format!("Secret {ns}/{name} not found")));
     };
-    let data = secret.data.unwrap_or_default();
-    let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
-    Ok(match (get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")) {
-        (Some(access_key_id), Some(secret_access_key)) => {
-            Ok(Some(S3Credentials { access_key_id, secret_access_key, region: get("AWS_REGION") }))
-        }
-        _ => Err(format!("Secret {ns}/{name} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")),
+    Ok(credentials_from(&secret.data.unwrap_or_default())
+        .map(Some)
+        .ok_or_else(|| format!("Secret {ns}/{name} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")))
+}
+
+/// The bucket credentials a Secret holds, as the Job's pods get them (its keys as env): the key
+/// pair, and the region and session token (temporary credentials) where given.
+fn credentials_from(data: &BTreeMap<String, ByteString>) -> Option<S3Credentials> {
+    let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok()).filter(|v| !v.is_empty());
+    Some(S3Credentials {
+        access_key_id: get("AWS_ACCESS_KEY_ID")?,
+        secret_access_key: get("AWS_SECRET_ACCESS_KEY")?,
+        region: get("AWS_REGION"),
+        session_token: get("AWS_SESSION_TOKEN"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_credentials_keep_their_session_token() {
+        let data: BTreeMap<String, ByteString> =
+            [("AWS_ACCESS_KEY_ID", "ASIA1"), ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_SESSION_TOKEN", "tok")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect();
+        let c = credentials_from(&data).unwrap();
+        assert_eq!((c.session_token.as_deref(), c.region), (Some("tok"), None));
+        assert!(credentials_from(&BTreeMap::new()).is_none());
+    }
 }

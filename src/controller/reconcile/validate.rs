@@ -45,10 +45,15 @@ pub fn validate(image_index: &ImageIndex) -> Result<ValidSpec, String> {
         (None, Some(addr)) => MilvusSource::Address(address(addr)),
         _ => return Err("spec.milvus: set exactly one of `ref` and `address`".into()),
     };
-    // `<name>-search` must be a DNS label (Service names: a letter first, at most 63 characters).
-    if name.len() > 40 || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+    // `<name>-search` must be a DNS-1035 label (a Service name): lowercase letters, digits and
+    // `-`, a letter first, no `-` last. An ImageIndex name may hold dots; a Service name may not.
+    let label = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-');
+    if name.len() > 40 || !label {
         return Err(format!(
-            "metadata.name {name:?}: must start with a letter and be at most 40 characters (it names `<name>-search` and Jobs)"
+            "metadata.name {name:?}: use lowercase letters, digits and `-`, a letter first, at most 40 characters \
+             (it names the `<name>-search` Service and the Jobs)"
         ));
     }
     let resync = parse_interval(&image_index.spec.source.resync_interval).filter(|d| *d >= Duration::from_secs(10));
@@ -116,6 +121,21 @@ pub fn ready(refs: &Refs) -> Result<Ready, Vec<Observed>> {
 mod tests {
     use super::*;
     use crate::controller::reconcile::dereference::Missing;
+
+    fn named(name: &str) -> ImageIndex {
+        let mut ii = image_index(serde_json::json!({"milvus": {"address": "m:19530"}}));
+        ii.metadata.name = Some(name.into());
+        ii
+    }
+
+    #[test]
+    fn names_make_valid_service_names() {
+        assert!(validate(&named("photos-2")).is_ok());
+        for bad in ["my.photos", "Photos", "2photos", "photos-", &"p".repeat(41)] {
+            let err = validate(&named(bad)).unwrap_err();
+            assert!(err.contains("metadata.name"), "{bad}: {err}");
+        }
+    }
 
     fn image_index(spec: serde_json::Value) -> ImageIndex {
         let mut base = serde_json::json!({"source": {"url": "s3://b/p/"}, "mysql": {"secretRef": {"name": "db"}}});
