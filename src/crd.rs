@@ -334,6 +334,11 @@ pub struct ImageIndexStatus {
     /// The spec generation the last completed Job ran for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synced_generation: Option<i64>,
+    /// A hash of the embedding settings (source, collection, model, precision, batch size,
+    /// image) the last completed Job ran with. A new Job starts when they change, not on every
+    /// spec edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_embedding: Option<String>,
     /// The search Service's URL inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,

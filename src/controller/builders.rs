@@ -24,6 +24,8 @@ pub const INSTANCE: &str = "app.kubernetes.io/instance";
 pub const COMPONENT: &str = "app.kubernetes.io/component";
 /// The spec generation a Job was created for.
 pub const GENERATION: &str = "imageindex.dev/generation";
+/// The `embedding_hash` a Job was created for.
+pub const EMBEDDING: &str = "imageindex.dev/embedding";
 const HTTP_PORT: i32 = 8080;
 const TOKEN_DIR: &str = "/var/run/secrets/imageindex";
 const PVC_MOUNT: &str = "/models/pvc";
@@ -42,6 +44,28 @@ pub struct Resolved {
     pub default_image: String,
     /// Indexed completion mode (Kubernetes 1.24+). Without it, one pod embeds every shard.
     pub indexed_jobs: bool,
+}
+
+/// A hash of what decides the vectors a Job writes: which objects, where they go, the model and
+/// how it runs. An edit to anything else (search replicas, Job resources, parallelism) starts no
+/// Job: it would find nothing to do, after bringing up nodes (GPUs) to find it.
+pub fn embedding_hash(image_index: &ImageIndex, resolved: &Resolved) -> String {
+    use sha2::Digest;
+    let (s, e) = (&image_index.spec.source, &image_index.spec.embedding);
+    let fields = serde_json::json!([
+        s.url,
+        s.endpoint,
+        s.include,
+        resolved.milvus_url,
+        resolved.collection,
+        image_index.spec.milvus.index.kind.as_str(),
+        e.model_uri,
+        e.batch_size,
+        e.precision.to_string(),
+        e.image,
+    ]);
+    let digest = sha2::Sha256::digest(fields.to_string().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Selects the ImageIndex's embedding Jobs.
@@ -265,10 +289,10 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
         ..Default::default()
     });
     let mut meta = meta(image_index, name.to_string(), "embed");
-    meta.annotations = Some(BTreeMap::from([(
-        GENERATION.to_string(),
-        image_index.metadata.generation.unwrap_or_default().to_string(),
-    )]));
+    meta.annotations = Some(BTreeMap::from([
+        (GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
+        (EMBEDDING.to_string(), embedding_hash(image_index, resolved)),
+    ]));
     Job {
         metadata: meta,
         spec: Some(JobSpec {
@@ -550,6 +574,36 @@ mod tests {
         }
         assert!(set > 20, "only {set} variables checked");
         assert!(reads.contains(env::SHARD) && reads.contains(env::MODEL), "{reads:?}");
+    }
+
+    #[test]
+    fn only_what_changes_the_vectors_changes_the_embedding_hash() {
+        let base = embedding_hash(&sample(""), &resolved(true));
+        let job = embed_job(&sample(""), &resolved(true), "j");
+        assert_eq!(job.metadata.annotations.unwrap()[EMBEDDING], base);
+        for same in [
+            "  search: {replicas: 5}\n",
+            "  embedding: {parallelism: 8, resources: {limits: {memory: 4Gi}}}\n",
+            "  deletionPolicy: Delete\n",
+        ] {
+            assert_eq!(embedding_hash(&sample(same), &resolved(true)), base, "{same}");
+        }
+        for other in [
+            "  embedding: {batchSize: 32}\n",
+            "  embedding: {precision: int8}\n",
+            "  embedding: {modelUri: /models/other.onnx}\n",
+            "  embedding: {image: my/embed:2}\n",
+        ] {
+            assert_ne!(embedding_hash(&sample(other), &resolved(true)), base, "{other}");
+        }
+        let mut ivf = sample("");
+        ivf.spec.milvus.index.kind = crate::core::IndexKind::IvfFlat;
+        assert_ne!(embedding_hash(&ivf, &resolved(true)), base);
+        let mut moved = sample("");
+        moved.spec.source.url = "s3://bucket/elsewhere/".into();
+        assert_ne!(embedding_hash(&moved, &resolved(true)), base);
+        let elsewhere = Resolved { collection: "other".into(), ..resolved(true) };
+        assert_ne!(embedding_hash(&sample(""), &elsewhere), base);
     }
 
     #[test]

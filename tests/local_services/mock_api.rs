@@ -267,6 +267,29 @@ fn live_cluster() -> Cluster {
         .secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")}))
 }
 
+/// The Job the controller applied, as the Job controller leaves it once it completes.
+fn completed(applied: &Value) -> Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut j = applied.clone();
+    j["metadata"]["creationTimestamp"] = json!("2026-11-24T00:00:00Z");
+    j["status"] = json!({"succeeded": 1, "completionTime": now,
+        "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": now}]});
+    j
+}
+
+/// The embedding hash the controller gives a Job for `spec` (see `builders::embedding_hash`).
+fn embedding_of(spec: &Value) -> String {
+    use imageindex::controller::builders::{Resolved, embedding_hash};
+    let ii = imageindex(spec.clone(), false);
+    let resolved = Resolved {
+        milvus_url: imageindex::controller::reconcile::validate::address(spec["milvus"]["address"].as_str().unwrap()),
+        collection: ii.collection(),
+        default_image: String::new(),
+        indexed_jobs: true,
+    };
+    embedding_hash(&ii, &resolved)
+}
+
 fn job(name: &str, generation: i64, condition: Option<(&str, &str)>) -> Value {
     let conditions: Vec<Value> = condition
         .map(|(t, msg)| json!({"type": t, "status": "True", "message": msg, "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}))
@@ -277,6 +300,13 @@ fn job(name: &str, generation: i64, condition: Option<(&str, &str)>) -> Value {
         "spec": {"completions": 1, "template": {"spec": {"containers": []}}},
         "status": {"succeeded": if conditions.iter().any(|c| c["type"] == "Complete") { 1 } else { 0 },
                    "completionTime": conditions.first().map(|c| c["lastTransitionTime"].clone()), "conditions": conditions}})
+}
+
+/// A Job the controller made for `spec`, failed.
+fn failed_job(spec: &Value, why: &str) -> Value {
+    let mut j = job("photos-embed-1", 2, Some(("Failed", why)));
+    j["metadata"]["annotations"]["imageindex.dev/embedding"] = json!(embedding_of(spec));
+    j
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -332,14 +362,35 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     // As the Job does: for the ImageIndex that owns the collection.
     let as_job = SyncOptions { owner: imageindex(live_spec(&fx), false).owner(), ..Default::default() };
     sync(&backends, model(), &as_job).await.unwrap();
-    let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, Some(("Complete", "")))], ..live_cluster() };
+    let done = completed(&applied_job.body);
+    let cluster = Cluster { jobs: vec![done.clone()], ..live_cluster() };
     let (action, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
     let st = written(&calls);
     assert_eq!(st.phase, Some(Phase::Ready), "{:?}", st.conditions);
     assert_eq!(reason(&st, "Indexed"), pair("True", "UpToDate"));
     assert_eq!((st.images.indexed, st.images.pending, st.synced_generation), (1, 0, Some(2)));
+    assert_eq!(st.synced_embedding.as_deref(), done["metadata"]["annotations"]["imageindex.dev/embedding"].as_str());
     assert!(requeues(&action), "resyncs on the interval");
     assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no new Job when nothing changed");
+
+    // An edit that changes no vector (search replicas: generation 3) starts no Job; before,
+    // every new generation started a full one. One that does (the batch size) starts one.
+    let edited = |spec: Value| {
+        let mut ii = imageindex(spec, false);
+        ii.metadata.generation = Some(3);
+        ii.status = Some(st.clone());
+        ii
+    };
+    let cluster = Cluster { jobs: vec![done.clone()], ..live_cluster() };
+    let mut spec = live_spec(&fx);
+    spec["search"] = json!({"replicas": 3});
+    let (_, calls) = run(edited(spec), cluster.clone()).await;
+    assert_eq!(reason(&written(&calls), "Indexed"), pair("True", "UpToDate"));
+    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a replicas edit started a Job");
+    let mut spec = live_spec(&fx);
+    spec["embedding"]["batchSize"] = json!(4);
+    let (_, calls) = run(edited(spec), cluster).await;
+    assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.contains("/jobs/")), "a batch size edit");
 
     // The precision changed on a collection of fp32 vectors: refused, said so, no Job.
     let mut spec = live_spec(&fx);
@@ -367,8 +418,7 @@ async fn running_failed_jobs_and_scaled_to_zero() {
     // The latest Job failed for this generation: JobFailed, Degraded, no retry before the resync.
     let mut spec = live_spec(&fx);
     spec["search"] = json!({"replicas": 0});
-    let cluster =
-        Cluster { jobs: vec![job("photos-embed-1", 2, Some(("Failed", "BackoffLimitExceeded")))], ..live_cluster() };
+    let cluster = Cluster { jobs: vec![failed_job(&spec, "BackoffLimitExceeded")], ..live_cluster() };
     let (_, calls) = run(imageindex(spec, false), cluster).await;
     let st = written(&calls);
     assert_eq!(reason(&st, "Indexed"), pair("False", "JobFailed"));

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::controller::builders::GENERATION;
+use crate::controller::builders::{EMBEDDING, GENERATION};
 
 /// A Job as the decision needs it.
 #[derive(Clone, Debug, PartialEq)]
@@ -16,6 +16,9 @@ pub struct JobView {
     pub name: String,
     /// The spec generation it was created for.
     pub generation: i64,
+    /// The embedding hash it was created for (`builders::embedding_hash`); None on Jobs made
+    /// before Jobs carried one.
+    pub embedding: Option<String>,
     pub created: Option<Timestamp>,
     pub finished: Option<Time>,
     pub completions: i32,
@@ -43,6 +46,7 @@ impl JobView {
         Self {
             name: j.name_any(),
             generation: j.annotations().get(GENERATION).and_then(|g| g.parse().ok()).unwrap_or_default(),
+            embedding: j.annotations().get(EMBEDDING).cloned(),
             created: j.metadata.creation_timestamp.as_ref().map(|t| t.0),
             finished,
             completions: j.spec.as_ref().and_then(|s| s.completions).unwrap_or(1),
@@ -70,8 +74,9 @@ pub struct Diff {
 pub struct Inputs<'a> {
     pub jobs: &'a [JobView],
     pub generation: i64,
-    /// The generation the last successful Job indexed.
-    pub synced_generation: Option<i64>,
+    /// The embedding hash of the spec now, and the one the last successful Job indexed.
+    pub embedding: &'a str,
+    pub synced_embedding: Option<&'a str>,
     pub resync: Duration,
     pub diff: Option<&'a Diff>,
     pub now: Timestamp,
@@ -81,7 +86,8 @@ pub struct Inputs<'a> {
 pub enum JobDecision {
     /// A Job runs: never a second one.
     Running { name: String, succeeded: i32, completions: i32 },
-    /// The latest Job failed for this spec within the resync interval: wait the rest of it.
+    /// The latest Job failed for these embedding settings within the resync interval: wait the
+    /// rest of it.
     FailedRecently { name: String, why: String, retry_in: Duration },
     /// No recent diff holds: list the bucket and decide again.
     Diff,
@@ -109,7 +115,7 @@ pub fn decide(i: &Inputs) -> JobDecision {
     let latest = latest_done(i.jobs);
     if let Some(j) = latest
         && let JobState::Failed(why) = &j.state
-        && j.generation == i.generation
+        && j.embedding.as_deref() == Some(i.embedding)
         && let Some(finished) = &j.finished
         && age(finished, i.now) < i.resync
     {
@@ -125,8 +131,8 @@ pub fn decide(i: &Inputs) -> JobDecision {
     let Some(diff) = i.diff.filter(holds) else { return JobDecision::Diff };
     if let Some(why) = &diff.refused {
         JobDecision::DeletionRefused { why: why.clone() }
-    } else if i.synced_generation != Some(i.generation) {
-        JobDecision::Create { why: format!("spec generation {} not indexed yet", i.generation) }
+    } else if i.synced_embedding != Some(i.embedding) {
+        JobDecision::Create { why: format!("embedding settings {} not indexed yet", i.embedding) }
     } else if diff.pending > 0 {
         JobDecision::Create { why: format!("{} objects new, changed or deleted", diff.pending) }
     } else {
@@ -144,10 +150,12 @@ mod tests {
         Timestamp::from_second(NOW - secs_ago).unwrap()
     }
 
+    /// A Job for the embedding settings `h<generation>`.
     fn job(name: &str, generation: i64, state: JobState, finished_ago: Option<i64>) -> JobView {
         JobView {
             name: name.into(),
             generation,
+            embedding: Some(format!("h{generation}")),
             created: Some(at(3600)),
             finished: finished_ago.map(|s| Time(at(s))),
             completions: 2,
@@ -167,11 +175,14 @@ mod tests {
         }
     }
 
+    /// Spec generation 3, embedding settings `h3`; `synced`: the settings of the last success.
     fn decide_with(jobs: &[JobView], synced: Option<i64>, d: Option<&Diff>) -> JobDecision {
+        let synced = synced.map(|g| format!("h{g}"));
         decide(&Inputs {
             jobs,
             generation: 3,
-            synced_generation: synced,
+            embedding: "h3",
+            synced_embedding: synced.as_deref(),
             resync: Duration::from_secs(600),
             diff: d,
             now: at(0),
@@ -218,11 +229,32 @@ mod tests {
         let d = decide_with(&done, Some(3), Some(&diff(5, Some("j1"), 4)));
         assert_eq!(d, JobDecision::Create { why: "4 objects new, changed or deleted".into() });
         let d = decide_with(&done, Some(2), Some(&diff(5, Some("j1"), 0)));
-        assert_eq!(d, JobDecision::Create { why: "spec generation 3 not indexed yet".into() });
+        assert_eq!(d, JobDecision::Create { why: "embedding settings h3 not indexed yet".into() });
         assert_eq!(
             decide_with(&[], None, Some(&diff(5, None, 0))),
-            JobDecision::Create { why: "spec generation 3 not indexed yet".into() }
+            JobDecision::Create { why: "embedding settings h3 not indexed yet".into() }
         );
+    }
+
+    /// A spec edit that leaves the embedding settings alone (search replicas: generation 4, the
+    /// same hash) starts no Job; before, every new generation did.
+    #[test]
+    fn an_edit_that_changes_no_vector_starts_no_job() {
+        let done = [job("j1", 3, JobState::Succeeded, Some(50))];
+        let d = Diff { generation: 4, ..diff(5, Some("j1"), 0) };
+        let inputs = Inputs {
+            jobs: &done,
+            generation: 4,
+            embedding: "h3",
+            synced_embedding: Some("h3"),
+            resync: Duration::from_secs(600),
+            diff: Some(&d),
+            now: at(0),
+        };
+        assert_eq!(decide(&inputs), JobDecision::UpToDate { discovered: 10 });
+        // A failed Job for the same settings waits out the interval across such edits too.
+        let failed = [job("j1", 3, JobState::Failed("x".into()), Some(100))];
+        assert!(matches!(decide(&Inputs { jobs: &failed, ..inputs }), JobDecision::FailedRecently { .. }));
     }
 
     #[test]

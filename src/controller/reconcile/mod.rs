@@ -177,14 +177,18 @@ async fn embedding(
     let latest = jobs::latest_done(&jobs);
     if let Some(j) = latest.filter(|j| j.state == JobState::Succeeded && status.last_sync_time != j.finished) {
         status.synced_generation = Some(j.generation.max(status.synced_generation.unwrap_or_default()));
+        status.synced_embedding = j.embedding.clone();
         status.last_sync_time = j.finished.clone();
         apply::publish(ctx, image_index, EventType::Normal, "Indexed", format!("Job {} completed", j.name)).await;
     }
     let generation = image_index.metadata.generation.unwrap_or_default();
+    let embedding = builders::embedding_hash(image_index, resolved);
+    let synced = status.synced_embedding.clone();
     let inputs = |diff| Inputs {
         jobs: &jobs,
         generation,
-        synced_generation: status.synced_generation,
+        embedding: &embedding,
+        synced_embedding: synced.as_deref(),
         resync: spec.resync,
         diff,
         now: Timestamp::now(),
