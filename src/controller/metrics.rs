@@ -20,6 +20,7 @@ pub struct Metrics {
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
     leading: Gauge,
+    connects: Counter,
 }
 
 impl Default for Metrics {
@@ -34,7 +35,13 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Time per reconcile", duration.clone());
         let leading = Gauge::default();
         registry.register("leading", "1 while this replica holds the lease and reconciles", leading.clone());
-        Self { registry, reconciles, failures, duration, leading }
+        let connects = Counter::default();
+        registry.register(
+            "backend_connects",
+            "Times the controller connected an ImageIndex's Milvus and catalog afresh (kept between reconciles)",
+            connects.clone(),
+        );
+        Self { registry, reconciles, failures, duration, leading, connects }
     }
 }
 
@@ -45,6 +52,10 @@ impl Metrics {
         if let Some(e) = error {
             self.failures.get_or_create(&ErrorLabels { error: e.to_string() }).inc();
         }
+    }
+
+    pub fn connected(&self) {
+        self.connects.inc();
     }
 
     pub fn set_leading(&self, leading: bool) {

@@ -22,8 +22,8 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, ListParams};
 use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use tracing::{error, info, warn};
@@ -132,7 +132,16 @@ async fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIn
     }
     // Only what we made: the owned objects carry our managed-by label.
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=imageindex-operator");
-    let controller = Controller::new(api::<ImageIndex>(client, namespace), watcher::Config::default());
+    // The ImageIndexes, with what changes only in their status filtered out: our own status
+    // writes would wake the controller again, back to back while a Job makes progress. The store
+    // still sees every change.
+    let (reader, writer) = reflector::store();
+    let image_indexes = watcher(api::<ImageIndex>(client, namespace), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(wakes, Default::default());
+    let controller = Controller::for_stream(image_indexes, reader);
     let store = controller.store();
     let by_secret = store.clone();
     let controller = controller
@@ -169,6 +178,17 @@ async fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIn
             .map(|image_index| ObjectRef::from_obj(&*image_index))
             .collect::<Vec<_>>()
     })
+}
+
+/// What of an ImageIndex wakes the reconciler: its spec (generation), its finalizers, its
+/// deletion and its annotations; not its status. Objects not seen before always pass.
+fn wakes(image_index: &ImageIndex) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = &image_index.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (meta.generation, &meta.finalizers, meta.deletion_timestamp.as_ref().map(|t| t.0.as_second()), &meta.annotations)
+        .hash(&mut h);
+    Some(h.finish())
 }
 
 async fn sigterm() {
@@ -227,6 +247,37 @@ async fn serve_metrics(listen: SocketAddr, metrics: Arc<metrics::Metrics>, leadi
             }
         }
         Err(e) => error!(error = %e, %listen, "cannot listen for /metrics"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_write_does_not_wake_the_reconciler() {
+        let mut ii: ImageIndex = serde_yaml::from_str(
+            "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\nmetadata: {name: p, namespace: s, generation: 1}\n\
+             spec: {source: {url: 's3://b/p/'}, milvus: {address: 'm:19530'}, mysql: {secretRef: {name: db}}}",
+        )
+        .unwrap();
+        let before = wakes(&ii);
+        ii.status = Some(crate::crd::ImageIndexStatus { current_job: Some("j".into()), ..Default::default() });
+        ii.metadata.resource_version = Some("8".into());
+        assert_eq!(wakes(&ii), before, "status only");
+        for change in [
+            |ii: &mut ImageIndex| ii.metadata.generation = Some(2),
+            |ii: &mut ImageIndex| ii.metadata.finalizers = Some(vec!["imageindex.dev/cleanup".into()]),
+            |ii: &mut ImageIndex| {
+                ii.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()))
+            },
+            |ii: &mut ImageIndex| ii.metadata.annotations = Some([("imageindex.dev/resync".into(), "1".into())].into()),
+        ] {
+            let mut changed = ii.clone();
+            change(&mut changed);
+            assert_ne!(wakes(&changed), before);
+        }
     }
 }
 

@@ -137,6 +137,11 @@ impl Catalog {
         Ok(Self { pool, collection: collection.to_string(), model: model.to_string() })
     }
 
+    /// The same MySQL (pool, migrations applied) for another collection and model.
+    pub fn scoped(&self, collection: &str, model: &str) -> Self {
+        Self { pool: self.pool.clone(), collection: collection.to_string(), model: model.to_string() }
+    }
+
     /// Every entry of this collection whose id falls in `shard` of `shards` (id mod shards).
     pub async fn entries(&self, shard: u32, shards: u32) -> Result<HashMap<String, Entry>> {
         let rows = sqlx::query(select_entries!("collection = ? AND MOD(id, ?) = ?"))

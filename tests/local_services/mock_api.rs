@@ -336,6 +336,7 @@ async fn happy_path_creates_a_job_then_reports_ready() {
 
     // No Job yet, one new object: a Job is applied, the search objects too.
     let (ctx, log) = controller(live_cluster());
+    let ctx_metrics = ctx.metrics.clone();
     reconcile(Arc::new(imageindex(live_spec(&fx), false)), ctx.clone()).await.unwrap();
     let calls = std::mem::take(&mut *log.lock().unwrap());
     let st = written(&calls);
@@ -351,6 +352,10 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     assert_eq!((st2.phase, st2.current_job.clone()), (Some(Phase::Indexing), st.current_job.clone()));
     assert_eq!((st2.images.discovered, st2.images.pending), (1, 1));
     assert!(!again.iter().any(|c| c.method == Method::PATCH && c.path.contains("/jobs/")), "one Job at a time");
+    // The second reconcile used the first one's Milvus channel and MySQL pool (before, each
+    // reconcile connected, migrated and loaded the collection afresh).
+    let metrics = ctx_metrics.encode();
+    assert!(metrics.contains("imageindex_controller_backend_connects_total 1\n"), "{metrics}");
     let applied: Vec<&Call> = calls.iter().filter(|c| c.method == Method::PATCH).collect();
     let applied_job = applied.iter().find(|c| c.path.contains("/jobs/")).expect("a Job applied");
     assert_eq!(applied_job.body["spec"]["completionMode"], "Indexed");

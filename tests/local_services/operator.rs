@@ -121,6 +121,14 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
             fx.source.put(images.last().unwrap(), std::fs::read(&path).unwrap().into()).await.unwrap();
         }
     }
+    // And 200 photos, so that the Job runs long enough to count the reconciles during it.
+    let photos = std::path::Path::new(&env("IMAGEINDEX_PARITY_PHOTOS")).join("photos");
+    let mut names: Vec<_> = std::fs::read_dir(&photos).unwrap().map(|f| f.unwrap().path()).collect();
+    names.sort();
+    for path in names.iter().take(200) {
+        images.push(format!("photos/{}", path.file_name().unwrap().to_string_lossy()));
+        fx.source.put(images.last().unwrap(), std::fs::read(path).unwrap().into()).await.unwrap();
+    }
     let rocket = std::fs::read(fixtures.join("rocket.jpg")).unwrap();
     fx.source.put("broken/truncated.jpg", rocket[..rocket.len() / 2].to_vec().into()).await.unwrap();
     let (good, all) = (images.len() as u64, images.len() as u64 + 1);
@@ -243,6 +251,18 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     let deployment = Api::<Deployment>::namespaced(admin.clone(), &ns).get("photos-search").await.unwrap();
     Api::<Service>::namespaced(admin.clone(), &ns).get("photos-search").await.unwrap();
 
+    // Reconciles while the Job runs, from the leader's /metrics (the figure issue 16 asks for).
+    let reconciles = || {
+        let http = http.clone();
+        async move {
+            let text = http.get(format!("http://127.0.0.1:{leader_port}/metrics")).send().await.unwrap();
+            let text = text.text().await.unwrap();
+            let line = text.lines().find(|l| l.starts_with("imageindex_controller_reconciles_total "));
+            line.and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()).unwrap() as u64
+        }
+    };
+    let (job_started, reconciles_before) = (Instant::now(), reconciles().await);
+
     // The kubelet's part for the Job: its command, its env, JOB_COMPLETION_INDEX per completion.
     let job_env = pod_env(&secrets, &container).await;
     for index in 0..job_spec.completions.unwrap() {
@@ -252,6 +272,15 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!((summary["indexed"].as_u64(), summary["failed"].as_u64()), (Some(good), Some(1)), "{summary}");
     }
+    // The Job's rows are written; the controller sees its progress for a few seconds more.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = reconciles().await - reconciles_before;
+    let secs = job_started.elapsed().as_secs_f64();
+    let figure = format!(
+        "reconciles while the Job ran: {during} in {secs:.1} s ({:.0} per minute)\n",
+        during as f64 * 60.0 / secs
+    );
+    print!("{figure}");
     let now = Timestamp::now().to_string();
     let done = json!({"status": {"startTime": now, "completionTime": now, "succeeded": job_spec.completions,
         "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": now, "lastTransitionTime": now}]}});
@@ -291,6 +320,9 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
         ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Ready) && s.images.indexed == good)
     })
     .await;
+    let total = format!("reconciles from the first to Ready: {}\n", reconciles().await);
+    print!("{total}");
+    std::fs::write(artifacts().join("reconciles.txt"), figure + &total).unwrap();
     let status = ii.status.clone().unwrap();
     assert_eq!((status.images.discovered, status.images.failed, status.images.pending), (all, 1, 0));
     assert_eq!(status.observed_generation, ii.metadata.generation);

@@ -3,8 +3,10 @@
 //! is not ready is a condition, not an error.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::context::{Connected, Context};
 use super::validate::Ready;
 use crate::controller::status::{COLLECTION_READY, MILVUS_READY, Observed, reason};
 use crate::core::{ModelId, Redacted};
@@ -52,46 +54,80 @@ fn not_ready(e: &Error) -> Observed {
     }
 }
 
+/// How long a collection ensured in full (claim, schema, index, load, model) is trusted; in
+/// between, a reconcile only asks Milvus whether it is still loaded.
+const ENSURE_EVERY: Duration = Duration::from_secs(300);
+
 /// The collection made (or checked), its index and load; the catalog migrated and the collection
 /// claimed for this ImageIndex. On success, the catalog and the two conditions that hold;
 /// otherwise the conditions that say why.
+///
+/// The connections are kept between reconciles (one Milvus channel per ImageIndex, one MySQL pool
+/// per MySQL, migrated once), and the full ensure runs when they are new or every
+/// `ENSURE_EVERY`; before, every reconcile connected, migrated and loaded afresh.
 pub async fn ensure(
     image_index: &ImageIndex,
     ready: &Ready,
-    timeout: Duration,
+    ctx: &Context,
 ) -> Result<(Catalog, Vec<Observed>), Vec<Observed>> {
+    let key = super::object_key(image_index);
+    let timeout = ctx.settings.io_timeout;
     let url = &ready.milvus_url;
     let model = model_id(image_index);
     let milvus = milvus_config(image_index, url.clone(), ready.milvus_token.clone());
+    let milvus_ready = Observed::yes(MILVUS_READY, reason::READY, format!("Milvus at {url}"));
+    let collection_ready = Observed::yes(
+        COLLECTION_READY,
+        reason::READY,
+        format!("collection {} loaded; catalog tables migrated", milvus.collection),
+    );
+    let fingerprint = fingerprint(&milvus, ready, &model, &image_index.owner());
+    let cached = ctx.memo(&key).connected.filter(|c| c.fingerprint == fingerprint);
+    if let Some(c) = cached.filter(|c| c.ensured.elapsed() < ENSURE_EVERY) {
+        match within(timeout, c.index.vectors.ready()).await {
+            Ok(()) => return Ok((c.index.catalog.clone(), vec![milvus_ready, collection_ready])),
+            // Dropped outside, unloaded, or the channel broke: connect and ensure afresh.
+            Err(e) => tracing::info!(collection = %milvus.collection, "reconnecting: {e}"),
+        }
+    }
+    ctx.set_memo(&key, |m| m.connected = None);
+    ctx.metrics.connected();
     let vectors = match within(timeout, VectorStore::connect(&milvus)).await {
         Ok(v) => v,
         Err(e) => return Err(vec![Observed::no(MILVUS_READY, reason::MILVUS_UNAVAILABLE, format!("{url}: {e}"))]),
     };
-    let milvus_ready = Observed::yes(MILVUS_READY, reason::READY, format!("Milvus at {url}"));
     let model_name = model.to_string();
-    let catalog = match within(timeout, Catalog::connect(ready.mysql_url.expose(), &milvus.collection, &model_name))
-        .await
-    {
+    let catalog = match within(timeout, ctx.catalog(ready.mysql_url.expose(), &milvus.collection, &model_name)).await {
         Ok(c) => c,
         Err(e) => {
             return Err(vec![milvus_ready, Observed::no(COLLECTION_READY, reason::MYSQL_UNAVAILABLE, e.to_string())]);
         }
     };
-    let index = Index { vectors, catalog };
+    let index = Arc::new(Index { vectors, catalog });
     match within(timeout, index.ensure(DIM, &model, false, &image_index.owner())).await {
-        Ok(_) => Ok((
-            index.catalog,
-            vec![
-                milvus_ready,
-                Observed::yes(
-                    COLLECTION_READY,
-                    reason::READY,
-                    format!("collection {} loaded; catalog tables migrated", milvus.collection),
-                ),
-            ],
-        )),
+        Ok(_) => {
+            let connected = Arc::new(Connected { fingerprint, index: index.clone(), ensured: Instant::now() });
+            ctx.set_memo(&key, |m| m.connected = Some(connected));
+            Ok((index.catalog.clone(), vec![milvus_ready, collection_ready]))
+        }
         Err(e) => Err(vec![milvus_ready, not_ready(&e)]),
     }
+}
+
+/// What the connections were made for, hashed (the credentials are in it: never kept in clear).
+fn fingerprint(milvus: &MilvusConfig, ready: &Ready, model: &ModelId, owner: &str) -> String {
+    use sha2::Digest;
+    let token = milvus.token.as_ref().map(|t| t.expose().to_string());
+    let parts = serde_json::json!([
+        milvus.url,
+        token,
+        milvus.collection,
+        milvus.index.as_str(),
+        ready.mysql_url.expose(),
+        model.to_string(),
+        owner
+    ]);
+    sha2::Sha256::digest(parts.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What listing the bucket against the catalog found.

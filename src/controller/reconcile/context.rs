@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kube::Client;
 use kube::runtime::controller::Action;
@@ -11,6 +11,7 @@ use kube::runtime::events::Recorder;
 
 use super::jobs::Diff;
 use crate::controller::metrics::Metrics;
+use crate::store::{Catalog, Index};
 
 /// Operator-wide settings.
 #[derive(Clone, Debug)]
@@ -31,6 +32,20 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     memo: Mutex<HashMap<String, Memo>>,
+    /// One pool per MySQL (keyed by a hash of its URL), migrated when first connected: every
+    /// ImageIndex on that MySQL shares it.
+    catalogs: tokio::sync::Mutex<HashMap<String, Catalog>>,
+}
+
+/// An ImageIndex's backends, connected and ensured, kept between reconciles (see
+/// `backends::ensure`): the Milvus channel, the catalog scoped to its collection, and when the
+/// collection was last ensured in full.
+pub(super) struct Connected {
+    /// A hash of what they were connected for (addresses, credentials, collection, model, owner):
+    /// any change connects afresh.
+    pub fingerprint: String,
+    pub index: Arc<Index>,
+    pub ensured: Instant,
 }
 
 /// Per-ImageIndex memory between reconciles: the last bucket diff (listing is the expensive part,
@@ -39,11 +54,37 @@ pub struct Context {
 pub(super) struct Memo {
     pub diff: Option<Diff>,
     pub retries: u32,
+    pub connected: Option<Arc<Connected>>,
 }
 
 impl Context {
     pub fn new(client: Client, settings: Settings, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
-        Self { client, settings, recorder, metrics, memo: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            settings,
+            recorder,
+            metrics,
+            memo: Mutex::new(HashMap::new()),
+            catalogs: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The catalog on `url` for `collection`: the shared pool, connected and migrated once.
+    pub(super) async fn catalog(&self, url: &str, collection: &str, model: &str) -> crate::store::Result<Catalog> {
+        use sha2::Digest;
+        let key: String = sha2::Sha256::digest(url.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let mut catalogs = self.catalogs.lock().await;
+        if let Some(c) = catalogs.get(&key) {
+            return Ok(c.scoped(collection, model));
+        }
+        let c = Catalog::connect(url, collection, model).await?;
+        catalogs.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Forgets an ImageIndex: its memo and its connections (on deletion).
+    pub(super) fn forget(&self, key: &str) {
+        self.memo.lock().expect("memo lock").remove(key);
     }
 
     pub(super) fn memo(&self, key: &str) -> Memo {

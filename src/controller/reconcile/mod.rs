@@ -101,7 +101,10 @@ pub async fn reconcile(image_index: Arc<ImageIndex>, ctx: Arc<Context>) -> Resul
     let result = finalizer(&api, FINALIZER, image_index, |event| async {
         match event {
             Finalizer::Apply(image_index) => apply(&image_index, &ctx).await,
-            Finalizer::Cleanup(image_index) => Ok(cleanup::cleanup(&image_index, &ctx).await?),
+            Finalizer::Cleanup(image_index) => {
+                ctx.forget(&object_key(&image_index));
+                Ok(cleanup::cleanup(&image_index, &ctx).await?)
+            }
         }
     })
     .await
@@ -136,8 +139,7 @@ async fn steps(
     let spec = validate::validate(image_index).map_err(|msg| Halt::Invalid(validate::invalid(&msg)))?;
     let refs = dereference::dereference(image_index, &spec, &ctx.client).await?;
     let ready = validate::ready(&refs).map_err(Halt::Blocked)?;
-    let (catalog, mut observed) =
-        backends::ensure(image_index, &ready, ctx.settings.io_timeout).await.map_err(Halt::Blocked)?;
+    let (catalog, mut observed) = backends::ensure(image_index, &ready, ctx).await.map_err(Halt::Blocked)?;
     status.collection = Some(image_index.collection());
     let resolved = Resolved {
         milvus_url: ready.milvus_url,
@@ -183,7 +185,11 @@ async fn embedding(
     }
     let generation = image_index.metadata.generation.unwrap_or_default();
     let embedding = builders::embedding_hash(image_index, resolved);
-    let synced = status.synced_embedding.clone();
+    // The status's record, else the last successful Job's own (an apiserver still serving an
+    // older CRD prunes the status field; the Jobs keep their annotations).
+    let synced = status.synced_embedding.clone().or_else(|| {
+        jobs.iter().filter(|j| j.state == JobState::Succeeded).max_by_key(|j| j.created)?.embedding.clone()
+    });
     let inputs = |diff| Inputs {
         jobs: &jobs,
         generation,
