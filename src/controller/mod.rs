@@ -250,6 +250,22 @@ async fn serve_metrics(listen: SocketAddr, metrics: Arc<metrics::Metrics>, leadi
     }
 }
 
+/// What `/readyz` says: 200 either way.
+fn role(leading: bool) -> &'static str {
+    if leading { "leading" } else { "standby" }
+}
+
+/// Whether the server runs Indexed Jobs (GA in 1.24; 1.20, the apiserver we can build here, does not).
+pub async fn indexed_jobs_supported(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(v) => {
+            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+            v.major == "1" && minor >= 24
+        }
+        Err(_) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,21 +294,5 @@ mod tests {
             change(&mut changed);
             assert_ne!(wakes(&changed), before);
         }
-    }
-}
-
-/// What `/readyz` says: 200 either way.
-fn role(leading: bool) -> &'static str {
-    if leading { "leading" } else { "standby" }
-}
-
-/// Whether the server runs Indexed Jobs (GA in 1.24; 1.20, the apiserver we can build here, does not).
-pub async fn indexed_jobs_supported(client: &Client) -> bool {
-    match client.apiserver_version().await {
-        Ok(v) => {
-            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
-            v.major == "1" && minor >= 24
-        }
-        Err(_) => true,
     }
 }
