@@ -37,6 +37,8 @@ pub mod reason {
     pub const AVAILABLE: &str = "Available";
     pub const UNAVAILABLE: &str = "Unavailable";
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+    /// The Kubernetes API refused or failed a call the reconcile needed (RBAC, a 5xx, a timeout).
+    pub const KUBERNETES_API_ERROR: &str = "KubernetesAPIError";
 
     const ALL: &[&str] = &[
         READY,
@@ -59,6 +61,7 @@ pub mod reason {
         AVAILABLE,
         UNAVAILABLE,
         SCALED_TO_ZERO,
+        KUBERNETES_API_ERROR,
     ];
 
     /// The reason among these that `r` is (conditions read back from the API hold Strings).
@@ -104,7 +107,10 @@ pub fn merge(old: &[Condition], observed: &[Observed], generation: Option<i64>, 
         Some(c) => Some((c.reason.clone(), format!("{t}: {}", c.message))),
         None => Some((reason::WAITING.to_string(), format!("{t}: not observed yet"))),
     });
+    // A reconcile that stopped on an API error says so here, whatever the others last said.
+    let failed = observed.iter().find(|o| o.type_ == READY).cloned();
     let ready = match &blocking {
+        _ if failed.is_some() => failed.expect("checked"),
         None => Observed::yes(READY, reason::READY, "searchable and up to date"),
         Some((why, message)) => {
             Observed { type_: READY, ok: Some(false), reason: reason::known(why), message: message.clone() }

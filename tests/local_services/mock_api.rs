@@ -24,6 +24,8 @@ use imageindex::sync::{SyncOptions, sync};
 /// What the fake apiserver holds.
 #[derive(Clone, Default)]
 struct Cluster {
+    /// Paths containing one of these are refused with 403, as RBAC would.
+    forbidden: Vec<&'static str>,
     secrets: BTreeMap<String, Value>,
     milvus: Option<Value>,
     jobs: Vec<Value>,
@@ -60,6 +62,13 @@ impl Cluster {
 
     fn answer(&mut self, method: &Method, path: &str, body: &Value) -> (u16, Value) {
         let last = path.rsplit('/').next().unwrap_or_default();
+        if self.forbidden.iter().any(|f| path.contains(f)) {
+            let msg = format!("{path} is forbidden: User \"system:serviceaccount:x:y\" cannot get resource");
+            return (
+                403,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": msg}),
+            );
+        }
         match (method.as_str(), path) {
             ("GET", p) if p.contains("/secrets/") => {
                 self.secrets.get(last).cloned().map(|s| (200, s)).unwrap_or_else(|| not_found(p))
@@ -233,6 +242,21 @@ async fn a_ready_milvus_ref_resolves_to_its_endpoint() {
     let msg = &st.conditions.iter().find(|c| c.type_ == "MilvusReady").unwrap().message;
     assert!(msg.contains("http://127.0.0.1:1"), "{msg}");
     assert!(requeues(&action));
+}
+
+/// A Kubernetes API failure (here RBAC refusing the Secret) is on the resource: Ready=False,
+/// KubernetesAPIError, with the API's message. Before, the reconcile returned before its status
+/// write, and only the logs knew.
+#[tokio::test]
+async fn api_errors_reach_the_status() {
+    let cluster = Cluster { forbidden: vec!["/secrets/"], ..Default::default() };
+    let (ctx, log) = controller(cluster);
+    let failed = reconcile(Arc::new(imageindex(sample_spec(), false)), ctx).await;
+    assert!(failed.is_err(), "still an error, for the backoff");
+    let st = written(&log.lock().unwrap());
+    assert_eq!(reason(&st, "Ready"), pair("False", "KubernetesAPIError"));
+    let msg = &st.conditions.iter().find(|c| c.type_ == "Ready").unwrap().message;
+    assert!(msg.contains("forbidden"), "{msg}");
 }
 
 #[tokio::test]

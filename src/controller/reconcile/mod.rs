@@ -36,7 +36,7 @@ use jobs::{Diff, Inputs, JobDecision, JobState};
 use validate::ValidSpec;
 
 use super::builders::{self, Resolved};
-use super::status::{INDEXED, Observed, reason};
+use super::status::{INDEXED, Observed, READY, reason};
 use crate::crd::{ImageIndex, ImageIndexStatus};
 use crate::store::Catalog;
 
@@ -121,7 +121,16 @@ async fn apply(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error>
         Ok((observed, action)) => (observed, action, true),
         Err(Halt::Invalid(observed)) => (observed, Action::await_change(), true),
         Err(Halt::Blocked(observed)) => (observed, ctx.backoff(&key), false),
-        Err(Halt::Error(e)) => return Err(e),
+        Err(Halt::Error(e)) => {
+            // Visible on the resource, not only in the logs (a 403 from missing RBAC, a 5xx);
+            // the error still backs off through `error_policy`. If the status write fails too,
+            // the logs and the failure metric are all there is.
+            let failed = Observed::no(READY, reason::KUBERNETES_API_ERROR, e.to_string());
+            if let Err(w) = update_status::write(image_index, ctx, status, &[failed]).await {
+                warn!(error = %w, "could not write the failure to status");
+            }
+            return Err(e);
+        }
     };
     if settled {
         ctx.set_memo(&key, |m| m.retries = 0);
