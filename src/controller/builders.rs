@@ -50,7 +50,6 @@ pub struct Resolved {
 /// how it runs. An edit to anything else (search replicas, Job resources, parallelism) starts no
 /// Job: it would find nothing to do, after bringing up nodes (GPUs) to find it.
 pub fn embedding_hash(image_index: &ImageIndex, resolved: &Resolved) -> String {
-    use sha2::Digest;
     let (s, e) = (&image_index.spec.source, &image_index.spec.embedding);
     let fields = serde_json::json!([
         s.url,
@@ -64,8 +63,8 @@ pub fn embedding_hash(image_index: &ImageIndex, resolved: &Resolved) -> String {
         e.precision.to_string(),
         e.image,
     ]);
-    let digest = sha2::Sha256::digest(fields.to_string().as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    // 64 bits of SHA-256, as hex: short enough for an annotation and a log line.
+    crate::store::content_hash(fields.to_string().as_bytes())[..16].to_string()
 }
 
 /// Selects the ImageIndex's embedding Jobs.

@@ -102,20 +102,19 @@ pub fn merge(old: &[Condition], observed: &[Observed], generation: Option<i64>, 
             Some(condition(prev, o, generation, now))
         })
         .collect();
-    let blocking = ALL.iter().find_map(|&t| match conds.iter().find(|c| c.type_ == t) {
-        Some(c) if c.status == "True" => None,
-        Some(c) => Some((c.reason.clone(), format!("{t}: {}", c.message))),
-        None => Some((reason::WAITING.to_string(), format!("{t}: not observed yet"))),
-    });
-    // A reconcile that stopped on an API error says so here, whatever the others last said.
-    let failed = observed.iter().find(|o| o.type_ == READY).cloned();
-    let ready = match &blocking {
-        _ if failed.is_some() => failed.expect("checked"),
-        None => Observed::yes(READY, reason::READY, "searchable and up to date"),
-        Some((why, message)) => {
-            Observed { type_: READY, ok: Some(false), reason: reason::known(why), message: message.clone() }
+    // A reconcile that stopped on an API error says so here, whatever the others last said;
+    // otherwise Ready is the first condition that does not hold.
+    let ready = observed.iter().find(|o| o.type_ == READY).cloned().unwrap_or_else(|| {
+        let blocking = ALL.iter().find_map(|&t| match conds.iter().find(|c| c.type_ == t) {
+            Some(c) if c.status == "True" => None,
+            Some(c) => Some((c.reason.clone(), format!("{t}: {}", c.message))),
+            None => Some((reason::WAITING.to_string(), format!("{t}: not observed yet"))),
+        });
+        match blocking {
+            None => Observed::yes(READY, reason::READY, "searchable and up to date"),
+            Some((why, message)) => Observed { type_: READY, ok: Some(false), reason: reason::known(&why), message },
         }
-    };
+    });
     conds.push(condition(old.iter().find(|c| c.type_ == READY), &ready, generation, now));
     conds
 }

@@ -116,7 +116,6 @@ pub async fn ensure(
 
 /// What the connections were made for, hashed (the credentials are in it: never kept in clear).
 fn fingerprint(milvus: &MilvusConfig, ready: &Ready, model: &ModelId, owner: &str) -> String {
-    use sha2::Digest;
     let token = milvus.token.as_ref().map(|t| t.expose().to_string());
     let parts = serde_json::json!([
         milvus.url,
@@ -127,7 +126,7 @@ fn fingerprint(milvus: &MilvusConfig, ready: &Ready, model: &ModelId, owner: &st
         model.to_string(),
         owner
     ]);
-    sha2::Sha256::digest(parts.to_string().as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    store::content_hash(parts.to_string().as_bytes())
 }
 
 /// What listing the bucket against the catalog found.

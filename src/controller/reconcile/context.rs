@@ -71,8 +71,7 @@ impl Context {
 
     /// The catalog on `url` for `collection`: the shared pool, connected and migrated once.
     pub(super) async fn catalog(&self, url: &str, collection: &str, model: &str) -> crate::store::Result<Catalog> {
-        use sha2::Digest;
-        let key: String = sha2::Sha256::digest(url.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let key = crate::store::content_hash(url.as_bytes());
         let mut catalogs = self.catalogs.lock().await;
         if let Some(c) = catalogs.get(&key) {
             return Ok(c.scoped(collection, model));
