@@ -116,6 +116,7 @@ down() {
 
 print_env() {
   echo "export KUBECTL=$KUBECTL"
+  echo "export HELM=$HELM"
   echo "export IMAGEINDEX_TEST_KUBECONFIG=$KDIR/admin.kubeconfig"
   echo "export IMAGEINDEX_TEST_CONTROLLER_KUBECONFIG=$KDIR/controller.kubeconfig"
 }

@@ -19,6 +19,15 @@ use sha2::Digest;
 
 use crate::core::{IndexKind, Precision};
 
+/// Set to `"true"` on an ImageIndex, its deletion keeps the collection and catalog rows as they
+/// are and finishes at once, whatever `deletionPolicy` says (a Milvus or MySQL gone for good).
+pub const SKIP_CLEANUP: &str = "imageindex.dev/skip-cleanup";
+
+/// Set to a new value (a timestamp, say) to resync now: list the bucket at once, and start a Job
+/// if it has work, even within the wait after a failed one. `status.lastHandledResync` echoes
+/// the value once acted on (as Flux's `reconcile.fluxcd.io/requestedAt` does).
+pub const RESYNC: &str = "imageindex.dev/resync";
+
 /// A bucket of images turned into a reverse-image-search service.
 // The printer columns repeat `type_ = ...` by design.
 #[allow(clippy::duplicated_attributes)]
@@ -51,6 +60,10 @@ pub struct ImageIndexSpec {
     /// What deleting the ImageIndex does to the collection and its catalog rows.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Pause indexing: no bucket listing and no new embedding Job (one running finishes); search
+    /// keeps serving what is indexed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 /// Where the images are.
@@ -201,7 +214,8 @@ pub struct EmbeddingSpec {
     pub node_selector: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
-    /// The image for the Jobs (and the search pods); the operator's own image when unset.
+    /// The image for the Jobs (and for the search pods unless `search.image` is set); the
+    /// operator's own image when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// GPU Jobs: a PersistentVolumeClaim that keeps TensorRT's engine and timing caches from one
@@ -246,16 +260,40 @@ pub struct SearchSpec {
     pub replicas: i32,
     #[serde(default)]
     pub service: ServiceSpec,
+    /// The search pods' resources; a `nvidia.com/gpu` (or MIG) limit embeds queries on CUDA,
+    /// otherwise they run on the CPU, whatever the Jobs use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Secret key holding the bearer token for upload and delete; without one they are off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_ref: Option<SecretKeyRef>,
+    /// The image for the search pods; `embedding.image` (then the operator's own) when unset. Set
+    /// it to the CPU image when the Jobs use the CUDA one, which is much larger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The precision the search pods embed queries with; `embedding.precision` when unset. Another
+    /// one (fp16 Jobs on GPUs, fp32 or int8 search on CPUs) lets search query vectors of the Jobs'
+    /// precision: README, "Precision", says how closely they agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
 }
 
 impl Default for SearchSpec {
     fn default() -> Self {
-        Self { replicas: default_replicas(), service: ServiceSpec::default(), resources: None, token_secret_ref: None }
+        Self {
+            replicas: default_replicas(),
+            service: ServiceSpec::default(),
+            resources: None,
+            token_secret_ref: None,
+            image: None,
+            precision: None,
+            node_selector: None,
+            tolerations: None,
+        }
     }
 }
 
@@ -342,6 +380,9 @@ pub struct ImageIndexStatus {
     /// The search Service's URL inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The last `imageindex.dev/resync` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_resync: Option<String>,
 }
 
 /// Objects in the bucket and in the index.
@@ -369,6 +410,10 @@ pub enum Phase {
     Degraded,
     /// The spec cannot work as written; fix it.
     Failed,
+    /// Deleted with `deletionPolicy: Delete`; the `Ready` condition says what the cleanup waits for.
+    Deleting,
+    /// `spec.suspend`: no indexing; search serves what is indexed.
+    Suspended,
 }
 
 impl ImageIndex {

@@ -66,6 +66,7 @@ pub const LEASE_NAME: &str = "IMAGEINDEX_LEASE_NAME";
 pub const POD_NAME: &str = "POD_NAME";
 pub const IO_TIMEOUT: &str = "IMAGEINDEX_IO_TIMEOUT";
 pub const LIST_TIMEOUT: &str = "IMAGEINDEX_LIST_TIMEOUT";
+pub const CLEANUP_TIMEOUT: &str = "IMAGEINDEX_CLEANUP_TIMEOUT";
 
 /// Read by the log filter (`telemetry`), not by a flag.
 pub const LOG: &str = "RUST_LOG";

@@ -32,6 +32,7 @@ const PVC_MOUNT: &str = "/models/pvc";
 /// The non-root user of the image (distroless `nonroot`).
 const UID: i64 = 65532;
 const GPU: &str = "nvidia.com/gpu";
+const MIG: &str = "nvidia.com/mig-";
 const TRT_CACHE: &str = "/var/cache/imageindex/trt";
 
 /// What the reconciler resolved and the cluster can do: inputs besides the ImageIndex itself.
@@ -129,8 +130,31 @@ fn model_location(uri: &str) -> (String, Option<(String, String)>) {
     }
 }
 
+/// A whole GPU (`nvidia.com/gpu`) or a MIG slice of one (`nvidia.com/mig-1g.10gb`).
 fn wants_gpu(resources: Option<&ResourceRequirements>) -> bool {
-    resources.and_then(|requirements| requirements.limits.as_ref()).is_some_and(|l| l.contains_key(GPU))
+    resources
+        .and_then(|requirements| requirements.limits.as_ref())
+        .is_some_and(|l| l.keys().any(|k| k == GPU || k.starts_with(MIG)))
+}
+
+/// Every pod says which device it runs the model on: an image's own default (the CUDA image's
+/// `cuda`) must never decide it, or a search pod on a CPU node fails to start.
+fn device(gpu: bool) -> &'static str {
+    if gpu { "cuda" } else { "cpu" }
+}
+
+/// TensorRT's engines (used where the image has its libraries), kept on a claim if given.
+fn trt_cache(claim: Option<&String>, env: &mut Vec<EnvVar>, volumes: &mut Vec<Volume>, mounts: &mut Vec<VolumeMount>) {
+    env.push(var(env::TRT_CACHE, TRT_CACHE));
+    volumes.push(Volume {
+        name: "trt-cache".into(),
+        persistent_volume_claim: claim
+            .cloned()
+            .map(|claim_name| PersistentVolumeClaimVolumeSource { claim_name, read_only: Some(false) }),
+        empty_dir: claim.is_none().then(EmptyDirVolumeSource::default),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount { name: "trt-cache".into(), mount_path: TRT_CACHE.into(), ..Default::default() });
 }
 
 /// Settings every imageindex pod shares: source, Milvus, catalog, model.
@@ -146,7 +170,6 @@ fn common_env(image_index: &ImageIndex, resolved: &Resolved) -> Vec<EnvVar> {
         var(env::INDEX_TYPE, spec.milvus.index.kind.as_str()),
         secret_env(env::MYSQL_URL, &spec.mysql.secret_ref),
         var(env::MODEL, model),
-        var(env::PRECISION, spec.embedding.precision.to_string()),
         var(env::LOG, "info"),
     ];
     if let Some(ep) = &spec.source.endpoint {
@@ -221,21 +244,25 @@ fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
     pairs.iter().map(|(k, v)| (k.to_string(), Quantity(v.to_string()))).collect()
 }
 
-fn image(image_index: &ImageIndex, resolved: &Resolved) -> String {
+/// The Jobs' image: the spec's, or the operator's own.
+fn embed_image(image_index: &ImageIndex, resolved: &Resolved) -> String {
     image_index.spec.embedding.image.clone().unwrap_or_else(|| resolved.default_image.clone())
 }
 
+/// The search pods' image: their own, else the Jobs' (it carries the model they use).
+fn search_image(image_index: &ImageIndex, resolved: &Resolved) -> String {
+    image_index.spec.search.image.clone().unwrap_or_else(|| embed_image(image_index, resolved))
+}
+
 /// The pod the Job and the Deployment both run: one imageindex container, hardened, with the
-/// image, the source's credentials and the volumes set here once.
+/// source's credentials and the volumes set here once.
 fn pod_template(
     image_index: &ImageIndex,
-    resolved: &Resolved,
     component: &str,
     mut container: Container,
     volumes: Vec<Volume>,
     mounts: Vec<VolumeMount>,
 ) -> PodTemplateSpec {
-    container.image = Some(image(image_index, resolved));
     container.env_from = env_from(image_index);
     container.security_context = Some(container_security());
     container.volume_mounts = Some(mounts);
@@ -262,25 +289,15 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
     env.extend([
         var(env::SHARDS, shards.to_string()),
         var(env::BATCH_SIZE, spec.batch_size.to_string()),
-        var(env::DEVICE, if gpu { "cuda" } else { "cpu" }),
+        var(env::DEVICE, device(gpu)),
+        var(env::PRECISION, spec.precision.to_string()),
         var(env::MAX_DELETE_PERCENT, image_index.spec.source.max_delete_percent.to_string()),
     ]);
     if image_index.spec.source.allow_mass_deletion {
         env.push(var(env::ALLOW_MASS_DELETE, "true"));
     }
     if gpu {
-        // TensorRT's engines (used where the image has its libraries), kept on a claim if given.
-        env.push(var(env::TRT_CACHE, TRT_CACHE));
-        volumes.push(Volume {
-            name: "trt-cache".into(),
-            persistent_volume_claim: spec
-                .engine_cache_claim
-                .clone()
-                .map(|claim_name| PersistentVolumeClaimVolumeSource { claim_name, read_only: Some(false) }),
-            empty_dir: spec.engine_cache_claim.is_none().then(EmptyDirVolumeSource::default),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount { name: "trt-cache".into(), mount_path: TRT_CACHE.into(), ..Default::default() });
+        trt_cache(spec.engine_cache_claim.as_ref(), &mut env, &mut volumes, &mut mounts);
     }
     let resources = spec.resources.clone().unwrap_or_else(|| ResourceRequirements {
         requests: Some(quantities(&[("cpu", "1"), ("memory", "1Gi")])),
@@ -307,9 +324,10 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
                     args: Some(vec!["embed".into(), "--json".into()]),
                     env: Some(env),
                     resources: Some(resources),
+                    image: Some(embed_image(image_index, resolved)),
                     ..Default::default()
                 };
-                let mut t = pod_template(image_index, resolved, "embed", container, volumes, mounts);
+                let mut t = pod_template(image_index, "embed", container, volumes, mounts);
                 let pod = t.spec.as_mut().expect("pod_template sets a spec");
                 pod.restart_policy = Some("Never".into());
                 pod.node_selector = spec.node_selector.clone();
@@ -327,7 +345,20 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
     let search = &image_index.spec.search;
     let (mut volumes, mut mounts) = volumes(image_index);
     let mut env = common_env(image_index, resolved);
-    env.push(var(env::LISTEN, format!("0.0.0.0:{HTTP_PORT}")));
+    let gpu = wants_gpu(search.resources.as_ref());
+    let precision = search.precision.unwrap_or(image_index.spec.embedding.precision);
+    env.extend([
+        var(env::LISTEN, format!("0.0.0.0:{HTTP_PORT}")),
+        var(env::DEVICE, device(gpu)),
+        var(env::PRECISION, precision.to_string()),
+    ]);
+    if precision != image_index.spec.embedding.precision {
+        // Asked for in the spec: queries of one precision against the Jobs' vectors of another.
+        env.push(var(env::ALLOW_MIXED_PRECISION, "true"));
+    }
+    if gpu {
+        trt_cache(None, &mut env, &mut volumes, &mut mounts);
+    }
     if let Some(t) = &search.token_secret_ref {
         volumes.push(Volume {
             name: "token".into(),
@@ -370,34 +401,38 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
         (INSTANCE.to_string(), image_index.metadata.name.clone().unwrap_or_default()),
         (COMPONENT.to_string(), "search".to_string()),
     ]);
+    let mut template = pod_template(
+        image_index,
+        "search",
+        Container {
+            name: "search".into(),
+            image: Some(search_image(image_index, resolved)),
+            args: Some(vec!["serve".into()]),
+            env: Some(env),
+            ports: Some(vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                ..Default::default()
+            }]),
+            readiness_probe: Some(probe("/readyz", 5, 3)),
+            liveness_probe: Some(probe("/healthz", 10, 6)),
+            // Loading the model and connecting take a while on a cold node.
+            startup_probe: Some(probe("/healthz", 2, 60)),
+            resources: Some(resources),
+            ..Default::default()
+        },
+        volumes,
+        mounts,
+    );
+    let pod = template.spec.as_mut().expect("pod_template sets a spec");
+    pod.node_selector = search.node_selector.clone();
+    pod.tolerations = search.tolerations.clone();
     Deployment {
         metadata: meta(image_index, search_name(image_index), "search"),
         spec: Some(DeploymentSpec {
             replicas: Some(search.replicas),
             selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
-            template: pod_template(
-                image_index,
-                resolved,
-                "search",
-                Container {
-                    name: "search".into(),
-                    args: Some(vec!["serve".into()]),
-                    env: Some(env),
-                    ports: Some(vec![ContainerPort {
-                        name: Some("http".into()),
-                        container_port: HTTP_PORT,
-                        ..Default::default()
-                    }]),
-                    readiness_probe: Some(probe("/readyz", 5, 3)),
-                    liveness_probe: Some(probe("/healthz", 10, 6)),
-                    // Loading the model and connecting take a while on a cold node.
-                    startup_probe: Some(probe("/healthz", 2, 60)),
-                    resources: Some(resources),
-                    ..Default::default()
-                },
-                volumes,
-                mounts,
-            ),
+            template,
             ..Default::default()
         }),
         status: None,
@@ -555,9 +590,55 @@ mod tests {
     }
 
     #[test]
+    fn search_pods_choose_their_own_device_image_and_precision() {
+        let search = |extra: &str| {
+            let cuda =
+                "  embedding: {image: my/embed:cuda, precision: fp16, resources: {limits: {nvidia.com/gpu: 1}}}\n";
+            let d = search_deployment(&sample(&format!("{cuda}{extra}")), &resolved(true));
+            let pod = d.spec.unwrap().template.spec.unwrap();
+            (env_of(&pod.containers[0]), pod.containers[0].image.clone().unwrap(), pod)
+        };
+        let value = |env: &BTreeMap<String, EnvVar>, k: &str| env.get(k).and_then(|e| e.value.clone());
+        // CUDA Jobs, search unset: the Jobs' image and precision, but on the CPU. The CUDA image
+        // sets IMAGEINDEX_DEVICE=cuda itself, so the pod must say cpu, or it fails on a CPU node.
+        let (env, image, pod) = search("");
+        assert_eq!(value(&env, "IMAGEINDEX_DEVICE").as_deref(), Some("cpu"));
+        assert_eq!(value(&env, "IMAGEINDEX_PRECISION").as_deref(), Some("fp16"));
+        assert!(!env.contains_key("IMAGEINDEX_ALLOW_MIXED_PRECISION") && !env.contains_key("IMAGEINDEX_TRT_CACHE"));
+        assert_eq!((image.as_str(), pod.node_selector), ("my/embed:cuda", None));
+        // Their own image, precision (mixing asked for, so allowed) and placement.
+        let (env, image, pod) = search(
+            "  search: {image: my/search:cpu, precision: fp32, nodeSelector: {pool: web}, \
+             tolerations: [{key: spot, operator: Exists}]}\n",
+        );
+        assert_eq!(value(&env, "IMAGEINDEX_PRECISION").as_deref(), Some("fp32"));
+        assert_eq!(value(&env, "IMAGEINDEX_ALLOW_MIXED_PRECISION").as_deref(), Some("true"));
+        assert_eq!(image, "my/search:cpu");
+        assert_eq!(pod.node_selector.unwrap()["pool"], "web");
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("spot"));
+        // A MIG slice is a GPU: CUDA, with somewhere writable for TensorRT's engines.
+        let (env, _, pod) = search("  search: {resources: {limits: {nvidia.com/mig-1g.10gb: 1}}}\n");
+        assert_eq!(value(&env, "IMAGEINDEX_DEVICE").as_deref(), Some("cuda"));
+        let cache = value(&env, "IMAGEINDEX_TRT_CACHE").unwrap();
+        assert!(pod.containers[0].volume_mounts.iter().flatten().any(|m| m.mount_path == cache));
+        // No image named anywhere: the operator's own, for both.
+        let plain = sample("");
+        let job = embed_job(&plain, &resolved(true), "j").spec.unwrap().template.spec.unwrap();
+        let d = search_deployment(&plain, &resolved(true)).spec.unwrap().template.spec.unwrap();
+        for c in [&job.containers[0], &d.containers[0]] {
+            assert_eq!(c.image.as_deref(), Some("ghcr.io/imageindex/imageindex:0.1.0"));
+            assert_eq!(value(&env_of(c), "IMAGEINDEX_DEVICE").as_deref(), Some("cpu"));
+        }
+        let mig = sample("  embedding: {resources: {limits: {nvidia.com/mig-3g.40gb: 1}}}\n");
+        let job = embed_job(&mig, &resolved(true), "j").spec.unwrap().template.spec.unwrap();
+        assert_eq!(value(&env_of(&job.containers[0]), "IMAGEINDEX_DEVICE").as_deref(), Some("cuda"));
+    }
+
+    #[test]
     fn every_variable_the_pods_get_is_one_the_binary_reads() {
         let mut image_index = sample(
-            "  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n  search: {tokenSecretRef: {name: api, key: token}}\n",
+            "  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n  search: {tokenSecretRef: {name: api, key: token}, \
+             precision: int8, resources: {limits: {nvidia.com/gpu: 1}}}\n",
         );
         image_index.spec.milvus.credentials_secret_ref =
             Some(SecretKeyRef { name: "milvus".into(), key: "token".into() });

@@ -36,6 +36,10 @@ pub struct ControllerArgs {
     /// Seconds allowed for listing a bucket and diffing it against the catalog.
     #[arg(long, env = env::LIST_TIMEOUT, default_value_t = 300)]
     list_timeout: u64,
+    /// Seconds a `deletionPolicy: Delete` cleanup keeps retrying a Milvus or MySQL that fails;
+    /// then the data is kept, with a Warning, and the ImageIndex goes.
+    #[arg(long, env = env::CLEANUP_TIMEOUT, default_value_t = 600)]
+    cleanup_timeout: u64,
 }
 
 /// The namespace to watch: none, or an empty one (the chart's default `""`), is every namespace.
@@ -60,6 +64,7 @@ impl ControllerArgs {
                 indexed_jobs,
                 io_timeout: Duration::from_secs(self.io_timeout),
                 list_timeout: Duration::from_secs(self.list_timeout),
+                cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
             },
             namespace: watch_namespace(self.namespace),
             listen: self.metrics_listen,

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -60,7 +60,7 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
     let reporter = Reporter { controller: reconcile::MANAGER.into(), instance: Some(config.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context::new(client.clone(), config.settings.clone(), recorder, metrics));
-    let controller = watches(&client, config.namespace.as_deref()).await;
+    let controller = watches(&client, config.namespace.as_deref());
     info!(namespace = config.namespace.as_deref().unwrap_or("(all)"), "reconciling ImageIndexes");
     let lost = Arc::new(AtomicBool::new(false));
     let lost_flag = lost.clone();
@@ -119,7 +119,7 @@ async fn lead(client: &Client, (ns, name): &(String, String), identity: &str) ->
 
 /// The controller and what wakes it: ImageIndexes, the objects they own, the Secrets they read
 /// and the Milvus CRs they refer to (where the milvus-operator's CRD is served).
-async fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIndex> {
+fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIndex> {
     fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
         K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
@@ -154,29 +154,63 @@ async fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIn
                 secret_names(image_index).contains(&s.name_any())
             })
         });
-    // The milvus-operator's CRD may not be installed; then only `address` can be used.
-    let milvus = reconcile::milvus_resource();
-    let milvus_api: Api<DynamicObject> = Api::all_with(client.clone(), &milvus);
-    if milvus_api.list(&ListParams::default().limit(1)).await.is_err() {
-        warn!(
-            "milvus.io/v1beta1 Milvus is not served here (or not readable): spec.milvus.ref will not resolve; use spec.milvus.address"
-        );
-        return controller;
-    }
-    controller.watches_with(milvus_api, milvus, watcher::Config::default(), move |m| {
-        let (ns, name) = (m.namespace().unwrap_or_default(), m.name_any());
-        let refers = |image_index: &ImageIndex| {
-            image_index.spec.milvus.reference.as_ref().is_some_and(|r| {
-                r.name == name
-                    && r.namespace.clone().unwrap_or_else(|| image_index.namespace().unwrap_or_default()) == ns
-            })
-        };
-        store
-            .state()
-            .into_iter()
-            .filter(|image_index| refers(image_index))
-            .map(|image_index| ObjectRef::from_obj(&*image_index))
-            .collect::<Vec<_>>()
+    controller.watches_stream_with(
+        milvus_events(client, namespace),
+        move |m| {
+            let (ns, name) = (m.namespace().unwrap_or_default(), m.name_any());
+            let refers = |image_index: &ImageIndex| {
+                image_index.spec.milvus.reference.as_ref().is_some_and(|r| {
+                    r.name == name
+                        && r.namespace.clone().unwrap_or_else(|| image_index.namespace().unwrap_or_default()) == ns
+                })
+            };
+            store
+                .state()
+                .into_iter()
+                .filter(|image_index| refers(image_index))
+                .map(|image_index| ObjectRef::from_obj(&*image_index))
+                .collect::<Vec<_>>()
+        },
+        reconcile::milvus_resource(),
+    )
+}
+
+/// The milvus-operator's Milvus CRs, in the watched namespace (a namespaced Role cannot list
+/// them cluster-wide) or in all. The CRD may be installed after this operator, or never: until
+/// it is served (and readable), the watch retries with backoff (at most every 30 s) and says so
+/// once; `spec.milvus.ref` resolves on each reconcile meanwhile, and `address` needs none of it.
+fn milvus_events(
+    client: &Client,
+    namespace: Option<&str>,
+) -> impl futures::Stream<Item = Result<DynamicObject, watcher::Error>> + Send + 'static {
+    let resource = reconcile::milvus_resource();
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let failing = Arc::new(AtomicBool::new(false));
+    watcher(api, watcher::Config::default()).default_backoff().touched_objects().filter_map(move |event| {
+        let failing = failing.clone();
+        async move {
+            match event {
+                Ok(m) => {
+                    if failing.swap(false, Ordering::Relaxed) {
+                        info!("watching milvus.io/v1beta1 Milvus: spec.milvus.ref is followed");
+                    }
+                    Some(Ok(m))
+                }
+                Err(e) => {
+                    if !failing.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            error = %e,
+                            "cannot watch milvus.io/v1beta1 Milvus (milvus-operator not installed, or not readable); \
+                             retrying. spec.milvus.address works without it"
+                        );
+                    }
+                    None
+                }
+            }
+        }
     })
 }
 

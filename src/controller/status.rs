@@ -24,6 +24,8 @@ pub mod reason {
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const MYSQL_UNAVAILABLE: &str = "MySQLUnavailable";
     pub const MODEL_MISMATCH: &str = "ModelMismatch";
+    /// The collection has another index type than `milvus.index.type`.
+    pub const INDEX_MISMATCH: &str = "IndexMismatch";
     /// Another index owns the collection (see `Catalog::claim_owner`).
     pub const COLLECTION_CLAIMED: &str = "CollectionClaimed";
     /// Milvus or MySQL answered but making or checking the collection failed.
@@ -39,6 +41,12 @@ pub mod reason {
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";
     /// The Kubernetes API refused or failed a call the reconcile needed (RBAC, a 5xx, a timeout).
     pub const KUBERNETES_API_ERROR: &str = "KubernetesAPIError";
+    /// `spec.suspend` is set: no listing, no new Job.
+    pub const SUSPENDED: &str = "Suspended";
+    /// Deleted; waiting for its Jobs and search pods to be gone before dropping the collection.
+    pub const DELETING: &str = "Deleting";
+    /// Deleted; dropping the collection or its catalog rows failed (retried, then kept).
+    pub const CLEANUP_FAILED: &str = "CleanupFailed";
 
     const ALL: &[&str] = &[
         READY,
@@ -50,6 +58,7 @@ pub mod reason {
         SECRET_KEY_MISSING,
         MYSQL_UNAVAILABLE,
         MODEL_MISMATCH,
+        INDEX_MISMATCH,
         COLLECTION_CLAIMED,
         COLLECTION_UNAVAILABLE,
         SOURCE_UNAVAILABLE,
@@ -62,6 +71,9 @@ pub mod reason {
         UNAVAILABLE,
         SCALED_TO_ZERO,
         KUBERNETES_API_ERROR,
+        DELETING,
+        CLEANUP_FAILED,
+        SUSPENDED,
     ];
 
     /// The reason among these that `r` is (conditions read back from the API hold Strings).
@@ -152,10 +164,14 @@ fn has_reason(conds: &[Condition], reason: &str) -> bool {
 /// Ready: all four conditions hold. Degraded: was Ready (or Degraded) and something broke since,
 /// or a Job failed. Pending: still waiting for what it needs.
 pub fn phase(conds: &[Condition], previous: Option<Phase>) -> Phase {
-    if has_reason(conds, reason::INVALID_SPEC) {
+    if has_reason(conds, reason::DELETING) || has_reason(conds, reason::CLEANUP_FAILED) {
+        Phase::Deleting
+    } else if has_reason(conds, reason::INVALID_SPEC) {
         Phase::Failed
     } else if conds.iter().any(|c| c.type_ == INDEXED && c.reason == reason::INDEXING) {
         Phase::Indexing
+    } else if conds.iter().any(|c| c.type_ == INDEXED && c.reason == reason::SUSPENDED) {
+        Phase::Suspended
     } else if ALL.iter().all(|t| is(conds, t, "True")) {
         Phase::Ready
     } else if has_reason(conds, reason::JOB_FAILED) || matches!(previous, Some(Phase::Ready | Phase::Degraded)) {

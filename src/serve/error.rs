@@ -44,6 +44,7 @@ impl From<store::Error> for ApiError {
             store::Error::ModelMismatch(m) => Self::new(StatusCode::CONFLICT, "model_mismatch", m.0),
             store::Error::Invalid(msg) => Self::bad_request(msg),
             store::Error::Claimed(msg) => Self::new(StatusCode::CONFLICT, "collection_claimed", msg),
+            store::Error::IndexMismatch(msg) => Self::new(StatusCode::CONFLICT, "index_mismatch", msg),
             store::Error::TooLarge(msg) => Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", msg),
             // The bucket refused one of its own objects: logged, a plain 502 for the client.
             store::Error::Refused(msg) => {

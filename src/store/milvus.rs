@@ -22,17 +22,22 @@ const DESCRIPTION: &str = "imageindex: one row per image object";
 const MODEL_TAG: &str = "model=";
 
 /// How a collection of `kind` is indexed.
+fn index_type(kind: IndexKind) -> IndexType {
+    match kind {
+        IndexKind::Hnsw => IndexType::Hnsw,
+        IndexKind::IvfFlat => IndexType::IvfFlat,
+    }
+}
+
 fn index_params(kind: IndexKind) -> IndexParam {
-    let p = IndexParam::new().field_name(VECTOR);
+    let p = IndexParam::new().field_name(VECTOR).index_type(index_type(kind));
     match kind {
         IndexKind::Hnsw => p
-            .index_type(IndexType::Hnsw)
             .metric_type(MetricType::Cosine)
             .extra_params(HashMap::from([("M".into(), "16".into()), ("efConstruction".into(), "200".into())])),
-        IndexKind::IvfFlat => p
-            .index_type(IndexType::IvfFlat)
-            .metric_type(MetricType::L2)
-            .extra_params(HashMap::from([("nlist".into(), NLIST.to_string())])),
+        IndexKind::IvfFlat => {
+            p.metric_type(MetricType::L2).extra_params(HashMap::from([("nlist".into(), NLIST.to_string())]))
+        }
     }
 }
 
@@ -167,13 +172,22 @@ impl VectorStore {
             }
         }
         // Milvus 2.3 answers "index not found" rather than an empty list.
-        let has_index =
+        let existing =
             match self.client.list_indexes(ListIndexesRequest::builder().collection_name(name).build()?).await {
-                Ok(r) => !r.index_names().is_empty(),
-                Err(e) if e.to_string().contains("index not found") => false,
+                Ok(r) => r.indexes().iter().find(|i| i.get_field_name() == VECTOR).map(|i| i.get_index_type()),
+                Err(e) if e.to_string().contains("index not found") => None,
                 Err(e) => return Err(Error::backend("listing indexes", e)),
             };
-        if !has_index {
+        // An index type (and with it the metric) does not change in place; searching with the
+        // other one's parameters fails or ranks by the wrong distance.
+        if let Some(theirs) = existing.filter(|t| *t != index_type(self.index)) {
+            return Err(Error::IndexMismatch(format!(
+                "Milvus collection {name} has a {theirs:?} index, but {} was asked for: an index type does not \
+                 change in place; name another collection, or drop this one to rebuild it",
+                self.index.as_str()
+            )));
+        }
+        if existing.is_none() {
             // Creating an identical index twice is a no-op on the server, so a race here is harmless.
             self.client
                 .create_index(

@@ -31,6 +31,9 @@ pub enum Error {
     /// The collection holds vectors of another model or precision.
     #[error(transparent)]
     ModelMismatch(#[from] ModelMismatch),
+    /// The collection has another index type than the one asked for.
+    #[error("{0}")]
+    IndexMismatch(String),
     /// What was asked cannot work as given: a bad URL, glob or key, or a collection that
     /// imageindex did not make.
     #[error("{0}")]

@@ -30,6 +30,8 @@ struct Cluster {
     milvus: Option<Value>,
     jobs: Vec<Value>,
     available_replicas: i32,
+    /// The search Deployment, where a GET should find it (a deletion waits for it to go).
+    search: Option<Value>,
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +83,12 @@ impl Cluster {
             }
             ("DELETE", p) if p.ends_with("/jobs") => {
                 (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
+            }
+            ("DELETE", p) if p.contains("/deployments/") => {
+                (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}))
+            }
+            ("GET", p) if p.contains("/deployments/") => {
+                self.search.clone().map(|d| (200, d)).unwrap_or_else(|| not_found(p))
             }
             ("PATCH", p) if p.contains("/jobs/") => {
                 // Kept, like an apiserver would: the next reconcile lists it as running.
@@ -169,6 +177,7 @@ fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
         indexed_jobs: true,
         io_timeout: Duration::from_secs(30),
         list_timeout: Duration::from_secs(3),
+        cleanup_timeout: Duration::from_secs(600),
     };
     let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
     (Arc::new(Context::new(client, settings, recorder, Arc::new(Metrics::default()))), calls)
@@ -228,20 +237,23 @@ async fn milvus_ref_not_found_or_not_ready_is_a_condition_and_a_requeue() {
 }
 
 #[tokio::test]
-async fn a_ready_milvus_ref_resolves_to_its_endpoint() {
-    // The ref resolves; the endpoint (a closed port) then fails to answer: MilvusUnavailable.
+async fn a_ready_milvus_ref_resolves_to_its_in_cluster_service() {
+    // The ref resolves to the Milvus Service, which this machine cannot resolve: MilvusUnavailable.
+    // A NodePort Milvus has no `status.endpoint`: before, it was NotReady for ever.
     let mut spec = sample_spec();
     spec["milvus"] = json!({"ref": {"name": "vectors"}});
-    let ready = json!({"apiVersion": "milvus.io/v1beta1", "kind": "Milvus", "metadata": {"name": "vectors", "namespace": "shop"},
-        "status": {"status": "Healthy", "endpoint": "127.0.0.1:1", "conditions": [{"type": "MilvusReady", "status": "True"}]}});
-    let cluster = Cluster { milvus: Some(ready), ..Default::default() }
-        .secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
-    let (action, calls) = run(imageindex(spec, false), cluster).await;
-    let st = written(&calls);
-    assert_eq!(reason(&st, "MilvusReady"), pair("False", "MilvusUnavailable"));
-    let msg = &st.conditions.iter().find(|c| c.type_ == "MilvusReady").unwrap().message;
-    assert!(msg.contains("http://127.0.0.1:1"), "{msg}");
-    assert!(requeues(&action));
+    for endpoint in [json!("vectors-milvus.shop:19530"), Value::Null] {
+        let ready = json!({"apiVersion": "milvus.io/v1beta1", "kind": "Milvus", "metadata": {"name": "vectors", "namespace": "shop"},
+            "status": {"status": "Healthy", "endpoint": endpoint, "conditions": [{"type": "MilvusReady", "status": "True"}]}});
+        let cluster = Cluster { milvus: Some(ready), ..Default::default() }
+            .secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
+        let (action, calls) = run(imageindex(spec.clone(), false), cluster).await;
+        let st = written(&calls);
+        assert_eq!(reason(&st, "MilvusReady"), pair("False", "MilvusUnavailable"), "endpoint {endpoint}");
+        let msg = &st.conditions.iter().find(|c| c.type_ == "MilvusReady").unwrap().message;
+        assert!(msg.contains("http://vectors-milvus.shop.svc:19530"), "{msg}");
+        assert!(requeues(&action));
+    }
 }
 
 /// A Kubernetes API failure (here RBAC refusing the Secret) is on the resource: Ready=False,
@@ -418,6 +430,15 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a replicas edit started a Job");
     let mut spec = live_spec(&fx);
     spec["embedding"]["batchSize"] = json!(4);
+    // Suspended, the same edit starts nothing, and the search Deployment is still applied.
+    let mut suspended = spec.clone();
+    suspended["suspend"] = json!(true);
+    let (action, calls) = run(edited(suspended), cluster.clone()).await;
+    let st = written(&calls);
+    assert_eq!((reason(&st, "Indexed"), st.phase), (pair("False", "Suspended"), Some(Phase::Suspended)));
+    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a suspended index started a Job");
+    assert!(calls.iter().any(|c| c.path.contains("/deployments/photos-search")), "search is left alone");
+    assert!(!requeues(&action));
     let (_, calls) = run(edited(spec), cluster).await;
     assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.contains("/jobs/")), "a batch size edit");
 
@@ -430,6 +451,17 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
     assert!(msg.contains("holds fp32 vectors"), "{msg}");
     assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no Job into a mismatched collection");
+
+    // The index type changed on an HNSW collection: refused and said so (before, Ready with the
+    // old index while search asked for the other's metric), no Job.
+    let mut spec = live_spec(&fx);
+    spec["milvus"]["index"] = json!({"type": "IVF_FLAT"});
+    let (_, calls) = run(imageindex(spec, false), live_cluster()).await;
+    let st = written(&calls);
+    assert_eq!(reason(&st, "CollectionReady"), pair("False", "IndexMismatch"));
+    let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
+    assert!(msg.contains("Hnsw index, but IVF_FLAT was asked for"), "{msg}");
+    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no Job into a collection of another index");
     fx.cleanup().await;
 }
 
@@ -454,6 +486,110 @@ async fn running_failed_jobs_and_scaled_to_zero() {
     assert_eq!(st.phase, Some(Phase::Degraded));
     assert_eq!(reason(&st, "SearchReady"), pair("False", "ScaledToZero"));
     assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a failed Job is not retried at once");
+    fx.cleanup().await;
+}
+
+/// Deleted just now (the fixture's `imageindex(_, true)` was deleted days ago).
+fn deleted_now(spec: Value) -> ImageIndex {
+    let mut ii = imageindex(spec, true);
+    ii.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    ii
+}
+
+fn event<'a>(calls: &'a [Call], reason: &str) -> Option<&'a str> {
+    calls
+        .iter()
+        .find(|c| c.path.ends_with("/events") && c.body["reason"] == reason)
+        .map(|c| c.body["note"].as_str().unwrap())
+}
+
+fn finalizer_removed(calls: &[Call]) -> bool {
+    calls.last().is_some_and(|c| c.method == Method::PATCH && c.path.ends_with("/imageindexes/photos"))
+}
+
+/// `Delete` stops the Jobs and the search pods in the foreground and drops nothing until they are
+/// gone (before: Background deletion and the drop at once, so a starting pod could recreate the
+/// collection). A backend that keeps failing is a Warning and a condition on every try, and after
+/// the cleanup timeout the data is kept and the ImageIndex goes (before: silent retries for ever,
+/// the namespace stuck Terminating). Credentials that are gone, or the skip annotation, keep the
+/// data at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn deletion_waits_for_its_workloads_and_never_hangs() {
+    let fx = Fixture::new("mock_delete");
+    upload_photos(&fx, 2).await;
+    let mut spec = live_spec(&fx);
+    spec["deletionPolicy"] = json!("Delete");
+    let b = fx.backends(imageindex::core::IndexKind::Hnsw).await;
+    run(imageindex(spec.clone(), false), live_cluster()).await; // claims the collection, creates it
+    assert!(b.index.vectors.ready().await.is_ok());
+
+    // A Job and the Deployment still going away: foreground deletions, nothing dropped, Deleting.
+    let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "photos-embed-1", "creationTimestamp": "2026-11-24T00:00:00Z",
+        "annotations": {"imageindex.dev/generation": "2"}, "deletionTimestamp": "2026-12-01T00:00:00Z"}, "spec": {"template": {}}, "status": {}});
+    let search = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "photos-search"}});
+    let cluster = Cluster { jobs: vec![job], search: Some(search.clone()), ..live_cluster() };
+    let (ctx, log) = controller(cluster);
+    let ii = Arc::new(deleted_now(spec.clone()));
+    // An error only so that the finalizer stays; the error policy looks again in a few seconds.
+    let waiting = reconcile(ii.clone(), ctx.clone()).await.unwrap_err();
+    assert!(waiting.is_waiting(), "{waiting}");
+    assert_eq!(
+        imageindex::controller::reconcile::error_policy(ii, &waiting, ctx),
+        Action::requeue(Duration::from_secs(5))
+    );
+    let calls = log.lock().unwrap().clone();
+    for what in ["/jobs", "/deployments/photos-search"] {
+        let delete = calls.iter().find(|c| c.method == Method::DELETE && c.path.ends_with(what)).expect(what);
+        assert_eq!(delete.body["propagationPolicy"], "Foreground", "{what}");
+    }
+    let st = written(&calls);
+    assert_eq!(reason(&st, "Ready"), pair("False", "Deleting"));
+    assert_eq!(st.phase, Some(Phase::Deleting));
+    let msg = &st.conditions.iter().find(|c| c.type_ == "Ready").unwrap().message;
+    assert!(msg.contains("Job photos-embed-1") && msg.contains("Deployment photos-search"), "{msg}");
+    assert!(!finalizer_removed(&calls));
+    assert!(b.index.vectors.ready().await.is_ok(), "dropped while a Job could still write");
+    // Only the Deployment left, for longer than the cleanup timeout: the data is kept.
+    let cluster = Cluster { search: Some(search), ..live_cluster() };
+    let (_, calls) = run(imageindex(spec.clone(), true), cluster).await;
+    let note = event(&calls, "CleanupAbandoned").expect("a CleanupAbandoned event");
+    assert!(note.contains("are kept") && note.contains("Deployment photos-search"), "{note}");
+    assert!(finalizer_removed(&calls) && b.index.vectors.ready().await.is_ok());
+
+    // MySQL unreachable: an error (for the backoff), a Warning, and the condition.
+    let down = Cluster::default().secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
+    let (ctx, log) = controller(down.clone());
+    assert!(reconcile(Arc::new(deleted_now(spec.clone())), ctx).await.is_err(), "retried");
+    let calls = log.lock().unwrap().clone();
+    assert_eq!(reason(&written(&calls), "Ready"), pair("False", "CleanupFailed"));
+    let note = event(&calls, "CleanupFailed").expect("a CleanupFailed event");
+    assert!(note.contains("catalog of") && note.contains("retrying for"), "{note}");
+    assert!(!finalizer_removed(&calls));
+    // Deleted longer ago than the cleanup timeout: given up, kept, the ImageIndex goes.
+    let (_, calls) = run(imageindex(spec.clone(), true), down).await;
+    assert!(event(&calls, "CleanupAbandoned").is_some() && finalizer_removed(&calls));
+
+    // The Milvus credentials Secret went first (a namespace teardown): kept at once, said so.
+    // Before, the drop was tried without them (and an authenticating Milvus refused it for ever).
+    let mut with_credentials = spec.clone();
+    with_credentials["milvus"]["credentialsSecretRef"] = json!({"name": "milvus-user", "key": "token"});
+    let (_, calls) = run(deleted_now(with_credentials), live_cluster()).await;
+    let note = event(&calls, "NotDropped").expect("a NotDropped event");
+    assert!(note.contains("Milvus credentials are gone"), "{note}");
+    assert!(finalizer_removed(&calls) && b.index.vectors.ready().await.is_ok());
+
+    // The skip annotation: kept, whatever the policy, at once.
+    let mut skip = deleted_now(spec.clone());
+    skip.metadata.annotations = Some([("imageindex.dev/skip-cleanup".to_string(), "true".to_string())].into());
+    let (_, calls) = run(skip, live_cluster()).await;
+    assert!(event(&calls, "CleanupSkipped").is_some() && finalizer_removed(&calls));
+    assert!(b.index.vectors.ready().await.is_ok());
+
+    // Nothing left running: dropped.
+    let (_, calls) = run(deleted_now(spec), live_cluster()).await;
+    assert!(event(&calls, "Deleted").is_some() && finalizer_removed(&calls));
+    assert!(b.index.vectors.ready().await.is_err(), "the collection is still there");
     fx.cleanup().await;
 }
 

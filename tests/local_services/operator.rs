@@ -101,8 +101,13 @@ fn run_like_the_image(c: &Container, env_vars: &BTreeMap<String, String>) -> Com
     cmd
 }
 
+/// One controller on the apiserver at a time: a cluster-wide one would also reconcile the other
+/// test's namespace, and each test reads what its own controller did.
+static ONE_CONTROLLER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
+    let _one = ONE_CONTROLLER.lock().await;
     let admin = client(&env("IMAGEINDEX_TEST_KUBECONFIG")).await;
     let fx = Fixture::new("operator");
     let ns = fx.name.replace('_', "-");
@@ -336,19 +341,46 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
         assert!(reasons.iter().any(|x| x == r), "no {r} event in {reasons:?}");
     }
 
-    // Deletion runs the finalizer: deletionPolicy Delete drops the collection and the catalog rows.
+    // Deletion runs the finalizer: deletionPolicy Delete first deletes the Job and the search
+    // Deployment in the foreground and waits for them (their pods could recreate the collection).
     indexes.delete("photos", &DeleteParams::default()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while indexes.get_opt("photos").await.unwrap().is_some() {
-        assert!(Instant::now() < deadline, "the finalizer did not finish");
+    let (jobs, deployments) =
+        (Api::<Job>::namespaced(admin.clone(), &ns), Api::<Deployment>::namespaced(admin.clone(), &ns));
+    let job_name = job.metadata.name.clone().unwrap();
+    let foreground = |meta: &kube::api::ObjectMeta| {
+        meta.deletion_timestamp.is_some() && meta.finalizers.iter().flatten().any(|f| f == "foregroundDeletion")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (j, d) = (jobs.get(&job_name).await.unwrap(), deployments.get("photos-search").await.unwrap());
+        if foreground(&j.metadata) && foreground(&d.metadata) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Job and the Deployment were not deleted in the foreground");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    let ii = wait_for(&indexes, "photos", "Deleting", |ii| {
+        ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Deleting))
+    })
+    .await;
+    assert_eq!(condition(&ii, "Ready"), ("False", "Deleting"));
     let milvus = MilvusConfig {
         url: env("IMAGEINDEX_MILVUS_URL"),
         token: None,
         collection: fx.name.clone(),
         index: IndexKind::Hnsw,
     };
+    VectorStore::connect(&milvus).await.unwrap().ready().await.expect("dropped while its Job still existed");
+    // The garbage collector's part (no controller-manager here): their pods are gone (there are
+    // none), so it removes `foregroundDeletion` and the objects go.
+    let release = json!({"metadata": {"finalizers": null}});
+    jobs.patch(&job_name, &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+    deployments.patch("photos-search", &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while indexes.get_opt("photos").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the finalizer did not finish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let gone = VectorStore::connect(&milvus).await.unwrap().ready().await.unwrap_err();
     assert!(matches!(gone, imageindex::store::Error::NotFound(_)), "{gone}");
     let catalog = Catalog::connect(&env("IMAGEINDEX_MYSQL_URL"), &fx.name, "").await.unwrap();
@@ -372,5 +404,156 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     // A 403 is kube's `code: 403` (a bare "403" also turns up in log timestamps).
     let rbac = log.to_lowercase().contains("forbidden") || log.contains("code: 403");
     assert!(!rbac, "the controller hit RBAC: see {}", log_path.display());
+    Api::<Namespace>::all(admin).delete(&ns, &DeleteParams::default()).await.unwrap();
+}
+
+/// The chart in single-namespace mode (`watchNamespace`: a Role, no ClusterRole) and a
+/// milvus-operator installed after the controller started: a change to the Milvus a spec refers
+/// to wakes the reconciler at once. Before, the Milvus watch was probed once, at startup and
+/// cluster-wide: a 404 (no CRD yet) or a 403 (a namespaced Role) turned it off for good, and an
+/// ImageIndex waiting for its Milvus was looked at again only on its backoff (20 s and more here).
+#[tokio::test(flavor = "multi_thread")]
+async fn single_namespace_mode_follows_a_milvus_installed_later() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let _one = ONE_CONTROLLER.lock().await;
+    let admin = client(&env("IMAGEINDEX_TEST_KUBECONFIG")).await;
+    let ns = format!("single-ns-{}", std::process::id());
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
+        .await
+        .unwrap();
+    // No milvus-operator yet.
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let milvus_crd = "milvuses.milvus.io";
+    if crds.get_opt(milvus_crd).await.unwrap().is_some() {
+        crds.delete(milvus_crd, &DeleteParams::default()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while crds.get_opt(milvus_crd).await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "the Milvus CRD was not deleted");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    // The chart's RBAC as `helm install --set watchNamespace=NS` makes it, and the controller as
+    // that ServiceAccount (the admin impersonates it: `kubectl --as`).
+    let rendered = Command::new(env("HELM"))
+        .args(["template", "imageindex", concat!(env!("CARGO_MANIFEST_DIR"), "/charts/imageindex")])
+        .args(["--namespace", &ns, "--set", &format!("watchNamespace={ns}"), "-s", "templates/rbac.yaml"])
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
+    let rbac = String::from_utf8(rendered.stdout).unwrap();
+    assert!(rbac.contains("kind: Role\n") && !rbac.contains("ClusterRole"), "{rbac}");
+    let mut apply = Command::new(env("KUBECTL"))
+        .args(["--kubeconfig", &env("IMAGEINDEX_TEST_KUBECONFIG"), "apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(apply.stdin.as_mut().unwrap(), rbac.as_bytes()).unwrap();
+    assert!(apply.wait().unwrap().success(), "kubectl apply of the chart's Role");
+    let mut kc = Kubeconfig::read_from(env("IMAGEINDEX_TEST_KUBECONFIG")).unwrap();
+    for user in &mut kc.auth_infos {
+        let auth = user.auth_info.as_mut().unwrap();
+        auth.impersonate = Some(format!("system:serviceaccount:{ns}:imageindex-controller"));
+        auth.impersonate_groups = Some(vec!["system:serviceaccounts".into(), "system:authenticated".into()]);
+    }
+    let kubeconfig = artifacts().join("single-ns.kubeconfig");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    let log_path = artifacts().join("controller-single-ns.log");
+    let port = free_port();
+    let _controller = Proc(
+        Command::new(env!("CARGO_BIN_EXE_imageindex"))
+            .args(["controller", "--namespace", &ns, "--lease-namespace", &ns, "--identity", &ns, "--io-timeout", "3"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    let catalog = json!({"metadata": {"name": "catalog"}, "stringData": {"url": env("IMAGEINDEX_MYSQL_URL")}});
+    secrets.create(&PostParams::default(), &serde_json::from_value(catalog).unwrap()).await.unwrap();
+    let indexes: Api<ImageIndex> = Api::namespaced(admin.clone(), &ns);
+    let manifest = "apiVersion: imageindex.dev/v1alpha1\nkind: ImageIndex\nmetadata: {name: photos}\nspec:\n  \
+                    source: {url: 's3://photos/'}\n  milvus: {ref: {name: vectors}}\n  mysql: {secretRef: {name: catalog}}\n";
+    indexes.create(&PostParams::default(), &serde_yaml::from_str(manifest).unwrap()).await.unwrap();
+    let milvus_reason = |reason: &'static str| {
+        move |ii: &ImageIndex| {
+            ii.status
+                .as_ref()
+                .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "MilvusReady" && c.reason == reason))
+        }
+    };
+    wait_for(&indexes, "photos", "MilvusNotFound", milvus_reason("MilvusNotFound")).await;
+
+    // The milvus-operator arrives: its CRD, then a Milvus that is not ready yet.
+    let crd = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": milvus_crd},
+        "spec": {"group": "milvus.io", "scope": "Namespaced",
+            "names": {"plural": "milvuses", "singular": "milvus", "kind": "Milvus", "listKind": "MilvusList"},
+            "versions": [{"name": "v1beta1", "served": true, "storage": true, "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+    });
+    crds.create(&PostParams::default(), &serde_json::from_value(crd).unwrap()).await.unwrap();
+    let milvus_api: Api<kube::core::DynamicObject> =
+        Api::namespaced_with(admin.clone(), &ns, &imageindex::controller::reconcile::milvus_resource());
+    let cr = json!({"apiVersion": "milvus.io/v1beta1", "kind": "Milvus", "metadata": {"name": "vectors"}, "spec": {}});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = milvus_api.create(&PostParams::default(), &serde_json::from_value(cr.clone()).unwrap()).await {
+        assert!(Instant::now() < deadline, "the Milvus CRD was never served: {e}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = |ready: &str| {
+        json!({"status": {"status": if ready == "True" { "Healthy" } else { "Pending" },
+            "endpoint": format!("vectors-milvus.{ns}:19530"),
+            "conditions": [{"type": "MilvusReady", "status": ready}]}})
+    };
+    milvus_api.patch_status("vectors", &PatchParams::default(), &Patch::Merge(&status("False"))).await.unwrap();
+    // Seen through the watch once it has found the CRD (its backoff is at most 30 s), or on the
+    // ImageIndex's own backoff; either way the reconciler has now been blocked at least twice.
+    let blocked = Duration::from_secs(120);
+    let deadline = Instant::now() + blocked;
+    loop {
+        let ii = indexes.get("photos").await.unwrap();
+        if milvus_reason("MilvusNotReady")(&ii) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never MilvusNotReady: {:#?}", ii.status);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Now Milvus becomes ready: the watch must wake the reconciler well before its backoff
+    // (20 s or more) would. It then connects to the in-cluster Service, which this machine cannot
+    // resolve: MilvusUnavailable, naming it, shows the reconcile ran.
+    let patched = Instant::now();
+    milvus_api.patch_status("vectors", &PatchParams::default(), &Patch::Merge(&status("True"))).await.unwrap();
+    loop {
+        let ii = indexes.get("photos").await.unwrap();
+        if milvus_reason("MilvusUnavailable")(&ii) {
+            let c = ii.status.unwrap().conditions.into_iter().find(|c| c.type_ == "MilvusReady").unwrap();
+            assert!(c.message.contains(&format!("http://vectors-milvus.{ns}.svc:19530")), "{}", c.message);
+            break;
+        }
+        assert!(
+            patched.elapsed() < Duration::from_secs(10),
+            "the Milvus change did not wake the reconciler in 10 s (see {}): {:#?}",
+            log_path.display(),
+            ii.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("the ready Milvus was acted on {:.1} s after its status changed", patched.elapsed().as_secs_f64());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("code: 403"), "the controller hit RBAC in single-namespace mode: see {}", log_path.display());
+    indexes.delete("photos", &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while indexes.get_opt("photos").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the finalizer did not finish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     Api::<Namespace>::all(admin).delete(&ns, &DeleteParams::default()).await.unwrap();
 }

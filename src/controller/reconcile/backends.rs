@@ -49,6 +49,7 @@ pub fn milvus_config(image_index: &ImageIndex, url: String, token: Option<Redact
 fn not_ready(e: &Error) -> Observed {
     match e {
         Error::Store(store::Error::ModelMismatch(m)) => Observed::no(COLLECTION_READY, reason::MODEL_MISMATCH, &m.0),
+        Error::Store(store::Error::IndexMismatch(msg)) => Observed::no(COLLECTION_READY, reason::INDEX_MISMATCH, msg),
         Error::Store(store::Error::Claimed(msg)) => Observed::no(COLLECTION_READY, reason::COLLECTION_CLAIMED, msg),
         e => Observed::no(COLLECTION_READY, reason::COLLECTION_UNAVAILABLE, e.to_string()),
     }

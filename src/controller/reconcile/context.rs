@@ -24,6 +24,8 @@ pub struct Settings {
     pub io_timeout: Duration,
     /// Limit for listing a bucket and diffing it against the catalog.
     pub list_timeout: Duration,
+    /// How long a `Delete` cleanup retries before it keeps the data and lets the ImageIndex go.
+    pub cleanup_timeout: Duration,
 }
 
 pub struct Context {

@@ -80,6 +80,11 @@ pub struct Inputs<'a> {
     pub resync: Duration,
     pub diff: Option<&'a Diff>,
     pub now: Timestamp,
+    /// `spec.suspend`.
+    pub suspended: bool,
+    /// A resync was asked for (`imageindex.dev/resync`) and not yet acted on: the wait after a
+    /// failed Job is cut short (the caller also drops the remembered diff).
+    pub resync_requested: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +102,8 @@ pub enum JobDecision {
     DeletionRefused { why: String },
     /// Nothing to do until the next resync.
     UpToDate { discovered: u64 },
+    /// `spec.suspend`: nothing is listed or started.
+    Suspended,
 }
 
 /// The newest Job that is no longer running.
@@ -112,8 +119,11 @@ pub fn decide(i: &Inputs) -> JobDecision {
     if let Some(j) = i.jobs.iter().find(|j| j.state == JobState::Active) {
         return JobDecision::Running { name: j.name.clone(), succeeded: j.succeeded, completions: j.completions };
     }
+    if i.suspended {
+        return JobDecision::Suspended;
+    }
     let latest = latest_done(i.jobs);
-    if let Some(j) = latest
+    if let Some(j) = latest.filter(|_| !i.resync_requested)
         && let JobState::Failed(why) = &j.state
         && j.embedding.as_deref() == Some(i.embedding)
         && let Some(finished) = &j.finished
@@ -186,6 +196,8 @@ mod tests {
             resync: Duration::from_secs(600),
             diff: d,
             now: at(0),
+            suspended: false,
+            resync_requested: false,
         })
     }
 
@@ -250,11 +262,38 @@ mod tests {
             resync: Duration::from_secs(600),
             diff: Some(&d),
             now: at(0),
+            suspended: false,
+            resync_requested: false,
         };
         assert_eq!(decide(&inputs), JobDecision::UpToDate { discovered: 10 });
         // A failed Job for the same settings waits out the interval across such edits too.
         let failed = [job("j1", 3, JobState::Failed("x".into()), Some(100))];
         assert!(matches!(decide(&Inputs { jobs: &failed, ..inputs }), JobDecision::FailedRecently { .. }));
+    }
+
+    #[test]
+    fn suspend_stops_new_work_and_a_resync_request_cuts_the_wait_short() {
+        let failed = [job("j1", 3, JobState::Failed("x".into()), Some(100))];
+        let d = diff(5, Some("j1"), 4);
+        let inputs = Inputs {
+            jobs: &failed,
+            generation: 3,
+            embedding: "h3",
+            synced_embedding: Some("h3"),
+            resync: Duration::from_secs(600),
+            diff: Some(&d),
+            now: at(0),
+            suspended: true,
+            resync_requested: false,
+        };
+        assert_eq!(decide(&inputs), JobDecision::Suspended);
+        // A running Job is left to finish.
+        let running = [job("j2", 3, JobState::Active, None)];
+        assert!(matches!(decide(&Inputs { jobs: &running, ..inputs }), JobDecision::Running { .. }));
+        let live = Inputs { suspended: false, ..inputs };
+        assert!(matches!(decide(&live), JobDecision::FailedRecently { .. }));
+        let asked = Inputs { resync_requested: true, ..live };
+        assert_eq!(decide(&asked), JobDecision::Create { why: "4 objects new, changed or deleted".into() });
     }
 
     #[test]

@@ -58,6 +58,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// A deletion waiting for its Jobs and search pods to go (see `cleanup::Error::Waiting`).
+    pub fn is_waiting(&self) -> bool {
+        match self {
+            Error::Cleanup(cleanup::Error::Waiting(_)) => true,
+            Error::Finalizer(e) => matches!(e.as_ref(), finalizer::Error::CleanupFailed(e) if e.is_waiting()),
+            _ => false,
+        }
+    }
+
     /// The `error` label of the reconcile failure metric: which step failed.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -109,7 +118,8 @@ pub async fn reconcile(image_index: Arc<ImageIndex>, ctx: Arc<Context>) -> Resul
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.observe(started.elapsed(), result.as_ref().err().map(Error::metric_label));
+    let failure = result.as_ref().err().filter(|e| !e.is_waiting()).map(Error::metric_label);
+    ctx.metrics.observe(started.elapsed(), failure);
     result
 }
 
@@ -199,6 +209,8 @@ async fn embedding(
     let synced = status.synced_embedding.clone().or_else(|| {
         jobs.iter().filter(|j| j.state == JobState::Succeeded).max_by_key(|j| j.created)?.embedding.clone()
     });
+    let requested = image_index.annotations().get(crate::crd::RESYNC).cloned();
+    let resync_requested = requested.is_some() && requested != status.last_handled_resync;
     let inputs = |diff| Inputs {
         jobs: &jobs,
         generation,
@@ -207,8 +219,11 @@ async fn embedding(
         resync: spec.resync,
         diff,
         now: Timestamp::now(),
+        suspended: image_index.spec.suspend,
+        resync_requested,
     };
-    let remembered = ctx.memo(&key).diff;
+    // A resync asked for lists afresh, whatever was listed before.
+    let remembered = ctx.memo(&key).diff.filter(|_| !resync_requested);
     let mut decision = jobs::decide(&inputs(remembered.as_ref()));
     if decision == JobDecision::Diff {
         let url = &image_index.spec.source.url;
@@ -221,6 +236,7 @@ async fn embedding(
         let after_job = latest.map(|j| j.name.clone());
         let diff = Diff { at: Timestamp::now(), generation, after_job, discovered, pending, refused };
         ctx.set_memo(&key, |m| m.diff = Some(diff.clone()));
+        status.last_handled_resync = requested.clone();
         decision = jobs::decide(&inputs(Some(&diff)));
     }
     status.current_job = None;
@@ -253,6 +269,10 @@ async fn embedding(
             let msg = format!("{discovered} objects in sync with {}", image_index.spec.source.url);
             (Observed::yes(INDEXED, reason::UP_TO_DATE, msg), Action::requeue(spec.resync))
         }
+        JobDecision::Suspended => {
+            let msg = "indexing is suspended (spec.suspend); search serves what is indexed".to_string();
+            (Observed::no(INDEXED, reason::SUSPENDED, msg), Action::await_change())
+        }
         JobDecision::Diff => unreachable!("a diff made just now holds"),
     };
     observed.push(indexed);
@@ -273,6 +293,10 @@ async fn counts(image_index: &ImageIndex, ctx: &Context, catalog: &Catalog, stat
 }
 
 pub fn error_policy(image_index: Arc<ImageIndex>, err: &Error, ctx: Arc<Context>) -> Action {
+    if err.is_waiting() {
+        tracing::info!(name = %image_index.name_any(), "{err}");
+        return Action::requeue(cleanup::WAIT);
+    }
     warn!(name = %image_index.name_any(), error = %err, "reconcile failed");
     ctx.backoff(&object_key(&image_index))
 }
