@@ -24,6 +24,26 @@ enum Command {
     Crd,
 }
 
+/// The exit code of a failure that no retry can fix (sysexits' `EX_CONFIG`): the model file or
+/// its variant is missing or unusable, the collection holds another model's vectors or another
+/// index type, another index owns it, or a setting is invalid. The embedding Jobs' pod failure
+/// policy fails the Job at once on it instead of retrying a pod that will fail the same way.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// 78 for a configuration error anywhere in the chain (see `EXIT_CONFIG`), else 1.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    use crate::embed::ModelError;
+    use crate::store::Error as Store;
+    let config = e.chain().any(|c| {
+        matches!(c.downcast_ref::<ModelError>(), Some(ModelError::Setup(_)))
+            || matches!(
+                c.downcast_ref::<Store>(),
+                Some(Store::ModelMismatch(_) | Store::IndexMismatch(_) | Store::Claimed(_) | Store::Invalid(_))
+            )
+    });
+    if config { EXIT_CONFIG } else { 1 }
+}
+
 impl Args {
     /// Parses the command line and runs the command.
     pub async fn parse_and_run() -> Result<()> {
@@ -50,5 +70,23 @@ impl Args {
         let mut out = std::collections::BTreeSet::new();
         walk(&<Self as clap::CommandFactory>::command(), &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_errors_exit_78_and_the_rest_1() {
+        let setup = anyhow::Error::from(crate::embed::ModelError::Setup("model file /m.onnx does not exist".into()));
+        assert_eq!(exit_code(&setup.context("loading the model")), EXIT_CONFIG);
+        let mismatch = crate::store::Error::ModelMismatch(crate::core::ModelMismatch("holds fp32".into()));
+        assert_eq!(exit_code(&anyhow::Error::from(mismatch).context("ensuring")), EXIT_CONFIG);
+        let claimed = crate::store::Error::Claimed("belongs to another".into());
+        assert_eq!(exit_code(&anyhow::Error::from(claimed)), EXIT_CONFIG);
+        let down = crate::store::Error::backend("Milvus upsert", "connection refused");
+        assert_eq!(exit_code(&anyhow::Error::from(down)), 1);
+        assert_eq!(exit_code(&anyhow::anyhow!("anything else")), 1);
     }
 }

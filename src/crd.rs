@@ -218,6 +218,12 @@ pub struct EmbeddingSpec {
     /// operator's own image when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Seconds an embedding Job may run before Kubernetes stops it. What it embedded is kept,
+    /// and the next Job (after the resync interval) goes on from there, so a huge bucket is
+    /// indexed in several Jobs rather than by one that can hang for ever.
+    #[serde(default = "default_active_deadline")]
+    #[schemars(range(min = 60))]
+    pub active_deadline_seconds: i64,
     /// GPU Jobs: a PersistentVolumeClaim that keeps TensorRT's engine and timing caches from one
     /// Job to the next (building engines takes minutes); an emptyDir when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,8 +243,13 @@ impl Default for EmbeddingSpec {
             tolerations: None,
             image: None,
             engine_cache_claim: None,
+            active_deadline_seconds: default_active_deadline(),
         }
     }
+}
+
+fn default_active_deadline() -> i64 {
+    24 * 3600
 }
 
 fn default_model_uri() -> String {
@@ -355,8 +366,10 @@ pub struct ImageIndexStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// MilvusReady, CollectionReady, Indexed, SearchReady.
+    /// MilvusReady, CollectionReady, Indexed, SearchReady, and their aggregate Ready. A map
+    /// keyed by type, so server-side apply merges them by type.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default)]
     pub images: ImageCounts,
@@ -504,6 +517,21 @@ mod tests {
         ] {
             assert!(checked_in == crd_yaml(), "{path} is stale: run `cargo run -- crd | tee {path}`");
         }
+    }
+
+    /// Conditions merge by type under server-side apply (kstatus and `kubectl wait` expect one
+    /// per type); a plain list would be replaced whole by each manager.
+    #[test]
+    fn conditions_are_a_map_keyed_by_type() {
+        let crd = serde_json::to_value(ImageIndex::crd()).unwrap();
+        let conditions = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+            ["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+        assert!(
+            conditions["items"]["required"].as_array().unwrap().iter().any(|k| k == "type"),
+            "a map key must be required"
+        );
     }
 
     #[test]

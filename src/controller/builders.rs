@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern,
+    PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
@@ -43,8 +46,29 @@ pub struct Resolved {
     pub collection: String,
     /// The image for Jobs and search pods when the spec does not name one.
     pub default_image: String,
-    /// Indexed completion mode (Kubernetes 1.24+). Without it, one pod embeds every shard.
-    pub indexed_jobs: bool,
+    pub jobs: JobFeatures,
+}
+
+/// What the server's Jobs can do, by Kubernetes version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobFeatures {
+    /// Indexed completion mode (1.24). Without it, one pod embeds every shard.
+    pub indexed: bool,
+    /// `podFailurePolicy` and the `DisruptionTarget` pod condition (1.26).
+    pub pod_failure_policy: bool,
+    /// `backoffLimitPerIndex` (1.29): a shard that keeps failing does not use up the others' retries.
+    pub backoff_limit_per_index: bool,
+}
+
+impl JobFeatures {
+    pub const ALL: Self = Self { indexed: true, pod_failure_policy: true, backoff_limit_per_index: true };
+
+    /// From the apiserver's `/version` (`minor` may read `"29+"`).
+    pub fn of(major: &str, minor: &str) -> Self {
+        let minor: u32 = minor.trim_end_matches('+').parse().unwrap_or(0);
+        let at_least = |m: u32| major == "1" && minor >= m;
+        Self { indexed: at_least(24), pod_failure_policy: at_least(26), backoff_limit_per_index: at_least(29) }
+    }
 }
 
 /// A hash of what decides the vectors a Job writes: which objects, where they go, the model and
@@ -279,10 +303,38 @@ fn pod_template(
     }
 }
 
+/// A pod evicted, preempted or lost with its node (a spot GPU node reclaimed) is retried without
+/// counting against the backoff limit; a configuration error (`cli::EXIT_CONFIG`: a model file
+/// missing, another model's collection) fails the Job at once, since every retry fails the same.
+fn pod_failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some("embed".into()),
+                    operator: "In".into(),
+                    values: vec![i32::from(crate::cli::EXIT_CONFIG)],
+                }),
+                on_pod_conditions: None,
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
+            },
+        ],
+    }
+}
+
 /// The embedding Job: an Indexed Job with one pod per shard, each running `imageindex embed`.
 pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> Job {
     let spec = &image_index.spec.embedding;
-    let shards = if resolved.indexed_jobs { spec.parallelism as i32 } else { 1 };
+    let features = resolved.jobs;
+    let shards = if features.indexed { spec.parallelism as i32 } else { 1 };
     let gpu = wants_gpu(spec.resources.as_ref());
     let (mut volumes, mut mounts) = volumes(image_index);
     let mut env = common_env(image_index, resolved);
@@ -304,6 +356,7 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
         limits: Some(quantities(&[("memory", "2Gi")])),
         ..Default::default()
     });
+    let per_index = features.indexed && features.backoff_limit_per_index;
     let mut meta = meta(image_index, name.to_string(), "embed");
     meta.annotations = Some(BTreeMap::from([
         (GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
@@ -314,9 +367,14 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
         spec: Some(JobSpec {
             completions: Some(shards),
             parallelism: Some(shards),
-            completion_mode: resolved.indexed_jobs.then(|| "Indexed".to_string()),
-            // Bad images never fail a pod (they are recorded); retries cover node loss and Milvus blips.
-            backoff_limit: Some(3 * shards),
+            completion_mode: features.indexed.then(|| "Indexed".to_string()),
+            // Bad images never fail a pod (they are recorded); retries cover node loss and Milvus
+            // blips, per shard where the server can count them so.
+            backoff_limit: (!per_index).then_some(3 * shards),
+            backoff_limit_per_index: per_index.then_some(3),
+            pod_failure_policy: features.pod_failure_policy.then(pod_failure_policy),
+            // A Job never holds the index for ever: what it did is kept, the next one goes on.
+            active_deadline_seconds: Some(spec.active_deadline_seconds),
             ttl_seconds_after_finished: Some(24 * 3600),
             template: {
                 let container = Container {
@@ -484,7 +542,7 @@ mod tests {
             milvus_url: "http://milvus:19530".into(),
             collection: "shop_photos".into(),
             default_image: "ghcr.io/imageindex/imageindex:0.1.0".into(),
-            indexed_jobs: indexed,
+            jobs: if indexed { JobFeatures::ALL } else { JobFeatures::of("1", "20") },
         }
     }
 
@@ -519,12 +577,41 @@ mod tests {
         assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
     }
 
+    /// A Job cannot wedge the index: a deadline, per-shard retries, disruptions (spot nodes)
+    /// not counted, and a configuration error (exit 78) failing it at once.
+    #[test]
+    fn jobs_that_cannot_wedge_the_index() {
+        let image_index = sample("  embedding: {parallelism: 4, activeDeadlineSeconds: 7200}\n");
+        let spec = embed_job(&image_index, &resolved(true), "j").spec.unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(7200));
+        assert_eq!((spec.backoff_limit, spec.backoff_limit_per_index), (None, Some(3)));
+        let rules = spec.pod_failure_policy.unwrap().rules;
+        let fail = rules.iter().find(|r| r.action == "FailJob").unwrap().on_exit_codes.clone().unwrap();
+        assert_eq!((fail.container_name.as_deref(), fail.values), (Some("embed"), vec![78]));
+        let ignore = rules.iter().find(|r| r.action == "Ignore").unwrap().on_pod_conditions.clone().unwrap();
+        assert_eq!(ignore[0].type_, "DisruptionTarget");
+        assert_eq!(spec.template.spec.unwrap().restart_policy.as_deref(), Some("Never"), "podFailurePolicy needs it");
+        assert_eq!(
+            JobFeatures::of("1", "20"),
+            JobFeatures { indexed: false, pod_failure_policy: false, backoff_limit_per_index: false }
+        );
+        assert_eq!(
+            JobFeatures::of("1", "27+"),
+            JobFeatures { indexed: true, pod_failure_policy: true, backoff_limit_per_index: false }
+        );
+        assert_eq!(JobFeatures::of("1", "33"), JobFeatures::ALL);
+    }
+
     #[test]
     fn without_indexed_jobs_one_pod_embeds_everything() {
         let image_index = sample("  embedding: {parallelism: 4}\n");
         let job = embed_job(&image_index, &resolved(false), "j");
         let spec = job.spec.unwrap();
         assert_eq!((spec.completions, spec.completion_mode), (Some(1), None));
+        // 1.20: a plain backoff limit, no pod failure policy; the deadline is there on any server.
+        assert_eq!((spec.backoff_limit, spec.backoff_limit_per_index), (Some(3), None));
+        assert!(spec.pod_failure_policy.is_none());
+        assert_eq!(spec.active_deadline_seconds, Some(24 * 3600));
         let env = env_of(&spec.template.spec.unwrap().containers[0]);
         assert_eq!(env["IMAGEINDEX_SHARDS"].value.as_deref(), Some("1"));
     }

@@ -51,7 +51,7 @@ impl ControllerArgs {
     pub async fn run(self) -> Result<()> {
         let client =
             kube::Client::try_default().await.context("connecting to Kubernetes (in-cluster or kubeconfig)")?;
-        let indexed_jobs = super::indexed_jobs_supported(&client).await;
+        let jobs = super::job_features(&client).await;
         // The pod's name where POD_NAME is not set: the hostname a pod gets is its name.
         let identity = self.identity.unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")
@@ -61,7 +61,7 @@ impl ControllerArgs {
         let config = ControllerConfig {
             settings: Settings {
                 default_image: self.image,
-                indexed_jobs,
+                jobs,
                 io_timeout: Duration::from_secs(self.io_timeout),
                 list_timeout: Duration::from_secs(self.list_timeout),
                 cleanup_timeout: Duration::from_secs(self.cleanup_timeout),

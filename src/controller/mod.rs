@@ -289,14 +289,12 @@ fn role(leading: bool) -> &'static str {
     if leading { "leading" } else { "standby" }
 }
 
-/// Whether the server runs Indexed Jobs (GA in 1.24; 1.20, the apiserver we can build here, does not).
-pub async fn indexed_jobs_supported(client: &Client) -> bool {
+/// What the server's Jobs can do (1.20, the apiserver we can build here, has none of it); all
+/// of it when the version cannot be read.
+pub async fn job_features(client: &Client) -> builders::JobFeatures {
     match client.apiserver_version().await {
-        Ok(v) => {
-            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
-            v.major == "1" && minor >= 24
-        }
-        Err(_) => true,
+        Ok(v) => builders::JobFeatures::of(&v.major, &v.minor),
+        Err(_) => builders::JobFeatures::ALL,
     }
 }
 

@@ -174,7 +174,7 @@ fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
     let (client, calls) = mock(cluster);
     let settings = Settings {
         default_image: "imageindex:test".into(),
-        indexed_jobs: true,
+        jobs: imageindex::controller::builders::JobFeatures::ALL,
         io_timeout: Duration::from_secs(30),
         list_timeout: Duration::from_secs(3),
         cleanup_timeout: Duration::from_secs(600),
@@ -321,7 +321,7 @@ fn embedding_of(spec: &Value) -> String {
         milvus_url: imageindex::controller::reconcile::validate::address(spec["milvus"]["address"].as_str().unwrap()),
         collection: ii.collection(),
         default_image: String::new(),
-        indexed_jobs: true,
+        jobs: imageindex::controller::builders::JobFeatures::ALL,
     };
     embedding_hash(&ii, &resolved)
 }

@@ -62,7 +62,7 @@ pub async fn job(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved, w
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
     info!(job = %name, %why, "created embedding Job");
     publish(ctx, image_index, EventType::Normal, "JobCreated", format!("Job {name}: {why}")).await;
-    if !ctx.settings.indexed_jobs && image_index.spec.embedding.parallelism > 1 {
+    if !ctx.settings.jobs.indexed && image_index.spec.embedding.parallelism > 1 {
         let note = "this cluster has no Indexed Jobs (Kubernetes 1.24+): one pod embeds every shard";
         publish(ctx, image_index, EventType::Warning, "NoIndexedJobs", note.into()).await;
     }

@@ -19,7 +19,7 @@ pub struct Settings {
     /// Image for Jobs and search pods when an ImageIndex names none (the operator's own).
     pub default_image: String,
     /// The cluster runs Indexed Jobs (1.24+); otherwise one pod embeds all shards.
-    pub indexed_jobs: bool,
+    pub jobs: crate::controller::builders::JobFeatures,
     /// Limit for each Milvus and MySQL call the controller makes.
     pub io_timeout: Duration,
     /// Limit for listing a bucket and diffing it against the catalog.

@@ -164,7 +164,7 @@ async fn steps(
         milvus_url: ready.milvus_url,
         collection: image_index.collection(),
         default_image: ctx.settings.default_image.clone(),
-        indexed_jobs: ctx.settings.indexed_jobs,
+        jobs: ctx.settings.jobs,
     };
     // The search objects first: search answers while indexing runs.
     observed.push(apply::search(image_index, ctx, &resolved, &refs.search_token).await?);
