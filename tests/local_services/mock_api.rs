@@ -442,26 +442,23 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     let (_, calls) = run(edited(spec), cluster).await;
     assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.contains("/jobs/")), "a batch size edit");
 
-    // The precision changed on a collection of fp32 vectors: refused, said so, no Job.
-    let mut spec = live_spec(&fx);
-    spec["embedding"]["precision"] = json!("int8");
-    let (_, calls) = run(imageindex(spec, false), live_cluster()).await;
-    let st = written(&calls);
-    assert_eq!(reason(&st, "CollectionReady"), pair("False", "ModelMismatch"));
-    let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
-    assert!(msg.contains("holds fp32 vectors"), "{msg}");
-    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no Job into a mismatched collection");
-
-    // The index type changed on an HNSW collection: refused and said so (before, Ready with the
-    // old index while search asked for the other's metric), no Job.
-    let mut spec = live_spec(&fx);
-    spec["milvus"]["index"] = json!({"type": "IVF_FLAT"});
-    let (_, calls) = run(imageindex(spec, false), live_cluster()).await;
-    let st = written(&calls);
-    assert_eq!(reason(&st, "CollectionReady"), pair("False", "IndexMismatch"));
-    let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
-    assert!(msg.contains("Hnsw index, but IVF_FLAT was asked for"), "{msg}");
-    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no Job into a collection of another index");
+    // The precision changed on a collection of fp32 vectors, or the index type on an HNSW one
+    // (before, Ready with the old index while search asked for the other's metric): refused,
+    // said so, no Job.
+    let refused = [
+        ("embedding", "precision", json!("int8"), "ModelMismatch", "holds fp32 vectors"),
+        ("milvus", "index", json!({"type": "IVF_FLAT"}), "IndexMismatch", "Hnsw index, but IVF_FLAT was asked for"),
+    ];
+    for (section, field, value, why, says) in refused {
+        let mut spec = live_spec(&fx);
+        spec[section][field] = value;
+        let (_, calls) = run(imageindex(spec, false), live_cluster()).await;
+        let st = written(&calls);
+        assert_eq!(reason(&st, "CollectionReady"), pair("False", why));
+        let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
+        assert!(msg.contains(says), "{msg}");
+        assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no Job into a collection that refused: {why}");
+    }
     fx.cleanup().await;
 }
 

@@ -67,11 +67,11 @@ pub async fn cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, 
     // Nothing is dropped while a Job or a search pod could still write to the collection.
     let outcome = match stop_workloads(image_index, ctx).await {
         Ok(left) if left.is_empty() => drop_owned(image_index, ctx).await,
-        Ok(left) => Err(Failure::Waiting(format!(
+        Ok(left) => Err(Error::Waiting(format!(
             "waiting for {} to be gone before dropping collection {collection}",
             left.join(", ")
         ))),
-        Err(e) => Err(Failure::Backend(e)),
+        Err(e) => Err(e),
     };
     let failure = match outcome {
         Ok(action) => return Ok(action),
@@ -87,43 +87,16 @@ pub async fn cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, 
         publish(ctx, image_index, EventType::Warning, "CleanupAbandoned", note).await;
         return Ok(Action::await_change());
     }
-    let (why, message) = match &failure {
-        Failure::Waiting(m) => (reason::DELETING, m.clone()),
-        Failure::Backend(e) => (reason::CLEANUP_FAILED, e.to_string()),
-    };
+    let waiting = matches!(failure, Error::Waiting(_));
+    let why = if waiting { reason::DELETING } else { reason::CLEANUP_FAILED };
     let status = image_index.status.clone().unwrap_or_default();
-    update_status::write(image_index, ctx, status, &[Observed::no(READY, why, message.clone())]).await?;
-    match failure {
-        Failure::Waiting(m) => Err(Error::Waiting(m)),
-        Failure::Backend(e) => {
-            let left = ctx.settings.cleanup_timeout.saturating_sub(age).as_secs();
-            let note = format!("{message}; retrying for {left}s more, then the data is kept");
-            publish(ctx, image_index, EventType::Warning, "CleanupFailed", note).await;
-            Err(e)
-        }
+    update_status::write(image_index, ctx, status, &[Observed::no(READY, why, failure.to_string())]).await?;
+    if !waiting {
+        let left = ctx.settings.cleanup_timeout.saturating_sub(age).as_secs();
+        let note = format!("{failure}; retrying for {left}s more, then the data is kept");
+        publish(ctx, image_index, EventType::Warning, "CleanupFailed", note).await;
     }
-}
-
-/// Why a `Delete` cleanup did not finish this time.
-enum Failure {
-    /// Jobs or search pods are still going away.
-    Waiting(String),
-    Backend(Error),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Waiting(m) => f.write_str(m),
-            Failure::Backend(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl From<Error> for Failure {
-    fn from(e: Error) -> Self {
-        Failure::Backend(e)
-    }
+    Err(failure)
 }
 
 fn skip_requested(image_index: &ImageIndex) -> bool {
@@ -132,8 +105,8 @@ fn skip_requested(image_index: &ImageIndex) -> bool {
 
 /// How long ago the ImageIndex was deleted.
 fn deleting_for(image_index: &ImageIndex) -> Duration {
-    let since = image_index.metadata.deletion_timestamp.as_ref().map(|t| t.0).unwrap_or_else(Timestamp::now);
-    Duration::try_from(Timestamp::now().duration_since(since)).unwrap_or_default()
+    let since = image_index.metadata.deletion_timestamp.as_ref();
+    since.map(|t| super::jobs::age(t, Timestamp::now())).unwrap_or_default()
 }
 
 async fn stop_jobs(image_index: &ImageIndex, ctx: &Context, propagation: PropagationPolicy) -> Result<(), Error> {
@@ -188,7 +161,7 @@ async fn retain(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error
 
 /// Drops the collection and its catalog rows if the catalog shows they are this ImageIndex's
 /// and the credentials to do it are still there; otherwise keeps them and says why.
-async fn drop_owned(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Failure> {
+async fn drop_owned(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
     let ns = image_index.namespace().unwrap_or_default();
     let (collection, owner) = (image_index.collection(), image_index.owner());
     let timeout = ctx.settings.io_timeout;
@@ -224,7 +197,7 @@ async fn drop_owned(image_index: &ImageIndex, ctx: &Context) -> Result<Action, F
         .or_else(|| image_index.spec.milvus.address.as_deref().map(|a| MilvusSource::Address(validate::address(a))));
     let credentials = &image_index.spec.milvus.credentials_secret_ref;
     let milvus = match source {
-        Some(source) => dereference::milvus(&ctx.client, &source, credentials.is_some()).await.map_err(Error::from)?,
+        Some(source) => dereference::milvus(&ctx.client, &source, credentials.is_some()).await?,
         None => Milvus::NotFound("no Milvus in the spec".into()),
     };
     match milvus {
@@ -232,7 +205,7 @@ async fn drop_owned(image_index: &ImageIndex, ctx: &Context) -> Result<Action, F
             // Credentials named but gone (a namespace teardown deletes Secrets in any order):
             // they will not come back, and Milvus would refuse the drop. Kept.
             let token = match credentials {
-                Some(r) => match dereference::secret_key(&ctx.client, &ns, r).await.map_err(Error::from)? {
+                Some(r) => match dereference::secret_key(&ctx.client, &ns, r).await? {
                     Ok(token) => Some(token),
                     Err(missing) => {
                         return keep(format!("the Milvus credentials are gone ({})", missing.message)).await;
@@ -246,7 +219,7 @@ async fn drop_owned(image_index: &ImageIndex, ctx: &Context) -> Result<Action, F
                 .map_err(|e| failed("Milvus collection", e))?;
         }
         Milvus::NotFound(_) => warn!(%collection, "Milvus is gone; nothing to drop there"),
-        Milvus::NotReady(msg) => return Err(failed("Milvus collection", backends::Error::Unavailable(msg)).into()),
+        Milvus::NotReady(msg) => return Err(failed("Milvus collection", backends::Error::Unavailable(msg))),
     }
     within(timeout, catalog.drop_collection()).await.map_err(|e| failed("catalog rows of", e))?;
     let note = format!("dropped collection {collection} and its catalog rows");

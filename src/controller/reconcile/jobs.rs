@@ -111,7 +111,8 @@ pub fn latest_done(jobs: &[JobView]) -> Option<&JobView> {
     jobs.iter().filter(|j| j.state != JobState::Active).max_by_key(|j| j.created)
 }
 
-fn age(t: &Time, now: Timestamp) -> Duration {
+/// How long before `now` `t` was (zero if after it).
+pub(super) fn age(t: &Time, now: Timestamp) -> Duration {
     Duration::try_from(now.duration_since(t.0)).unwrap_or_default()
 }
 
