@@ -16,6 +16,11 @@ enum Command {
     Index(crate::sync::cli::IndexArgs),
     /// The embedding Job's work: the same sync, for one shard of the listing.
     Embed(crate::sync::cli::EmbedArgs),
+    /// An operator Job's first step: make or check the collection, diff the bucket against the
+    /// catalog, and report what an embedding Job would have to do.
+    Plan(crate::sync::tasks::PlanArgs),
+    /// An operator Job on deletion: drop the collection and its catalog rows, or let go of them.
+    Cleanup(crate::sync::tasks::CleanupArgs),
     /// The search server: HTTP API and a web page.
     Serve(crate::serve::cli::ServeArgs),
     /// The operator: reconcile ImageIndex resources (in a cluster, or against a kubeconfig).
@@ -40,6 +45,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 c.downcast_ref::<Store>(),
                 Some(Store::ModelMismatch(_) | Store::IndexMismatch(_) | Store::Claimed(_) | Store::Invalid(_))
             )
+            || c.downcast_ref::<crate::sync::tasks::Stopped>().is_some_and(|s| s.0.is_config())
     });
     if config { EXIT_CONFIG } else { 1 }
 }
@@ -52,6 +58,8 @@ impl Args {
         match Self::parse().command {
             Command::Index(args) => args.run().await,
             Command::Embed(args) => args.run().await,
+            Command::Plan(args) => args.run().await,
+            Command::Cleanup(args) => args.run().await,
             Command::Serve(args) => args.run().await,
             Command::Controller(args) => args.run().await,
             Command::Crd => {
@@ -88,5 +96,7 @@ mod tests {
         let down = crate::store::Error::backend("Milvus upsert", "connection refused");
         assert_eq!(exit_code(&anyhow::Error::from(down)), 1);
         assert_eq!(exit_code(&anyhow::anyhow!("anything else")), 1);
+        use crate::sync::{report::Stop, tasks::Stopped};
+        assert_eq!(exit_code(&Stopped(Stop::IndexMismatch, "HNSW".into()).into()), EXIT_CONFIG);
     }
 }

@@ -40,6 +40,8 @@ pub const DECODE_WORKERS: &str = "IMAGEINDEX_DECODE_WORKERS";
 pub const MAX_DELETE_PERCENT: &str = "IMAGEINDEX_MAX_DELETE_PERCENT";
 pub const RECONCILE: &str = "IMAGEINDEX_RECONCILE";
 pub const ALLOW_MASS_DELETE: &str = "IMAGEINDEX_ALLOW_MASS_DELETE";
+/// `plan` and `cleanup`: where the report goes (the pod's termination message).
+pub const REPORT: &str = "IMAGEINDEX_REPORT";
 /// Set by Kubernetes in an Indexed Job's pods.
 pub const SHARD: &str = "JOB_COMPLETION_INDEX";
 pub const SHARDS: &str = "IMAGEINDEX_SHARDS";

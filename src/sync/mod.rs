@@ -10,7 +10,9 @@
 pub mod cli;
 mod pipeline;
 pub mod plan;
+pub mod report;
 mod run;
+pub mod tasks;
 
 pub use plan::{DeletionGuard, MassDeletion, Plan, Work, plan, shard_of};
 pub use run::{embed_only, sync};

@@ -13,3 +13,4 @@ mod s3_proxy;
 mod serve;
 mod support;
 mod sync;
+mod tasks;

@@ -1,0 +1,120 @@
+//! What the operator's short Jobs (`imageindex plan`, `imageindex cleanup`) found, as they tell
+//! it: a small JSON document written as the pod's termination message, which the controller reads
+//! from the pod's status. That way the controller needs no Secret, no Milvus, MySQL or bucket
+//! connection of its own: the data-plane calls run in the ImageIndex's namespace with the
+//! credentials its pods get.
+
+use serde::{Deserialize, Serialize};
+
+/// The kubelet keeps at most 4096 bytes of a termination message.
+pub const MAX_BYTES: usize = 4096;
+/// A message longer than this is cut, so that the document always fits.
+const MAX_MESSAGE: usize = 1500;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum Report {
+    /// The collection is ready and the bucket was diffed against the catalog.
+    #[serde(rename_all = "camelCase")]
+    Planned {
+        /// Objects in the bucket.
+        discovered: u64,
+        /// Objects new, changed or deleted since the catalog saw them.
+        pending: u64,
+        /// Why the deletions the listing implies are refused (see `DeletionGuard`), if they are.
+        refused: Option<String>,
+        /// The catalog's counts.
+        indexed: u64,
+        failed: u64,
+    },
+    /// It stopped at `at`; `message` says why.
+    Stopped { at: Stop, message: String },
+    /// `Delete`: the collection and its catalog rows are gone.
+    Dropped,
+    /// `Delete`, but they are kept: `why` (another index holds them, or none is recorded).
+    Kept { why: String },
+    /// `Retain`: the collection's claim is let go; everything is kept.
+    Released,
+}
+
+/// Where a plan or cleanup stopped. The controller turns each into a condition and a reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Stop {
+    MilvusUnavailable,
+    MysqlUnavailable,
+    /// The collection holds another model's vectors (a configuration error: no retry helps).
+    ModelMismatch,
+    /// The collection has another index type (a configuration error).
+    IndexMismatch,
+    /// Another index owns the collection (a configuration error).
+    Claimed,
+    /// Milvus answered, but the collection could not be made, indexed or loaded.
+    CollectionUnavailable,
+    /// The bucket could not be listed.
+    SourceUnavailable,
+}
+
+impl Stop {
+    /// A spec or data error no retry can fix: the Job exits `cli::EXIT_CONFIG`.
+    pub fn is_config(self) -> bool {
+        matches!(self, Stop::ModelMismatch | Stop::IndexMismatch | Stop::Claimed)
+    }
+}
+
+impl Report {
+    pub fn stopped(at: Stop, message: impl std::fmt::Display) -> Self {
+        let mut message = message.to_string();
+        if message.len() > MAX_MESSAGE {
+            let cut = (0..=MAX_MESSAGE).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+            message.truncate(cut);
+            message.push('…');
+        }
+        Report::Stopped { at, message }
+    }
+
+    /// As written to the termination message: one line of JSON, within `MAX_BYTES`.
+    pub fn to_json(&self) -> String {
+        let mut report = self.clone();
+        if let Report::Planned { refused: Some(r), .. } | Report::Kept { why: r } = &mut report
+            && r.len() > MAX_MESSAGE
+        {
+            let cut = (0..=MAX_MESSAGE).rev().find(|&i| r.is_char_boundary(i)).unwrap_or(0);
+            r.truncate(cut);
+        }
+        serde_json::to_string(&report).expect("a report serializes")
+    }
+
+    /// From a termination message; None for anything else (a pod killed before it wrote one).
+    pub fn parse(message: &str) -> Option<Self> {
+        serde_json::from_str(message.trim()).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_fit_a_termination_message_and_read_back() {
+        let long = "é".repeat(5000);
+        for r in [
+            Report::stopped(Stop::MilvusUnavailable, &long),
+            Report::Planned { discovered: 3, pending: 1, refused: Some(long.clone()), indexed: 2, failed: 0 },
+            Report::Kept { why: long.clone() },
+            Report::Dropped,
+        ] {
+            let json = r.to_json();
+            assert!(json.len() <= MAX_BYTES, "{} bytes", json.len());
+            assert!(Report::parse(&json).is_some(), "{json}");
+        }
+        let planned = Report::Planned { discovered: 3, pending: 1, refused: None, indexed: 2, failed: 0 };
+        assert_eq!(Report::parse(&planned.to_json()), Some(planned));
+        assert_eq!(
+            Report::parse(r#"{"outcome":"stopped","at":"modelMismatch","message":"holds fp16"}"#),
+            Some(Report::Stopped { at: Stop::ModelMismatch, message: "holds fp16".into() })
+        );
+        assert_eq!(Report::parse("panicked at ..."), None);
+        assert!(Stop::Claimed.is_config() && !Stop::SourceUnavailable.is_config());
+    }
+}

@@ -1,0 +1,220 @@
+//! The operator's short data-plane tasks, each run as a Job in the ImageIndex's namespace with the
+//! credentials its pods get (the controller holds none):
+//!
+//! - `imageindex plan`: the collection made or checked and the catalog migrated, then the bucket
+//!   listed and diffed against the catalog, and the catalog's counts. What it finds decides
+//!   whether an embedding Job runs at all.
+//! - `imageindex cleanup`: on deletion, drop the collection and its catalog rows (`Delete`, and
+//!   only if the catalog shows they are this index's), or let go of the claim (`Retain`).
+//!
+//! Each writes a `Report` to `--report` (the pod's termination message) and stdout, and exits 0
+//! when it did its part, `cli::EXIT_CONFIG` when the spec cannot work, 1 when a backend failed.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::plan::{DeletionGuard, plan};
+use super::report::{Report, Stop};
+use crate::config::{BackendArgs, SourceArgs};
+use crate::core::{ModelId, Precision};
+use crate::env;
+use crate::store::{self, Catalog, Index, VectorStore};
+
+/// ResNet50's pooled output: the width of the vectors the embedding Jobs write.
+pub const DIM: usize = 2048;
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    /// `s3://bucket/prefix/`, `file:///path` or a local folder.
+    #[arg(long, env = env::SOURCE)]
+    source: String,
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    src: SourceArgs,
+    /// The embedding Jobs' model file: its name and the precision say which vectors the
+    /// collection is for (it is not loaded here).
+    #[arg(long, env = env::MODEL)]
+    model: PathBuf,
+    #[arg(long, env = env::PRECISION, value_enum, default_value = "fp32")]
+    precision: Precision,
+    /// Most of the catalog one run may delete, in percent (see `imageindex embed`).
+    #[arg(long, env = env::MAX_DELETE_PERCENT, default_value_t = 10.0)]
+    max_delete_percent: f64,
+    #[arg(long, env = env::ALLOW_MASS_DELETE)]
+    allow_mass_delete: bool,
+    #[command(flatten)]
+    out: Out,
+}
+
+#[derive(clap::Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Keep everything and only let go of the claim (`deletionPolicy: Retain`).
+    #[arg(long)]
+    retain: bool,
+    /// Milvus is gone (its Milvus resource deleted): drop only the catalog rows.
+    #[arg(long)]
+    catalog_only: bool,
+    #[command(flatten)]
+    out: Out,
+}
+
+#[derive(clap::Args)]
+struct Out {
+    /// Also write the report here (in a pod: its termination message, `/dev/termination-log`).
+    #[arg(long, env = env::REPORT)]
+    report: Option<PathBuf>,
+    /// Seconds allowed for each Milvus and MySQL call.
+    #[arg(long, env = env::IO_TIMEOUT, default_value_t = 30)]
+    io_timeout: u64,
+}
+
+impl Out {
+    /// Writes the report, and gives the exit status it implies.
+    fn finish(&self, report: Report) -> Result<()> {
+        let json = report.to_json();
+        println!("{json}");
+        if let Some(path) = &self.report {
+            std::fs::write(path, &json)?;
+        }
+        match report {
+            Report::Stopped { at, message } if at.is_config() => Err(Stopped(at, message).into()),
+            Report::Stopped { at, message } => Err(anyhow::anyhow!("{at:?}: {message}")),
+            _ => Ok(()),
+        }
+    }
+
+    async fn within<T>(&self, f: impl Future<Output = store::Result<T>>) -> Result<T, String> {
+        let limit = Duration::from_secs(self.io_timeout);
+        match tokio::time::timeout(limit, f).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer in {limit:?}")),
+        }
+    }
+}
+
+/// A configuration error a plan stopped at (exit `cli::EXIT_CONFIG`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: {1}")]
+pub struct Stopped(pub Stop, pub String);
+
+impl PlanArgs {
+    pub async fn run(self) -> Result<()> {
+        let report = self.plan().await;
+        self.out.finish(report)
+    }
+
+    async fn plan(&self) -> Report {
+        let out = &self.out;
+        let model = ModelId {
+            model: self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            precision: self.precision,
+        };
+        let milvus = self.backend.milvus();
+        let vectors = match out.within(VectorStore::connect(&milvus)).await {
+            Ok(v) => v,
+            Err(e) => return Report::stopped(Stop::MilvusUnavailable, format!("{}: {e}", milvus.url)),
+        };
+        let model_name = model.to_string();
+        let catalog = Catalog::connect(self.backend.mysql_url.expose(), &milvus.collection, &model_name);
+        let catalog = match out.within(catalog).await {
+            Ok(c) => c,
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+        };
+        let index = Index { vectors, catalog };
+        let limit = Duration::from_secs(out.io_timeout);
+        let ensured = tokio::time::timeout(limit, index.ensure(DIM, &model, false, &self.backend.owner)).await;
+        match ensured {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Report::stopped(stop_of(&e), e),
+            Err(_) => return Report::stopped(Stop::CollectionUnavailable, format!("no answer in {limit:?}")),
+        }
+        // The listing is bounded by the Job's deadline, not by a call limit: a large bucket takes
+        // as long as it takes.
+        let listing = match self.src.open(self.source.clone()) {
+            Ok(source) => source.list().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let listing = match listing {
+            Ok(l) => l,
+            Err(e) => return Report::stopped(Stop::SourceUnavailable, format!("listing {}: {e}", self.source)),
+        };
+        let entries = match out.within(index.catalog.entries(0, 1)).await {
+            Ok(e) => e,
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+        };
+        let catalog_size = entries.len();
+        let p = plan(listing, entries, 0, 1);
+        let guard = DeletionGuard { max_share: self.max_delete_percent / 100.0, allow: self.allow_mass_delete };
+        let refused = guard.check(&p, catalog_size).err().map(|e| e.to_string());
+        let counts = match out.within(index.catalog.counts()).await {
+            Ok(c) => c,
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+        };
+        Report::Planned {
+            discovered: p.discovered as u64,
+            pending: (p.new.len() + p.changed.len() + p.deleted.len()) as u64,
+            refused,
+            indexed: counts.indexed,
+            failed: counts.failed,
+        }
+    }
+}
+
+/// Where an ensure that failed stopped.
+fn stop_of(e: &store::Error) -> Stop {
+    match e {
+        store::Error::ModelMismatch(_) => Stop::ModelMismatch,
+        store::Error::IndexMismatch(_) => Stop::IndexMismatch,
+        store::Error::Claimed(_) => Stop::Claimed,
+        _ => Stop::CollectionUnavailable,
+    }
+}
+
+impl CleanupArgs {
+    pub async fn run(self) -> Result<()> {
+        let report = self.cleanup().await;
+        self.out.finish(report)
+    }
+
+    async fn cleanup(&self) -> Report {
+        let out = &self.out;
+        let milvus = self.backend.milvus();
+        let (collection, owner) = (&milvus.collection, &self.backend.owner);
+        let catalog = match out.within(Catalog::connect(self.backend.mysql_url.expose(), collection, "")).await {
+            Ok(c) => c,
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+        };
+        if self.retain {
+            return match out.within(catalog.release(owner)).await {
+                Ok(()) => Report::Released,
+                Err(e) => Report::stopped(Stop::MysqlUnavailable, e),
+            };
+        }
+        // The catalog says whose the collection is: nothing is dropped that another index holds,
+        // or that cannot be shown to be this one's.
+        match out.within(catalog.owner()).await {
+            Ok(Some(held)) if &held == owner => {}
+            Ok(Some(other)) => return Report::Kept { why: format!("it belongs to {other}") },
+            Ok(None) => {
+                return Report::Kept { why: "it cannot be shown to be this index's (no owner recorded)".into() };
+            }
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+        }
+        if !self.catalog_only {
+            let dropped = out.within(async { VectorStore::connect(&milvus).await?.drop_collection().await }).await;
+            if let Err(e) = dropped {
+                return Report::stopped(Stop::MilvusUnavailable, format!("dropping {collection}: {e}"));
+            }
+        }
+        match out.within(catalog.drop_collection()).await {
+            Ok(()) => Report::Dropped,
+            Err(e) => Report::stopped(Stop::MysqlUnavailable, e),
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The operator's short tasks (`imageindex plan`, `imageindex cleanup`) as its Jobs run them, on
+//! the real services: what they report, in their termination message, and how they exit.
+
+use std::process::Command;
+
+use imageindex::core::IndexKind;
+use imageindex::sync::report::{Report, Stop};
+
+use super::support::*;
+
+/// Runs the binary as the Job's pod would, with its report file; (exit code, report).
+fn task(fx: &Fixture, args: &[&str], env: &[(&str, &str)]) -> (i32, Report) {
+    let report = std::env::temp_dir().join(format!("{}-{}.report", fx.name, nanos()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imageindex"));
+    cmd.args(args)
+        .env("IMAGEINDEX_SOURCE", &fx.source_url)
+        .env("IMAGEINDEX_COLLECTION", &fx.name)
+        .env("IMAGEINDEX_OWNER", "ImageIndex shop/photos uid-1")
+        .env("IMAGEINDEX_REPORT", &report)
+        .env("IMAGEINDEX_IO_TIMEOUT", "5");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let written = std::fs::read_to_string(&report).unwrap_or_default();
+    let _ = std::fs::remove_file(&report);
+    let parsed = Report::parse(&written)
+        .unwrap_or_else(|| panic!("no report in {written:?}; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), written.trim(), "stdout carries the same report");
+    (out.status.code().unwrap_or(-1), parsed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
+    let fx = Fixture::new("tasks");
+    upload_photos(&fx, 30).await;
+
+    // A new collection: made, and everything in the bucket is work.
+    let (code, report) = task(&fx, &["plan"], &[]);
+    assert_eq!(code, 0, "{report:?}");
+    assert_eq!(report, Report::Planned { discovered: 30, pending: 30, refused: None, indexed: 0, failed: 0 });
+    assert!(fx.index(IndexKind::Hnsw).await.vectors.ready().await.is_ok(), "the plan made and loaded the collection");
+
+    // Indexed: a second plan finds nothing to do, and reads the counts.
+    let index = Command::new(env!("CARGO_BIN_EXE_imageindex"))
+        .args(["embed", "--batch-size", "8"])
+        .env("IMAGEINDEX_SOURCE", &fx.source_url)
+        .env("IMAGEINDEX_COLLECTION", &fx.name)
+        .env("IMAGEINDEX_OWNER", "ImageIndex shop/photos uid-1")
+        .status()
+        .unwrap();
+    assert!(index.success());
+    let (code, report) = task(&fx, &["plan"], &[]);
+    assert_eq!(
+        (code, report),
+        (0, Report::Planned { discovered: 30, pending: 0, refused: None, indexed: 30, failed: 0 })
+    );
+
+    // Most of the bucket gone: the plan says the deletions would be refused, and why.
+    for k in fx.source.list().await.unwrap().into_iter().take(20) {
+        fx.source.delete(&k.key).await.unwrap();
+    }
+    let (code, report) = task(&fx, &["plan"], &[]);
+    let Report::Planned { pending: 20, refused: Some(why), .. } = &report else { panic!("{report:?}") };
+    assert!(why.contains("20 of the 30"), "{why}");
+    assert_eq!(code, 0);
+
+    // Configuration errors exit 78 (the Job fails at once); a backend down exits 1.
+    let (code, report) = task(&fx, &["plan"], &[("IMAGEINDEX_INDEX_TYPE", "IVF_FLAT")]);
+    assert!(matches!(report, Report::Stopped { at: Stop::IndexMismatch, .. }), "{report:?}");
+    assert_eq!(code, 78);
+    let (code, report) = task(&fx, &["plan"], &[("IMAGEINDEX_OWNER", "ImageIndex other/photos uid-2")]);
+    assert!(matches!(report, Report::Stopped { at: Stop::Claimed, .. }), "{report:?}");
+    assert_eq!(code, 78);
+    let (code, report) = task(&fx, &["plan"], &[("IMAGEINDEX_MILVUS_URL", "http://127.0.0.1:9")]);
+    assert!(matches!(report, Report::Stopped { at: Stop::MilvusUnavailable, .. }), "{report:?}");
+    assert_eq!(code, 1);
+    let bucket = fx.source_url.replace("imageindex-test", "no-such-bucket-here");
+    let (code, report) = task(&fx, &["plan"], &[("IMAGEINDEX_SOURCE", bucket.as_str())]);
+    assert!(matches!(report, Report::Stopped { at: Stop::SourceUnavailable, .. }), "{report:?}");
+    assert_eq!(code, 1);
+
+    // Cleanup: another owner's collection is kept; Retain lets go of the claim; Delete drops.
+    let (code, report) = task(&fx, &["cleanup"], &[("IMAGEINDEX_OWNER", "ImageIndex other/photos uid-2")]);
+    assert!(matches!(&report, Report::Kept { why } if why.contains("uid-1")), "{report:?}");
+    assert_eq!(code, 0);
+    assert_eq!(fx.index(IndexKind::Hnsw).await.vectors.count().await.unwrap(), 30, "nothing dropped");
+    assert_eq!(task(&fx, &["cleanup", "--retain"], &[]), (0, Report::Released));
+    let (_, report) = task(&fx, &["cleanup"], &[]);
+    assert!(matches!(report, Report::Kept { .. }), "released: no longer shown to be this index's: {report:?}");
+    // Claimed again by a plan, then dropped.
+    assert_eq!(task(&fx, &["plan"], &[]).0, 0);
+    assert_eq!(task(&fx, &["cleanup"], &[]), (0, Report::Dropped));
+    let catalog = fx.index(IndexKind::Hnsw).await.catalog;
+    assert_eq!(catalog.counts().await.unwrap().indexed, 0, "the catalog rows went with it");
+    fx.cleanup().await;
+}
