@@ -67,7 +67,7 @@ pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const LEASE_NAME: &str = "IMAGEINDEX_LEASE_NAME";
 pub const POD_NAME: &str = "POD_NAME";
 pub const IO_TIMEOUT: &str = "IMAGEINDEX_IO_TIMEOUT";
-pub const LIST_TIMEOUT: &str = "IMAGEINDEX_LIST_TIMEOUT";
+pub const PLAN_TIMEOUT: &str = "IMAGEINDEX_PLAN_TIMEOUT";
 pub const CLEANUP_TIMEOUT: &str = "IMAGEINDEX_CLEANUP_TIMEOUT";
 
 /// Read by the log filter (`telemetry`), not by a flag.

@@ -29,6 +29,16 @@ pub const COMPONENT: &str = "app.kubernetes.io/component";
 pub const GENERATION: &str = "imageindex.dev/generation";
 /// The `embedding_hash` a Job was created for.
 pub const EMBEDDING: &str = "imageindex.dev/embedding";
+/// On a plan Job: the last finished embedding Job when it was made (its diff is of the catalog
+/// after that one), and the resync request (`crd::RESYNC`) it answers.
+pub const AFTER_JOB: &str = "imageindex.dev/after-job";
+pub const RESYNC_FOR: &str = "imageindex.dev/resync-request";
+/// The components: what each of an ImageIndex's Jobs and pods is for.
+pub const EMBED: &str = "embed";
+pub const PLAN: &str = "plan";
+pub const CLEANUP: &str = "cleanup";
+/// Where the plan and cleanup pods write their report: the kubelet's termination message.
+const TERMINATION_LOG: &str = "/dev/termination-log";
 const HTTP_PORT: i32 = 8080;
 const TOKEN_DIR: &str = "/var/run/secrets/imageindex";
 const PVC_MOUNT: &str = "/models/pvc";
@@ -92,9 +102,14 @@ pub fn embedding_hash(image_index: &ImageIndex, resolved: &Resolved) -> String {
     crate::store::content_hash(fields.to_string().as_bytes())[..16].to_string()
 }
 
+/// Selects the ImageIndex's Jobs (and their pods) of one component.
+pub fn selector(image_index: &ImageIndex, component: &str) -> String {
+    format!("{INSTANCE}={},{COMPONENT}={component}", image_index.metadata.name.as_deref().unwrap_or_default())
+}
+
 /// Selects the ImageIndex's embedding Jobs.
 pub fn embed_selector(image_index: &ImageIndex) -> String {
-    format!("{INSTANCE}={},{COMPONENT}=embed", image_index.metadata.name.as_deref().unwrap_or_default())
+    selector(image_index, EMBED)
 }
 
 pub fn search_name(image_index: &ImageIndex) -> String {
@@ -237,14 +252,20 @@ fn pod_security() -> PodSecurityContext {
     }
 }
 
-/// `/tmp` (writable under a read-only root) and the model's PVC, if any.
-fn volumes(image_index: &ImageIndex) -> (Vec<Volume>, Vec<VolumeMount>) {
-    let mut vols = vec![Volume {
+/// `/tmp`, writable under a read-only root.
+fn tmp() -> (Volume, VolumeMount) {
+    let volume = Volume {
         name: "tmp".into(),
         empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("1Gi".into())), ..Default::default() }),
         ..Default::default()
-    }];
-    let mut mounts = vec![VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() }];
+    };
+    (volume, VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() })
+}
+
+/// `/tmp` and the model's PVC, if any.
+fn volumes(image_index: &ImageIndex) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let (tmp, tmp_mount) = tmp();
+    let (mut vols, mut mounts) = (vec![tmp], vec![tmp_mount]);
     if let (_, Some((claim, _))) = model_location(&image_index.spec.embedding.model_uri) {
         vols.push(Volume {
             name: "model".into(),
@@ -396,6 +417,97 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
         }),
         status: None,
     }
+}
+
+/// What a plan Job is for, recorded on it (see `AFTER_JOB`, `RESYNC_FOR`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanFor {
+    pub after_job: Option<String>,
+    pub resync: Option<String>,
+    /// Seconds it may run: listing a large bucket takes a while, but never for ever.
+    pub deadline: i64,
+}
+
+/// A short Job of one pod running `imageindex <args>` with the index's settings and credentials,
+/// on any node (it needs no GPU), reporting in its termination message. The controller retries
+/// it, not the Job: a retry inside would hide why it failed.
+fn task_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, component: &str, args: Vec<String>) -> Job {
+    let mut env = common_env(image_index, resolved);
+    env.push(var(env::REPORT, TERMINATION_LOG));
+    // No model volume: the model is named, not loaded.
+    let (tmp, tmp_mount) = tmp();
+    let container = Container {
+        name: component.into(),
+        args: Some(args),
+        env: Some(env),
+        image: Some(embed_image(image_index, resolved)),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&[("cpu", "100m"), ("memory", "128Mi")])),
+            limits: Some(quantities(&[("memory", "1Gi")])),
+            ..Default::default()
+        }),
+        termination_message_path: Some(TERMINATION_LOG.into()),
+        termination_message_policy: Some("File".into()),
+        ..Default::default()
+    };
+    let mut template = pod_template(image_index, component, container, vec![tmp], vec![tmp_mount]);
+    template.spec.as_mut().expect("pod_template sets a spec").restart_policy = Some("Never".into());
+    Job {
+        metadata: meta(image_index, name.to_string(), component),
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            ttl_seconds_after_finished: Some(3600),
+            template,
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The plan Job: makes or checks the collection, diffs the bucket against the catalog, counts.
+pub fn plan_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan: &PlanFor) -> Job {
+    let source = &image_index.spec.source;
+    let mut job = task_job(image_index, resolved, name, PLAN, vec!["plan".into()]);
+    let spec = job.spec.as_mut().expect("task_job sets a spec");
+    spec.active_deadline_seconds = Some(plan.deadline);
+    let pod = spec.template.spec.as_mut().expect("pod_template sets a spec");
+    let env = pod.containers[0].env.as_mut().expect("task_job sets env");
+    env.extend([
+        var(env::PRECISION, image_index.spec.embedding.precision.to_string()),
+        var(env::MAX_DELETE_PERCENT, source.max_delete_percent.to_string()),
+    ]);
+    if source.allow_mass_deletion {
+        env.push(var(env::ALLOW_MASS_DELETE, "true"));
+    }
+    let mut annotations = BTreeMap::from([
+        (GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
+        (EMBEDDING.to_string(), embedding_hash(image_index, resolved)),
+    ]);
+    annotations.extend(plan.after_job.clone().map(|j| (AFTER_JOB.to_string(), j)));
+    annotations.extend(plan.resync.clone().map(|r| (RESYNC_FOR.to_string(), r)));
+    job.metadata.annotations = Some(annotations);
+    job
+}
+
+pub fn cleanup_name(image_index: &ImageIndex) -> String {
+    format!("{}-cleanup", image_index.metadata.name.as_deref().unwrap_or_default())
+}
+
+/// The cleanup Job on deletion: drop (`Delete`) or release (`Retain`). Not owned by the
+/// ImageIndex: a foreground deletion of it would remove the Job before it ran. The controller
+/// deletes it once it has read the report.
+pub fn cleanup_job(image_index: &ImageIndex, resolved: &Resolved, catalog_only: bool) -> Job {
+    let mut args = vec!["cleanup".to_string()];
+    if image_index.spec.deletion_policy == crate::crd::DeletionPolicy::Retain {
+        args.push("--retain".into());
+    }
+    if catalog_only {
+        args.push("--catalog-only".into());
+    }
+    let mut job = task_job(image_index, resolved, &cleanup_name(image_index), CLEANUP, args);
+    job.metadata.owner_references = None;
+    job.spec.as_mut().expect("task_job sets a spec").active_deadline_seconds = Some(600);
+    job
 }
 
 /// The search Deployment `<name>-search`: `imageindex serve` behind readiness and liveness probes.
@@ -732,15 +844,57 @@ mod tests {
         let reads = crate::cli::Args::env_vars();
         let job = embed_job(&image_index, &resolved(true), "j").spec.unwrap().template;
         let search = search_deployment(&image_index, &resolved(true)).spec.unwrap().template;
+        let plan = plan_job(&image_index, &resolved(true), "p", &PlanFor::default()).spec.unwrap().template;
+        let cleanup = cleanup_job(&image_index, &resolved(true), false).spec.unwrap().template;
         let mut set = 0;
-        for pod in [job, search] {
+        for pod in [job, search, plan, cleanup] {
             for e in pod.spec.unwrap().containers[0].env.clone().unwrap() {
                 assert!(reads.contains(&e.name) || e.name == env::LOG, "pods get {} but no flag reads it", e.name);
                 set += 1;
             }
         }
-        assert!(set > 20, "only {set} variables checked");
+        assert!(set > 40, "only {set} variables checked");
         assert!(reads.contains(env::SHARD) && reads.contains(env::MODEL), "{reads:?}");
+    }
+
+    #[test]
+    fn plan_and_cleanup_jobs_report_through_the_termination_message() {
+        let image_index =
+            sample("  embedding:\n    resources: {limits: {nvidia.com/gpu: 1}}\n    nodeSelector: {gpu: \"yes\"}\n");
+        let mut image_index = image_index;
+        image_index.spec.source.allow_mass_deletion = true;
+        let for_ = PlanFor { after_job: Some("photos-embed-1".into()), resync: Some("now".into()), deadline: 900 };
+        let job = plan_job(&image_index, &resolved(true), "photos-plan-1", &for_);
+        let a = job.metadata.annotations.clone().unwrap();
+        assert_eq!((a[AFTER_JOB].as_str(), a[RESYNC_FOR].as_str()), ("photos-embed-1", "now"));
+        assert_eq!(a[EMBEDDING], embedding_hash(&image_index, &resolved(true)));
+        assert_eq!(job.metadata.labels.as_ref().unwrap()[COMPONENT], PLAN);
+        let spec = job.spec.unwrap();
+        assert_eq!((spec.backoff_limit, spec.active_deadline_seconds), (Some(0), Some(900)), "the controller retries");
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_deref(), Some(&["plan".to_string()][..]));
+        assert_eq!(c.termination_message_policy.as_deref(), Some("File"));
+        let env = env_of(c);
+        let value = |env: &BTreeMap<String, EnvVar>, k: &str| env.get(k).and_then(|e| e.value.clone());
+        assert_eq!(value(&env, env::REPORT).as_deref(), c.termination_message_path.as_deref());
+        assert_eq!(value(&env, env::ALLOW_MASS_DELETE).as_deref(), Some("true"));
+        assert!(env[env::MYSQL_URL].value_from.is_some(), "credentials from the Secret, never in the spec");
+        // No GPU, no GPU node, no model volume: it only lists and counts.
+        assert!(c.resources.as_ref().unwrap().limits.as_ref().unwrap().keys().all(|k| !k.contains("nvidia")));
+        assert_eq!((pod.node_selector, pod.volumes.unwrap().len()), (None, 1));
+        let mut deleted = image_index.clone();
+        deleted.spec.deletion_policy = crate::crd::DeletionPolicy::Delete;
+        let cleanup = cleanup_job(&deleted, &resolved(true), true);
+        assert!(cleanup.metadata.owner_references.is_none(), "a foreground deletion would take it first");
+        let args = cleanup.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+        assert_eq!(args, ["cleanup", "--catalog-only"]);
+        let mut retained = image_index.clone();
+        retained.spec.deletion_policy = crate::crd::DeletionPolicy::Retain;
+        let args = cleanup_job(&retained, &resolved(true), false).spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone();
+        assert_eq!(args.unwrap(), ["cleanup", "--retain"]);
     }
 
     #[test]

@@ -30,13 +30,11 @@ pub struct ControllerArgs {
     /// This replica's name in the Lease (in a pod: its name).
     #[arg(long, env = env::POD_NAME)]
     identity: Option<String>,
-    /// Seconds allowed for each Milvus and MySQL call the controller makes.
-    #[arg(long, env = env::IO_TIMEOUT, default_value_t = 10)]
-    io_timeout: u64,
-    /// Seconds allowed for listing a bucket and diffing it against the catalog.
-    #[arg(long, env = env::LIST_TIMEOUT, default_value_t = 300)]
-    list_timeout: u64,
-    /// Seconds a `deletionPolicy: Delete` cleanup keeps retrying a Milvus or MySQL that fails;
+    /// Seconds a plan Job may run: making or checking the collection, listing the bucket and
+    /// diffing it against the catalog.
+    #[arg(long, env = env::PLAN_TIMEOUT, default_value_t = 3600)]
+    plan_timeout: u64,
+    /// Seconds a cleanup on deletion keeps retrying (its Job failing, Milvus or MySQL down);
     /// then the data is kept, with a Warning, and the ImageIndex goes.
     #[arg(long, env = env::CLEANUP_TIMEOUT, default_value_t = 600)]
     cleanup_timeout: u64,
@@ -62,8 +60,7 @@ impl ControllerArgs {
             settings: Settings {
                 default_image: self.image,
                 jobs,
-                io_timeout: Duration::from_secs(self.io_timeout),
-                list_timeout: Duration::from_secs(self.list_timeout),
+                plan_timeout: Duration::from_secs(self.plan_timeout),
                 cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
             },
             namespace: watch_namespace(self.namespace),

@@ -20,7 +20,6 @@ pub struct Metrics {
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
     leading: Gauge,
-    connects: Counter,
 }
 
 impl Default for Metrics {
@@ -28,20 +27,14 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("imageindex_controller");
         let reconciles = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
-        // 1 ms to ~65 s: a reconcile may list a large bucket.
+        // 1 ms to ~65 s.
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 17));
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed, by kind of error", failures.clone());
         registry.register("reconcile_duration_seconds", "Time per reconcile", duration.clone());
         let leading = Gauge::default();
         registry.register("leading", "1 while this replica holds the lease and reconciles", leading.clone());
-        let connects = Counter::default();
-        registry.register(
-            "backend_connects",
-            "Times the controller connected an ImageIndex's Milvus and catalog afresh (kept between reconciles)",
-            connects.clone(),
-        );
-        Self { registry, reconciles, failures, duration, leading, connects }
+        Self { registry, reconciles, failures, duration, leading }
     }
 }
 
@@ -52,10 +45,6 @@ impl Metrics {
         if let Some(e) = error {
             self.failures.get_or_create(&ErrorLabels { error: e.to_string() }).inc();
         }
-    }
-
-    pub fn connected(&self) {
-        self.connects.inc();
     }
 
     pub fn set_leading(&self, leading: bool) {

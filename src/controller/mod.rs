@@ -18,11 +18,11 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 use kube::core::{DynamicObject, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -117,8 +117,9 @@ async fn lead(client: &Client, (ns, name): &(String, String), identity: &str) ->
     }))
 }
 
-/// The controller and what wakes it: ImageIndexes, the objects they own, the Secrets they read
-/// and the Milvus CRs they refer to (where the milvus-operator's CRD is served).
+/// The controller and what wakes it: ImageIndexes, the objects they own, their Jobs' pods (a
+/// report written, a pod that cannot start), the cleanup Jobs they do not own, and the Milvus CRs
+/// they refer to (where the milvus-operator's CRD is served).
 fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIndex> {
     fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
@@ -143,17 +144,14 @@ fn watches(client: &Client, namespace: Option<&str>) -> Controller<ImageIndex> {
         .predicate_filter(wakes, Default::default());
     let controller = Controller::for_stream(image_indexes, reader);
     let store = controller.store();
-    let by_secret = store.clone();
     let controller = controller
         .owns(api::<Job>(client, namespace), owned.clone())
         .owns(api::<Deployment>(client, namespace), owned.clone())
-        .owns(api::<Service>(client, namespace), owned)
-        // Secrets are watched by metadata only: their values never sit in the controller's memory.
-        .watches(api::<PartialObjectMeta<Secret>>(client, namespace), watcher::Config::default(), move |s| {
-            referencing(&by_secret, &s.namespace().unwrap_or_default(), |image_index| {
-                secret_names(image_index).contains(&s.name_any())
-            })
-        });
+        .owns(api::<Service>(client, namespace), owned.clone())
+        // By metadata only (a status change bumps it too): the controller reads the pods it needs
+        // when it reconciles. They name their ImageIndex in the instance label (the cleanup
+        // Job's pod too: that Job is not owned).
+        .watches(api::<PartialObjectMeta<Pod>>(client, namespace), owned, instance);
     controller.watches_stream_with(
         milvus_events(client, namespace),
         move |m| {
@@ -234,31 +232,10 @@ async fn sigterm() {
     }
 }
 
-/// Names of the Secrets an ImageIndex reads.
-fn secret_names(image_index: &ImageIndex) -> Vec<String> {
-    let s = &image_index.spec;
-    [
-        Some(s.mysql.secret_ref.name.clone()),
-        s.source.credentials_secret.clone(),
-        s.milvus.credentials_secret_ref.as_ref().map(|r| r.name.clone()),
-        s.search.token_secret_ref.as_ref().map(|r| r.name.clone()),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
-}
-
-fn referencing(
-    store: &Store<ImageIndex>,
-    ns: &str,
-    refers: impl Fn(&ImageIndex) -> bool,
-) -> Vec<ObjectRef<ImageIndex>> {
-    store
-        .state()
-        .into_iter()
-        .filter(|image_index| image_index.namespace().as_deref() == Some(ns) && refers(image_index))
-        .map(|image_index| ObjectRef::from_obj(&*image_index))
-        .collect()
+/// The ImageIndex an object of ours names in its instance label.
+fn instance<K: kube::Resource>(o: K) -> Option<ObjectRef<ImageIndex>> {
+    let name = o.meta().labels.as_ref()?.get(builders::INSTANCE)?;
+    Some(ObjectRef::new(name).within(o.meta().namespace.as_deref()?))
 }
 
 /// `/metrics` (Prometheus), `/healthz` (the process runs), `/readyz` (it serves: leading or on

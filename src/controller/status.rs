@@ -47,6 +47,12 @@ pub mod reason {
     pub const DELETING: &str = "Deleting";
     /// Deleted; dropping the collection or its catalog rows failed (retried, then kept).
     pub const CLEANUP_FAILED: &str = "CleanupFailed";
+    /// A plan Job is making or checking the collection and diffing the bucket.
+    pub const PLANNING: &str = "Planning";
+    /// No node can take a Job's pods (no GPU node, taints, too little memory).
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// A Job's pods cannot start: an image that cannot be pulled, a container that cannot be made.
+    pub const PODS_CANNOT_START: &str = "PodsCannotStart";
 
     const ALL: &[&str] = &[
         READY,
@@ -74,6 +80,9 @@ pub mod reason {
         DELETING,
         CLEANUP_FAILED,
         SUSPENDED,
+        PLANNING,
+        UNSCHEDULABLE,
+        PODS_CANNOT_START,
     ];
 
     /// The reason among these that `r` is (conditions read back from the API hold Strings).

@@ -1,6 +1,10 @@
 //! Reconcile paths against a mock Kubernetes API (kube's `tower-test` pattern: the client talks to
 //! an in-process service that answers like an apiserver and records every request), with the real
-//! local Milvus, MariaDB and S3 behind the data-plane steps. One test per condition reason.
+//! local Milvus, MariaDB and S3 behind the data-plane steps. Where a test turns `kubelet` on, the
+//! mock plays the kubelet and Job controller for the plan and cleanup Jobs: it runs the Job's
+//! command with the pod's env (Secrets resolved from the mock's, or the pod left waiting with
+//! `CreateContainerConfigError` as a kubelet would), and keeps the Job and pod with their status
+//! and the report in the termination message. One test per condition reason.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,10 +19,10 @@ use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 
 use imageindex::controller::metrics::Metrics;
-use imageindex::controller::reconcile::{Context, Settings, reconcile};
+use imageindex::controller::reconcile::{Context, Error, Settings, reconcile};
 use imageindex::crd::{ImageIndex, ImageIndexStatus, Phase};
 
-use super::support::{Fixture, env, model, upload_photos};
+use super::support::{Fixture, env, model, run_like_the_image, upload_photos};
 use imageindex::sync::{SyncOptions, sync};
 
 /// What the fake apiserver holds.
@@ -29,6 +33,9 @@ struct Cluster {
     secrets: BTreeMap<String, Value>,
     milvus: Option<Value>,
     jobs: Vec<Value>,
+    pods: Vec<Value>,
+    /// Run the plan and cleanup Jobs when they are created (see the module's doc).
+    kubelet: bool,
     available_replicas: i32,
     /// The search Deployment, where a GET should find it (a deletion waits for it to go).
     search: Option<Value>,
@@ -62,7 +69,7 @@ impl Cluster {
         self
     }
 
-    fn answer(&mut self, method: &Method, path: &str, body: &Value) -> (u16, Value) {
+    fn answer(&mut self, method: &Method, path: &str, query: &str, body: &Value) -> (u16, Value) {
         let last = path.rsplit('/').next().unwrap_or_default();
         if self.forbidden.iter().any(|f| path.contains(f)) {
             let msg = format!("{path} is forbidden: User \"system:serviceaccount:x:y\" cannot get resource");
@@ -79,10 +86,20 @@ impl Cluster {
                 self.milvus.clone().map(|m| (200, m)).unwrap_or_else(|| not_found(p))
             }
             ("GET", p) if p.ends_with("/jobs") => {
-                (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": self.jobs}))
+                let items: Vec<&Value> = self.jobs.iter().filter(|j| selects(query, j)).collect();
+                (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": items}))
+            }
+            ("GET", p) if p.ends_with("/pods") => {
+                let items: Vec<&Value> = self.pods.iter().filter(|j| selects(query, j)).collect();
+                (200, json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}))
             }
             ("DELETE", p) if p.ends_with("/jobs") => {
                 (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
+            }
+            ("DELETE", p) if p.contains("/jobs/") => {
+                self.jobs.retain(|j| j["metadata"]["name"] != last);
+                self.pods.retain(|p| p["metadata"]["labels"]["job-name"] != last);
+                (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}))
             }
             ("DELETE", p) if p.contains("/deployments/") => {
                 (200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}))
@@ -95,6 +112,10 @@ impl Cluster {
                 let mut j = body.clone();
                 j["metadata"]["creationTimestamp"] = json!("2026-11-24T00:00:00Z");
                 self.jobs.retain(|x| x["metadata"]["name"] != j["metadata"]["name"]);
+                let component = j["metadata"]["labels"]["app.kubernetes.io/component"].clone();
+                if self.kubelet && (component == "plan" || component == "cleanup") {
+                    self.run_task(&mut j);
+                }
                 self.jobs.push(j.clone());
                 (200, j)
             }
@@ -124,6 +145,82 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The kubelet's and Job controller's part for a plan or cleanup Job: its pod, run with the
+    /// pod's env; the pod's status and the Job's as they would be.
+    fn run_task(&mut self, job: &mut Value) {
+        let name = job["metadata"]["name"].as_str().unwrap().to_string();
+        let container = &job["spec"]["template"]["spec"]["containers"][0];
+        let state = match self.pod_env(container) {
+            Err(message) => json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}),
+            Ok(vars) => {
+                let report = std::env::temp_dir().join(format!("mock-{name}-{}.report", super::support::nanos()));
+                let mut vars: BTreeMap<String, String> = vars.into_iter().collect();
+                vars.insert("IMAGEINDEX_REPORT".into(), report.display().to_string());
+                vars.insert("IMAGEINDEX_IO_TIMEOUT".into(), "5".into());
+                let args: Vec<String> = serde_json::from_value(container["args"].clone()).unwrap_or_default();
+                let out = run_like_the_image(&args, &vars).output().unwrap();
+                let message = std::fs::read_to_string(&report).unwrap_or_default();
+                let _ = std::fs::remove_file(&report);
+                json!({"terminated": {"exitCode": out.status.code().unwrap_or(137), "message": message}})
+            }
+        };
+        let mut labels = job["spec"]["template"]["metadata"]["labels"].clone();
+        labels["job-name"] = json!(name);
+        self.pods.retain(|p| p["metadata"]["labels"]["job-name"] != name.as_str());
+        self.pods.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{name}-pod"), "namespace": "shop", "labels": labels, "creationTimestamp": "2026-11-24T00:00:00Z"},
+            "status": {"containerStatuses": [{"name": container["name"], "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": state}]}}));
+        let Some(code) = state["terminated"]["exitCode"].as_i64() else { return };
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        job["status"] = if code == 0 {
+            json!({"succeeded": 1, "completionTime": now, "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": now}]})
+        } else {
+            json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "lastTransitionTime": now}]})
+        };
+    }
+
+    /// The pod's env as the kubelet builds it, or its message for a Secret or key that is missing.
+    fn pod_env(&self, container: &Value) -> Result<Vec<(String, String)>, String> {
+        let secret = |name: &str| -> Result<BTreeMap<String, String>, String> {
+            let data = self.secrets.get(name).ok_or_else(|| format!("secret \"{name}\" not found"))?["data"].clone();
+            let data: BTreeMap<String, String> = serde_json::from_value(data).unwrap_or_default();
+            Ok(data
+                .into_iter()
+                .map(|(k, v)| {
+                    (k, String::from_utf8(base64::engine::general_purpose::STANDARD.decode(v).unwrap()).unwrap())
+                })
+                .collect())
+        };
+        let mut vars = vec![];
+        for from in container["envFrom"].as_array().into_iter().flatten() {
+            vars.extend(secret(from["secretRef"]["name"].as_str().unwrap())?);
+        }
+        for e in container["env"].as_array().into_iter().flatten() {
+            let value = match (e["value"].as_str(), &e["valueFrom"]["secretKeyRef"]) {
+                (Some(v), _) => v.to_string(),
+                (None, r) => {
+                    let (name, key) = (r["name"].as_str().unwrap(), r["key"].as_str().unwrap());
+                    secret(name)?.remove(key).ok_or_else(|| format!("couldn't find key {key} in Secret shop/{name}"))?
+                }
+            };
+            vars.push((e["name"].as_str().unwrap().to_string(), value));
+        }
+        Ok(vars)
+    }
+}
+
+/// Whether `object` matches the `labelSelector` in `query` (equality terms, as the reconciler sends).
+fn selects(query: &str, object: &Value) -> bool {
+    let selector = query.split('&').find_map(|kv| kv.strip_prefix("labelSelector=")).unwrap_or_default();
+    let selector = selector.replace("%3D", "=").replace("%2C", ",").replace("%2F", "/");
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (k, v) = term.split_once('=').unwrap();
+        object["metadata"]["labels"][k] == v
+    })
+}
+
 /// A client whose every request goes to `cluster`, and the log of those requests.
 fn mock(mut cluster: Cluster) -> (Client, Arc<Mutex<Vec<Call>>>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -135,7 +232,8 @@ fn mock(mut cluster: Cluster) -> (Client, Arc<Mutex<Vec<Call>>>) {
             let bytes = body.collect_bytes().await.unwrap();
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let path = parts.uri.path().to_string();
-            let (code, answer) = cluster.answer(&parts.method, &path, &body);
+            let query = parts.uri.query().unwrap_or_default().to_string();
+            let (code, answer) = cluster.answer(&parts.method, &path, &query, &body);
             log.lock().unwrap().push(Call { method: parts.method, path, body });
             send.send_response(
                 Response::builder().status(code).body(Body::from(serde_json::to_vec(&answer).unwrap())).unwrap(),
@@ -162,10 +260,24 @@ fn imageindex(spec: Value, deleting: bool) -> ImageIndex {
 }
 
 async fn run(ii: ImageIndex, cluster: Cluster) -> (Action, Vec<Call>) {
-    let (ctx, calls) = controller(cluster);
-    let action = reconcile(Arc::new(ii), ctx).await.expect("reconcile");
-    let calls = calls.lock().unwrap().clone();
-    (action, calls)
+    let (result, calls) = settle(ii, cluster, 1).await;
+    (result.expect("reconcile"), calls)
+}
+
+/// `times` reconciles of `ii` by one controller, each given the status the one before wrote (as
+/// the informer would hand it over): the last one's result, and every request. With `kubelet`,
+/// the first starts a plan (or cleanup) Job and the next reads its report.
+async fn settle(mut ii: ImageIndex, cluster: Cluster, times: usize) -> (Result<Action, Error>, Vec<Call>) {
+    let (ctx, log) = controller(cluster);
+    let mut result = None;
+    for _ in 0..times {
+        result = Some(reconcile(Arc::new(ii.clone()), ctx.clone()).await);
+        if let Some(st) = last_status(&log.lock().unwrap()) {
+            ii.status = Some(st);
+        }
+    }
+    let calls = log.lock().unwrap().clone();
+    (result.expect("at least one reconcile"), calls)
 }
 
 /// The reconciler's context over a fake apiserver holding `cluster`, and the log of its requests.
@@ -175,8 +287,7 @@ fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
     let settings = Settings {
         default_image: "imageindex:test".into(),
         jobs: imageindex::controller::builders::JobFeatures::ALL,
-        io_timeout: Duration::from_secs(30),
-        list_timeout: Duration::from_secs(3),
+        plan_timeout: Duration::from_secs(300),
         cleanup_timeout: Duration::from_secs(600),
     };
     let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
@@ -185,9 +296,17 @@ fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
 
 /// The status the reconcile wrote.
 fn written(calls: &[Call]) -> ImageIndexStatus {
-    let call =
-        calls.iter().rev().find(|c| c.method == Method::PATCH && c.path.ends_with("/status")).expect("a status write");
-    serde_json::from_value(call.body["status"].clone()).unwrap()
+    last_status(calls).expect("a status write")
+}
+
+fn last_status(calls: &[Call]) -> Option<ImageIndexStatus> {
+    let call = calls.iter().rev().find(|c| c.method == Method::PATCH && c.path.ends_with("/status"))?;
+    Some(serde_json::from_value(call.body["status"].clone()).unwrap())
+}
+
+/// Whether the reconciler applied a Job whose name starts with `prefix` (`photos-plan`, `photos-embed`).
+fn applied_job<'a>(calls: &'a [Call], prefix: &str) -> Option<&'a Call> {
+    calls.iter().find(|c| c.method == Method::PATCH && c.path.contains(&format!("/jobs/{prefix}")))
 }
 
 fn reason(st: &ImageIndexStatus, t: &str) -> (String, String) {
@@ -236,57 +355,61 @@ async fn milvus_ref_not_found_or_not_ready_is_a_condition_and_a_requeue() {
     assert!(event.body["note"].as_str().unwrap().contains("not MilvusReady (Pending)"), "{}", event.body);
 }
 
+/// The ref resolves to the Milvus Service, and the plan Job is given that address (this machine
+/// cannot resolve it). A NodePort Milvus has no `status.endpoint`: before, it was NotReady for ever.
 #[tokio::test]
 async fn a_ready_milvus_ref_resolves_to_its_in_cluster_service() {
-    // The ref resolves to the Milvus Service, which this machine cannot resolve: MilvusUnavailable.
-    // A NodePort Milvus has no `status.endpoint`: before, it was NotReady for ever.
     let mut spec = sample_spec();
     spec["milvus"] = json!({"ref": {"name": "vectors"}});
     for endpoint in [json!("vectors-milvus.shop:19530"), Value::Null] {
         let ready = json!({"apiVersion": "milvus.io/v1beta1", "kind": "Milvus", "metadata": {"name": "vectors", "namespace": "shop"},
             "status": {"status": "Healthy", "endpoint": endpoint, "conditions": [{"type": "MilvusReady", "status": "True"}]}});
-        let cluster = Cluster { milvus: Some(ready), ..Default::default() }
-            .secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
-        let (action, calls) = run(imageindex(spec.clone(), false), cluster).await;
-        let st = written(&calls);
-        assert_eq!(reason(&st, "MilvusReady"), pair("False", "MilvusUnavailable"), "endpoint {endpoint}");
-        let msg = &st.conditions.iter().find(|c| c.type_ == "MilvusReady").unwrap().message;
-        assert!(msg.contains("http://vectors-milvus.shop.svc:19530"), "{msg}");
+        let (action, calls) =
+            run(imageindex(spec.clone(), false), Cluster { milvus: Some(ready), ..Default::default() }).await;
+        let plan = applied_job(&calls, "photos-plan-").expect("a plan Job");
+        let env = &plan.body["spec"]["template"]["spec"]["containers"][0]["env"];
+        let url =
+            env.as_array().unwrap().iter().find(|e| e["name"] == "IMAGEINDEX_MILVUS_URL").expect("the Milvus URL");
+        assert_eq!(url["value"], "http://vectors-milvus.shop.svc:19530", "endpoint {endpoint}");
         assert!(requeues(&action));
     }
 }
 
-/// A Kubernetes API failure (here RBAC refusing the Secret) is on the resource: Ready=False,
+/// A Kubernetes API failure (here RBAC refusing the Jobs) is on the resource: Ready=False,
 /// KubernetesAPIError, with the API's message. Before, the reconcile returned before its status
 /// write, and only the logs knew.
 #[tokio::test]
 async fn api_errors_reach_the_status() {
-    let cluster = Cluster { forbidden: vec!["/secrets/"], ..Default::default() };
-    let (ctx, log) = controller(cluster);
-    let failed = reconcile(Arc::new(imageindex(sample_spec(), false)), ctx).await;
-    assert!(failed.is_err(), "still an error, for the backoff");
-    let st = written(&log.lock().unwrap());
+    let cluster = Cluster { forbidden: vec!["/jobs"], ..Default::default() };
+    let (result, calls) = settle(imageindex(sample_spec(), false), cluster, 1).await;
+    assert!(result.is_err(), "still an error, for the backoff");
+    let st = written(&calls);
     assert_eq!(reason(&st, "Ready"), pair("False", "KubernetesAPIError"));
     let msg = &st.conditions.iter().find(|c| c.type_ == "Ready").unwrap().message;
     assert!(msg.contains("forbidden"), "{msg}");
 }
 
+/// The controller reads no Secret: the plan pod cannot start without it, and the kubelet's
+/// message becomes the condition of what needs it.
 #[tokio::test]
 async fn secret_missing_or_without_the_key() {
-    let (action, calls) = run(imageindex(sample_spec(), false), Cluster::default()).await;
+    let cluster = Cluster { kubelet: true, ..Default::default() };
+    let (action, calls) = settle(imageindex(sample_spec(), false), cluster.clone(), 2).await;
     let st = written(&calls);
-    assert_eq!(reason(&st, "MilvusReady"), pair("True", "Ready"));
     assert_eq!(reason(&st, "CollectionReady"), pair("False", "SecretNotFound"));
-    assert!(requeues(&action));
+    let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
+    assert!(msg.contains("cannot start") && msg.contains("secret \"catalog\" not found"), "{msg}");
+    assert!(requeues(&action.unwrap()));
+    assert!(!calls.iter().any(|c| c.path.contains("/secrets")), "the controller read a Secret");
 
-    let cluster = Cluster::default().secret("catalog", json!({"password": "x"}));
-    let (_, calls) = run(imageindex(sample_spec(), false), cluster).await;
+    let cluster = cluster.secret("catalog", json!({"password": "x"}));
+    let (_, calls) = settle(imageindex(sample_spec(), false), cluster, 2).await;
     assert_eq!(reason(&written(&calls), "CollectionReady"), pair("False", "SecretKeyMissing"));
 }
 
 /// A spec on the real local services, in a fresh collection and bucket prefix.
 fn live_spec(fx: &Fixture) -> Value {
-    json!({"source": {"url": fx.source_url, "endpoint": env("IMAGEINDEX_S3_ENDPOINT")},
+    json!({"source": {"url": fx.source_url, "endpoint": env("IMAGEINDEX_S3_ENDPOINT"), "credentialsSecret": "s3-keys"},
            "milvus": {"address": env("IMAGEINDEX_MILVUS_URL"), "collection": fx.name},
            "mysql": {"secretRef": {"name": "catalog"}},
            "embedding": {"modelUri": model_uri()}})
@@ -298,9 +421,12 @@ fn model_uri() -> String {
     format!("/models/{}", std::path::Path::new(&model).file_name().unwrap().to_string_lossy())
 }
 
+/// The real services' Secrets, and the kubelet on.
 fn live_cluster() -> Cluster {
-    Cluster { available_replicas: 1, ..Default::default() }
+    let keys = json!({"AWS_ACCESS_KEY_ID": env("AWS_ACCESS_KEY_ID"), "AWS_SECRET_ACCESS_KEY": env("AWS_SECRET_ACCESS_KEY"), "AWS_REGION": "us-east-1"});
+    Cluster { available_replicas: 1, kubelet: true, ..Default::default() }
         .secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")}))
+        .secret("s3-keys", keys)
 }
 
 /// The Job the controller applied, as the Job controller leaves it once it completes.
@@ -326,13 +452,16 @@ fn embedding_of(spec: &Value) -> String {
     embedding_hash(&ii, &resolved)
 }
 
+/// An embedding Job of `photos` for `generation`, running or ended with `condition`.
 fn job(name: &str, generation: i64, condition: Option<(&str, &str)>) -> Value {
     let conditions: Vec<Value> = condition
         .map(|(t, msg)| json!({"type": t, "status": "True", "message": msg, "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}))
         .into_iter()
         .collect();
     json!({"apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": name, "namespace": "shop", "annotations": {"imageindex.dev/generation": generation.to_string()}, "creationTimestamp": "2026-11-24T00:00:00Z"},
+        "metadata": {"name": name, "namespace": "shop", "annotations": {"imageindex.dev/generation": generation.to_string()},
+            "labels": {"app.kubernetes.io/instance": "photos", "app.kubernetes.io/component": "embed"},
+            "creationTimestamp": "2026-11-24T00:00:00Z"},
         "spec": {"completions": 1, "template": {"spec": {"containers": []}}},
         "status": {"succeeded": if conditions.iter().any(|c| c["type"] == "Complete") { 1 } else { 0 },
                    "completionTime": conditions.first().map(|c| c["lastTransitionTime"].clone()), "conditions": conditions}})
@@ -345,89 +474,99 @@ fn failed_job(spec: &Value, why: &str) -> Value {
     j
 }
 
+/// What the plan Job found unreachable is the condition of what needs it, and the next plan
+/// waits (backoff) rather than running in a loop.
 #[tokio::test(flavor = "multi_thread")]
 async fn mysql_and_source_unavailable() {
     let fx = Fixture::new("mock_down");
-    let cluster = Cluster::default().secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
-    let (_, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
+    let down = live_cluster().secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
+    let (action, calls) = settle(imageindex(live_spec(&fx), false), down, 2).await;
     assert_eq!(reason(&written(&calls), "CollectionReady"), pair("False", "MySQLUnavailable"));
+    assert!(requeues(&action.unwrap()));
 
     let mut spec = live_spec(&fx);
     spec["source"]["endpoint"] = json!("http://127.0.0.1:1");
-    let (action, calls) = run(imageindex(spec, false), live_cluster()).await;
+    let (action, calls) = settle(imageindex(spec, false), live_cluster(), 2).await;
     let st = written(&calls);
     assert_eq!(reason(&st, "CollectionReady"), pair("True", "Ready"));
     assert_eq!(reason(&st, "Indexed"), pair("False", "SourceUnavailable"));
-    assert!(requeues(&action));
+    assert!(requeues(&action.unwrap()));
+    assert_eq!(calls.iter().filter(|c| applied_job(std::slice::from_ref(c), "photos-plan-").is_some()).count(), 1);
     fx.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn happy_path_creates_a_job_then_reports_ready() {
+async fn happy_path_plans_then_embeds_then_reports_ready() {
     let fx = Fixture::new("mock_happy");
     fx.source
         .put("a.png", std::fs::read(format!("{}/tests/fixtures/logo.png", env!("CARGO_MANIFEST_DIR"))).unwrap().into())
         .await
         .unwrap();
 
-    // No Job yet, one new object: a Job is applied, the search objects too.
+    // The first reconcile starts a plan: it makes the collection and lists the bucket. Nothing is
+    // served before there is a collection.
     let (ctx, log) = controller(live_cluster());
-    let ctx_metrics = ctx.metrics.clone();
-    reconcile(Arc::new(imageindex(live_spec(&fx), false)), ctx.clone()).await.unwrap();
+    let mut ii = imageindex(live_spec(&fx), false);
+    reconcile(Arc::new(ii.clone()), ctx.clone()).await.unwrap();
+    let calls = std::mem::take(&mut *log.lock().unwrap());
+    let planning = written(&calls);
+    assert_eq!(reason(&planning, "Indexed"), pair("Unknown", "Planning"));
+    assert_eq!(reason(&planning, "SearchReady"), pair("Unknown", "WaitingForDependencies"));
+    assert!(applied_job(&calls, "photos-plan-").is_some() && applied_job(&calls, "photos-embed").is_none());
+    // The next reads its report: one new object, an embedding Job, the search objects.
+    ii.status = Some(planning.clone());
+    reconcile(Arc::new(ii.clone()), ctx.clone()).await.unwrap();
     let calls = std::mem::take(&mut *log.lock().unwrap());
     let st = written(&calls);
     assert_eq!(st.phase, Some(Phase::Indexing));
     assert_eq!(reason(&st, "Indexed"), pair("False", "Indexing"));
     assert_eq!(reason(&st, "SearchReady"), pair("True", "Available"));
+    assert_eq!(reason(&st, "CollectionReady"), pair("True", "Ready"));
     assert_eq!((st.images.discovered, st.images.pending), (1, 1));
+    let applied_embed = applied_job(&calls, "photos-embed").expect("an embedding Job").clone();
+    assert_eq!(applied_embed.body["spec"]["completionMode"], "Indexed");
+    assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.ends_with("/deployments/photos-search")));
+    assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.ends_with("/services/photos-search")));
     // The Job's watch event wakes the reconciler before the informer has our status write: the
-    // counts must not fall back to that stale copy's zeros, and no second Job starts.
-    reconcile(Arc::new(imageindex(live_spec(&fx), false)), ctx).await.unwrap();
+    // counts must not fall back to that stale copy's, and no second Job starts.
+    reconcile(Arc::new(ii), ctx).await.unwrap();
     let again = log.lock().unwrap().clone();
     let st2 = written(&again);
     assert_eq!((st2.phase, st2.current_job.clone()), (Some(Phase::Indexing), st.current_job.clone()));
     assert_eq!((st2.images.discovered, st2.images.pending), (1, 1));
-    assert!(!again.iter().any(|c| c.method == Method::PATCH && c.path.contains("/jobs/")), "one Job at a time");
-    // The second reconcile used the first one's Milvus channel and MySQL pool (before, each
-    // reconcile connected, migrated and loaded the collection afresh).
-    let metrics = ctx_metrics.encode();
-    assert!(metrics.contains("imageindex_controller_backend_connects_total 1\n"), "{metrics}");
-    let applied: Vec<&Call> = calls.iter().filter(|c| c.method == Method::PATCH).collect();
-    let applied_job = applied.iter().find(|c| c.path.contains("/jobs/")).expect("a Job applied");
-    assert_eq!(applied_job.body["spec"]["completionMode"], "Indexed");
-    assert!(applied.iter().any(|c| c.path.ends_with("/deployments/photos-search")));
-    assert!(applied.iter().any(|c| c.path.ends_with("/services/photos-search")));
+    assert!(applied_job(&again, "photos-").is_none(), "one Job at a time");
 
-    // A Job completed for this generation and the object is in the catalog: Ready.
+    // The Job completed (as it does: for the ImageIndex that owns the collection), and a plan
+    // after it finds nothing pending: Ready, and no new Job.
     let backends = fx.backends(imageindex::core::IndexKind::Hnsw).await;
-    // As the Job does: for the ImageIndex that owns the collection.
     let as_job = SyncOptions { owner: imageindex(live_spec(&fx), false).owner(), ..Default::default() };
     sync(&backends, model(), &as_job).await.unwrap();
-    let done = completed(&applied_job.body);
+    let done = completed(&applied_embed.body);
     let cluster = Cluster { jobs: vec![done.clone()], ..live_cluster() };
-    let (action, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
+    let (action, calls) = settle(imageindex(live_spec(&fx), false), cluster.clone(), 2).await;
     let st = written(&calls);
+    let action = action.unwrap();
     assert_eq!(st.phase, Some(Phase::Ready), "{:?}", st.conditions);
     assert_eq!(reason(&st, "Indexed"), pair("True", "UpToDate"));
     assert_eq!((st.images.indexed, st.images.pending, st.synced_generation), (1, 0, Some(2)));
     assert_eq!(st.synced_embedding.as_deref(), done["metadata"]["annotations"]["imageindex.dev/embedding"].as_str());
     assert!(requeues(&action), "resyncs on the interval");
-    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no new Job when nothing changed");
+    assert!(applied_job(&calls, "photos-embed").is_none(), "no new Job when nothing changed");
 
-    // An edit that changes no vector (search replicas: generation 3) starts no Job; before,
-    // every new generation started a full one. One that does (the batch size) starts one.
+    // An edit that changes no vector (search replicas: generation 3) starts no embedding Job;
+    // before, every new generation started a full one. One that does (the batch size) starts one.
     let edited = |spec: Value| {
         let mut ii = imageindex(spec, false);
         ii.metadata.generation = Some(3);
         ii.status = Some(st.clone());
         ii
     };
-    let cluster = Cluster { jobs: vec![done.clone()], ..live_cluster() };
     let mut spec = live_spec(&fx);
     spec["search"] = json!({"replicas": 3});
-    let (_, calls) = run(edited(spec), cluster.clone()).await;
+    let (_, calls) = settle(edited(spec), cluster.clone(), 2).await;
     assert_eq!(reason(&written(&calls), "Indexed"), pair("True", "UpToDate"));
-    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a replicas edit started a Job");
+    assert!(applied_job(&calls, "photos-plan-").is_some(), "the new generation is planned");
+    assert!(applied_job(&calls, "photos-embed").is_none(), "a replicas edit started an embedding Job");
     let mut spec = live_spec(&fx);
     spec["embedding"]["batchSize"] = json!(4);
     // Suspended, the same edit starts nothing, and the search Deployment is still applied.
@@ -436,15 +575,15 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     let (action, calls) = run(edited(suspended), cluster.clone()).await;
     let st = written(&calls);
     assert_eq!((reason(&st, "Indexed"), st.phase), (pair("False", "Suspended"), Some(Phase::Suspended)));
-    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a suspended index started a Job");
+    assert!(applied_job(&calls, "photos-").is_none(), "a suspended index started a Job");
     assert!(calls.iter().any(|c| c.path.contains("/deployments/photos-search")), "search is left alone");
     assert!(!requeues(&action));
-    let (_, calls) = run(edited(spec), cluster).await;
-    assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.contains("/jobs/")), "a batch size edit");
+    let (_, calls) = settle(edited(spec), cluster, 2).await;
+    assert!(applied_job(&calls, "photos-embed").is_some(), "a batch size edit");
 
     // The precision changed on a collection of fp32 vectors, or the index type on an HNSW one
-    // (before, Ready with the old index while search asked for the other's metric): refused,
-    // said so, no Job.
+    // (before, Ready with the old index while search asked for the other's metric): the plan
+    // refuses, the condition says so, no embedding Job, and no plan again until the spec changes.
     let refused = [
         ("embedding", "precision", json!("int8"), "ModelMismatch", "holds fp32 vectors"),
         ("milvus", "index", json!({"type": "IVF_FLAT"}), "IndexMismatch", "Hnsw index, but IVF_FLAT was asked for"),
@@ -452,12 +591,17 @@ async fn happy_path_creates_a_job_then_reports_ready() {
     for (section, field, value, why, says) in refused {
         let mut spec = live_spec(&fx);
         spec[section][field] = value;
-        let (_, calls) = run(imageindex(spec, false), live_cluster()).await;
+        let (action, calls) = settle(imageindex(spec, false), live_cluster(), 3).await;
         let st = written(&calls);
         assert_eq!(reason(&st, "CollectionReady"), pair("False", why));
         let msg = &st.conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
         assert!(msg.contains(says), "{msg}");
-        assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "no Job into a collection that refused: {why}");
+        assert!(
+            applied_job(&calls, "photos-embed").is_none(),
+            "an embedding Job into a collection that refused: {why}"
+        );
+        let plans = calls.iter().filter(|c| applied_job(std::slice::from_ref(c), "photos-plan-").is_some()).count();
+        assert_eq!((plans, requeues(&action.unwrap())), (1, false), "{why}: waits for a change");
     }
     fx.cleanup().await;
 }
@@ -465,24 +609,30 @@ async fn happy_path_creates_a_job_then_reports_ready() {
 #[tokio::test(flavor = "multi_thread")]
 async fn running_failed_jobs_and_scaled_to_zero() {
     let fx = Fixture::new("mock_jobs");
+    // Search is served once a plan has made the collection.
+    let made = |spec: Value| {
+        let mut ii = imageindex(spec, false);
+        ii.status = Some(ImageIndexStatus { collection: Some(ii.collection()), ..Default::default() });
+        ii
+    };
     // A running Job: Indexing, and no second Job. No search pod is available yet: Unavailable.
     let cluster = Cluster { jobs: vec![job("photos-embed-1", 2, None)], available_replicas: 0, ..live_cluster() };
-    let (_, calls) = run(imageindex(live_spec(&fx), false), cluster).await;
+    let (_, calls) = run(made(live_spec(&fx)), cluster).await;
     let st = written(&calls);
     assert_eq!(st.current_job.as_deref(), Some("photos-embed-1"));
     assert_eq!(reason(&st, "SearchReady"), pair("False", "Unavailable"));
-    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")));
+    assert!(applied_job(&calls, "photos-").is_none());
 
     // The latest Job failed for this generation: JobFailed, Degraded, no retry before the resync.
     let mut spec = live_spec(&fx);
     spec["search"] = json!({"replicas": 0});
     let cluster = Cluster { jobs: vec![failed_job(&spec, "BackoffLimitExceeded")], ..live_cluster() };
-    let (_, calls) = run(imageindex(spec, false), cluster).await;
+    let (_, calls) = run(made(spec), cluster).await;
     let st = written(&calls);
     assert_eq!(reason(&st, "Indexed"), pair("False", "JobFailed"));
     assert_eq!(st.phase, Some(Phase::Degraded));
     assert_eq!(reason(&st, "SearchReady"), pair("False", "ScaledToZero"));
-    assert!(!calls.iter().any(|c| c.path.contains("/jobs/")), "a failed Job is not retried at once");
+    assert!(applied_job(&calls, "photos-").is_none(), "a failed Job is not retried at once");
     fx.cleanup().await;
 }
 
@@ -507,10 +657,10 @@ fn finalizer_removed(calls: &[Call]) -> bool {
 
 /// `Delete` stops the Jobs and the search pods in the foreground and drops nothing until they are
 /// gone (before: Background deletion and the drop at once, so a starting pod could recreate the
-/// collection). A backend that keeps failing is a Warning and a condition on every try, and after
-/// the cleanup timeout the data is kept and the ImageIndex goes (before: silent retries for ever,
-/// the namespace stuck Terminating). Credentials that are gone, or the skip annotation, keep the
-/// data at once.
+/// collection). A cleanup Job that keeps failing is a Warning and a condition on every try, and
+/// after the cleanup timeout the data is kept and the ImageIndex goes (before: silent retries for
+/// ever, the namespace stuck Terminating). Credentials that are gone, or the skip annotation, keep
+/// the data at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn deletion_waits_for_its_workloads_and_never_hangs() {
     let fx = Fixture::new("mock_delete");
@@ -518,14 +668,14 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
     let mut spec = live_spec(&fx);
     spec["deletionPolicy"] = json!("Delete");
     let b = fx.backends(imageindex::core::IndexKind::Hnsw).await;
-    run(imageindex(spec.clone(), false), live_cluster()).await; // claims the collection, creates it
+    run(imageindex(spec.clone(), false), live_cluster()).await; // the plan claims the collection, makes it
     assert!(b.index.vectors.ready().await.is_ok());
 
     // A Job and the Deployment still going away: foreground deletions, nothing dropped, Deleting.
-    let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "photos-embed-1", "creationTimestamp": "2026-11-24T00:00:00Z",
-        "annotations": {"imageindex.dev/generation": "2"}, "deletionTimestamp": "2026-12-01T00:00:00Z"}, "spec": {"template": {}}, "status": {}});
+    let mut going = job("photos-embed-1", 2, None);
+    going["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
     let search = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "photos-search"}});
-    let cluster = Cluster { jobs: vec![job], search: Some(search.clone()), ..live_cluster() };
+    let cluster = Cluster { jobs: vec![going], search: Some(search.clone()), ..live_cluster() };
     let (ctx, log) = controller(cluster);
     let ii = Arc::new(deleted_now(spec.clone()));
     // An error only so that the finalizer stays; the error policy looks again in a few seconds.
@@ -545,7 +695,7 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
     assert_eq!(st.phase, Some(Phase::Deleting));
     let msg = &st.conditions.iter().find(|c| c.type_ == "Ready").unwrap().message;
     assert!(msg.contains("Job photos-embed-1") && msg.contains("Deployment photos-search"), "{msg}");
-    assert!(!finalizer_removed(&calls));
+    assert!(!finalizer_removed(&calls) && applied_job(&calls, "photos-cleanup").is_none());
     assert!(b.index.vectors.ready().await.is_ok(), "dropped while a Job could still write");
     // Only the Deployment left, for longer than the cleanup timeout: the data is kept.
     let cluster = Cluster { search: Some(search), ..live_cluster() };
@@ -554,26 +704,26 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
     assert!(note.contains("are kept") && note.contains("Deployment photos-search"), "{note}");
     assert!(finalizer_removed(&calls) && b.index.vectors.ready().await.is_ok());
 
-    // MySQL unreachable: an error (for the backoff), a Warning, and the condition.
-    let down = Cluster::default().secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
-    let (ctx, log) = controller(down.clone());
-    assert!(reconcile(Arc::new(deleted_now(spec.clone())), ctx).await.is_err(), "retried");
-    let calls = log.lock().unwrap().clone();
+    // MySQL unreachable: the cleanup Job fails; an error (for the backoff), a Warning, the condition.
+    let down = live_cluster().secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));
+    let (result, calls) = settle(deleted_now(spec.clone()), down.clone(), 2).await;
+    assert!(result.is_err_and(|e| !e.is_waiting()), "retried");
     assert_eq!(reason(&written(&calls), "Ready"), pair("False", "CleanupFailed"));
     let note = event(&calls, "CleanupFailed").expect("a CleanupFailed event");
-    assert!(note.contains("catalog of") && note.contains("retrying for"), "{note}");
+    assert!(note.contains("photos-cleanup") && note.contains("retrying for"), "{note}");
     assert!(!finalizer_removed(&calls));
     // Deleted longer ago than the cleanup timeout: given up, kept, the ImageIndex goes.
     let (_, calls) = run(imageindex(spec.clone(), true), down).await;
     assert!(event(&calls, "CleanupAbandoned").is_some() && finalizer_removed(&calls));
 
-    // The Milvus credentials Secret went first (a namespace teardown): kept at once, said so.
-    // Before, the drop was tried without them (and an authenticating Milvus refused it for ever).
+    // The Milvus credentials Secret went first (a namespace teardown): the cleanup pod cannot
+    // start, so the data is kept, said so. Before, the drop was tried without them (and an
+    // authenticating Milvus refused it for ever).
     let mut with_credentials = spec.clone();
     with_credentials["milvus"]["credentialsSecretRef"] = json!({"name": "milvus-user", "key": "token"});
-    let (_, calls) = run(deleted_now(with_credentials), live_cluster()).await;
+    let (_, calls) = settle(deleted_now(with_credentials), live_cluster(), 2).await;
     let note = event(&calls, "NotDropped").expect("a NotDropped event");
-    assert!(note.contains("Milvus credentials are gone"), "{note}");
+    assert!(note.contains("cannot start") && note.contains("secret \"milvus-user\" not found"), "{note}");
     assert!(finalizer_removed(&calls) && b.index.vectors.ready().await.is_ok());
 
     // The skip annotation: kept, whatever the policy, at once.
@@ -581,35 +731,35 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
     skip.metadata.annotations = Some([("imageindex.dev/skip-cleanup".to_string(), "true".to_string())].into());
     let (_, calls) = run(skip, live_cluster()).await;
     assert!(event(&calls, "CleanupSkipped").is_some() && finalizer_removed(&calls));
-    assert!(b.index.vectors.ready().await.is_ok());
+    assert!(applied_job(&calls, "photos-").is_none() && b.index.vectors.ready().await.is_ok());
 
-    // Nothing left running: dropped.
-    let (_, calls) = run(deleted_now(spec), live_cluster()).await;
+    // Nothing left running: the cleanup Job drops it.
+    let (_, calls) = settle(deleted_now(spec), live_cluster(), 2).await;
     assert!(event(&calls, "Deleted").is_some() && finalizer_removed(&calls));
     assert!(b.index.vectors.ready().await.is_err(), "the collection is still there");
     fx.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn deletion_retain_keeps_data_and_delete_tolerates_what_is_gone() {
-    let (_, calls) = run(imageindex(sample_spec(), true), Cluster::default()).await;
+    let cluster =
+        Cluster { kubelet: true, ..Default::default() }.secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")}));
+    let (_, calls) = settle(deleted_now(sample_spec()), cluster, 2).await;
     assert!(calls.iter().any(|c| c.method == Method::DELETE && c.path.ends_with("/jobs")), "running Jobs are stopped");
-    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "Retained"));
-    assert!(!calls.iter().any(|c| c.method == Method::DELETE && !c.path.ends_with("/jobs")), "Retain deletes nothing");
-    let last = calls.last().unwrap();
-    assert!(
-        last.method == Method::PATCH && last.path.ends_with("/imageindexes/photos"),
-        "the finalizer is removed last"
-    );
+    let cleanup = applied_job(&calls, "photos-cleanup").expect("a cleanup Job");
+    assert!(cleanup.body["spec"]["template"]["spec"]["containers"][0]["args"].to_string().contains("--retain"));
+    assert!(event(&calls, "Retained").is_some(), "the claim is released");
+    assert!(!calls.iter().any(|c| c.method == Method::DELETE && !c.path.contains("/jobs")), "Retain deletes nothing");
+    assert!(finalizer_removed(&calls), "the finalizer is removed last");
 
     // Delete, with the Milvus CR and the Secret already gone: whose the collection is cannot be
     // read, so nothing is dropped; it says so, and the finalizer goes.
     let mut spec = sample_spec();
     spec["deletionPolicy"] = json!("Delete");
     spec["milvus"] = json!({"ref": {"name": "gone"}});
-    let (_, calls) = run(imageindex(spec, true), Cluster::default()).await;
-    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "NotDropped"));
-    assert!(calls.last().unwrap().path.ends_with("/imageindexes/photos"));
+    let (_, calls) = settle(deleted_now(spec), Cluster { kubelet: true, ..Default::default() }, 2).await;
+    assert!(event(&calls, "NotDropped").is_some_and(|n| n.contains("cannot start")));
+    assert!(finalizer_removed(&calls));
 }
 
 /// `Delete` drops only a collection this ImageIndex owns: one that another holds (their names
@@ -624,18 +774,18 @@ async fn deletion_drops_only_what_this_imageindex_owns() {
     let other = SyncOptions { owner: "ImageIndex team/a-photos (uid 2)".into(), ..Default::default() };
     let b = fx.backends(imageindex::core::IndexKind::Hnsw).await;
     assert_eq!(sync(&b, model(), &other).await.unwrap().indexed, 2);
-    let (_, calls) = run(imageindex(spec.clone(), true), live_cluster()).await;
-    let event = calls.iter().find(|c| c.path.ends_with("/events") && c.body["reason"] == "NotDropped");
-    let note = event.expect("a NotDropped event").body["note"].as_str().unwrap().to_string();
+    let (_, calls) = settle(deleted_now(spec.clone()), live_cluster(), 2).await;
+    let note = event(&calls, "NotDropped").expect("a NotDropped event");
     assert!(note.contains("belongs to ImageIndex team/a-photos (uid 2)"), "{note}");
+    assert!(finalizer_removed(&calls));
     assert_eq!(b.index.vectors.count().await.unwrap(), 2, "another's collection was dropped");
     assert_eq!(b.index.catalog.counts().await.unwrap().indexed, 2);
 
-    // Its own (reconciled once: claimed for its UID), it is dropped.
+    // Its own (planned once: claimed for its UID), it is dropped.
     b.index.catalog.release(&other.owner).await.unwrap();
     run(imageindex(spec.clone(), false), live_cluster()).await;
-    let (_, calls) = run(imageindex(spec, true), live_cluster()).await;
-    assert!(calls.iter().any(|c| c.path.ends_with("/events") && c.body["reason"] == "Deleted"));
+    let (_, calls) = settle(deleted_now(spec), live_cluster(), 2).await;
+    assert!(event(&calls, "Deleted").is_some());
     assert!(b.index.vectors.ready().await.is_err(), "the collection is still there");
     assert_eq!(b.index.catalog.counts().await.unwrap().indexed, 0);
 }

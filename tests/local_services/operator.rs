@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Container, Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -23,7 +23,7 @@ use imageindex::core::IndexKind;
 use imageindex::crd::{ImageIndex, Phase};
 use imageindex::store::{Catalog, MilvusConfig, VectorStore};
 
-use super::support::{Fixture, env};
+use super::support::{Fixture, env, run_like_the_image};
 
 async fn client(kubeconfig: &str) -> Client {
     imageindex::install_crypto();
@@ -68,11 +68,15 @@ fn condition<'a>(ii: &'a ImageIndex, t: &str) -> (&'a str, &'a str) {
     (c.status.as_str(), c.reason.as_str())
 }
 
-/// The pod's environment as the kubelet builds it: plain values, `secretKeyRef`s and `envFrom` Secrets.
-async fn pod_env(secrets: &Api<Secret>, c: &Container) -> BTreeMap<String, String> {
+/// The pod's environment as the kubelet builds it: plain values, `secretKeyRef`s and `envFrom`
+/// Secrets; or the kubelet's message when one is missing (`CreateContainerConfigError`).
+async fn pod_env(secrets: &Api<Secret>, c: &Container) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
+    let get = |name: String| async move {
+        secrets.get_opt(&name).await.unwrap().ok_or_else(|| format!("secret \"{name}\" not found"))
+    };
     for from in c.env_from.iter().flatten() {
-        let s = secrets.get(&from.secret_ref.as_ref().unwrap().name).await.unwrap();
+        let s = get(from.secret_ref.as_ref().unwrap().name.clone()).await?;
         for (k, v) in s.data.unwrap_or_default() {
             out.insert(k, String::from_utf8(v.0).unwrap());
         }
@@ -82,23 +86,86 @@ async fn pod_env(secrets: &Api<Secret>, c: &Container) -> BTreeMap<String, Strin
             (Some(v), _) => v.clone(),
             (None, Some(from)) => {
                 let r = from.secret_key_ref.as_ref().expect("only secretKeyRef is used");
-                let s = secrets.get(&r.name).await.unwrap();
-                String::from_utf8(s.data.unwrap()[&r.key].0.clone()).unwrap()
+                let s = get(r.name.clone()).await?;
+                let v = s.data.unwrap_or_default().get(&r.key).cloned();
+                let v = v.ok_or_else(|| format!("couldn't find key {} in Secret {}", r.key, r.name))?;
+                String::from_utf8(v.0).unwrap()
             }
             _ => String::new(),
         };
         out.insert(e.name.clone(), value);
     }
-    out
+    Ok(out)
 }
 
-/// What the image provides that this machine has elsewhere: the model file and ONNX Runtime.
-fn run_like_the_image(c: &Container, env_vars: &BTreeMap<String, String>) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imageindex"));
-    cmd.args(c.args.clone().unwrap_or_default()).env_clear().envs(env_vars);
-    cmd.env("IMAGEINDEX_MODEL", env("IMAGEINDEX_MODEL")).env("ORT_DYLIB_PATH", env("ORT_DYLIB_PATH"));
-    cmd.env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "warn");
-    cmd
+/// The kubelet's and the Job controller's part for the plan and cleanup Jobs in `ns`, until
+/// dropped: each new Job's pod made, its command run with the pod's env (its report written to
+/// the termination message), the pod's status and the Job's set as they would be. A pod whose
+/// Secret is missing waits with `CreateContainerConfigError`, and starts once it is there.
+fn run_tasks(admin: Client, ns: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (jobs, pods) = (Api::<Job>::namespaced(admin.clone(), &ns), Api::<Pod>::namespaced(admin.clone(), &ns));
+        let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+        loop {
+            let selector = "app.kubernetes.io/component in (plan,cleanup)";
+            let listed = jobs.list(&ListParams::default().labels(selector)).await.map(|l| l.items).unwrap_or_default();
+            for job in listed {
+                let done = job.status.as_ref().is_some_and(|s| s.conditions.iter().flatten().next().is_some());
+                if done || job.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                let name = job.metadata.name.clone().unwrap();
+                let template = job.spec.clone().unwrap().template;
+                let container = template.spec.clone().unwrap().containers[0].clone();
+                let pod_name = format!("{name}-pod");
+                if pods.get_opt(&pod_name).await.unwrap().is_none() {
+                    let mut labels = template.metadata.clone().unwrap_or_default().labels.unwrap_or_default();
+                    labels.insert("job-name".into(), name.clone());
+                    let pod = json!({"metadata": {"name": pod_name, "labels": labels},
+                        "spec": {"restartPolicy": "Never", "automountServiceAccountToken": false,
+                            "containers": [{"name": container.name, "image": container.image}]}});
+                    pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.unwrap();
+                }
+                let state = match pod_env(&secrets, &container).await {
+                    Err(message) => json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}),
+                    Ok(mut vars) => {
+                        let report = std::env::temp_dir().join(format!("{ns}-{name}.report"));
+                        vars.insert("IMAGEINDEX_REPORT".into(), report.display().to_string());
+                        let out =
+                            run_like_the_image(&container.args.clone().unwrap_or_default(), &vars).output().unwrap();
+                        let message = std::fs::read_to_string(&report).unwrap_or_default();
+                        let _ = std::fs::remove_file(&report);
+                        json!({"terminated": {"exitCode": out.status.code().unwrap_or(137), "message": message}})
+                    }
+                };
+                let status = json!({"status": {"phase": "Pending", "containerStatuses": [{"name": container.name,
+                    "image": container.image, "imageID": "", "ready": false, "restartCount": 0, "state": state}]}});
+                pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+                let Some(code) = state["terminated"]["exitCode"].as_i64() else { continue };
+                let now = Timestamp::now().to_string();
+                let (kind, counts) = if code == 0 {
+                    ("Complete", json!({"succeeded": 1, "completionTime": now}))
+                } else {
+                    ("Failed", json!({"failed": 1}))
+                };
+                let mut status = json!({"startTime": now, "conditions": [{"type": kind, "status": "True",
+                    "lastProbeTime": now, "lastTransitionTime": now, "reason": if code == 0 { "" } else { "BackoffLimitExceeded" }}]});
+                status.as_object_mut().unwrap().extend(counts.as_object().unwrap().clone());
+                jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// Stops the task when dropped.
+struct Abort(tokio::task::JoinHandle<()>);
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One controller on the apiserver at a time: a cluster-wide one would also reconcile the other
@@ -115,6 +182,12 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
         .await
         .unwrap();
+    // What the ServiceAccount controller would make (pods need one to be admitted).
+    Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap())
+        .await
+        .unwrap();
+    let _kubelet = Abort(run_tasks(admin.clone(), ns.clone()));
 
     // The bucket: the fixture images and one truncated JPEG.
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -223,16 +296,19 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
         "{refused}"
     );
 
-    // Pending: the catalog Secret does not exist yet.
+    // Pending: the catalog Secret does not exist yet, so the plan Job's pod cannot start (the
+    // controller reads no Secret: the pod's status says which one is missing).
     indexes.create(&PostParams::default(), &manifest(&fx.source_url)).await.unwrap();
     let ii = wait_for(&indexes, "photos", "Pending on the missing Secret", |ii| {
         ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Pending))
+            && ii.status.as_ref().unwrap().conditions.iter().any(|c| c.type_ == "CollectionReady")
             && condition(ii, "CollectionReady") == ("False", "SecretNotFound")
     })
     .await;
-    assert_eq!(condition(&ii, "MilvusReady"), ("True", "Ready"));
+    let msg = &ii.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "CollectionReady").unwrap().message;
+    assert!(msg.contains("secret \"catalog\" not found"), "{msg}");
 
-    // The Secret appears; the Secret watch wakes the reconciler: collection, search objects, a Job.
+    // The Secret appears; the plan pod starts, its report wakes the reconciler: search objects, a Job.
     secrets
         .create(&PostParams::default(), &secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")})))
         .await
@@ -269,10 +345,12 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     let (job_started, reconciles_before) = (Instant::now(), reconciles().await);
 
     // The kubelet's part for the Job: its command, its env, JOB_COMPLETION_INDEX per completion.
-    let job_env = pod_env(&secrets, &container).await;
+    let job_env = pod_env(&secrets, &container).await.unwrap();
     for index in 0..job_spec.completions.unwrap() {
-        let out =
-            run_like_the_image(&container, &job_env).env("JOB_COMPLETION_INDEX", index.to_string()).output().unwrap();
+        let out = run_like_the_image(&container.args.clone().unwrap_or_default(), &job_env)
+            .env("JOB_COMPLETION_INDEX", index.to_string())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "embed failed: {}", String::from_utf8_lossy(&out.stderr));
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!((summary["indexed"].as_u64(), summary["failed"].as_u64()), (Some(good), Some(1)), "{summary}");
@@ -296,10 +374,15 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
 
     // The Deployment's part: run its pod's command, wait for /readyz, search, mark it available.
     let search_container = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].clone();
-    let mut search_env = pod_env(&secrets, &search_container).await;
+    let mut search_env = pod_env(&secrets, &search_container).await.unwrap();
     let port = free_port();
     search_env.insert("IMAGEINDEX_LISTEN".into(), format!("127.0.0.1:{port}"));
-    let _search = Proc(run_like_the_image(&search_container, &search_env).stderr(Stdio::null()).spawn().unwrap());
+    let _search = Proc(
+        run_like_the_image(&search_container.args.clone().unwrap_or_default(), &search_env)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -374,8 +457,13 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     // The garbage collector's part (no controller-manager here): their pods are gone (there are
     // none), so it removes `foregroundDeletion` and the objects go.
     let release = json!({"metadata": {"finalizers": null}});
-    jobs.patch(&job_name, &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+    for j in jobs.list(&ListParams::default()).await.unwrap() {
+        if foreground(&j.metadata) {
+            jobs.patch(&j.metadata.name.unwrap(), &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+        }
+    }
     deployments.patch("photos-search", &PatchParams::default(), &Patch::Merge(&release)).await.unwrap();
+    // Then the cleanup Job drops the collection and its catalog rows, and the finalizer goes.
     let deadline = Instant::now() + Duration::from_secs(60);
     while indexes.get_opt("photos").await.unwrap().is_some() {
         assert!(Instant::now() < deadline, "the finalizer did not finish");
@@ -422,6 +510,11 @@ async fn single_namespace_mode_follows_a_milvus_installed_later() {
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
         .await
         .unwrap();
+    Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap())
+        .await
+        .unwrap();
+    let _kubelet = Abort(run_tasks(admin.clone(), ns.clone()));
     // No milvus-operator yet.
     let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
     let milvus_crd = "milvuses.milvus.io";
@@ -464,7 +557,7 @@ async fn single_namespace_mode_follows_a_milvus_installed_later() {
     let port = free_port();
     let _controller = Proc(
         Command::new(env!("CARGO_BIN_EXE_imageindex"))
-            .args(["controller", "--namespace", &ns, "--lease-namespace", &ns, "--identity", &ns, "--io-timeout", "3"])
+            .args(["controller", "--namespace", &ns, "--lease-namespace", &ns, "--identity", &ns])
             .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
@@ -527,31 +620,45 @@ async fn single_namespace_mode_follows_a_milvus_installed_later() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Now Milvus becomes ready: the watch must wake the reconciler well before its backoff
-    // (20 s or more) would. It then connects to the in-cluster Service, which this machine cannot
-    // resolve: MilvusUnavailable, naming it, shows the reconcile ran.
+    // (20 s or more) would, and it starts a plan Job against the in-cluster Service.
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), &ns);
     let patched = Instant::now();
     milvus_api.patch_status("vectors", &PatchParams::default(), &Patch::Merge(&status("True"))).await.unwrap();
-    loop {
-        let ii = indexes.get("photos").await.unwrap();
-        if milvus_reason("MilvusUnavailable")(&ii) {
-            let c = ii.status.unwrap().conditions.into_iter().find(|c| c.type_ == "MilvusReady").unwrap();
-            assert!(c.message.contains(&format!("http://vectors-milvus.{ns}.svc:19530")), "{}", c.message);
-            break;
+    let plan = loop {
+        let plans = jobs.list(&ListParams::default().labels("app.kubernetes.io/component=plan")).await.unwrap();
+        if let Some(plan) = plans.items.into_iter().next() {
+            break plan;
         }
         assert!(
             patched.elapsed() < Duration::from_secs(10),
-            "the Milvus change did not wake the reconciler in 10 s (see {}): {:#?}",
+            "the Milvus change did not wake the reconciler in 10 s (see {})",
             log_path.display(),
-            ii.status
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     println!("the ready Milvus was acted on {:.1} s after its status changed", patched.elapsed().as_secs_f64());
+    let url = format!("http://vectors-milvus.{ns}.svc:19530");
+    let env = plan.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+    assert!(env.iter().any(|e| e.name == "IMAGEINDEX_MILVUS_URL" && e.value.as_deref() == Some(&url)), "{env:?}");
+    // That Service cannot be resolved on this machine: the plan's report says MilvusUnavailable.
+    let ii = wait_for(&indexes, "photos", "MilvusUnavailable", milvus_reason("MilvusUnavailable")).await;
+    let c = ii.status.unwrap().conditions.into_iter().find(|c| c.type_ == "MilvusReady").unwrap();
+    assert!(c.message.contains(&url), "{}", c.message);
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(!log.contains("code: 403"), "the controller hit RBAC in single-namespace mode: see {}", log_path.display());
     indexes.delete("photos", &DeleteParams::default()).await.unwrap();
+    // The plan Job goes in the foreground; the garbage collector's part (no controller-manager
+    // here) is to let it go once its pods are. Then the cleanup Job lets go of the catalog's
+    // claim (Retain), and the finalizer goes.
+    let release = json!({"metadata": {"finalizers": null}});
     let deadline = Instant::now() + Duration::from_secs(60);
     while indexes.get_opt("photos").await.unwrap().is_some() {
+        for j in jobs.list(&ListParams::default()).await.unwrap() {
+            if j.metadata.deletion_timestamp.is_some() {
+                // It may be gone between the list and the patch.
+                let _ = jobs.patch(&j.metadata.name.unwrap(), &PatchParams::default(), &Patch::Merge(&release)).await;
+            }
+        }
         assert!(Instant::now() < deadline, "the finalizer did not finish");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -192,3 +192,16 @@ pub fn flat_png(width: u32, height: u32) -> Bytes {
     w.finish().unwrap();
     out.into()
 }
+
+/// A command of the imageindex image run here, with only `env_vars` and what the image provides
+/// that this machine has elsewhere (the model file and ONNX Runtime): a pod's view, not the test's.
+pub fn run_like_the_image(
+    args: &[String],
+    env_vars: &std::collections::BTreeMap<String, String>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_imageindex"));
+    cmd.args(args).env_clear().envs(env_vars);
+    cmd.env("IMAGEINDEX_MODEL", env("IMAGEINDEX_MODEL")).env("ORT_DYLIB_PATH", env("ORT_DYLIB_PATH"));
+    cmd.env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "warn");
+    cmd
+}

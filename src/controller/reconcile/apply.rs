@@ -5,14 +5,13 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::dereference::Missing;
 use super::{Context, MANAGER};
-use crate::controller::builders::{self, Resolved};
+use crate::controller::builders::{self, PlanFor, Resolved};
 use crate::controller::status::{Observed, SEARCH_READY, reason};
 use crate::crd::ImageIndex;
 
@@ -20,17 +19,8 @@ use crate::crd::ImageIndex;
 #[error("Kubernetes API: {0}")]
 pub struct Error(#[from] kube::Error);
 
-/// The search Deployment and Service, and whether search answers. A missing token Secret holds
-/// them back (the pods could not start).
-pub async fn search(
-    image_index: &ImageIndex,
-    ctx: &Context,
-    resolved: &Resolved,
-    token: &Result<(), Missing>,
-) -> Result<Observed, Error> {
-    if let Err(missing) = token {
-        return Ok(Observed::no(SEARCH_READY, missing.reason, &missing.message));
-    }
+/// The search Deployment and Service, and whether search answers.
+pub async fn search(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved) -> Result<Observed, Error> {
     let ns = image_index.namespace().unwrap_or_default();
     let pp = PatchParams::apply(MANAGER).force();
     let name = builders::search_name(image_index);
@@ -65,6 +55,38 @@ pub async fn job(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved, w
     if !ctx.settings.jobs.indexed && image_index.spec.embedding.parallelism > 1 {
         let note = "this cluster has no Indexed Jobs (Kubernetes 1.24+): one pod embeds every shard";
         publish(ctx, image_index, EventType::Warning, "NoIndexedJobs", note.into()).await;
+    }
+    Ok(name)
+}
+
+/// How many plan Jobs are kept: the newest is the one that counts, the others show the history
+/// (and the run of failures the backoff counts).
+const PLANS_KEPT: usize = 5;
+
+/// Creates a plan Job (`<name>-plan-<unix seconds>`) and deletes the oldest finished ones beyond
+/// `PLANS_KEPT` (a server without `ttlSecondsAfterFinished` keeps them for ever); returns its name.
+pub async fn plan(
+    image_index: &ImageIndex,
+    ctx: &Context,
+    resolved: &Resolved,
+    plan: &PlanFor,
+) -> Result<String, Error> {
+    let name = format!("{}-plan-{}", image_index.name_any(), Timestamp::now().as_second());
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
+    let job = builders::plan_job(image_index, resolved, &name, plan);
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
+    info!(job = %name, "created plan Job");
+    let mut old =
+        api.list(&ListParams::default().labels(&builders::selector(image_index, builders::PLAN))).await?.items;
+    old.retain(|j| j.status.as_ref().is_some_and(|s| s.active.unwrap_or(0) == 0) && j.name_any() != name);
+    old.sort_by_key(|j| std::cmp::Reverse(j.metadata.creation_timestamp.clone()));
+    let background = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+    for j in old.iter().skip(PLANS_KEPT - 1) {
+        match api.delete(&j.name_any(), &background).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(name)
 }

@@ -1,16 +1,19 @@
 //! Deletion: apply the deletion policy, then let the ImageIndex go. Owned objects go with it
 //! (garbage collection by owner reference).
 //!
-//! `Delete` drops the collection and its catalog rows, and only once nothing can write to them
-//! again: the Jobs and the search Deployment are deleted in the foreground and waited for (a
-//! starting pod recreates the collection it does not find). A drop that keeps failing raises a
-//! Warning and a `Ready=False, CleanupFailed` condition on every try, and after
-//! `Settings::cleanup_timeout` the data is kept and the ImageIndex goes (a namespace being torn
-//! down never waits for ever). What cannot be shown to be this ImageIndex's is never dropped.
+//! The data is dropped (`Delete`) or let go of (`Retain`) by a cleanup Job in the ImageIndex's
+//! namespace, with the credentials its pods get; the controller reads its report. `Delete` drops
+//! the collection and its catalog rows, and only once nothing can write to them again: the Jobs
+//! and the search Deployment are deleted in the foreground and waited for (a starting pod
+//! recreates the collection it does not find). A cleanup that keeps failing raises a Warning and a
+//! `Ready=False, CleanupFailed` condition on every try, and after `Settings::cleanup_timeout` the
+//! data is kept and the ImageIndex goes (a namespace being torn down never waits for ever). What
+//! cannot be shown to be this ImageIndex's is never dropped; where no Job can run (the namespace
+//! is terminating, the credentials are gone), the data is kept and a Warning says so.
 //!
-//! `Retain` keeps everything and only lets go of the collection's claim (best effort, never
-//! waits), so that an ImageIndex made again under this name takes it up. The annotation
-//! `imageindex.dev/skip-cleanup: "true"` lets it go at once, whatever the policy, keeping all.
+//! `Retain` keeps everything and lets go of the collection's claim, so that an ImageIndex made
+//! again under this name takes it up. The annotation `imageindex.dev/skip-cleanup: "true"` lets it
+//! go at once, whatever the policy, keeping all.
 
 use std::time::Duration;
 
@@ -18,20 +21,19 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use tracing::warn;
 
 use super::apply::publish;
-use super::backends::{self, milvus_config, within};
 use super::dereference::{self, Milvus};
+use super::jobs::JobState;
 use super::validate::{self, MilvusSource};
-use super::{Context, update_status};
-use crate::controller::builders;
+use super::{Context, MANAGER, update_status};
+use crate::controller::builders::{self, Resolved};
 use crate::controller::status::{Observed, READY, reason};
 use crate::crd::{DeletionPolicy, ImageIndex, SKIP_CLEANUP};
-use crate::store::{Catalog, VectorStore};
+use crate::sync::report::Report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,7 +44,7 @@ pub enum Error {
     #[error("writing status: {0}")]
     Status(#[from] update_status::Error),
     #[error("cleanup of {0} failed, will retry: {1}")]
-    Backend(String, backends::Error),
+    Failed(String, String),
     /// Not a failure: the Jobs or search pods are still going away. An error only because the
     /// finalizer is removed as soon as the cleanup returns Ok; `error_policy` looks again soon.
     #[error("{0}")]
@@ -60,15 +62,13 @@ pub async fn cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, 
         publish(ctx, image_index, EventType::Warning, "CleanupSkipped", note).await;
         return Ok(Action::await_change());
     }
-    if image_index.spec.deletion_policy == DeletionPolicy::Retain {
-        stop_jobs(image_index, ctx, PropagationPolicy::Background).await?;
-        return retain(image_index, ctx).await;
-    }
-    // Nothing is dropped while a Job or a search pod could still write to the collection.
-    let outcome = match stop_workloads(image_index, ctx).await {
-        Ok(left) if left.is_empty() => drop_owned(image_index, ctx).await,
+    // Nothing is dropped while a Job or a search pod could still write to the collection; a
+    // retained one needs only the Jobs stopped (they claim it when they start).
+    let retain = image_index.spec.deletion_policy == DeletionPolicy::Retain;
+    let outcome = match stop_workloads(image_index, ctx, retain).await {
+        Ok(left) if left.is_empty() => run_cleanup(image_index, ctx).await,
         Ok(left) => Err(Error::Waiting(format!(
-            "waiting for {} to be gone before dropping collection {collection}",
+            "waiting for {} to be gone before the cleanup of collection {collection}",
             left.join(", ")
         ))),
         Err(e) => Err(e),
@@ -85,6 +85,7 @@ pub async fn cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, 
             age.as_secs()
         );
         publish(ctx, image_index, EventType::Warning, "CleanupAbandoned", note).await;
+        delete_cleanup_job(image_index, ctx).await?;
         return Ok(Action::await_change());
     }
     let waiting = matches!(failure, Error::Waiting(_));
@@ -109,120 +110,138 @@ fn deleting_for(image_index: &ImageIndex) -> Duration {
     since.map(|t| super::jobs::age(t, Timestamp::now())).unwrap_or_default()
 }
 
-async fn stop_jobs(image_index: &ImageIndex, ctx: &Context, propagation: PropagationPolicy) -> Result<(), Error> {
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
-    let dp = DeleteParams { propagation_policy: Some(propagation), ..Default::default() };
-    jobs.delete_collection(&dp, &ListParams::default().labels(&builders::embed_selector(image_index))).await?;
-    Ok(())
-}
-
-/// Deletes the Jobs and the search Deployment in the foreground (each object stays until its
-/// pods are gone) and says which are still there.
-async fn stop_workloads(image_index: &ImageIndex, ctx: &Context) -> Result<Vec<String>, Error> {
-    stop_jobs(image_index, ctx, PropagationPolicy::Foreground).await?;
+/// Deletes the embedding and plan Jobs, and (unless retaining) the search Deployment, in the
+/// foreground (each object stays until its pods are gone), and says which are still there.
+async fn stop_workloads(image_index: &ImageIndex, ctx: &Context, retain: bool) -> Result<Vec<String>, Error> {
     let ns = image_index.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let foreground = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
+    let mut left = vec![];
+    for component in [builders::EMBED, builders::PLAN] {
+        let selector = ListParams::default().labels(&builders::selector(image_index, component));
+        jobs.delete_collection(&foreground, &selector).await?;
+        left.extend(jobs.list(&selector).await?.items.iter().map(|j| format!("Job {}", j.name_any())));
+    }
+    if retain {
+        return Ok(left);
+    }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let search = builders::search_name(image_index);
-    let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
-    match deployments.delete(&search, &dp).await {
+    match deployments.delete(&search, &foreground).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
-    let mut left: Vec<String> =
-        dereference::jobs(image_index, &ctx.client).await?.into_iter().map(|j| format!("Job {}", j.name)).collect();
     if deployments.get_opt(&search).await?.is_some() {
         left.push(format!("Deployment {search}"));
     }
     Ok(left)
 }
 
-/// Kept, and let go where this one holds it: an ImageIndex made again under this name (a new
-/// UID) takes it up. Best effort: keeping never waits on a backend.
-async fn retain(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
-    let ns = image_index.namespace().unwrap_or_default();
-    let (collection, owner) = (image_index.collection(), image_index.owner());
-    let released = match dereference::secret_key(&ctx.client, &ns, &image_index.spec.mysql.secret_ref).await? {
-        Ok(url) => within(ctx.settings.io_timeout, async {
-            Catalog::connect(url.expose(), &collection, "").await?.release(&owner).await
-        })
-        .await
-        .map_err(|e| e.to_string()),
-        Err(missing) => Err(missing.message),
+/// The cleanup Job: started if there is none, waited for while it runs, and read when done.
+async fn run_cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
+    let collection = image_index.collection();
+    let tasks = dereference::tasks(image_index, &ctx.client, builders::CLEANUP).await?;
+    let Some(task) = tasks.into_iter().max_by_key(|t| t.job.created) else {
+        return start_cleanup(image_index, ctx).await;
     };
-    let mut note = format!("collection {collection} and its catalog rows are kept");
-    if let Err(e) = released {
-        warn!(%collection, "not released: {e}");
-        note.push_str(&format!(" (still claimed by {owner}: {e})"));
+    let name = &task.job.name;
+    let kept = |why: String| format!("collection {collection} and its catalog rows are kept: {why}");
+    match (&task.job.state, task.report) {
+        (JobState::Active, _) => match task.blocked {
+            // The credentials were deleted first (a namespace teardown deletes in any order):
+            // they will not come back, and nothing can be shown or dropped without them.
+            Some(b) if b.reason == "CreateContainerConfigError" => {
+                let note = kept(format!("the cleanup Job {name} cannot start ({b})"));
+                publish(ctx, image_index, EventType::Warning, kept_reason(image_index), note).await;
+                delete_cleanup_job(image_index, ctx).await?;
+                Ok(Action::await_change())
+            }
+            Some(b) => Err(Error::Waiting(format!("cleanup Job {name} cannot start yet: {b}"))),
+            None => Err(Error::Waiting(format!("cleanup Job {name} is running"))),
+        },
+        (JobState::Succeeded, Some(report)) => {
+            let (type_, why, note) = match report {
+                Report::Dropped => {
+                    (EventType::Normal, "Deleted", format!("dropped collection {collection} and its catalog rows"))
+                }
+                Report::Released => {
+                    (EventType::Normal, "Retained", format!("collection {collection} and its catalog rows are kept"))
+                }
+                Report::Kept { why } => (EventType::Warning, "NotDropped", kept(why)),
+                other => (EventType::Warning, "NotDropped", kept(format!("unexpected report {other:?}"))),
+            };
+            publish(ctx, image_index, type_, why, note).await;
+            delete_cleanup_job(image_index, ctx).await?;
+            Ok(Action::await_change())
+        }
+        (_, report) => {
+            // Failed (or succeeded without a word): the next try starts a new Job.
+            let why = match (report, &task.job.state) {
+                (Some(Report::Stopped { message, .. }), _) => message,
+                (_, JobState::Failed(why)) => why.clone(),
+                _ => "no report".into(),
+            };
+            delete_cleanup_job(image_index, ctx).await?;
+            Err(Error::Failed(format!("collection {collection} (Job {name})"), why))
+        }
     }
-    publish(ctx, image_index, EventType::Normal, "Retained", note).await;
-    Ok(Action::await_change())
 }
 
-/// Drops the collection and its catalog rows if the catalog shows they are this ImageIndex's
-/// and the credentials to do it are still there; otherwise keeps them and says why.
-async fn drop_owned(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
-    let ns = image_index.namespace().unwrap_or_default();
-    let (collection, owner) = (image_index.collection(), image_index.owner());
-    let timeout = ctx.settings.io_timeout;
-    let failed = |what: &str, e| Error::Backend(format!("{what} {collection}"), e);
-    let collection_ref = &collection;
-    let keep = |why: String| async move {
-        let note = format!("collection {collection_ref} and its catalog rows are kept: {why}");
-        publish(ctx, image_index, EventType::Warning, "NotDropped", note).await;
-        Ok(Action::await_change())
-    };
-    // The catalog says whose the collection is: nothing is dropped that another index holds, or
-    // that cannot be shown to be this one's.
-    let url = match dereference::secret_key(&ctx.client, &ns, &image_index.spec.mysql.secret_ref)
-        .await
-        .map_err(Error::from)?
-    {
-        Ok(url) => url,
-        Err(missing) => {
-            return keep(format!("it cannot be shown to be this ImageIndex's ({})", missing.message)).await;
-        }
-    };
-    let catalog =
-        within(timeout, Catalog::connect(url.expose(), &collection, "")).await.map_err(|e| failed("catalog of", e))?;
-    match within(timeout, catalog.owner()).await.map_err(|e| failed("owner of", e))? {
-        Some(held) if held == owner => {}
-        Some(other) => return keep(format!("it belongs to {other}")).await,
-        None => return keep("it cannot be shown to be this ImageIndex's (no owner recorded)".into()).await,
-    }
+async fn start_cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
+    let collection = image_index.collection();
     // An invalid spec made no collection through a ref; its address, if any, is still tried.
     let source = validate::validate(image_index)
         .map(|spec| spec.milvus)
         .ok()
         .or_else(|| image_index.spec.milvus.address.as_deref().map(|a| MilvusSource::Address(validate::address(a))));
-    let credentials = &image_index.spec.milvus.credentials_secret_ref;
+    let credentials = image_index.spec.milvus.credentials_secret_ref.is_some();
     let milvus = match source {
-        Some(source) => dereference::milvus(&ctx.client, &source, credentials.is_some()).await?,
+        Some(source) => dereference::milvus(&ctx.client, &source, credentials).await?,
         None => Milvus::NotFound("no Milvus in the spec".into()),
     };
-    match milvus {
-        Milvus::Ready(url) => {
-            // Credentials named but gone (a namespace teardown deletes Secrets in any order):
-            // they will not come back, and Milvus would refuse the drop. Kept.
-            let token = match credentials {
-                Some(r) => match dereference::secret_key(&ctx.client, &ns, r).await? {
-                    Ok(token) => Some(token),
-                    Err(missing) => {
-                        return keep(format!("the Milvus credentials are gone ({})", missing.message)).await;
-                    }
-                },
-                None => None,
-            };
-            let cfg = milvus_config(image_index, url, token);
-            within(timeout, async { VectorStore::connect(&cfg).await?.drop_collection().await })
-                .await
-                .map_err(|e| failed("Milvus collection", e))?;
+    let (milvus_url, catalog_only) = match milvus {
+        Milvus::Ready(url) => (url, false),
+        // Gone with its Milvus: only the catalog rows are left to drop.
+        Milvus::NotFound(_) => (String::new(), true),
+        Milvus::NotReady(msg) => return Err(Error::Failed(format!("collection {collection}"), msg)),
+    };
+    let resolved =
+        Resolved { milvus_url, collection, default_image: ctx.settings.default_image.clone(), jobs: ctx.settings.jobs };
+    let job = builders::cleanup_job(image_index, &resolved, catalog_only);
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
+    match api
+        .patch(&builders::cleanup_name(image_index), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job))
+        .await
+    {
+        Ok(_) => Err(Error::Waiting(format!("started cleanup Job {}", builders::cleanup_name(image_index)))),
+        // A namespace being deleted takes no new Job: nothing can reach the data from here.
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => {
+            let note = format!(
+                "collection {} and its catalog rows are kept: the namespace is being deleted, so no cleanup Job can \
+                 run (delete the ImageIndex before its namespace to drop them)",
+                resolved.collection
+            );
+            publish(ctx, image_index, EventType::Warning, kept_reason(image_index), note).await;
+            Ok(Action::await_change())
         }
-        Milvus::NotFound(_) => warn!(%collection, "Milvus is gone; nothing to drop there"),
-        Milvus::NotReady(msg) => return Err(failed("Milvus collection", backends::Error::Unavailable(msg))),
+        Err(e) => Err(e.into()),
     }
-    within(timeout, catalog.drop_collection()).await.map_err(|e| failed("catalog rows of", e))?;
-    let note = format!("dropped collection {collection} and its catalog rows");
-    publish(ctx, image_index, EventType::Normal, "Deleted", note).await;
-    Ok(Action::await_change())
+}
+
+/// The event when no cleanup Job could run: `Retain` kept everything anyway (only the claim
+/// stays); for `Delete` it is a drop that did not happen.
+fn kept_reason(image_index: &ImageIndex) -> &'static str {
+    if image_index.spec.deletion_policy == DeletionPolicy::Retain { "Retained" } else { "NotDropped" }
+}
+
+/// The cleanup Job is not owned (see `builders::cleanup_job`): it goes once read.
+async fn delete_cleanup_job(image_index: &ImageIndex, ctx: &Context) -> Result<(), Error> {
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
+    let background = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+    match api.delete(&builders::cleanup_name(image_index), &background).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -1,18 +1,23 @@
 //! One reconcile of an ImageIndex, as steps, each a module with its own error type:
 //!
-//!   validate (pure) -> dereference (the only step that reads the cluster) -> validate::ready
-//!   (pure) -> backends (Milvus, MySQL) -> apply (search Deployment and Service) -> jobs (a pure
-//!   decision, then a Job if it says so) -> update_status
+//!   validate (pure) -> dereference (the only step that reads the cluster: the Milvus CR, the
+//!   Jobs and their pods) -> validate::ready (pure) -> apply (search Deployment and Service) ->
+//!   jobs and tasks (pure decisions: plan, embed or wait) -> apply (the Job they ask for) ->
+//!   update_status
 //!
-//! A missing dependency halts the steps with conditions that say why, and a requeue with backoff,
-//! never an error loop; only Kubernetes API failures are errors. `cleanup` runs on deletion.
+//! The controller talks to no backend and reads no Secret. What needs Milvus, MySQL or the bucket
+//! runs in the ImageIndex's namespace as a Job with the credentials its pods get: a short plan
+//! Job (make or check the collection, diff the bucket, count) whose report decides whether an
+//! embedding Job runs, and a cleanup Job on deletion. A missing dependency halts the steps with
+//! conditions that say why, and a requeue with backoff, never an error loop; only Kubernetes API
+//! failures are errors. `cleanup` runs on deletion.
 
 mod apply;
-mod backends;
 mod cleanup;
 mod context;
 pub mod dereference;
 pub mod jobs;
+pub mod tasks;
 mod update_status;
 pub mod validate;
 
@@ -30,15 +35,14 @@ use tracing::warn;
 pub use context::{Context, Settings};
 pub use dereference::milvus_resource;
 
-use backends::within;
-use dereference::Refs;
-use jobs::{Diff, Inputs, JobDecision, JobState};
+use jobs::{Inputs, JobDecision, JobState};
+use tasks::{PlanNext, Task};
 use validate::ValidSpec;
 
-use super::builders::{self, Resolved};
-use super::status::{INDEXED, Observed, READY, reason};
+use super::builders::{self, PlanFor, Resolved};
+use super::status::{INDEXED, Observed, READY, SEARCH_READY, reason};
 use crate::crd::{ImageIndex, ImageIndexStatus};
-use crate::store::Catalog;
+use crate::sync::report::Report;
 
 pub const MANAGER: &str = "imageindex-controller";
 pub const FINALIZER: &str = "imageindex.dev/cleanup";
@@ -156,35 +160,57 @@ async fn steps(
     status: &mut ImageIndexStatus,
 ) -> Result<(Vec<Observed>, Action), Halt> {
     let spec = validate::validate(image_index).map_err(|msg| Halt::Invalid(validate::invalid(&msg)))?;
-    let refs = dereference::dereference(image_index, &spec, &ctx.client).await?;
-    let ready = validate::ready(&refs).map_err(Halt::Blocked)?;
-    let (catalog, mut observed) = backends::ensure(image_index, &ready, ctx).await.map_err(Halt::Blocked)?;
-    status.collection = Some(image_index.collection());
+    let credentials = image_index.spec.milvus.credentials_secret_ref.is_some();
+    let milvus = dereference::milvus(&ctx.client, &spec.milvus, credentials).await?;
+    let milvus_url = validate::ready(&milvus).map_err(Halt::Blocked)?;
     let resolved = Resolved {
-        milvus_url: ready.milvus_url,
+        milvus_url,
         collection: image_index.collection(),
         default_image: ctx.settings.default_image.clone(),
         jobs: ctx.settings.jobs,
     };
-    // The search objects first: search answers while indexing runs.
-    observed.push(apply::search(image_index, ctx, &resolved, &refs.search_token).await?);
-    status.endpoint = Some(builders::endpoint(image_index));
-    let found = Found { spec: &spec, refs: &refs, catalog: &catalog, resolved: &resolved };
+    let plans = dereference::tasks(image_index, &ctx.client, builders::PLAN).await?;
+    let mut observed = vec![];
+    // The backends as the last finished plan found them (a plan still running says nothing yet).
+    let finished: Vec<Task> = plans.iter().filter(|t| t.job.state != JobState::Active).cloned().collect();
+    if let Some(last) = tasks::latest(&finished) {
+        observed.extend(tasks::conditions(last, &resolved.milvus_url));
+    }
+    let planned = plans.iter().filter(|t| t.job.state == JobState::Succeeded && t.report.is_some());
+    if let Some(p) = planned.max_by_key(|t| t.job.created) {
+        status.collection = Some(resolved.collection.clone());
+        if let Some(Report::Planned { discovered, pending, indexed, failed, .. }) = &p.report {
+            (status.images.discovered, status.images.pending) = (*discovered, *pending);
+            (status.images.indexed, status.images.failed) = (*indexed, *failed);
+        }
+    }
+    // The search objects once a plan has made the collection they serve; then always, so that
+    // search answers while indexing runs and while a backend is down.
+    if status.collection.as_deref() == Some(resolved.collection.as_str()) {
+        observed.push(apply::search(image_index, ctx, &resolved).await?);
+        status.endpoint = Some(builders::endpoint(image_index));
+    } else {
+        observed.push(Observed::unknown(
+            SEARCH_READY,
+            reason::WAITING,
+            "waiting for the first plan to make the collection",
+        ));
+    }
+    let found = Found { spec: &spec, plans: &plans, resolved: &resolved };
     let action = embedding(image_index, ctx, &found, status, &mut observed).await?;
-    counts(image_index, ctx, &catalog, status).await;
     Ok((observed, action))
 }
 
 /// What the steps before the Job decision found, for it to use.
 struct Found<'a> {
     spec: &'a ValidSpec,
-    refs: &'a Refs,
-    catalog: &'a Catalog,
+    plans: &'a [Task],
     resolved: &'a Resolved,
 }
 
-/// Embedding Jobs: at most one at a time; a new one when the spec changed or the bucket did.
-/// Pushes the Indexed condition; returns when to come back.
+/// Embedding Jobs: at most one at a time; a new one when the embedding settings changed or the
+/// bucket did, as the latest plan found it; a plan when none holds. Pushes the Indexed condition
+/// (and whatever else holds the work up); returns when to come back.
 async fn embedding(
     image_index: &ImageIndex,
     ctx: &Context,
@@ -192,8 +218,7 @@ async fn embedding(
     status: &mut ImageIndexStatus,
     observed: &mut Vec<Observed>,
 ) -> Result<Action, Halt> {
-    let Found { spec, refs, catalog, resolved } = found;
-    let key = object_key(image_index);
+    let Found { spec, plans, resolved } = found;
     let jobs = dereference::jobs(image_index, &ctx.client).await?;
     let latest = jobs::latest_done(&jobs);
     if let Some(j) = latest.filter(|j| j.state == JobState::Succeeded && status.last_sync_time != j.finished) {
@@ -210,50 +235,48 @@ async fn embedding(
         jobs.iter().filter(|j| j.state == JobState::Succeeded).max_by_key(|j| j.created)?.embedding.clone()
     });
     let requested = image_index.annotations().get(crate::crd::RESYNC).cloned();
+    // Only the newest plan speaks for the bucket, and only for the resync request it answers.
+    let latest_plan = tasks::latest(plans);
+    let answered = latest_plan.filter(|p| requested.is_none() || p.resync == requested);
+    if answered.is_some() && latest_plan.is_some_and(|p| p.job.state != JobState::Active) {
+        status.last_handled_resync = requested.clone();
+    }
     let resync_requested = requested.is_some() && requested != status.last_handled_resync;
-    let inputs = |diff| Inputs {
+    let diff = answered.and_then(tasks::diff);
+    let decision = jobs::decide(&Inputs {
         jobs: &jobs,
         generation,
         embedding: &embedding,
         synced_embedding: synced.as_deref(),
         resync: spec.resync,
-        diff,
+        diff: diff.as_ref(),
         now: Timestamp::now(),
         suspended: image_index.spec.suspend,
         resync_requested,
-    };
-    // A resync asked for lists afresh, whatever was listed before.
-    let remembered = ctx.memo(&key).diff.filter(|_| !resync_requested);
-    let mut decision = jobs::decide(&inputs(remembered.as_ref()));
-    if decision == JobDecision::Diff {
-        let url = &image_index.spec.source.url;
-        let listed =
-            within(ctx.settings.list_timeout, backends::diff(image_index, &refs.source_credentials, catalog)).await;
-        let backends::Listed { discovered, pending, refused } = listed.map_err(|e| {
-            observed.push(Observed::no(INDEXED, reason::SOURCE_UNAVAILABLE, format!("listing {url}: {e}")));
-            Halt::Blocked(std::mem::take(observed))
-        })?;
-        let after_job = latest.map(|j| j.name.clone());
-        let diff = Diff { at: Timestamp::now(), generation, after_job, discovered, pending, refused };
-        ctx.set_memo(&key, |m| m.diff = Some(diff.clone()));
-        status.last_handled_resync = requested.clone();
-        decision = jobs::decide(&inputs(Some(&diff)));
-    }
+    });
     status.current_job = None;
     let (indexed, action) = match decision {
         JobDecision::Running { name, succeeded, completions } => {
-            let progress = within(ctx.settings.io_timeout, catalog.progress()).await.ok().and_then(|p| p.run);
-            let progress = progress.map(|r| {
-                format!(", {} of {} planned objects done", r.progress.indexed + r.progress.failed, r.progress.planned)
-            });
-            let msg = format!("Job {name}: {succeeded} of {completions} shards done{}", progress.unwrap_or_default());
-            status.current_job = Some(name);
-            (Observed::no(INDEXED, reason::INDEXING, msg), Action::requeue(Duration::from_secs(30)))
+            let pods = dereference::pods(image_index, &ctx.client, builders::EMBED).await?;
+            let stuck = pods.iter().filter(|p| p.labels().get("job-name") == Some(&name)).find_map(tasks::blocked);
+            status.current_job = Some(name.clone());
+            let indexed = match stuck {
+                Some(b) => tasks::blocked_condition(image_index, &format!("Job {name}"), &b),
+                None => Observed::no(
+                    INDEXED,
+                    reason::INDEXING,
+                    format!("Job {name}: {succeeded} of {completions} shards done"),
+                ),
+            };
+            (indexed, Action::requeue(Duration::from_secs(30)))
         }
         JobDecision::FailedRecently { name, why, retry_in } => {
             let interval = &image_index.spec.source.resync_interval;
             let msg = format!("Job {name} failed: {why}; retrying after {interval}");
             (Observed::no(INDEXED, reason::JOB_FAILED, msg), Action::requeue(retry_in))
+        }
+        JobDecision::Diff => {
+            return plan(image_index, ctx, found, latest.map(|j| j.name.clone()), requested, observed).await;
         }
         JobDecision::Create { why } => {
             let name = apply::job(image_index, ctx, resolved, &why).await?;
@@ -273,22 +296,47 @@ async fn embedding(
             let msg = "indexing is suspended (spec.suspend); search serves what is indexed".to_string();
             (Observed::no(INDEXED, reason::SUSPENDED, msg), Action::await_change())
         }
-        JobDecision::Diff => unreachable!("a diff made just now holds"),
     };
     observed.push(indexed);
     Ok(action)
 }
 
-/// Counts: the bucket's from the last diff (kept while a Job runs: the informer's copy of our own
-/// status can lag behind the write that set them), the catalog's fresh.
-async fn counts(image_index: &ImageIndex, ctx: &Context, catalog: &Catalog, status: &mut ImageIndexStatus) {
-    if let Some(d) = ctx.memo(&object_key(image_index)).diff {
-        status.images.discovered = d.discovered;
-        status.images.pending = d.pending;
-    }
-    if let Ok(c) = within(ctx.settings.io_timeout, catalog.counts()).await {
-        status.images.indexed = c.indexed;
-        status.images.failed = c.failed;
+/// No diff holds: wait for the plan that runs, back off after one that failed, or start one.
+/// Indexed keeps what it said while a routine plan runs (a resync must not flap Ready); it says
+/// Planning only when it has said nothing yet.
+async fn plan(
+    image_index: &ImageIndex,
+    ctx: &Context,
+    found: &Found<'_>,
+    after_job: Option<String>,
+    resync: Option<String>,
+    observed: &mut Vec<Observed>,
+) -> Result<Action, Halt> {
+    let generation = image_index.metadata.generation.unwrap_or_default();
+    let first = image_index.status.as_ref().is_none_or(|s| !s.conditions.iter().any(|c| c.type_ == INDEXED));
+    let planning = |msg: String| {
+        let told = observed.iter().any(|o| o.type_ == INDEXED);
+        (first && !told).then(|| Observed::unknown(INDEXED, reason::PLANNING, msg))
+    };
+    let url = &image_index.spec.source.url;
+    match tasks::next_plan(found.plans, generation, Timestamp::now()) {
+        PlanNext::Running { name, blocked: Some(b) } => {
+            observed.push(tasks::blocked_condition(image_index, &format!("plan Job {name}"), &b));
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+        PlanNext::Running { name, blocked: None } => {
+            observed.extend(planning(format!("plan Job {name} is listing {url}")));
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+        // The conditions of the failed plan say why.
+        PlanNext::Backoff { retry_in } => Ok(Action::requeue(retry_in)),
+        PlanNext::Halted => Ok(Action::await_change()),
+        PlanNext::Create => {
+            let deadline = ctx.settings.plan_timeout.as_secs().max(60) as i64;
+            let name = apply::plan(image_index, ctx, found.resolved, &PlanFor { after_job, resync, deadline }).await?;
+            observed.extend(planning(format!("plan Job {name} is listing {url}")));
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
     }
 }
 

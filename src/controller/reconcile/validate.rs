@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 
-use super::dereference::{Milvus, Refs};
+use super::dereference::Milvus;
 use crate::controller::status::{self, COLLECTION_READY, INDEXED, MILVUS_READY, Observed, SEARCH_READY, reason};
-use crate::core::Redacted;
 use crate::crd::{ImageIndex, parse_interval};
 
 /// A spec that passed the rules.
@@ -74,53 +73,24 @@ pub fn invalid(message: &str) -> Vec<Observed> {
     status::ALL.iter().map(|&t| Observed::unknown(t, reason::INVALID_SPEC, message)).collect()
 }
 
-/// What the backends step needs, all present.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Ready {
-    pub milvus_url: String,
-    pub milvus_token: Option<Redacted>,
-    pub mysql_url: Redacted,
-}
-
 fn waiting(types: &[&'static str]) -> impl Iterator<Item = Observed> {
     types.iter().map(|&t| Observed::unknown(t, reason::WAITING, "waiting for the conditions before it"))
 }
 
-/// Milvus resolved and the Secrets read, or the conditions that say which is missing.
-pub fn ready(refs: &Refs) -> Result<Ready, Vec<Observed>> {
-    let milvus_url = match &refs.milvus {
-        Milvus::Ready(url) => url.clone(),
-        Milvus::NotFound(msg) => {
-            let blocked = Observed::no(MILVUS_READY, reason::MILVUS_NOT_FOUND, msg);
-            return Err([blocked].into_iter().chain(waiting(&[COLLECTION_READY, INDEXED, SEARCH_READY])).collect());
-        }
-        Milvus::NotReady(msg) => {
-            let blocked = Observed::no(MILVUS_READY, reason::MILVUS_NOT_READY, msg);
-            return Err([blocked].into_iter().chain(waiting(&[COLLECTION_READY, INDEXED, SEARCH_READY])).collect());
-        }
+/// The Milvus address, or the conditions that say why there is none yet.
+pub fn ready(milvus: &Milvus) -> Result<String, Vec<Observed>> {
+    let (why, msg) = match milvus {
+        Milvus::Ready(url) => return Ok(url.clone()),
+        Milvus::NotFound(msg) => (reason::MILVUS_NOT_FOUND, msg),
+        Milvus::NotReady(msg) => (reason::MILVUS_NOT_READY, msg),
     };
-    let milvus_token = match &refs.milvus_token {
-        Some(Err(missing)) => return Err(vec![Observed::no(MILVUS_READY, missing.reason, &missing.message)]),
-        Some(Ok(token)) => Some(token.clone()),
-        None => None,
-    };
-    let mysql_url = match &refs.mysql_url {
-        Ok(url) => url.clone(),
-        Err(missing) => {
-            let head = [
-                Observed::yes(MILVUS_READY, reason::READY, &milvus_url),
-                Observed::no(COLLECTION_READY, missing.reason, &missing.message),
-            ];
-            return Err(head.into_iter().chain(waiting(&[INDEXED, SEARCH_READY])).collect());
-        }
-    };
-    Ok(Ready { milvus_url, milvus_token, mysql_url })
+    let blocked = Observed::no(MILVUS_READY, why, msg);
+    Err([blocked].into_iter().chain(waiting(&[COLLECTION_READY, INDEXED, SEARCH_READY])).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::reconcile::dereference::Missing;
 
     fn named(name: &str) -> ImageIndex {
         let mut ii = image_index(serde_json::json!({"milvus": {"address": "m:19530"}}));
@@ -169,30 +139,12 @@ mod tests {
     }
 
     #[test]
-    fn what_is_missing_decides_the_conditions() {
-        let missing = |reason| Missing { reason, message: "m".into() };
-        let refs = Refs {
-            milvus: Milvus::Ready("http://m:19530".into()),
-            milvus_token: None,
-            mysql_url: Ok(Redacted::new("mysql://db")),
-            search_token: Ok(()),
-            source_credentials: Ok(None),
-        };
-        let ok = ready(&refs).unwrap();
-        assert_eq!((ok.milvus_url.as_str(), ok.mysql_url.expose()), ("http://m:19530", "mysql://db"));
-        assert!(!format!("{ok:?} {refs:?}").contains("mysql://db"), "a secret in Debug output");
-
-        let no_milvus = Refs { milvus: Milvus::NotFound("gone".into()), ..refs.clone() };
-        let blocked = ready(&no_milvus).unwrap_err();
+    fn an_unresolved_milvus_holds_the_rest() {
+        assert_eq!(ready(&Milvus::Ready("http://m:19530".into())).unwrap(), "http://m:19530");
+        let blocked = ready(&Milvus::NotFound("gone".into())).unwrap_err();
         assert_eq!((blocked[0].type_, blocked[0].reason), (MILVUS_READY, reason::MILVUS_NOT_FOUND));
         assert!(blocked[1..].iter().all(|o| o.reason == reason::WAITING) && blocked.len() == 4);
-
-        let no_db = Refs { mysql_url: Err(missing(reason::SECRET_KEY_MISSING)), ..refs.clone() };
-        let blocked = ready(&no_db).unwrap_err();
-        assert_eq!(blocked[0].ok, Some(true), "Milvus itself is fine");
-        assert_eq!((blocked[1].type_, blocked[1].reason), (COLLECTION_READY, reason::SECRET_KEY_MISSING));
-
-        let no_token = Refs { milvus_token: Some(Err(missing(reason::SECRET_NOT_FOUND))), ..refs };
-        assert_eq!(ready(&no_token).unwrap_err(), vec![Observed::no(MILVUS_READY, reason::SECRET_NOT_FOUND, "m")]);
+        let blocked = ready(&Milvus::NotReady("starting".into())).unwrap_err();
+        assert_eq!(blocked[0].reason, reason::MILVUS_NOT_READY);
     }
 }
