@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, starts the local services, makes the test model,
 # and runs every test: unit tests, end-to-end tests on the real services, and the operator on a
-# real kube-apiserver (built once into the cache by hack/kube-build.sh, about 12 minutes).
+# real kube-apiserver (built once into the cache by hack/kube-build.sh, about 12 minutes), then
+# the chart on a real single-node cluster.
 source "$(dirname "$0")/lib.sh"
 "$ROOT/hack/install.sh"
 "$ROOT/hack/services.sh" up
@@ -22,3 +23,5 @@ for f in parity.txt cuda.txt; do
   if [[ -f $STATE/artifacts/$f ]]; then log "$f:"; cat "$STATE/artifacts/$f" >&2; fi
 done
 "$ROOT/hack/browser-test.sh"
+# The operator as a cluster runs it: the chart on a real single-node Kubernetes (hack/cluster.sh).
+"$ROOT/hack/cluster-e2e.sh"

@@ -12,10 +12,10 @@ pub mod status;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -50,9 +50,9 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let leading = Arc::new(AtomicBool::new(config.lease.is_none()));
     tokio::spawn(serve_metrics(config.listen, metrics.clone(), leading.clone()));
-    let lost_lease = match &config.lease {
-        Some(lease) => lead(&client, lease, &config.identity).await?,
-        None => Box::pin(futures::future::pending()),
+    let mut leadership = match &config.lease {
+        Some(lease) => Some(Leadership::acquire(&client, lease, &config.identity).await?),
+        None => None,
     };
     leading.store(true, Ordering::Relaxed);
     metrics.set_leading(true);
@@ -62,16 +62,24 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
     let ctx = Arc::new(Context::new(client.clone(), config.settings.clone(), recorder, metrics));
     let controller = watches(&client, config.namespace.as_deref());
     info!(namespace = config.namespace.as_deref().unwrap_or("(all)"), "reconciling ImageIndexes");
-    let lost = Arc::new(AtomicBool::new(false));
-    let lost_flag = lost.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = lost_lease => { lost_flag.store(true, Ordering::Relaxed); error!("lost the lease; stopping"); }
-            _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
-            _ = sigterm() => info!("SIGTERM; stopping"),
-        }
+    // Ends with whether the lease was lost, handing the leadership back to be released.
+    let signals = tokio::spawn(async move {
+        let lost = {
+            let lost_lease = async {
+                match leadership.as_mut() {
+                    Some(l) => l.lost().await,
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = lost_lease => { error!("lost the lease; stopping"); true }
+                _ = tokio::signal::ctrl_c() => { info!("interrupted; stopping"); false }
+                _ = sigterm() => { info!("SIGTERM; stopping"); false }
+            }
+        };
         let _ = stop.send(());
+        (lost, leadership)
     });
     controller
         .graceful_shutdown_on(async move {
@@ -87,34 +95,63 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
             }
         })
         .await;
-    anyhow::ensure!(!lost.load(Ordering::Relaxed), "lost the leader lease");
+    let (lost, leadership) = signals.await.context("the signal task")?;
+    anyhow::ensure!(!lost, "lost the leader lease");
+    // Only now that no reconcile runs: the next replica leads at once, not when the Lease expires.
+    if let Some(l) = leadership {
+        l.release().await;
+    }
     Ok(())
 }
 
-/// Waits until this replica holds the Lease `(namespace, name)`; returns a future that ends
-/// when it no longer does.
-async fn lead(client: &Client, (ns, name): &(String, String), identity: &str) -> Result<BoxFuture<'static, ()>> {
-    let manager = LeaseManagerBuilder::new(client.clone(), name)
-        .with_namespace(ns)
-        .with_identity(identity)
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await
-        .context("setting up leader election")?;
-    let (mut channel, _task) = manager.watch().await;
-    info!(lease = %format!("{ns}/{name}"), %identity, "waiting for the lease");
-    while !*channel.borrow_and_update() {
-        channel.changed().await.context("leader election stopped")?;
+/// This replica's hold on the Lease, renewed in the background by kube-lease-manager.
+struct Leadership {
+    channel: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+}
+
+/// How long a stopping replica waits to hand the Lease back (the pod's grace period is 30 s).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Leadership {
+    /// Waits until this replica holds the Lease `(namespace, name)`.
+    async fn acquire(client: &Client, (ns, name): &(String, String), identity: &str) -> Result<Self> {
+        let manager = LeaseManagerBuilder::new(client.clone(), name)
+            .with_namespace(ns)
+            .with_identity(identity)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .context("setting up leader election")?;
+        let (mut channel, task) = manager.watch().await;
+        info!(lease = %format!("{ns}/{name}"), %identity, "waiting for the lease");
+        while !*channel.borrow_and_update() {
+            channel.changed().await.context("leader election stopped")?;
+        }
+        info!("leading");
+        Ok(Self { channel, task })
     }
-    info!("leading");
-    Ok(Box::pin(async move {
-        while *channel.borrow_and_update() {
-            if channel.changed().await.is_err() {
+
+    /// Ends when this replica no longer holds the Lease.
+    async fn lost(&mut self) {
+        while *self.channel.borrow_and_update() {
+            if self.channel.changed().await.is_err() {
                 break;
             }
         }
-    }))
+    }
+
+    /// Lets the Lease go: closing the channel makes the manager release it and end.
+    async fn release(self) {
+        drop(self.channel);
+        match tokio::time::timeout(RELEASE_TIMEOUT, self.task).await {
+            Ok(Ok(Ok(_))) => info!("released the lease"),
+            Ok(Ok(Err(e))) => warn!(error = %e, "could not release the lease; it expires on its own"),
+            Ok(Err(e)) => warn!(error = %e, "the lease task failed"),
+            Err(_) => warn!("releasing the lease timed out; it expires on its own"),
+        }
+    }
 }
 
 /// The controller and what wakes it: ImageIndexes, the objects they own, their Jobs' pods (a

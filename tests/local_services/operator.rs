@@ -555,7 +555,7 @@ async fn single_namespace_mode_follows_a_milvus_installed_later() {
     std::fs::write(&kubeconfig, serde_yaml::to_string(&kc).unwrap()).unwrap();
     let log_path = artifacts().join("controller-single-ns.log");
     let port = free_port();
-    let _controller = Proc(
+    let mut controller = Proc(
         Command::new(env!("CARGO_BIN_EXE_imageindex"))
             .args(["controller", "--namespace", &ns, "--lease-namespace", &ns, "--identity", &ns])
             .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
@@ -662,5 +662,25 @@ async fn single_namespace_mode_follows_a_milvus_installed_later() {
         assert!(Instant::now() < deadline, "the finalizer did not finish");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+
+    // A rollout stops the old pod with SIGTERM: it hands the Lease back as it goes, so the new
+    // pod leads at once instead of when the Lease expires (it kept naming the old pod).
+    let term = Command::new("kill").args(["-TERM", &controller.0.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = controller.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the controller did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "{exit}");
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin.clone(), &ns)
+        .get("imageindex-controller")
+        .await
+        .unwrap();
+    let holder = lease.spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder, None, "the stopped controller still holds the Lease");
     Api::<Namespace>::all(admin).delete(&ns, &DeleteParams::default()).await.unwrap();
 }
