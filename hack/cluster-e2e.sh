@@ -42,9 +42,15 @@ fail() {
   exit 1
 }
 
-# The Lease's holder, and whether it is one of the controller pods that exist now.
+# The Lease's holder, and whether it is one of the controller pods a rollout keeps.
 holder() { k -n imageindex-system get lease imageindex-controller -o jsonpath='{.spec.holderIdentity}' 2>/dev/null; }
-controllers() { k -n imageindex-system get pods -l app.kubernetes.io/component=controller -o jsonpath='{.items[*].metadata.name}'; }
+controllers() { # the controller pods that run the Deployment's image and are not terminating
+  local image
+  image=$(k -n imageindex-system get deploy imageindex-controller -o jsonpath='{.spec.template.spec.containers[0].image}')
+  k -n imageindex-system get pods -l app.kubernetes.io/component=controller -o \
+    jsonpath='{range .items[*]}{.metadata.name} {.spec.containers[0].image} {.metadata.deletionTimestamp}{"\n"}{end}' |
+    awk -v image="$image" 'NF == 2 && $2 == image {print $1}' | tr '\n' ' '
+}
 current_leader() { # [NOT]: a current pod leads (and it is not NOT)
   local h
   h=$(holder)
@@ -86,14 +92,18 @@ top_hit() { # QUERY FILE
 }
 
 log "cluster e2e 1: helm install, the controller becomes Ready"
-k delete namespace e2e --ignore-not-found --wait --timeout 300s >/dev/null || fail "namespace e2e did not go"
 "$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" upgrade --install imageindex "$ROOT/charts/imageindex" \
-  -n imageindex-system --create-namespace --set replicas=1 \
+  -n imageindex-system --create-namespace --set replicas=1 --set watchNamespace= \
   --set image.repository="${CLUSTER_IMAGE%:*}" --set image.tag="${CLUSTER_IMAGE##*:}" --wait --timeout 180s >/dev/null ||
   fail "helm install"
 k -n imageindex-system rollout status deploy/imageindex-controller --timeout 120s >/dev/null || fail "controller rollout"
 wait_for "a controller pod to lead" 60 current_leader || fail "no controller pod took the lease (holder $(holder))"
 log "leader: $(holder)"
+# What an earlier run left (its ImageIndexes' finalizers need the cluster-wide controller).
+k delete namespace e2e --ignore-not-found --wait --timeout 300s >/dev/null ||
+  fail "namespace e2e from an earlier run did not go"
+k delete namespace -l imageindex.dev/e2e=cluster --wait --timeout 300s >/dev/null ||
+  fail "the team namespaces from an earlier run did not go"
 snapshot 1-install
 
 log "cluster e2e 2: an ImageIndex over $N photos, embedded by Jobs, searched through its Service"
@@ -251,4 +261,86 @@ k delete namespace e2e --timeout 300s >/dev/null || fail "namespace e2e still Te
 milvus_has "${collection}_torn" || fail "the torn-down namespace's collection was dropped without its cleanup Job"
 log "namespace e2e with an ImageIndex in it (its Milvus Secret deleted first) terminated in $((SECONDS - started))s"
 snapshot 6-namespace
+
+log "cluster e2e 7: one cluster-wide install serves two namespaces on one Milvus and one MySQL; then single-namespace mode"
+# Named for this run: a namespace torn down by an earlier run keeps its data, and its default
+# collection name stays claimed by that run's ImageIndex.
+team_a=e2e-a-${bucket#cluster-e2e-} team_b=e2e-b-${bucket#cluster-e2e-}
+team() { # NS PREFIX [NAME]: a namespace with the Secrets and an ImageIndex (default collection name)
+  k create namespace "$1" >/dev/null 2>&1 && k label namespace "$1" imageindex.dev/e2e=cluster >/dev/null
+  k -n "$1" create secret generic catalog \
+    --from-literal=url="mysql://$MYSQL_USER:$MYSQL_PASSWORD@$gw:$MYSQL_PORT/$MYSQL_DB" >/dev/null 2>&1 || true
+  k -n "$1" create secret generic s3-keys --from-literal=AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" \
+    --from-literal=AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY" --from-literal=AWS_REGION=us-east-1 >/dev/null 2>&1 || true
+  k apply -f - >/dev/null <<EOF
+apiVersion: imageindex.dev/v1alpha1
+kind: ImageIndex
+metadata: {name: ${3:-photos}, namespace: $1}
+spec:
+  source: {url: "s3://$bucket/$2/", endpoint: "http://$gw:$S3_PORT", credentialsSecret: s3-keys}
+  milvus: {address: "http://$gw:$MILVUS_PORT"}
+  mysql: {secretRef: {name: catalog}}
+  embedding: {batchSize: 16, resources: {requests: {cpu: 500m, memory: 512Mi}}}
+  search: {resources: {requests: {cpu: 100m, memory: 256Mi}}}
+  deletionPolicy: Delete
+EOF
+}
+# team-b's photos are other ones, under another prefix of the same bucket.
+for f in "${all[@]:500:30}"; do
+  s3 -T "$f" "$IMAGEINDEX_S3_ENDPOINT/$bucket/b/${f##*/}" >/dev/null || fail "upload b/${f##*/}"
+done
+team $team_a e2e
+team $team_b b
+for ns in $team_a $team_b; do
+  k -n "$ns" wait imgidx/photos --for=condition=Ready --timeout=600s >/dev/null || fail "$ns/photos not Ready"
+done
+a_col=$(status_of $team_a photos .status.collection)
+b_col=$(status_of $team_b photos .status.collection)
+[[ -n $a_col && -n $b_col && $a_col != "$b_col" ]] || fail "the two namespaces share a collection ($a_col, $b_col)"
+[[ $(status_of $team_a photos .status.images.indexed) == "$in_bucket" ]] || fail "team-a indexed"
+[[ $(status_of $team_b photos .status.images.indexed) == 30 ]] || fail "team-b indexed"
+[[ $(catalog_rows "$a_col") == "$in_bucket" && $(catalog_rows "$b_col") == 30 ]] || fail "catalog rows per namespace"
+search_in() { # NS QUERY: the top hit through that namespace's search Service
+  local ip port
+  ip=$(k -n "$1" get svc photos-search -o jsonpath='{.spec.clusterIP}')
+  port=$(k -n "$1" get svc photos-search -o jsonpath='{.spec.ports[0].port}')
+  curl -fsS --max-time 30 -F image=@"$2" -F topk=1 "http://$ip:$port/img/search" |
+    "$PY" -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["key"])'
+}
+[[ $(search_in $team_a "$photos/queries/00000.jpg") == 00000.jpg ]] || fail "team-a search"
+[[ $(search_in $team_b "$photos/queries/00500.jpg") == 00500.jpg ]] || fail "team-b search"
+[[ $(search_in $team_b "$photos/queries/00000.jpg") != 00000.jpg ]] || fail "team-b found team-a's photo"
+k -n $team_b delete imgidx photos --timeout 180s >/dev/null || fail "team-b's ImageIndex did not go"
+milvus_has "$b_col" && fail "team-b's collection $b_col was kept"
+milvus_has "$a_col" || fail "deleting team-b's index dropped team-a's collection"
+[[ $(catalog_rows "$a_col") == "$in_bucket" ]] || fail "deleting team-b's index touched team-a's catalog rows"
+[[ $(search_in $team_a "$photos/queries/00000.jpg") == 00000.jpg ]] || fail "team-a search after team-b went"
+log "two namespaces on one Milvus and MySQL: $a_col ($in_bucket) and $b_col (30) apart; team-b's deletion left team-a whole"
+snapshot 7-two-namespaces
+
+# Single-namespace mode: a Role in $team_a instead of the ClusterRole.
+"$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" upgrade imageindex "$ROOT/charts/imageindex" -n imageindex-system \
+  --reuse-values --set watchNamespace=$team_a --wait --timeout 180s >/dev/null || fail "helm upgrade to single-namespace mode"
+k -n imageindex-system rollout status deploy/imageindex-controller --timeout 120s >/dev/null || fail "single-namespace rollout"
+k get clusterrole imageindex-controller >/dev/null 2>&1 && fail "the ClusterRole is still there in single-namespace mode"
+k -n $team_a get role imageindex-controller >/dev/null || fail "no Role in $team_a"
+wait_for "a controller pod to lead" 60 current_leader || fail "no controller pod leads (holder $(holder))"
+team $team_b b other
+upload "$next" 5 && next=$((next + 5))
+resync $team_a photos || fail "team-a's resync in single-namespace mode"
+[[ $(status_of $team_a photos .status.images.indexed) == "$in_bucket" ]] || fail "team-a indexed in single-namespace mode"
+# The controller has just reconciled $team_a; $team_b is not its business any more.
+[[ -z $(status_of $team_b other .status) && -z $(status_of $team_b other .metadata.finalizers) ]] ||
+  fail "single-namespace mode reconciled $team_b/other"
+k -n imageindex-system logs "$(holder)" | grep -q "code: 403" && fail "the controller hit RBAC in single-namespace mode"
+"$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" upgrade imageindex "$ROOT/charts/imageindex" -n imageindex-system \
+  --reuse-values --set watchNamespace= --wait --timeout 180s >/dev/null || fail "helm upgrade back to cluster-wide"
+k -n $team_b wait imgidx/other --for=condition=Ready --timeout=600s >/dev/null ||
+  fail "$team_b/other not Ready once cluster-wide again"
+log "single-namespace mode reconciled $team_a only; cluster-wide again, $team_b/other became Ready"
+snapshot 7-single-namespace
+for ns in $team_a $team_b; do
+  k -n "$ns" delete imgidx --all --timeout 180s >/dev/null || fail "$ns's ImageIndexes did not go"
+done
+k delete namespace $team_a $team_b --timeout 300s >/dev/null || fail "the team namespaces did not go"
 log "cluster e2e: ok"

@@ -99,17 +99,22 @@ network() {
   # leave from the gateway address (kube-proxy's DNAT picks the pod), and one that no rule
   # rewrites stays on this machine instead of taking the default route out.
   ip route replace "$SVC_CIDR" dev "$BRIDGE" src "$GW"
+  drop_rules
   modprobe br_netfilter 2>/dev/null || true
   sysctl -qw net.bridge.bridge-nf-call-iptables=1 net.ipv4.ip_forward=1
   # Forwarding is for traffic between pods (a Service's ClusterIP rewritten to a pod): anything
   # else a pod sends through the host is dropped, and from pods the host answers only on the
   # gateway address. mangle runs after kube-proxy's DNAT, and kube-proxy never edits it.
-  iptables -t mangle -C FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP 2>/dev/null ||
-    iptables -t mangle -A FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP
-  iptables -t mangle -C FORWARD -o "$BRIDGE" ! -i "$BRIDGE" -j DROP 2>/dev/null ||
-    iptables -t mangle -A FORWARD -o "$BRIDGE" ! -i "$BRIDGE" -j DROP
-  iptables -t mangle -C INPUT -i "$BRIDGE" ! -d "$GW" -j DROP 2>/dev/null ||
-    iptables -t mangle -A INPUT -i "$BRIDGE" ! -d "$GW" -j DROP
+  iptables -t mangle -A FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -j DROP
+  iptables -t mangle -A FORWARD -o "$BRIDGE" ! -i "$BRIDGE" -j DROP
+  # To the host, pods open only the apiserver and the three services on the gateway address;
+  # replies to what the host opened (a search through a ClusterIP) come back.
+  local rule
+  for rule in "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT" \
+    "-p tcp -d $GW -m multiport --dports $API_PORT,$MILVUS_PORT,$MYSQL_PORT,$S3_PORT -j ACCEPT" "-j DROP"; do
+    # shellcheck disable=SC2086 # the rule is words
+    iptables -t mangle -A INPUT -i "$BRIDGE" $rule
+  done
   mkdir -p "$CDIR/cni"
   cat >"$CDIR/cni/10-imageindex.conflist" <<EOF
 {"cniVersion": "0.4.0", "name": "imageindex", "plugins": [
@@ -120,14 +125,34 @@ network() {
 EOF
 }
 
+# Removes this script's mangle rules (all of them name the bridge), so that `up` adds them in order.
+drop_rules() {
+  local rule
+  { iptables -t mangle -S 2>/dev/null || true; } | { grep -E -- "-(i|o) $BRIDGE( |$)" || true; } | sed 's/^-A /-D /' |
+    while read -r rule; do
+      # shellcheck disable=SC2086 # the rule is words
+      iptables -t mangle $rule
+    done
+}
+
+listening() { [[ -n $(ss -Hltn "src $1") ]]; } # ADDR:PORT
+
 # Host services, reachable from pods at the gateway address (they listen on loopback only).
 forwarders() {
   local name port
   for name in milvus mysql s3; do
     case $name in milvus) port=$MILVUS_PORT ;; mysql) port=$MYSQL_PORT ;; s3) port=$S3_PORT ;; esac
     [[ -n $(running_pid "cluster-fwd-$name") ]] && continue
+    # Milvus 2.3 has no flag to choose its listen address: it listens on every interface, so
+    # pods reach it on the gateway address without a forwarder.
+    if ss -Hltn "sport = :$port" | awk '{print $4}' | grep -qE '^(\*|0\.0\.0\.0|\[::\]):'; then
+      log "cluster: $name listens on every interface; pods reach it at $GW:$port directly"
+      continue
+    fi
     start_daemon "cluster-fwd-$name" "$CDIR" "$CDIR/fwd-$name.log" \
       socat "TCP-LISTEN:$port,bind=$GW,reuseaddr,fork" "TCP:127.0.0.1:$port"
+    wait_for "the $name forwarder on $GW:$port" 10 listening "$GW:$port" ||
+      { tail -3 "$CDIR/fwd-$name.log" >&2; exit 1; }
   done
 }
 
@@ -355,6 +380,7 @@ down() {
     [[ -z $(ip netns pids "$ns" 2>/dev/null) ]] && ip netns del "$ns" 2>/dev/null
   done
   ip link del "$BRIDGE" 2>/dev/null || true
+  drop_rules
   rm -rf "$CDIR/cni-ipam"
 }
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The operator end to end on a real cluster (kind): build the image, install the chart, run MinIO,
-# MariaDB and Milvus standalone, seed a bucket, apply an ImageIndex, wait for Ready, and search
+# MariaDB, the milvus-operator and a Milvus it makes, seed a bucket, apply an ImageIndex, wait for Ready, and search
 # through the search Service. Needs docker, kind, kubectl, helm and python3 with Pillow + boto3:
 # it runs in GitHub Actions (.github/workflows/e2e.yml), not on our build machines, which have no
-# container engine; there, tests/local_services/operator.rs runs the same scenario on a real
-# kube-apiserver instead.
+# container engine; there, hack/cluster-e2e.sh runs the operator on a real single-node cluster
+# (Milvus by address: the milvus-operator's images cannot be pulled there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER=${CLUSTER:-imageindex-e2e}
@@ -20,8 +20,14 @@ kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 helm upgrade --install imageindex charts/imageindex -n imageindex-system --create-namespace \
   --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" --set image.pullPolicy=Never --wait
+# The real milvus-operator, and a Milvus it runs; the ImageIndex refers to it (spec.milvus.ref).
+MILVUS_OPERATOR=${MILVUS_OPERATOR:-1.3.8}
+helm upgrade --install milvus-operator -n milvus-operator --create-namespace --wait --timeout 10m \
+  "https://github.com/zilliztech/milvus-operator/releases/download/v$MILVUS_OPERATOR/milvus-operator-$MILVUS_OPERATOR.tgz"
 kubectl apply -f e2e/kind/backends.yaml
-kubectl -n e2e rollout status deploy/minio deploy/mariadb deploy/milvus --timeout=15m
+kubectl apply -f e2e/kind/milvus.yaml
+kubectl -n e2e rollout status deploy/minio deploy/mariadb --timeout=15m
+kubectl -n e2e wait milvus/vectors --for=condition=MilvusReady --timeout=20m
 
 # Seed the bucket from here: N photos-like JPEGs through a port-forward to MinIO.
 kubectl -n e2e port-forward svc/minio 19000:9000 >/dev/null &

@@ -97,7 +97,8 @@ pub async fn run(client: Client, config: ControllerConfig) -> Result<()> {
         .await;
     let (lost, leadership) = signals.await.context("the signal task")?;
     anyhow::ensure!(!lost, "lost the leader lease");
-    // Only now that no reconcile runs: the next replica leads at once, not when the Lease expires.
+    // Only now that no reconcile runs: the Lease is free for the next replica's next look, and
+    // says nobody leads, instead of naming a pod that is gone until it expires.
     if let Some(l) = leadership {
         l.release().await;
     }

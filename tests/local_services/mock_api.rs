@@ -39,6 +39,8 @@ struct Cluster {
     available_replicas: i32,
     /// The search Deployment, where a GET should find it (a deletion waits for it to go).
     search: Option<Value>,
+    /// The ImageIndex is no longer on the server (a reconcile queued before its finalizer went).
+    gone: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -123,6 +125,18 @@ impl Cluster {
                 let mut d = body.clone();
                 d["status"] = json!({"availableReplicas": self.available_replicas});
                 (200, d)
+            }
+            ("GET", p) if p.ends_with("/imageindexes/photos") => {
+                if self.gone {
+                    return not_found(p);
+                }
+                // As the reconciled object has it: deleting, waiting on the finalizer.
+                let meta = json!({"name": "photos", "namespace": "shop", "uid": "6f1c-0001",
+                    "deletionTimestamp": "2026-11-24T00:00:00Z", "finalizers": ["imageindex.dev/cleanup"]});
+                (
+                    200,
+                    json!({"apiVersion": "imageindex.dev/v1alpha1", "kind": "ImageIndex", "metadata": meta, "spec": sample_spec()}),
+                )
             }
             ("PATCH", p) if p.contains("/imageindexes/") && !p.ends_with("/status") => {
                 // The finalizer helper's JSON patch: answer with the finalizer removed.
@@ -703,6 +717,13 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
     let note = event(&calls, "CleanupAbandoned").expect("a CleanupAbandoned event");
     assert!(note.contains("are kept") && note.contains("Deployment photos-search"), "{note}");
     assert!(finalizer_removed(&calls) && b.index.vectors.ready().await.is_ok());
+
+    // A reconcile queued before the finalizer went (the watch cache lags): the API no longer has
+    // the ImageIndex, so no second cleanup Job starts (it would never be deleted).
+    let (ctx, log) = controller(Cluster { gone: true, ..live_cluster() });
+    let _ = reconcile(Arc::new(deleted_now(spec.clone())), ctx).await;
+    let calls = log.lock().unwrap().clone();
+    assert!(applied_job(&calls, "photos-cleanup").is_none(), "a cleanup Job for an ImageIndex that is gone");
 
     // MySQL unreachable: the cleanup Job fails; an error (for the backoff), a Warning, the condition.
     let down = live_cluster().secret("catalog", json!({"url": "mysql://u:p@127.0.0.1:1/db"}));

@@ -663,8 +663,8 @@ async fn single_namespace_mode_follows_a_milvus_installed_later() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    // A rollout stops the old pod with SIGTERM: it hands the Lease back as it goes, so the new
-    // pod leads at once instead of when the Lease expires (it kept naming the old pod).
+    // A rollout stops the old pod with SIGTERM: it hands the Lease back as it goes, so the Lease
+    // no longer names a pod that is gone (it did until it expired) and is free to take.
     let term = Command::new("kill").args(["-TERM", &controller.0.id().to_string()]).status().unwrap();
     assert!(term.success());
     let deadline = Instant::now() + Duration::from_secs(30);

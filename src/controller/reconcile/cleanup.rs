@@ -189,6 +189,12 @@ async fn run_cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, 
 }
 
 async fn start_cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action, Error> {
+    // The watch cache can lag this controller's own removal of the finalizer: a reconcile queued
+    // before it still sees the ImageIndex deleting, and would start a second cleanup Job that
+    // nothing ever deletes (found on the local cluster). Only the API's answer counts here.
+    if !still_deleting(image_index, ctx).await? {
+        return Ok(Action::await_change());
+    }
     let collection = image_index.collection();
     // An invalid spec made no collection through a ref; its address, if any, is still tried.
     let source = validate::validate(image_index)
@@ -244,4 +250,13 @@ async fn delete_cleanup_job(image_index: &ImageIndex, ctx: &Context) -> Result<(
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether the API still has this ImageIndex (the same UID), waiting on our finalizer.
+async fn still_deleting(image_index: &ImageIndex, ctx: &Context) -> Result<bool, Error> {
+    let api: Api<ImageIndex> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
+    Ok(api
+        .get_opt(&image_index.name_any())
+        .await?
+        .is_some_and(|now| now.uid() == image_index.uid() && now.finalizers().iter().any(|f| f == super::FINALIZER)))
 }
