@@ -142,12 +142,13 @@ impl Catalog {
         Self { pool: self.pool.clone(), collection: collection.to_string(), model: model.to_string() }
     }
 
-    /// Every entry of this collection whose id falls in `shard` of `shards` (id mod shards).
+    /// Every entry of this collection whose id falls in `shard` of `shards` (see `shard_ids`).
     pub async fn entries(&self, shard: u32, shards: u32) -> Result<HashMap<String, Entry>> {
-        let rows = sqlx::query(select_entries!("collection = ? AND MOD(id, ?) = ?"))
+        let ids = super::shard_ids(shard, shards);
+        let rows = sqlx::query(select_entries!("collection = ? AND id BETWEEN ? AND ?"))
             .bind(&self.collection)
-            .bind(shards)
-            .bind(shard)
+            .bind(ids.start())
+            .bind(ids.end())
             .fetch_all(&self.pool)
             .await
             .ctx("reading the catalog")?;
@@ -444,12 +445,13 @@ impl Catalog {
         Ok(model.check(&recorded, mixed_precision, &format!("the catalog of {}", self.collection))?)
     }
 
-    /// Ids of the indexed rows whose id % `shards` is `shard`.
+    /// Ids of the indexed rows in `shard` of `shards` (see `shard_ids`).
     pub async fn indexed_ids(&self, shard: u32, shards: u32) -> Result<Vec<i64>> {
-        sqlx::query_scalar("SELECT id FROM images WHERE collection = ? AND state = 'indexed' AND MOD(id, ?) = ?")
+        let ids = super::shard_ids(shard, shards);
+        sqlx::query_scalar("SELECT id FROM images WHERE collection = ? AND state = 'indexed' AND id BETWEEN ? AND ?")
             .bind(&self.collection)
-            .bind(shards)
-            .bind(shard)
+            .bind(ids.start())
+            .bind(ids.end())
             .fetch_all(&self.pool)
             .await
             .ctx("reading the catalog's indexed ids")

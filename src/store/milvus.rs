@@ -326,21 +326,21 @@ impl VectorStore {
         Ok(out)
     }
 
-    /// Every id in the collection whose id % `shards` is `shard`, with Strong consistency. Read in
-    /// id ranges: Milvus answers at most `PAGE` rows a query, and ids are uniform hashes, so a
-    /// range of the expected size rarely fills; one that does is split and read again.
+    /// Every id in `shard` of `shards` (see `shard_ids`), with Strong consistency. Read in id
+    /// ranges: Milvus answers at most `PAGE` rows a query, and ids are uniform hashes, so a range
+    /// of the expected size rarely fills; one that does is split and read again.
     pub async fn ids(&self, shard: u32, shards: u32) -> Result<Vec<i64>> {
         const PAGE: usize = 16_384;
-        let ranges = (self.count().await? as usize / (PAGE / 4)).max(1) as i64;
-        let step = i64::MAX / ranges;
-        let mut todo: Vec<(i64, i64)> =
-            (0..ranges).map(|i| (i * step, if i == ranges - 1 { i64::MAX } else { (i + 1) * step - 1 })).collect();
+        let (first, last) = super::shard_ids(shard, shards).into_inner();
+        let expected = self.count().await? as usize / shards.max(1) as usize;
+        let ranges = (expected / (PAGE / 4)).max(1) as i64;
+        let step = (last - first) / ranges;
+        let mut todo: Vec<(i64, i64)> = (0..ranges)
+            .map(|i| (first + i * step, if i == ranges - 1 { last } else { first + (i + 1) * step - 1 }))
+            .collect();
         let mut out = Vec::new();
         while let Some((lo, hi)) = todo.pop() {
-            let mut filter = format!("{ID} >= {lo} and {ID} <= {hi}");
-            if shards > 1 {
-                filter.push_str(&format!(" and {ID} % {shards} == {shard}"));
-            }
+            let filter = format!("{ID} >= {lo} and {ID} <= {hi}");
             let resp = self
                 .client
                 .query(

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::store::{Entry, Object, key_id};
+use crate::store::{Entry, Object, key_id, shard_of_id};
 
 /// An object to embed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,9 +76,9 @@ impl DeletionGuard {
     }
 }
 
-/// The shard an object key belongs to: its id modulo the shard count (ids are uniform hashes).
+/// The shard an object key belongs to: the id range its id falls in (see `store::shard_ids`).
 pub fn shard_of(key: &str, shards: u32) -> u32 {
-    (key_id(key) % i64::from(shards.max(1))) as u32
+    shard_of_id(key_id(key), shards)
 }
 
 /// Diffs the listing against the catalog for one shard. `catalog` holds only that shard's entries.
