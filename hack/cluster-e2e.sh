@@ -262,7 +262,7 @@ milvus_has "${collection}_torn" || fail "the torn-down namespace's collection wa
 log "namespace e2e with an ImageIndex in it (its Milvus Secret deleted first) terminated in $((SECONDS - started))s"
 snapshot 6-namespace
 
-log "cluster e2e 7: one cluster-wide install serves two namespaces on one Milvus and one MySQL"
+log "cluster e2e 7: one cluster-wide install serves two namespaces on one Milvus and one MySQL; then single-namespace mode"
 # Named for this run: a namespace torn down by an earlier run keeps its data, and its default
 # collection name stays claimed by that run's ImageIndex.
 team_a=e2e-a-${bucket#cluster-e2e-} team_b=e2e-b-${bucket#cluster-e2e-}
@@ -318,6 +318,27 @@ milvus_has "$a_col" || fail "deleting team-b's index dropped team-a's collection
 log "two namespaces on one Milvus and MySQL: $a_col ($in_bucket) and $b_col (30) apart; team-b's deletion left team-a whole"
 snapshot 7-two-namespaces
 
+# Single-namespace mode: a Role in $team_a instead of the ClusterRole.
+"$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" upgrade imageindex "$ROOT/charts/imageindex" -n imageindex-system \
+  --reuse-values --set watchNamespace=$team_a --wait --timeout 180s >/dev/null || fail "helm upgrade to single-namespace mode"
+k -n imageindex-system rollout status deploy/imageindex-controller --timeout 120s >/dev/null || fail "single-namespace rollout"
+k get clusterrole imageindex-controller >/dev/null 2>&1 && fail "the ClusterRole is still there in single-namespace mode"
+k -n $team_a get role imageindex-controller >/dev/null || fail "no Role in $team_a"
+wait_for "a controller pod to lead" 60 current_leader || fail "no controller pod leads (holder $(holder))"
+team $team_b b other
+upload "$next" 5 && next=$((next + 5))
+resync $team_a photos || fail "team-a's resync in single-namespace mode"
+[[ $(status_of $team_a photos .status.images.indexed) == "$in_bucket" ]] || fail "team-a indexed in single-namespace mode"
+# The controller has just reconciled $team_a; $team_b is not its business any more.
+[[ -z $(status_of $team_b other .status) && -z $(status_of $team_b other .metadata.finalizers) ]] ||
+  fail "single-namespace mode reconciled $team_b/other"
+k -n imageindex-system logs "$(holder)" | grep -q "code: 403" && fail "the controller hit RBAC in single-namespace mode"
+"$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" upgrade imageindex "$ROOT/charts/imageindex" -n imageindex-system \
+  --reuse-values --set watchNamespace= --wait --timeout 180s >/dev/null || fail "helm upgrade back to cluster-wide"
+k -n $team_b wait imgidx/other --for=condition=Ready --timeout=600s >/dev/null ||
+  fail "$team_b/other not Ready once cluster-wide again"
+log "single-namespace mode reconciled $team_a only; cluster-wide again, $team_b/other became Ready"
+snapshot 7-single-namespace
 for ns in $team_a $team_b; do
   k -n "$ns" delete imgidx --all --timeout 180s >/dev/null || fail "$ns's ImageIndexes did not go"
 done
