@@ -5,8 +5,9 @@
 #   1. `helm install` of charts/imageindex as it is; the controller pod becomes Ready and leads.
 #   2. An ImageIndex over N photos in the local S3 server (Milvus by address, MySQL and S3
 #      Secrets): the Jobs run as pods, `kubectl wait --for=condition=Ready` returns, every photo
-#      is indexed, and a search through the search Service's ClusterIP (kube-proxy) returns the
-#      photo a near-duplicate query was made from as the top hit.
+#      is indexed (in status and on the chart's metrics Service), and a search through the
+#      search Service's ClusterIP (kube-proxy) returns the photo a near-duplicate query was made
+#      from as the top hit.
 #   3. 20 objects added and 10 deleted: the next Job embeds the 20 and deletes the 10, from
 #      Milvus and the catalog.
 #   5. A search-only edit starts no embedding Job; a batch-size edit does.
@@ -158,6 +159,11 @@ query=00000.jpg
 top=$(top_hit "$photos/queries/$query") || fail "search through $ip:$port"
 [[ $top == "$query" ]] || fail "top hit $top for the near-duplicate of $query"
 log "search through the Service $ip:$port (kube-proxy): top hit $top"
+# The chart's metrics Service: the controller's figures per ImageIndex.
+mip=$(k -n imageindex-system get svc imageindex-controller-metrics -o jsonpath='{.spec.clusterIP}')
+indexed_metric=$(curl -fsS --max-time 10 "http://$mip:8081/metrics" |
+  awk '$1 == "imageindex_controller_images{namespace=\"e2e\",name=\"photos\",state=\"indexed\"}" {print $2}')
+[[ $indexed_metric == "$N" ]] || fail "metrics Service $mip:8081: indexed $indexed_metric, want $N"
 
 log "cluster e2e 3: add 20 objects, delete 10; the next Job embeds only the 20, the 10 leave"
 embeds=$(jobs_of e2e photos embed)
@@ -251,6 +257,9 @@ wait_for "kept's owned objects to go" 120 none_owned e2e kept || fail "left behi
 milvus_has "$retained" || fail "Retain dropped the collection $retained"
 [[ $(catalog_rows "$retained") == "$in_bucket" ]] || fail "Retain kept $(catalog_rows "$retained") catalog rows"
 log "Delete dropped $collection and its rows; Retain kept $retained and its $in_bucket rows"
+leader_ip=$(k -n imageindex-system get pod "$(holder)" -o jsonpath='{.status.podIP}')
+curl -fsS --max-time 10 "http://$leader_ip:8081/metrics" | grep -q 'name="photos"' &&
+  fail "the leader still exports metrics of the deleted e2e/photos"
 snapshot 6-deleted
 index e2e torn "${collection}_torn" Delete
 k -n e2e wait imgidx/torn --for=condition=Ready --timeout=600s >/dev/null || fail "torn not Ready"

@@ -22,8 +22,27 @@ log "helm lint"
 log "helm template (cluster-wide and one-namespace) | kubernetes-validate --strict"
 "$KUBE/helm" template imageindex charts/imageindex -n imageindex-system --include-crds >"$out/chart.yaml"
 "$KUBE/helm" template imageindex charts/imageindex -n imageindex-system --set watchNamespace=shop >"$out/chart-ns.yaml"
+# Every optional object on (but the ServiceMonitor, whose CRD these schemas lack), and a second
+# release beside the first: no object of one may have the other's name.
+"$KUBE/helm" template other charts/imageindex -n imageindex-system --set networkPolicy.enabled=true \
+  --set 'networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring' \
+  --set serviceAccount.annotations.example=yes >"$out/chart-other.yaml"
+"$KUBE/helm" lint --strict charts/imageindex --set metrics.serviceMonitor.enabled=true >/dev/null
 validate "$out/chart.yaml"
 validate "$out/chart-ns.yaml"
+validate "$out/chart-other.yaml"
+"$PY" - "$out/chart.yaml" "$out/chart-other.yaml" <<'PYEOF'
+import sys, yaml
+def names(f):
+    return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"])
+            for o in yaml.safe_load_all(open(f)) if o and o["kind"] != "CustomResourceDefinition"}
+both = names(sys.argv[1]) & names(sys.argv[2])
+sys.exit(f"two releases collide on {sorted(both)}" if both else 0)
+PYEOF
+# A misspelt value is refused (values.schema.json), not ignored.
+if "$KUBE/helm" template imageindex charts/imageindex --set replica=2 >/dev/null 2>&1; then
+  log "values.schema.json let a misspelt value (replica) through"; exit 1
+fi
 
 log "kubectl kustomize config/ | kubernetes-validate --strict"
 "$KUBE/kubectl" kustomize config/ >"$out/kustomize.yaml"
@@ -31,11 +50,11 @@ validate "$out/kustomize.yaml"
 
 log "config/ in step with the chart and the CRD"
 cmp -s crds/imageindex.yaml config/crd/imageindex.yaml || { log "config/crd/imageindex.yaml differs from crds/"; exit 1; }
-render() { "$KUBE/helm" template imageindex charts/imageindex -n imageindex-system "$@" | grep -v 'helm.sh/chart\|^# Source'; }
+render() { "$KUBE/helm" template imageindex charts/imageindex -n imageindex-system "$@" | grep -v 'helm.sh/chart\|managed-by: Helm\|^# Source'; }
 render --show-only templates/rbac.yaml --show-only templates/serviceaccount.yaml | diff -u config/rbac/rbac.yaml - ||
-  { log "config/rbac/rbac.yaml differs from the chart: re-render: helm template imageindex charts/imageindex -n imageindex-system --show-only templates/rbac.yaml --show-only templates/serviceaccount.yaml | grep -v "helm.sh/chart\|^# Source""; exit 1; }
-render --show-only templates/deployment.yaml | diff -u config/manager/manager.yaml - ||
-  { log "config/manager/manager.yaml differs from the chart: re-render: helm template imageindex charts/imageindex -n imageindex-system --show-only templates/rbac.yaml --show-only templates/serviceaccount.yaml | grep -v "helm.sh/chart\|^# Source""; exit 1; }
+  { log "config/rbac/rbac.yaml differs from the chart: re-render: helm template imageindex charts/imageindex -n imageindex-system --show-only templates/rbac.yaml --show-only templates/serviceaccount.yaml | grep -v \"helm.sh/chart\|managed-by: Helm\|^# Source\""; exit 1; }
+render --show-only templates/deployment.yaml --show-only templates/metrics.yaml | diff -u config/manager/manager.yaml - ||
+  { log "config/manager/manager.yaml differs from the chart: re-render: helm template imageindex charts/imageindex -n imageindex-system --show-only templates/deployment.yaml --show-only templates/metrics.yaml | grep -v \"helm.sh/chart\|managed-by: Helm\|^# Source\""; exit 1; }
 
 log "samples against the CRD's schema (check-jsonschema)"
 "$PY" - crds/imageindex.yaml "$out/imageindex.schema.json" <<'PYEOF'

@@ -116,6 +116,7 @@ pub async fn reconcile(image_index: Arc<ImageIndex>, ctx: Arc<Context>) -> Resul
             Finalizer::Apply(image_index) => apply(&image_index, &ctx).await,
             Finalizer::Cleanup(image_index) => {
                 ctx.forget(&object_key(&image_index));
+                ctx.metrics.forget_index(&image_index.namespace().unwrap_or_default(), &image_index.name_any());
                 Ok(cleanup::cleanup(&image_index, &ctx).await?)
             }
         }
@@ -225,6 +226,11 @@ async fn embedding(
         status.synced_generation = Some(j.generation.max(status.synced_generation.unwrap_or_default()));
         status.synced_embedding = j.embedding.clone();
         status.last_sync_time = j.finished.clone();
+        if let (Some(created), Some(finished)) = (j.created, &j.finished) {
+            let took = finished.0.duration_since(created).unsigned_abs();
+            let ns = image_index.namespace().unwrap_or_default();
+            ctx.metrics.job_succeeded(&ns, &image_index.name_any(), took);
+        }
         apply::publish(ctx, image_index, EventType::Normal, "Indexed", format!("Job {} completed", j.name)).await;
     }
     let generation = image_index.metadata.generation.unwrap_or_default();

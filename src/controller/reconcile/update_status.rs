@@ -38,6 +38,7 @@ pub async fn write(
     st.observed_generation = image_index.metadata.generation;
     let phase = status::phase(&st.conditions, previous);
     st.phase = Some(phase);
+    ctx.metrics.index_status(&image_index.namespace().unwrap_or_default(), &image_index.name_any(), &st);
     if image_index.status.as_ref() == Some(&st) {
         return Ok(());
     }
