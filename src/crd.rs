@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
@@ -64,6 +66,15 @@ pub struct ImageIndexSpec {
     /// keeps serving what is indexed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// The ServiceAccount every pod of the index runs as (plan, embedding, cleanup, search): one
+    /// bound to a cloud role (IRSA, GKE or Azure Workload Identity) reads the bucket without
+    /// static keys. The namespace's `default` when unset. Pods get no Kubernetes API token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+    /// Secrets for pulling the images of every pod of the index from a private registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
 }
 
 /// Where the images are.
@@ -143,12 +154,14 @@ pub struct MilvusSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"))]
     pub collection: Option<String>,
+    /// The vector index (HNSW by default).
     #[serde(default)]
     pub index: IndexSpec,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct MilvusRef {
+    /// The `Milvus` resource's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Defaults to the ImageIndex's namespace.
@@ -174,8 +187,10 @@ pub struct MysqlSpec {
 /// A key of a Secret in the ImageIndex's namespace.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct SecretKeyRef {
+    /// The Secret, in the ImageIndex's namespace.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// The key within it (`url` when unset).
     #[serde(default = "default_secret_key")]
     #[schemars(length(min = 1))]
     pub key: String,
@@ -210,8 +225,10 @@ pub struct EmbeddingSpec {
     /// The Job pods' resources; a `nvidia.com/gpu` limit runs the model on CUDA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Labels a node must have to run the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate (a GPU or spot pool's, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
     /// The image for the Jobs (and for the search pods unless `search.image` is set); the
@@ -229,6 +246,17 @@ pub struct EmbeddingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub engine_cache_claim: Option<String>,
+    /// Scheduling beyond `nodeSelector`: node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// The pods' PriorityClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// The pods' RuntimeClass (`nvidia` where the GPU runtime is not the node's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
 }
 
 impl Default for EmbeddingSpec {
@@ -244,6 +272,9 @@ impl Default for EmbeddingSpec {
             image: None,
             engine_cache_claim: None,
             active_deadline_seconds: default_active_deadline(),
+            affinity: None,
+            priority_class_name: None,
+            runtime_class_name: None,
         }
     }
 }
@@ -266,9 +297,11 @@ fn default_parallelism() -> u32 {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SearchSpec {
+    /// Search pods (0 stops search; ignored when `autoscaled`).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 100))]
     pub replicas: i32,
+    /// The Service `<name>-search` in front of the search pods.
     #[serde(default)]
     pub service: ServiceSpec,
     /// The search pods' resources; a `nvidia.com/gpu` (or MIG) limit embeds queries on CUDA,
@@ -287,10 +320,31 @@ pub struct SearchSpec {
     /// precision: README, "Precision", says how closely they agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
+    /// Labels a node must have to run the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate (a GPU or spot pool's, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
+    /// Scheduling beyond `nodeSelector`: node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// The pods' PriorityClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// The pods' RuntimeClass (`nvidia` where the GPU runtime is not the node's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
+    /// How the search pods spread over the cluster; when unset, at most one more per node and
+    /// per zone than on any other, where the scheduler can (`ScheduleAnyway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// Leave the search Deployment's replica count to a HorizontalPodAutoscaler (or a person):
+    /// the operator stops setting it, and `replicas` is ignored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autoscaled: bool,
 }
 
 impl Default for SearchSpec {
@@ -304,6 +358,11 @@ impl Default for SearchSpec {
             precision: None,
             node_selector: None,
             tolerations: None,
+            affinity: None,
+            priority_class_name: None,
+            runtime_class_name: None,
+            topology_spread_constraints: None,
+            autoscaled: false,
         }
     }
 }
@@ -314,16 +373,21 @@ fn default_replicas() -> i32 {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct ServiceSpec {
+    /// `ClusterIP` (the default), `NodePort` or `LoadBalancer`.
     #[serde(default, rename = "type")]
     pub kind: ServiceType,
+    /// The Service's port (80 by default).
     #[serde(default = "default_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// Annotations for the Service (a cloud load balancer's settings, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
 }
 
 impl Default for ServiceSpec {
     fn default() -> Self {
-        Self { kind: ServiceType::default(), port: default_port() }
+        Self { kind: ServiceType::default(), port: default_port(), annotations: None }
     }
 }
 
@@ -532,6 +596,29 @@ mod tests {
             conditions["items"]["required"].as_array().unwrap().iter().any(|k| k == "type"),
             "a map key must be required"
         );
+    }
+
+    /// `kubectl explain imageindex.spec...` has something to say about every field.
+    #[test]
+    fn every_spec_field_is_described() {
+        fn undescribed(schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+            for (name, field) in schema["properties"].as_object().into_iter().flatten() {
+                let path = format!("{path}.{name}");
+                if field.get("description").is_none() {
+                    out.push(path.clone());
+                }
+                undescribed(field, &path, out);
+                undescribed(&field["items"], &format!("{path}[]"), out);
+            }
+        }
+        let crd = serde_json::to_value(ImageIndex::crd()).unwrap();
+        let mut missing = vec![];
+        undescribed(
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"],
+            "spec",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no description: {missing:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -311,9 +311,14 @@ fn pod_template(
     container.env_from = env_from(image_index);
     container.security_context = Some(container_security());
     container.volume_mounts = Some(mounts);
+    let spec = &image_index.spec;
     PodTemplateSpec {
         metadata: Some(ObjectMeta { labels: Some(labels(image_index, component)), ..Default::default() }),
         spec: Some(PodSpec {
+            // The spec's account (a cloud identity for the bucket), but never an API token: the
+            // pods talk to the bucket, Milvus and MySQL only.
+            service_account_name: spec.service_account_name.clone(),
+            image_pull_secrets: spec.image_pull_secrets.clone(),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             security_context: Some(pod_security()),
@@ -411,6 +416,9 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
                 pod.restart_policy = Some("Never".into());
                 pod.node_selector = spec.node_selector.clone();
                 pod.tolerations = spec.tolerations.clone();
+                pod.affinity = spec.affinity.clone();
+                pod.priority_class_name = spec.priority_class_name.clone();
+                pod.runtime_class_name = spec.runtime_class_name.clone();
                 t
             },
             ..Default::default()
@@ -597,10 +605,27 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
     let pod = template.spec.as_mut().expect("pod_template sets a spec");
     pod.node_selector = search.node_selector.clone();
     pod.tolerations = search.tolerations.clone();
+    pod.affinity = search.affinity.clone();
+    pod.priority_class_name = search.priority_class_name.clone();
+    pod.runtime_class_name = search.runtime_class_name.clone();
+    pod.topology_spread_constraints = Some(search.topology_spread_constraints.clone().unwrap_or_else(|| {
+        // Soft: a one-node cluster still runs every replica.
+        ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+            .map(|key| TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: key.into(),
+                when_unsatisfiable: "ScheduleAnyway".into(),
+                label_selector: Some(LabelSelector { match_labels: Some(selector.clone()), ..Default::default() }),
+                ..Default::default()
+            })
+            .into()
+    }));
     Deployment {
         metadata: meta(image_index, search_name(image_index), "search"),
         spec: Some(DeploymentSpec {
-            replicas: Some(search.replicas),
+            // Autoscaled: not in the applied object, so the HPA's count stands (server-side
+            // apply keeps a field another manager also set).
+            replicas: (!search.autoscaled).then_some(search.replicas),
             selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
             template,
             ..Default::default()
@@ -612,8 +637,10 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
 /// The search Service `<name>-search`.
 pub fn search_service(image_index: &ImageIndex) -> Service {
     let s = &image_index.spec.search.service;
+    let mut metadata = meta(image_index, search_name(image_index), "search");
+    metadata.annotations = s.annotations.clone();
     Service {
-        metadata: meta(image_index, search_name(image_index), "search"),
+        metadata,
         spec: Some(ServiceSpec {
             type_: Some(s.kind.as_str().into()),
             selector: Some(BTreeMap::from([
@@ -786,6 +813,64 @@ mod tests {
         // The selector must match the template's labels, or the apiserver refuses the Deployment.
         let tpl = spec.template.metadata.unwrap().labels.unwrap();
         assert!(spec.selector.match_labels.unwrap().iter().all(|(k, v)| tpl.get(k) == Some(v)));
+    }
+
+    #[test]
+    fn pod_settings_reach_the_pods_they_are_for() {
+        let image_index = sample(
+            "  serviceAccountName: bucket-reader\n  imagePullSecrets: [{name: registry}]\n  \
+             embedding: {priorityClassName: batch-low, runtimeClassName: nvidia, affinity: {nodeAffinity: \
+             {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: \
+             [{key: gpu, operator: Exists}]}]}}}}\n  \
+             search: {replicas: 3, priorityClassName: web-high, topologySpreadConstraints: [{maxSkew: 2, \
+             topologyKey: zone, whenUnsatisfiable: DoNotSchedule}], service: {annotations: {lb: internal}}}\n",
+        );
+        let r = resolved(true);
+        let pods = [
+            ("embed", embed_job(&image_index, &r, "e").spec.unwrap().template.spec.unwrap()),
+            ("plan", plan_job(&image_index, &r, "p", &PlanFor::default()).spec.unwrap().template.spec.unwrap()),
+            ("cleanup", cleanup_job(&image_index, &r, false).spec.unwrap().template.spec.unwrap()),
+            ("search", search_deployment(&image_index, &r).spec.unwrap().template.spec.unwrap()),
+        ];
+        for (what, pod) in &pods {
+            assert_eq!(pod.service_account_name.as_deref(), Some("bucket-reader"), "{what}");
+            assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "registry", "{what}");
+            assert_eq!(pod.automount_service_account_token, Some(false), "{what}: no API token");
+        }
+        let embed = &pods[0].1;
+        assert_eq!(
+            (embed.priority_class_name.as_deref(), embed.runtime_class_name.as_deref()),
+            (Some("batch-low"), Some("nvidia"))
+        );
+        assert!(embed.affinity.as_ref().unwrap().node_affinity.is_some());
+        let search = &pods[3].1;
+        assert_eq!(
+            (search.priority_class_name.as_deref(), search.runtime_class_name.as_deref()),
+            (Some("web-high"), None)
+        );
+        assert!(search.affinity.is_none(), "the Jobs' affinity is theirs alone");
+        let spread = search.topology_spread_constraints.as_ref().unwrap();
+        assert_eq!((spread.len(), spread[0].max_skew, spread[0].topology_key.as_str()), (1, 2, "zone"));
+        let service = search_service(&image_index);
+        assert_eq!(service.metadata.annotations.unwrap()["lb"], "internal");
+    }
+
+    #[test]
+    fn search_spreads_softly_and_leaves_an_autoscaled_count_alone() {
+        let d = search_deployment(&sample("  search: {replicas: 3}\n"), &resolved(true)).spec.unwrap();
+        assert_eq!(d.replicas, Some(3));
+        let spread = d.template.spec.unwrap().topology_spread_constraints.unwrap();
+        assert_eq!(
+            spread.iter().map(|c| (c.topology_key.as_str(), c.when_unsatisfiable.as_str())).collect::<Vec<_>>(),
+            [("kubernetes.io/hostname", "ScheduleAnyway"), ("topology.kubernetes.io/zone", "ScheduleAnyway")]
+        );
+        assert_eq!(spread[0].label_selector.as_ref().unwrap().match_labels, d.selector.match_labels);
+        let d = search_deployment(&sample("  search: {replicas: 3, autoscaled: true}\n"), &resolved(true));
+        assert_eq!(d.spec.unwrap().replicas, None, "an HPA owns the count");
+        // Not even as null: a null in a server-side apply would claim the field.
+        let applied =
+            serde_json::to_value(search_deployment(&sample("  search: {autoscaled: true}\n"), &resolved(true)));
+        assert!(applied.unwrap()["spec"].get("replicas").is_none());
     }
 
     #[test]

@@ -29,10 +29,11 @@ pub async fn search(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &pp, &Patch::Apply(builders::search_service(image_index)))
         .await?;
-    let want = image_index.spec.search.replicas;
+    // The count the Deployment has: the spec's, or an autoscaler's (`search.autoscaled`).
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(image_index.spec.search.replicas);
     let available = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
     Ok(if want == 0 {
-        Observed::no(SEARCH_READY, reason::SCALED_TO_ZERO, "spec.search.replicas is 0")
+        Observed::no(SEARCH_READY, reason::SCALED_TO_ZERO, "the search Deployment is scaled to 0 replicas")
     } else if available > 0 {
         Observed::yes(
             SEARCH_READY,
