@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{
     SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
     ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -56,28 +57,35 @@ pub struct Resolved {
     pub collection: String,
     /// The image for Jobs and search pods when the spec does not name one.
     pub default_image: String,
-    pub jobs: JobFeatures,
+    pub jobs: ServerFeatures,
 }
 
-/// What the server's Jobs can do, by Kubernetes version.
+/// What the server can do, by Kubernetes version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JobFeatures {
+pub struct ServerFeatures {
     /// Indexed completion mode (1.24). Without it, one pod embeds every shard.
     pub indexed: bool,
     /// `podFailurePolicy` and the `DisruptionTarget` pod condition (1.26).
     pub pod_failure_policy: bool,
     /// `backoffLimitPerIndex` (1.29): a shard that keeps failing does not use up the others' retries.
     pub backoff_limit_per_index: bool,
+    /// `policy/v1` PodDisruptionBudgets (1.21).
+    pub pdb: bool,
 }
 
-impl JobFeatures {
-    pub const ALL: Self = Self { indexed: true, pod_failure_policy: true, backoff_limit_per_index: true };
+impl ServerFeatures {
+    pub const ALL: Self = Self { indexed: true, pod_failure_policy: true, backoff_limit_per_index: true, pdb: true };
 
     /// From the apiserver's `/version` (`minor` may read `"29+"`).
     pub fn of(major: &str, minor: &str) -> Self {
         let minor: u32 = minor.trim_end_matches('+').parse().unwrap_or(0);
         let at_least = |m: u32| major == "1" && minor >= m;
-        Self { indexed: at_least(24), pod_failure_policy: at_least(26), backoff_limit_per_index: at_least(29) }
+        Self {
+            indexed: at_least(24),
+            pod_failure_policy: at_least(26),
+            backoff_limit_per_index: at_least(29),
+            pdb: at_least(21),
+        }
     }
 }
 
@@ -575,10 +583,7 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
         limits: Some(quantities(&[("memory", "1536Mi")])),
         ..Default::default()
     });
-    let selector = BTreeMap::from([
-        (INSTANCE.to_string(), image_index.metadata.name.clone().unwrap_or_default()),
-        (COMPONENT.to_string(), "search".to_string()),
-    ]);
+    let selector = search_selector(image_index);
     let mut template = pod_template(
         image_index,
         "search",
@@ -634,6 +639,29 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
     }
 }
 
+/// The search pods' PodDisruptionBudget `<name>-search`: a drain or a node upgrade takes one
+/// search pod at a time. With one replica that one may go (a budget of zero would block every
+/// drain), so search is only as available as its replica count.
+pub fn search_pdb(image_index: &ImageIndex) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(image_index, search_name(image_index), "search"),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(search_selector(image_index)), ..Default::default() }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The labels that pick the search pods.
+fn search_selector(image_index: &ImageIndex) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (INSTANCE.to_string(), image_index.metadata.name.clone().unwrap_or_default()),
+        (COMPONENT.to_string(), "search".to_string()),
+    ])
+}
+
 /// The search Service `<name>-search`.
 pub fn search_service(image_index: &ImageIndex) -> Service {
     let s = &image_index.spec.search.service;
@@ -643,10 +671,7 @@ pub fn search_service(image_index: &ImageIndex) -> Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(s.kind.as_str().into()),
-            selector: Some(BTreeMap::from([
-                (INSTANCE.to_string(), image_index.metadata.name.clone().unwrap_or_default()),
-                (COMPONENT.to_string(), "search".to_string()),
-            ])),
+            selector: Some(search_selector(image_index)),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: s.port,
@@ -681,7 +706,7 @@ mod tests {
             milvus_url: "http://milvus:19530".into(),
             collection: "shop_photos".into(),
             default_image: "ghcr.io/imageindex/imageindex:0.1.0".into(),
-            jobs: if indexed { JobFeatures::ALL } else { JobFeatures::of("1", "20") },
+            jobs: if indexed { ServerFeatures::ALL } else { ServerFeatures::of("1", "20") },
         }
     }
 
@@ -731,14 +756,14 @@ mod tests {
         assert_eq!(ignore[0].type_, "DisruptionTarget");
         assert_eq!(spec.template.spec.unwrap().restart_policy.as_deref(), Some("Never"), "podFailurePolicy needs it");
         assert_eq!(
-            JobFeatures::of("1", "20"),
-            JobFeatures { indexed: false, pod_failure_policy: false, backoff_limit_per_index: false }
+            ServerFeatures::of("1", "20"),
+            ServerFeatures { indexed: false, pod_failure_policy: false, backoff_limit_per_index: false, pdb: false }
         );
         assert_eq!(
-            JobFeatures::of("1", "27+"),
-            JobFeatures { indexed: true, pod_failure_policy: true, backoff_limit_per_index: false }
+            ServerFeatures::of("1", "27+"),
+            ServerFeatures { indexed: true, pod_failure_policy: true, backoff_limit_per_index: false, pdb: true }
         );
-        assert_eq!(JobFeatures::of("1", "33"), JobFeatures::ALL);
+        assert_eq!(ServerFeatures::of("1", "33"), ServerFeatures::ALL);
     }
 
     #[test]
@@ -853,6 +878,20 @@ mod tests {
         assert_eq!((spread.len(), spread[0].max_skew, spread[0].topology_key.as_str()), (1, 2, "zone"));
         let service = search_service(&image_index);
         assert_eq!(service.metadata.annotations.unwrap()["lb"], "internal");
+    }
+
+    #[test]
+    fn search_disruptions_take_one_pod_at_a_time() {
+        let image_index = sample("  search: {replicas: 3}\n");
+        let pdb = search_pdb(&image_index);
+        assert_eq!(pdb.metadata.name.as_deref(), Some("photos-search"));
+        assert_eq!(pdb.metadata.owner_references.as_ref().unwrap()[0].kind, "ImageIndex");
+        let spec = pdb.spec.unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        let pods = search_deployment(&image_index, &resolved(true)).spec.unwrap().template.metadata.unwrap();
+        let labels = pods.labels.unwrap();
+        assert!(spec.selector.unwrap().match_labels.unwrap().iter().all(|(k, v)| labels.get(k) == Some(v)));
+        assert!(!ServerFeatures::of("1", "20").pdb && ServerFeatures::of("1", "21").pdb);
     }
 
     #[test]

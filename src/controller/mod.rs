@@ -306,10 +306,10 @@ fn role(leading: bool) -> &'static str {
 
 /// What the server's Jobs can do (1.20, the apiserver we can build here, has none of it); all
 /// of it when the version cannot be read.
-pub async fn job_features(client: &Client) -> builders::JobFeatures {
+pub async fn job_features(client: &Client) -> builders::ServerFeatures {
     match client.apiserver_version().await {
-        Ok(v) => builders::JobFeatures::of(&v.major, &v.minor),
-        Err(_) => builders::JobFeatures::ALL,
+        Ok(v) => builders::ServerFeatures::of(&v.major, &v.minor),
+        Err(_) => builders::ServerFeatures::ALL,
     }
 }
 

@@ -300,7 +300,7 @@ fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
     let (client, calls) = mock(cluster);
     let settings = Settings {
         default_image: "imageindex:test".into(),
-        jobs: imageindex::controller::builders::JobFeatures::ALL,
+        jobs: imageindex::controller::builders::ServerFeatures::ALL,
         plan_timeout: Duration::from_secs(300),
         cleanup_timeout: Duration::from_secs(600),
     };
@@ -461,7 +461,7 @@ fn embedding_of(spec: &Value) -> String {
         milvus_url: imageindex::controller::reconcile::validate::address(spec["milvus"]["address"].as_str().unwrap()),
         collection: ii.collection(),
         default_image: String::new(),
-        jobs: imageindex::controller::builders::JobFeatures::ALL,
+        jobs: imageindex::controller::builders::ServerFeatures::ALL,
     };
     embedding_hash(&ii, &resolved)
 }
@@ -541,6 +541,10 @@ async fn happy_path_plans_then_embeds_then_reports_ready() {
     assert_eq!(applied_embed.body["spec"]["completionMode"], "Indexed");
     assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.ends_with("/deployments/photos-search")));
     assert!(calls.iter().any(|c| c.method == Method::PATCH && c.path.ends_with("/services/photos-search")));
+    assert!(
+        calls.iter().any(|c| c.method == Method::PATCH && c.path.ends_with("/poddisruptionbudgets/photos-search")),
+        "no PodDisruptionBudget for search"
+    );
     // The Job's watch event wakes the reconciler before the informer has our status write: the
     // counts must not fall back to that stale copy's, and no second Job starts.
     reconcile(Arc::new(ii), ctx).await.unwrap();

@@ -4,6 +4,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::events::{Event, EventType};
@@ -29,6 +30,12 @@ pub async fn search(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &pp, &Patch::Apply(builders::search_service(image_index)))
         .await?;
+    // policy/v1 is 1.21+; older servers get none.
+    if ctx.settings.jobs.pdb {
+        Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+            .patch(&name, &pp, &Patch::Apply(builders::search_pdb(image_index)))
+            .await?;
+    }
     // The count the Deployment has: the spec's, or an autoscaler's (`search.autoscaled`).
     let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(image_index.spec.search.replicas);
     let available = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
