@@ -17,12 +17,13 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "${PIP_PACKAGES[*]}" ]]; then
   echo "${PIP_PACKAGES[*]}" >"$stamp"
 fi
 
-# Debian packages: MariaDB (the catalog), and cmake + nasm, which build libjpeg-turbo (statically
+# Debian packages: MariaDB (the catalog), Node.js (Azurite, the browser test's driver), and cmake + nasm, which build libjpeg-turbo (statically
 # linked into the binary by turbojpeg-sys) with its SIMD code.
 apt_packages=()
 command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || apt_packages+=(mariadb-server mariadb-client)
 command -v cmake >/dev/null || apt_packages+=(cmake)
 command -v nasm >/dev/null || apt_packages+=(nasm)
+command -v npm >/dev/null || apt_packages+=(nodejs npm)
 if ((${#apt_packages[@]})); then
   log "apt-get install ${apt_packages[*]}"
   sudo_=""; [[ $(id -u) == 0 ]] || sudo_=sudo
@@ -47,5 +48,13 @@ for f in os.listdir(src):
         os.chmod(out + ".tmp", 0o755)
         os.replace(out + ".tmp", out)
 PYEOF
+fi
+# Azurite, Microsoft's Azure Storage emulator (npm), serves az:// sources to the tests.
+AZURITE_VERSION=3.35.0
+if [[ "$(cat "$CACHE/azurite/.version" 2>/dev/null)" != "$AZURITE_VERSION" ]]; then
+  log "npm install azurite@$AZURITE_VERSION"
+  mkdir -p "$CACHE/azurite"
+  (cd "$CACHE/azurite" && npm install --silent --no-audit --no-fund "azurite@$AZURITE_VERSION" >/dev/null)
+  echo "$AZURITE_VERSION" >"$CACHE/azurite/.version"
 fi
 log "install: ok"

@@ -13,11 +13,15 @@ MILVUS_PORT=${MILVUS_PORT:-19530}
 MILVUS_HEALTH_PORT=${MILVUS_HEALTH_PORT:-9091}
 MYSQL_PORT=${MYSQL_PORT:-3307}
 S3_PORT=${S3_PORT:-8333}
+AZURE_PORT=${AZURE_PORT:-10000}
 MYSQL_USER=imageindex
 MYSQL_PASSWORD=${MYSQL_PASSWORD:-imageindex-local}
 MYSQL_DB=imageindex
 S3_ACCESS_KEY=${S3_ACCESS_KEY:-imageindex}
 S3_SECRET_KEY=${S3_SECRET_KEY:-imageindex-local-secret}
+# Azurite's account: our own name and key (AZURITE_ACCOUNTS), not the emulator's well-known pair.
+AZURE_ACCOUNT=imageindex
+AZURE_KEY=${AZURE_KEY:-aW1hZ2VpbmRleC1sb2NhbC1henVyaXRlLWtleS0wMDAwMDAwMDAwMDA=}
 
 log() { printf '\033[1m[hack]\033[0m %s\n' "$*" >&2; }
 

@@ -2,7 +2,9 @@
 # Local services for imageindex, on loopback, data under $STATE:
 #   Milvus 2.3.5 standalone (the PyPI wheel's real server binary, started directly),
 #   MariaDB (Debian package, own datadir/port/socket, a real user with a password),
-#   SeaweedFS S3 (`weed mini`, SigV4 with static keys).
+#   SeaweedFS S3 (`weed mini`, SigV4 with static keys; bucket imageindex-public may be read
+#   anonymously, as a public Google Cloud Storage bucket is through the XML API),
+#   Azurite's Blob service (npm, shared-key auth with our own account) for az:// sources.
 # Usage: hack/services.sh up|down|status|env      (idempotent; `env` prints exports for the binary and tests)
 source "$(dirname "$0")/lib.sh"
 mkdir -p "$STATE"
@@ -11,6 +13,7 @@ MILVUS_BIN=$CACHE/milvus-2.3.5/bin
 milvus_healthy() { [[ $(curl -fsS "http://127.0.0.1:$MILVUS_HEALTH_PORT/healthz") == *OK* ]]; }
 mysql_ready() { mariadb-admin --protocol=socket -S "$STATE/mysql/mysqld.sock" -uroot ping; }
 s3_ready() { curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"; }
+azure_ready() { curl -s -o /dev/null "http://127.0.0.1:$AZURE_PORT/"; }
 
 up_milvus() {
   if [[ -n $(running_pid milvus) ]]; then return; fi
@@ -77,11 +80,23 @@ up_s3() {
   cat >"$dir/s3.json" <<JSON
 {"identities": [{"name": "imageindex",
   "credentials": [{"accessKey": "$S3_ACCESS_KEY", "secretKey": "$S3_SECRET_KEY"}],
-  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+  "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+ {"name": "anonymous", "actions": ["Read:imageindex-public", "List:imageindex-public"]}]}
 JSON
   log "starting seaweedfs s3 (:$S3_PORT)"
   start_daemon s3 "$dir" "$dir/weed.log" "$VENV/bin/weed" mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.telemetry=false -admin.ui=false -bucket=images -s3.port="$S3_PORT" -s3.config="$dir/s3.json"
+}
+
+up_azure() {
+  if [[ -n $(running_pid azure) ]]; then return; fi
+  port_free "$AZURE_PORT" azurite AZURE_PORT || exit 1
+  local dir=$STATE/azure
+  mkdir -p "$dir/data"
+  log "starting azurite blob (:$AZURE_PORT)"
+  start_daemon azure "$dir" "$dir/azurite.log" env AZURITE_ACCOUNTS="$AZURE_ACCOUNT:$AZURE_KEY" \
+    "$CACHE/azurite/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$AZURE_PORT" \
+    --location "$dir/data" --disableTelemetry --skipApiVersionCheck --loose
 }
 
 down_one() {
@@ -100,9 +115,14 @@ print_env() {
 export IMAGEINDEX_MILVUS_URL=http://127.0.0.1:$MILVUS_PORT
 export IMAGEINDEX_MYSQL_URL=mysql://$MYSQL_USER:$MYSQL_PASSWORD@127.0.0.1:$MYSQL_PORT/$MYSQL_DB
 export IMAGEINDEX_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+export IMAGEINDEX_AZURE_ENDPOINT=http://127.0.0.1:$AZURE_PORT/$AZURE_ACCOUNT
+export AZURE_STORAGE_ACCOUNT_NAME=$AZURE_ACCOUNT
+export AZURE_STORAGE_ACCOUNT_KEY=$AZURE_KEY
 export AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY
 export AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY
 export AWS_REGION=us-east-1
+# Public buckets only: the gs:// test reads one without a Google account.
+export GOOGLE_SKIP_SIGNATURE=true
 export ORT_DYLIB_PATH=$(ort_dylib)
 export IMAGEINDEX_MODEL=$CACHE/models/resnet50-random.onnx
 ENV
@@ -110,15 +130,16 @@ ENV
 
 case "${1:-}" in
   up)
-    up_milvus; up_s3; up_mysql
+    up_milvus; up_s3; up_azure; up_mysql
     wait_for milvus 120 milvus_healthy || { tail -20 "$STATE/milvus/logs/milvus.log" >&2; exit 1; }
     wait_for s3 60 s3_ready || { tail -20 "$STATE/s3/weed.log" >&2; exit 1; }
+    wait_for azurite 60 azure_ready || { tail -20 "$STATE/azure/azurite.log" >&2; exit 1; }
     print_env >"$STATE/env"
     log "services up; env in $STATE/env"
     ;;
-  down) down_one milvus; down_one s3; down_one mysql ;;
+  down) down_one milvus; down_one s3; down_one azure; down_one mysql ;;
   status)
-    for s in milvus mysql s3; do printf '%-7s %s\n' "$s" "$(running_pid $s || echo stopped)"; done ;;
+    for s in milvus mysql s3 azure; do printf '%-7s %s\n' "$s" "$(running_pid $s || echo stopped)"; done ;;
   env) print_env ;;
   *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
 esac

@@ -136,8 +136,9 @@ impl ModelArgs {
 
 #[derive(Args, Clone, Debug)]
 pub struct SourceArgs {
-    /// S3-compatible endpoint for s3:// URLs (MinIO, SeaweedFS...). Credentials come from
-    /// AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    /// The store's endpoint: an S3-compatible server for s3:// (MinIO, SeaweedFS...), the account
+    /// URL for az:// (Azurite), the XML API for gs://. Credentials come from the environment
+    /// (AWS_*, AZURE_STORAGE_*, GOOGLE_*).
     #[arg(long, env = env::S3_ENDPOINT)]
     pub s3_endpoint: Option<String>,
     /// Include globs, comma-separated (default: jpg, jpeg, png, webp anywhere).

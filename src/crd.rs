@@ -81,15 +81,23 @@ pub struct ImageIndexSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
-    /// `s3://bucket/prefix/` (AWS S3 or any S3-compatible store; see `endpoint`).
-    #[schemars(regex(pattern = r"^s3://[a-z0-9][a-z0-9.\-]{1,62}(/.*)?$"))]
+    /// `s3://bucket/prefix/` (AWS S3 or any S3-compatible store), `gs://bucket/prefix/` (Google
+    /// Cloud Storage) or `az://container/prefix/` (Azure Blob Storage; see `endpoint`).
+    #[schemars(regex(pattern = r"^(s3|gs|az)://[a-z0-9][a-z0-9._\-]{1,62}(/.*)?$"))]
     pub url: String,
-    /// S3-compatible endpoint (MinIO, SeaweedFS, Ceph...); AWS when unset.
+    /// The store's endpoint: an S3-compatible server (MinIO, SeaweedFS, Ceph...; AWS when unset),
+    /// the Azure account's URL (`https://<account>.blob.core.windows.net`, which names the account
+    /// when the Secret does not), or the Google Cloud Storage XML API's (storage.googleapis.com
+    /// when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://.+"))]
     pub endpoint: Option<String>,
-    /// Secret with `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and optionally `AWS_REGION`),
-    /// in the ImageIndex's namespace.
+    /// Secret in the ImageIndex's namespace whose keys become the pods' environment:
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (optionally `AWS_REGION`,
+    /// `AWS_SESSION_TOKEN`) for s3://; `AZURE_STORAGE_ACCOUNT_NAME` with `AZURE_STORAGE_ACCOUNT_KEY`
+    /// or `AZURE_STORAGE_SAS_KEY` for az://; `GOOGLE_SERVICE_ACCOUNT_KEY` (the key's JSON) for
+    /// gs://. Unset: the pods' own identity (`serviceAccountName` with IRSA, AKS or GKE Workload
+    /// Identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub credentials_secret: Option<String>,

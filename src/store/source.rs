@@ -1,11 +1,12 @@
-//! The image source: a bucket or folder behind `object_store`, listed with include globs.
+//! The image source: a bucket (S3, Google Cloud Storage, Azure Blob Storage) or a folder behind
+//! `object_store`, listed with include globs.
 //!
-//! S3 buckets are listed by `s3_list` (ListObjectsV2 signed by object_store), not by object_store's
-//! own lister: that one fails the whole listing on a single key its `Path` cannot hold (`a//b.jpg`,
-//! `./x.jpg`, a control character), so anyone who can write to the bucket could freeze the index.
-//! Such keys are listed like any other; fetching one fails for that object alone.
+//! Buckets are listed by `listing` (each store's list request, authorized by object_store), not by
+//! object_store's own lister: that one fails the whole listing on a single key its `Path` cannot
+//! hold (`a//b.jpg`, `./x.jpg`, a control character), so anyone who can write to the bucket could
+//! freeze the index. Such keys are listed like any other; fetching one fails for that object alone.
 
-mod s3_list;
+mod listing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use object_store::aws::AmazonS3Builder;
+use listing::{Lister, Store};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::azure::{AzureConfigKey, MicrosoftAzure, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
@@ -34,9 +38,11 @@ pub struct Object {
 
 #[derive(Clone, Debug, Default)]
 pub struct SourceConfig {
-    /// `s3://bucket/prefix/` or `file:///path` (a bare path also works).
+    /// `s3://bucket/prefix/`, `gs://bucket/prefix/`, `az://container/prefix/` or `file:///path`
+    /// (a bare path also works).
     pub url: String,
-    /// S3-compatible endpoint (MinIO, SeaweedFS, ...); path-style requests are used.
+    /// The store's endpoint: an S3-compatible server (MinIO, SeaweedFS, ...; path-style requests),
+    /// an Azure account URL, or a Google Cloud Storage XML API base URL.
     pub endpoint: Option<String>,
     pub include: Vec<String>,
     /// S3 keys; when unset they come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod
@@ -71,8 +77,8 @@ pub struct Fetched {
 #[derive(Clone)]
 pub struct Source {
     store: Arc<dyn ObjectStore>,
-    /// Lists S3 buckets (None for a folder, which object_store lists entry by entry).
-    s3: Option<s3_list::Lister>,
+    /// Lists buckets (None for a folder, which object_store lists entry by entry).
+    lister: Option<Lister>,
     prefix: Path,
     include: GlobSet,
 }
@@ -95,35 +101,18 @@ impl Source {
     pub fn open(cfg: &SourceConfig) -> Result<Self> {
         crate::install_crypto(); // object_store's HTTP client takes the process's provider
         let url = parse_url(&cfg.url)?;
-        let (store, s3, prefix): (Arc<dyn ObjectStore>, _, Path) = match url.scheme() {
+        let (store, lister, prefix): (Arc<dyn ObjectStore>, _, Path) = match url.scheme() {
             "s3" => {
-                let bucket =
-                    url.host_str().ok_or_else(|| Error::Invalid(format!("{url}: an s3 URL needs a bucket")))?;
-                // Keys and region come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod with a Secret.
-                let mut b = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_virtual_hosted_style_request(false)
-                    .with_retry(retry_config());
-                if let Some(c) = &cfg.credentials {
-                    b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
-                    if let Some(t) = &c.session_token {
-                        b = b.with_token(t);
-                    }
-                    if let Some(r) = &c.region {
-                        b = b.with_region(r);
-                    }
-                }
-                if let Some(ep) = &cfg.endpoint {
-                    b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
-                }
-                // The URL's path is percent-encoded (`my%20photos/`); the keys under it are not.
-                let path = percent_encoding::percent_decode_str(url.path())
-                    .decode_utf8()
-                    .map_err(|_| Error::Invalid(format!("the prefix in {url} is not UTF-8")))?;
-                let prefix = Path::parse(path).map_err(|e| Error::Invalid(format!("bad prefix in {url}: {e}")))?;
-                let s3 = Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the S3 client: {e}")))?);
-                let lister = s3_list::Lister::new(s3.clone(), cfg.endpoint.is_some())?;
-                (s3, Some(lister), prefix)
+                let s3 = Arc::new(s3_store(&url, cfg)?);
+                (s3.clone(), Some(Store::S3(s3)), url_prefix(&url)?)
+            }
+            "gs" => {
+                let (gcs, store) = gcs_store(&url, cfg)?;
+                (gcs, Some(store), url_prefix(&url)?)
+            }
+            "az" => {
+                let (azure, store) = azure_store(&url, cfg)?;
+                (azure, Some(store), url_prefix(&url)?)
             }
             "file" => {
                 let dir = url.to_file_path().map_err(|_| Error::Invalid(format!("bad file URL {url}")))?;
@@ -135,10 +124,11 @@ impl Source {
             }
             other => {
                 return Err(Error::Invalid(format!(
-                    "unsupported source scheme {other}:// (s3:// and file:// are supported)"
+                    "unsupported source scheme {other}:// (s3://, gs://, az:// and file:// are supported)"
                 )));
             }
         };
+        let lister = lister.map(|s| Lister::new(s, cfg.endpoint.is_some())).transpose()?;
         let patterns: Vec<&str> = if cfg.include.is_empty() {
             DEFAULT_INCLUDE.to_vec()
         } else {
@@ -152,7 +142,7 @@ impl Source {
             set.add(glob);
         }
         let include = set.build().map_err(|e| Error::Invalid(e.to_string()))?;
-        Ok(Self { store, s3, prefix, include })
+        Ok(Self { store, lister, prefix, include })
     }
 
     fn location(&self, key: &str) -> Result<Path> {
@@ -172,7 +162,7 @@ impl Source {
             "" => String::new(),
             p => format!("{p}/"),
         };
-        let listed = match &self.s3 {
+        let listed = match &self.lister {
             Some(lister) => lister.list(&under).await?,
             None => self.list_folder().await?,
         };
@@ -245,6 +235,100 @@ impl Source {
     }
 }
 
+/// `s3://bucket/prefix/`: AWS, or an S3-compatible server at `endpoint` (path-style).
+fn s3_store(url: &Url, cfg: &SourceConfig) -> Result<AmazonS3> {
+    // Keys and region come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod with a
+    // Secret, or from web identity (IRSA) and instance metadata.
+    let mut b = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket(url)?)
+        .with_virtual_hosted_style_request(false)
+        .with_retry(retry_config());
+    if let Some(c) = &cfg.credentials {
+        b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
+        if let Some(t) = &c.session_token {
+            b = b.with_token(t);
+        }
+        if let Some(r) = &c.region {
+            b = b.with_region(r);
+        }
+    }
+    if let Some(ep) = &cfg.endpoint {
+        b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
+    }
+    b.build().map_err(|e| Error::Invalid(format!("configuring the S3 client: {e}")))
+}
+
+/// `gs://bucket/prefix/`: credentials from the environment (GOOGLE_APPLICATION_CREDENTIALS, a
+/// service account key) or the metadata server (GKE Workload Identity); `endpoint` is the XML
+/// API's base URL (storage.googleapis.com when unset).
+fn gcs_store(url: &Url, cfg: &SourceConfig) -> Result<(Arc<dyn ObjectStore>, Store)> {
+    let name = bucket(url)?;
+    let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(name).with_retry(retry_config());
+    if let Some(ep) = &cfg.endpoint {
+        b = b
+            .with_base_url(ep.trim_end_matches('/'))
+            .with_client_options(object_store::ClientOptions::new().with_allow_http(ep.starts_with("http://")));
+    }
+    let base = b.get_config_value(&GoogleConfigKey::BaseUrl).unwrap_or_else(|| "https://storage.googleapis.com".into());
+    let anonymous = b.get_config_value(&GoogleConfigKey::SkipSignature).is_some_and(|v| v == "true");
+    let bucket_url = Url::parse(&format!("{}/", base.trim_end_matches('/')))
+        .and_then(|u| u.join(name))
+        .map_err(|e| Error::Invalid(format!("bad Google Cloud Storage endpoint {base}: {e}")))?;
+    let gcs = Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the Google Cloud client: {e}")))?);
+    Ok((gcs.clone(), Store::Gcs { gcs, bucket_url, anonymous }))
+}
+
+/// `az://container/prefix/`: the account and its credentials from the environment
+/// (AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or a SAS, or AKS Workload
+/// Identity); `endpoint` is the account's URL (Azurite: `http://127.0.0.1:10000/devstoreaccount1`).
+fn azure_store(url: &Url, cfg: &SourceConfig) -> Result<(Arc<dyn ObjectStore>, Store)> {
+    let container = bucket(url)?;
+    let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container).with_retry(retry_config());
+    if let Some(ep) = &cfg.endpoint {
+        b = b.with_endpoint(ep.trim_end_matches('/').into()).with_allow_http(ep.starts_with("http://"));
+    }
+    let account = b
+        .get_config_value(&AzureConfigKey::AccountName)
+        .or_else(|| cfg.endpoint.as_deref().and_then(azure_account))
+        .ok_or_else(|| {
+            Error::Invalid("an az:// source needs AZURE_STORAGE_ACCOUNT_NAME or the account's URL as endpoint".into())
+        })?;
+    b = b.with_account(&account);
+    let account_url = cfg.endpoint.clone().unwrap_or_else(|| format!("https://{account}.blob.core.windows.net"));
+    let container_url = Url::parse(&format!("{}/", account_url.trim_end_matches('/')))
+        .and_then(|u| u.join(container))
+        .map_err(|e| Error::Invalid(format!("bad Azure endpoint {account_url}: {e}")))?;
+    let azure: Arc<MicrosoftAzure> =
+        Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the Azure client: {e}")))?);
+    Ok((azure.clone(), Store::Azure { azure, container_url, account }))
+}
+
+/// The account an Azure endpoint names: `https://<account>.blob.core.windows.net`, or Azurite's
+/// `http://127.0.0.1:10000/<account>`.
+fn azure_account(endpoint: &str) -> Option<String> {
+    let url = Url::parse(endpoint).ok()?;
+    let host = url.host_str()?;
+    let account = match host.split_once(".blob.") {
+        Some((account, _)) => account,
+        None => url.path_segments()?.find(|s| !s.is_empty())?,
+    };
+    Some(account.to_string())
+}
+
+/// The bucket (or container) of `scheme://bucket/prefix`.
+fn bucket(url: &Url) -> Result<&str> {
+    url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| Error::Invalid(format!("{url}: the URL needs a bucket")))
+}
+
+/// The prefix of `scheme://bucket/prefix`. The URL's path is percent-encoded (`my%20photos/`);
+/// the keys under it are not.
+fn url_prefix(url: &Url) -> Result<Path> {
+    let path = percent_encoding::percent_decode_str(url.path())
+        .decode_utf8()
+        .map_err(|_| Error::Invalid(format!("the prefix in {url} is not UTF-8")))?;
+    Path::parse(path).map_err(|e| Error::Invalid(format!("bad prefix in {url}: {e}")))
+}
+
 /// NotFound is its own case (the sync skips an object deleted since the listing), and so is a
 /// bucket that answered but refused this object (403, 401, a failed precondition): that is about
 /// the object, not a bucket that is down. What is left failed after object_store's retries.
@@ -279,6 +363,25 @@ fn parse_url(s: &str) -> Result<Url> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn azure_endpoints_name_their_account() {
+        assert_eq!(azure_account("https://photos.blob.core.windows.net/").as_deref(), Some("photos"));
+        assert_eq!(azure_account("http://127.0.0.1:10000/devstoreaccount1").as_deref(), Some("devstoreaccount1"));
+        assert_eq!(azure_account("http://127.0.0.1:10000/"), None);
+    }
+
+    #[test]
+    fn bucket_urls_need_a_bucket_and_a_known_scheme() {
+        for (url, error) in [
+            ("gs:///photos/", "needs a bucket"),
+            ("az:///photos/", "needs a bucket"),
+            ("ftp://host/photos/", "s3://, gs://, az:// and file:// are supported"),
+        ] {
+            let err = Source::open(&SourceConfig { url: url.into(), ..Default::default() }).err().expect(url);
+            assert!(err.to_string().contains(error), "{url}: {err}");
+        }
+    }
 
     #[tokio::test]
     async fn lists_a_folder_with_globs_case_insensitively() {

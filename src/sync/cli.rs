@@ -11,7 +11,8 @@ use crate::env;
 
 #[derive(clap::Args)]
 pub struct IndexArgs {
-    /// `s3://bucket/prefix/`, `file:///path` or a local folder.
+    /// `s3://bucket/prefix/`, `gs://bucket/prefix/`, `az://container/prefix/`, `file:///path` or a
+    /// local folder.
     source: String,
     #[command(flatten)]
     run: RunArgs,
@@ -19,7 +20,8 @@ pub struct IndexArgs {
 
 #[derive(clap::Args)]
 pub struct EmbedArgs {
-    /// `s3://bucket/prefix/`, `file:///path` or a local folder.
+    /// `s3://bucket/prefix/`, `gs://bucket/prefix/`, `az://container/prefix/`, `file:///path` or a
+    /// local folder.
     #[arg(long, env = env::SOURCE)]
     source: String,
     /// This pod's shard (an Indexed Job sets JOB_COMPLETION_INDEX).

@@ -28,7 +28,8 @@ pub const DIM: usize = 2048;
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
-    /// `s3://bucket/prefix/`, `file:///path` or a local folder.
+    /// `s3://bucket/prefix/`, `gs://bucket/prefix/`, `az://container/prefix/`, `file:///path` or a
+    /// local folder.
     #[arg(long, env = env::SOURCE)]
     source: String,
     #[command(flatten)]

@@ -11,6 +11,7 @@ mod precision;
 mod reconcile;
 mod s3_proxy;
 mod serve;
+mod stores;
 mod support;
 mod sync;
 mod tasks;

@@ -34,11 +34,17 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(test: &str) -> Self {
+        Self::at(test, "s3://imageindex-test", "IMAGEINDEX_S3_ENDPOINT")
+    }
+
+    /// A fixture in another store: `bucket` is `scheme://bucket`, `endpoint` the variable that
+    /// holds the store's endpoint.
+    pub fn at(test: &str, bucket: &str, endpoint: &str) -> Self {
         let name = format!("t_{test}_{}_{}", std::process::id(), nanos());
-        let source_url = format!("s3://imageindex-test/{name}/");
+        let source_url = format!("{bucket}/{name}/");
         let source = Source::open(&SourceConfig {
             url: source_url.clone(),
-            endpoint: Some(env("IMAGEINDEX_S3_ENDPOINT")),
+            endpoint: Some(env(endpoint)),
             include: vec![],
             credentials: None,
         })
