@@ -200,7 +200,7 @@ fn main() -> Result<()> {
         url: format!("file://{}/photos", env("PHOTOS")?),
         endpoint: None,
         include: vec![],
-        credentials: None,
+        settings: vec![],
     })?;
     let s3 = rt.block_on(upload(&photos))?;
     println!(
@@ -294,7 +294,7 @@ async fn upload(photos: &[(String, Bytes)]) -> Result<Source> {
         url: format!("s3://imageindex-bench/{name}/"),
         endpoint: Some(env("IMAGEINDEX_S3_ENDPOINT")?),
         include: vec![],
-        credentials: None,
+        settings: vec![],
     })?;
     stream::iter(photos).map(|(k, b)| source.put(k, b.clone())).buffer_unordered(16).try_collect::<Vec<_>>().await?;
     Ok(source)

@@ -7,7 +7,7 @@
 #      Secrets): the Jobs run as pods, `kubectl wait --for=condition=Ready` returns, every photo
 #      is indexed (in status and on the chart's metrics Service), and a search through the
 #      search Service's ClusterIP (kube-proxy) returns the photo a near-duplicate query was made
-#      from as the top hit.
+#      from as the top hit. A rotated catalog Secret reaches the running search pod (no restart).
 #   3. 20 objects added and 10 deleted: the next Job embeds the 20 and deletes the 10, from
 #      Milvus and the catalog.
 #   5. A search-only edit starts no embedding Job (nor does handing the search replica count to an
@@ -176,6 +176,24 @@ mip=$(k -n imageindex-system get svc imageindex-controller-metrics -o jsonpath='
 indexed_metric=$(curl -fsS --max-time 10 "http://$mip:8081/metrics" |
   awk '$1 == "imageindex_controller_images{namespace=\"e2e\",name=\"photos\",state=\"indexed\"}" {print $2}')
 [[ $indexed_metric == "$N" ]] || fail "metrics Service $mip:8081: indexed $indexed_metric, want $N"
+# A rotated Secret reaches the running search pod through its mounted files (the kubelet rewrites
+# them; env would keep the old value): it connects with the new value, no restart, no rollout.
+spod=$(k -n e2e get pods -l app.kubernetes.io/instance=photos,app.kubernetes.io/component=search \
+  -o jsonpath='{.items[0].metadata.name}')
+spod_ip=$(k -n e2e get pod "$spod" -o jsonpath='{.status.podIP}')
+k -n e2e create secret generic catalog --dry-run=client -o yaml \
+  --from-literal=url="mysql://$MYSQL_USER:$MYSQL_PASSWORD@$gw:$MYSQL_PORT/$MYSQL_DB?ssl-mode=disabled" |
+  k apply -f - >/dev/null
+rotated() {
+  curl -fsS --max-time 5 "http://$spod_ip:8080/metrics" |
+    grep -q '^imageindex_credential_reloads_total{result="applied"} 1$'
+}
+wait_for "the search pod to use the rotated catalog Secret" 240 rotated || fail "rotation not applied by $spod"
+restarts=$(k -n e2e get pod "$spod" -o jsonpath='{.status.containerStatuses[0].restartCount}')
+[[ $restarts == 0 ]] || fail "$spod restarted $restarts times"
+top=$(top_hit "$photos/queries/$query") || fail "search after the rotation"
+[[ $top == "$query" ]] || fail "top hit $top after the rotation"
+log "search pod $spod: the rotated catalog Secret is in use, no restart"
 
 log "cluster e2e 3: add 20 objects, delete 10; the next Job embeds only the 20, the 10 leave"
 embeds=$(jobs_of e2e photos embed)

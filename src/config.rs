@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::core::{IndexKind, ModelId, Precision, Redacted};
@@ -33,6 +33,10 @@ pub struct BackendArgs {
     /// Milvus credentials, `user:password`, where authentication is on.
     #[arg(long, env = env::MILVUS_TOKEN, hide_env_values = true)]
     pub milvus_token: Option<Redacted>,
+    /// A file holding the Milvus credentials instead (a mounted Secret; `serve` reads it again
+    /// when it changes).
+    #[arg(long, env = env::MILVUS_TOKEN_FILE, conflicts_with = "milvus_token")]
+    pub milvus_token_file: Option<PathBuf>,
     /// Milvus collection (also the catalog's namespace in MySQL).
     #[arg(long, env = env::COLLECTION, default_value = "imageindex")]
     pub collection: String,
@@ -40,8 +44,12 @@ pub struct BackendArgs {
     #[arg(long, env = env::INDEX_TYPE, value_enum, default_value = "HNSW")]
     pub index_type: IndexKind,
     /// MySQL catalog, `mysql://user:password@host:3306/db`.
-    #[arg(long, env = env::MYSQL_URL, hide_env_values = true)]
-    pub mysql_url: Redacted,
+    #[arg(long, env = env::MYSQL_URL, hide_env_values = true, required_unless_present = "mysql_url_file")]
+    pub mysql_url: Option<Redacted>,
+    /// A file holding the catalog URL instead (a mounted Secret; `serve` reads it again when it
+    /// changes).
+    #[arg(long, env = env::MYSQL_URL_FILE, conflicts_with = "mysql_url")]
+    pub mysql_url_file: Option<PathBuf>,
     /// Who this run claims the collection for. A collection another owner holds is refused, so
     /// two indexes never share one by accident; the operator sets its ImageIndex here.
     #[arg(long, env = env::OWNER, default_value = crate::store::LOCAL_OWNER)]
@@ -49,10 +57,31 @@ pub struct BackendArgs {
 }
 
 impl BackendArgs {
-    pub fn milvus(&self) -> MilvusConfig {
+    /// The catalog URL, from the flag or read from its file now.
+    pub fn mysql_url(&self) -> Result<Redacted> {
+        match (&self.mysql_url, &self.mysql_url_file) {
+            (_, Some(file)) => read_secret_file(file),
+            (Some(url), None) => Ok(url.clone()),
+            (None, None) => anyhow::bail!("--mysql-url or --mysql-url-file is required"),
+        }
+    }
+
+    /// The Milvus credentials, from the flag or read from their file now.
+    pub fn milvus_token(&self) -> Result<Option<Redacted>> {
+        match &self.milvus_token_file {
+            Some(file) => read_secret_file(file).map(Some),
+            None => Ok(self.milvus_token.clone()),
+        }
+    }
+
+    pub fn milvus(&self) -> Result<MilvusConfig> {
+        Ok(self.milvus_config(self.milvus_token()?))
+    }
+
+    pub fn milvus_config(&self, token: Option<Redacted>) -> MilvusConfig {
         MilvusConfig {
             url: self.milvus_url.clone(),
-            token: self.milvus_token.clone(),
+            token,
             collection: self.collection.clone(),
             index: self.index_type,
         }
@@ -60,8 +89,14 @@ impl BackendArgs {
 
     /// Connects to Milvus and the catalog for vectors of `model`.
     pub async fn connect(&self, model: &ModelId) -> Result<Index> {
-        Ok(Index::connect(&self.milvus(), self.mysql_url.expose(), model).await?)
+        Ok(Index::connect(&self.milvus()?, self.mysql_url()?.expose(), model).await?)
     }
+}
+
+/// A credential in a file (a key of a mounted Secret), without the line break an editor leaves.
+fn read_secret_file(file: &std::path::Path) -> Result<Redacted> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    Ok(Redacted::new(text.trim_end_matches(['\r', '\n'])))
 }
 
 #[derive(Args, Clone, Debug)]
@@ -144,6 +179,11 @@ pub struct SourceArgs {
     /// Include globs, comma-separated (default: jpg, jpeg, png, webp anywhere).
     #[arg(long, env = env::INCLUDE, value_delimiter = ',')]
     pub include: Vec<String>,
+    /// A folder of the store's settings, one file per variable named as in the environment
+    /// (`AWS_SECRET_ACCESS_KEY`, `AZURE_STORAGE_ACCOUNT_KEY`...): a mounted Secret, which `serve`
+    /// reads again when it changes. They take precedence over the environment.
+    #[arg(long, env = env::SOURCE_CREDENTIALS_DIR)]
+    pub credentials_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -174,11 +214,34 @@ impl LimitArgs {
 }
 
 impl SourceArgs {
-    /// The source at `url`, with these settings; credentials from the environment.
+    /// The source at `url`, with these settings; credentials from the environment and the
+    /// credentials folder as it is now.
     pub fn open(&self, url: String) -> Result<Source> {
-        let config =
-            SourceConfig { url, endpoint: self.s3_endpoint.clone(), include: self.include.clone(), credentials: None };
+        self.open_with(url, self.settings()?)
+    }
+
+    /// The source at `url` with these settings (`settings` as `settings()` reads them).
+    pub fn open_with(&self, url: String, settings: Vec<(String, Redacted)>) -> Result<Source> {
+        let config = SourceConfig { url, endpoint: self.s3_endpoint.clone(), include: self.include.clone(), settings };
         Ok(Source::open(&config)?)
+    }
+
+    /// The credentials folder's variables, sorted by name. Kubernetes keeps its own entries
+    /// (`..data`, `..2026_...`) beside the keys; names starting with `.` are not keys.
+    pub fn settings(&self) -> Result<Vec<(String, Redacted)>> {
+        let Some(dir) = &self.credentials_dir else { return Ok(vec![]) };
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).filter(|n| !n.starts_with('.')) else {
+                continue;
+            };
+            if path.is_file() {
+                out.push((name.to_string(), read_secret_file(&path)?));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 }
 
@@ -201,6 +264,35 @@ mod tests {
         for secret in ["hunter2", "hunter3", "hunter4"] {
             assert!(!printed.contains(secret), "{secret} in {printed}");
         }
-        assert_eq!(cli.backend.mysql_url.expose(), "mysql://u:hunter2@db/x");
+        assert_eq!(cli.backend.mysql_url().unwrap().expose(), "mysql://u:hunter2@db/x");
+    }
+
+    /// Credentials from a mounted Secret: read when asked (so a rotation is seen), without the
+    /// trailing newline, and the kubelet's own entries are not keys.
+    #[test]
+    fn credentials_come_from_secret_files_as_they_are_now() {
+        let dir = std::env::temp_dir().join(format!("imageindex-creds-{}", std::process::id()));
+        let keys = dir.join("..2026_12_05_10_00_00.1");
+        std::fs::create_dir_all(&keys).unwrap();
+        std::fs::write(keys.join("AWS_SECRET_ACCESS_KEY"), "s3cret\n").unwrap();
+        std::os::unix::fs::symlink(&keys, dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/AWS_SECRET_ACCESS_KEY", dir.join("AWS_SECRET_ACCESS_KEY")).unwrap();
+        std::fs::write(dir.join("url"), "mysql://u:one@db/x\n").unwrap();
+        let url = dir.join("url").display().to_string();
+        let cli = Cli::parse_from(["x", "--mysql-url-file", &url]);
+        assert_eq!(cli.backend.mysql_url().unwrap().expose(), "mysql://u:one@db/x");
+        std::fs::write(dir.join("url"), "mysql://u:two@db/x").unwrap();
+        assert_eq!(cli.backend.mysql_url().unwrap().expose(), "mysql://u:two@db/x");
+        assert!(Cli::try_parse_from(["x", "--mysql-url", "m", "--mysql-url-file", &url]).is_err());
+        assert!(Cli::try_parse_from(["x"]).is_err(), "one of the two is required");
+
+        let src = SourceArgs { s3_endpoint: None, include: vec![], credentials_dir: Some(dir.clone()) };
+        let settings: Vec<(String, String)> =
+            src.settings().unwrap().into_iter().map(|(k, v)| (k, v.expose().to_string())).collect();
+        assert_eq!(
+            settings,
+            [("AWS_SECRET_ACCESS_KEY".to_string(), "s3cret".to_string()), ("url".into(), "mysql://u:two@db/x".into())]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

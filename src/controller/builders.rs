@@ -10,9 +10,9 @@ use k8s_openapi::api::batch::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort,
-    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    KeyToPath, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -41,7 +41,8 @@ pub const CLEANUP: &str = "cleanup";
 /// Where the plan and cleanup pods write their report: the kubelet's termination message.
 const TERMINATION_LOG: &str = "/dev/termination-log";
 const HTTP_PORT: i32 = 8080;
-const TOKEN_DIR: &str = "/var/run/secrets/imageindex";
+/// Where search pods find their credentials, one folder per Secret.
+const SECRETS_DIR: &str = "/var/run/secrets/imageindex";
 const PVC_MOUNT: &str = "/models/pvc";
 /// The non-root user of the image (distroless `nonroot`).
 const UID: i64 = 65532;
@@ -545,27 +546,42 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
     if gpu {
         trt_cache(None, &mut env, &mut volumes, &mut mounts);
     }
-    if let Some(t) = &search.token_secret_ref {
+    // Credentials as files, not env: a rotated Secret reaches mounted files (the kubelet rewrites
+    // them) but never a running container's env, and `serve` reads them again (serve/reload.rs).
+    let spec = &image_index.spec;
+    env.retain(|e| e.name != env::MYSQL_URL && e.name != env::MILVUS_TOKEN);
+    let mut secret_files = |name: &str, secret: &str, key: Option<&str>| {
+        let dir = format!("{SECRETS_DIR}/{name}");
         volumes.push(Volume {
-            name: "token".into(),
+            name: name.into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(t.name.clone()),
-                items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
-                    key: t.key.clone(),
-                    path: "token".into(),
-                    ..Default::default()
-                }]),
+                secret_name: Some(secret.into()),
+                items: key.map(|key| vec![KeyToPath { key: key.into(), path: key.into(), ..Default::default() }]),
                 ..Default::default()
             }),
             ..Default::default()
         });
         mounts.push(VolumeMount {
-            name: "token".into(),
-            mount_path: TOKEN_DIR.into(),
+            name: name.into(),
+            mount_path: dir.clone(),
             read_only: Some(true),
             ..Default::default()
         });
-        env.push(var(env::TOKEN_FILE, format!("{TOKEN_DIR}/token")));
+        dir
+    };
+    let catalog = &spec.mysql.secret_ref;
+    let dir = secret_files("catalog", &catalog.name, Some(&catalog.key));
+    env.push(var(env::MYSQL_URL_FILE, format!("{dir}/{}", catalog.key)));
+    if let Some(t) = &spec.milvus.credentials_secret_ref {
+        let dir = secret_files("milvus", &t.name, Some(&t.key));
+        env.push(var(env::MILVUS_TOKEN_FILE, format!("{dir}/{}", t.key)));
+    }
+    if let Some(name) = &spec.source.credentials_secret {
+        env.push(var(env::SOURCE_CREDENTIALS_DIR, secret_files("bucket", name, None)));
+    }
+    if let Some(t) = &search.token_secret_ref {
+        let dir = secret_files("api-token", &t.name, Some(&t.key));
+        env.push(var(env::TOKEN_FILE, format!("{dir}/{}", t.key)));
     }
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -608,6 +624,7 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
         mounts,
     );
     let pod = template.spec.as_mut().expect("pod_template sets a spec");
+    pod.containers[0].env_from = None; // the bucket's keys are files here
     pod.node_selector = search.node_selector.clone();
     pod.tolerations = search.tolerations.clone();
     pod.affinity = search.affinity.clone();
@@ -832,8 +849,26 @@ mod tests {
         assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
         assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, Some(true));
         let env = env_of(c);
-        assert_eq!(env["IMAGEINDEX_TOKEN_FILE"].value.as_deref(), Some("/var/run/secrets/imageindex/token"));
+        assert_eq!(env["IMAGEINDEX_TOKEN_FILE"].value.as_deref(), Some("/var/run/secrets/imageindex/api-token/token"));
         assert_eq!(env["IMAGEINDEX_LISTEN"].value.as_deref(), Some("0.0.0.0:8080"));
+        // Credentials as files that a rotated Secret updates, never env that stays as it was.
+        assert!(!env.contains_key(env::MYSQL_URL) && c.env_from.is_none(), "{env:?}");
+        assert_eq!(env[env::MYSQL_URL_FILE].value.as_deref(), Some("/var/run/secrets/imageindex/catalog/url"));
+        assert_eq!(env[env::SOURCE_CREDENTIALS_DIR].value.as_deref(), Some("/var/run/secrets/imageindex/bucket"),);
+        let volumes = pod.volumes.as_ref().unwrap();
+        let secret = |name: &str| {
+            let v = volumes.iter().find(|v| v.name == name).unwrap_or_else(|| panic!("volume {name}"));
+            v.secret.as_ref().unwrap().secret_name.clone().unwrap()
+        };
+        assert_eq!(
+            (secret("catalog"), secret("bucket"), secret("api-token")),
+            ("catalog".into(), "s3-keys".into(), "api".into())
+        );
+        let mounted: Vec<_> =
+            c.volume_mounts.as_ref().unwrap().iter().map(|m| (m.name.as_str(), m.read_only)).collect();
+        for name in ["catalog", "bucket", "api-token"] {
+            assert!(mounted.contains(&(name, Some(true))), "{name} in {mounted:?}");
+        }
         assert!(env.values().all(|e| !e.value.as_deref().unwrap_or_default().contains("pass")));
         // The selector must match the template's labels, or the apiserver refuses the Deployment.
         let tpl = spec.template.metadata.unwrap().labels.unwrap();

@@ -1,7 +1,7 @@
 //! Bearer-token auth for mutating routes (and search, when asked). The token comes from a file
 //! (a mounted Secret) or the environment; without one, protected routes are disabled, not open.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -12,26 +12,38 @@ use sha2::{Digest, Sha256};
 use super::ApiError;
 use crate::core::Redacted;
 
-/// The expected token, kept as its SHA-256 only.
+/// The expected token, kept as its SHA-256 only; replaced when its file changes (`reload`).
 #[derive(Clone)]
-pub struct Token(Option<Arc<[u8; 32]>>);
+pub struct Token(Arc<RwLock<Option<[u8; 32]>>>);
 
 impl Token {
     pub fn new(token: Option<Redacted>) -> Self {
-        Self(token.filter(|t| !t.expose().is_empty()).map(|t| Arc::new(Sha256::digest(t.expose()).into())))
+        Self(Arc::new(RwLock::new(Self::digest(token))))
+    }
+
+    fn digest(token: Option<Redacted>) -> Option<[u8; 32]> {
+        token.filter(|t| !t.expose().is_empty()).map(|t| Sha256::digest(t.expose()).into())
+    }
+
+    pub fn set(&self, token: Option<Redacted>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Self::digest(token);
+    }
+
+    fn expected(&self) -> Option<[u8; 32]> {
+        *self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `given` is the token, in time that depends on neither where it differs nor its
     /// length: digests of equal length are compared with every byte looked at.
     fn admits(&self, given: &str) -> bool {
-        let Some(expected) = &self.0 else { return false };
+        let Some(expected) = self.expected() else { return false };
         let given: [u8; 32] = Sha256::digest(given).into();
         given.iter().zip(expected.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 }
 
 pub async fn require(State(token): State<Token>, req: Request, next: Next) -> Response {
-    if token.0.is_none() {
+    if token.expected().is_none() {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "disabled",

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use super::{AppState, ServeConfig};
+use super::{AppState, Clients, ServeConfig, reload};
 use crate::config::DataPlaneArgs;
 use crate::core::Redacted;
 use crate::env;
@@ -55,17 +55,20 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub async fn run(self) -> Result<()> {
-        let token = match &self.token_file {
-            Some(f) => Some(Redacted::new(
-                std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?.trim(),
-            )),
-            None => self.token.clone(),
-        };
         let DataPlaneArgs { backend, model, src, limits } = &self.data;
         let loaded = model.load()?;
-        let index = backend.connect(loaded.id()).await?;
+        let watch = reload::Watch {
+            backend: backend.clone(),
+            src: src.clone(),
+            source_url: self.source.clone(),
+            token_file: self.token_file.clone(),
+            token: self.token.clone(),
+            model: loaded.id().clone(),
+        };
+        let credentials = watch.read()?;
+        let Clients { index, source } = watch.connect(&credentials).await?;
         index.ensure(loaded.dim(), loaded.id(), model.allow_mixed_precision, &backend.owner).await?;
-        let source = self.source.clone().map(|url| src.open(url)).transpose()?;
+        let token = credentials.token();
         let defaults = ServeConfig::default();
         let config = ServeConfig {
             max_upload_bytes: self.max_upload_bytes,
@@ -86,8 +89,11 @@ impl ServeArgs {
                 max_connections: self.max_connections,
             },
         };
-        let state = AppState::new(Arc::new(loaded), index, source, config);
+        let state = Arc::new(AppState::new(Arc::new(loaded), index, source, config));
+        if watch.has_files() {
+            tokio::spawn(watch.run(state.clone(), credentials, reload::EVERY));
+        }
         eprintln!("search on http://{}/  (API: POST /img/search, GET /img/count, GET /progress)", self.listen);
-        super::serve(self.listen, Arc::new(state)).await
+        super::serve(self.listen, state).await
     }
 }

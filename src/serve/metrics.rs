@@ -23,6 +23,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -38,6 +43,15 @@ pub struct Metrics {
     latency: Family<RouteLabels, Histogram>,
     pub embed_seconds: Histogram,
     pub milvus_seconds: Histogram,
+    credential_reloads: Family<ResultLabels, Counter>,
+}
+
+impl Metrics {
+    /// A change of the credentials files, put to use or not.
+    pub fn credential_reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "failed" };
+        self.credential_reloads.get_or_create(&ResultLabels { result }).inc();
+    }
 }
 
 impl Default for Metrics {
@@ -54,7 +68,13 @@ impl Default for Metrics {
             embed_seconds.clone(),
         );
         registry.register("milvus_duration_seconds", "Time in Milvus calls made by requests", milvus_seconds.clone());
-        Self { registry, requests, latency, embed_seconds, milvus_seconds }
+        let credential_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "credential_reloads",
+            "Changes of the mounted credentials, applied or failed (the old ones still in use)",
+            credential_reloads.clone(),
+        );
+        Self { registry, requests, latency, embed_seconds, milvus_seconds, credential_reloads }
     }
 }
 

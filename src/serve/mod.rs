@@ -11,12 +11,13 @@ mod fetch;
 mod http;
 mod metrics;
 mod openapi;
+pub mod reload;
 mod request_id;
 mod routes;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -76,14 +77,22 @@ impl Default for ServeConfig {
 
 pub struct AppState {
     model: Arc<Model>,
-    index: Index,
-    /// The bucket: needed for uploads, deletes and serving objects.
-    source: Option<Source>,
+    /// Replaced whole when the credentials change (see `reload`): a request keeps the clients it
+    /// started with.
+    clients: RwLock<Arc<Clients>>,
+    token: auth::Token,
     config: ServeConfig,
     embed_slots: Arc<Semaphore>,
     decode_memory: MemoryBudget,
     fetcher: fetch::UrlFetcher,
     metrics: metrics::Metrics,
+}
+
+/// What holds the backends' credentials.
+pub struct Clients {
+    pub index: Index,
+    /// The bucket: needed for uploads, deletes and serving objects.
+    pub source: Option<Source>,
 }
 
 impl AppState {
@@ -93,17 +102,25 @@ impl AppState {
             decode_memory: MemoryBudget::new(config.decode_memory),
             fetcher: fetch::UrlFetcher::new(config.max_upload_bytes, config.allow_private_urls),
             metrics: metrics::Metrics::default(),
+            token: auth::Token::new(config.token.clone()),
+            clients: RwLock::new(Arc::new(Clients { index, source })),
             model,
-            index,
-            source,
             config,
         }
+    }
+
+    pub fn clients(&self) -> Arc<Clients> {
+        self.clients.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace_clients(&self, clients: Clients) {
+        *self.clients.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(clients);
     }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let cfg = &state.config;
-    let token = auth::Token::new(cfg.token.clone());
+    let token = state.token.clone();
     let mut reads = Router::new()
         .route("/img/search", post(routes::search))
         .route("/img/count", get(routes::count))

@@ -14,7 +14,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 
 use super::api::{CountResponse, ErrorBody, ImageForm, SearchResponse, SearchResult, UploadResponse, UrlForm};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Clients};
 use crate::embed::preprocess::sniff;
 use crate::store::{self, KeyPrefix, Progress, Record, Vector, WriteBatch, content_hash, key_id};
 
@@ -112,8 +112,8 @@ async fn embed(
 }
 
 /// The bucket, for the routes that need one.
-fn bucket(state: &AppState) -> Result<&crate::store::Source, ApiError> {
-    state
+fn bucket(clients: &Clients) -> Result<&crate::store::Source, ApiError> {
+    clients
         .source
         .as_ref()
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_source", "no bucket configured (--source)"))
@@ -138,6 +138,7 @@ pub async fn search(
     Query(q): Query<Params>,
     req: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
+    let clients = state.clients();
     let started = Instant::now();
     let slot = embed_slot(&state)?;
     let input = read_input(&state, req).await?;
@@ -148,14 +149,14 @@ pub async fn search(
     let prefix = KeyPrefix::parse(input.prefix.or(q.prefix).as_deref().unwrap_or_default())?;
     let vector = embed(&state, slot, input.image).await?;
     let t = Instant::now();
-    let hits = state.index.vectors.search(vector, topk, prefix.as_ref()).await?;
+    let hits = clients.index.vectors.search(vector, topk, prefix.as_ref()).await?;
     state.metrics.milvus_seconds.observe(t.elapsed().as_secs_f64());
     let results = hits
         .into_iter()
         .enumerate()
         .map(|(i, h)| SearchResult { rank: i + 1, url: object_url(&h.key), key: h.key, id: h.id, score: h.score })
         .collect();
-    let metric = state.index.vectors.index_kind().metric();
+    let metric = clients.index.vectors.index_kind().metric();
     Ok(Json(SearchResponse { results, metric, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
 }
 
@@ -166,7 +167,8 @@ pub async fn search(
               (status = 200, description = "The same bytes were already there", body = UploadResponse),
               (status = 401, body = ErrorBody), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
 pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let source = bucket(&state)?;
+    let clients = state.clients();
+    let source = bucket(&clients)?;
     let slot = embed_slot(&state)?;
     let input = read_input(&state, req).await?;
     let ext = match sniff(&input.image) {
@@ -179,7 +181,7 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
     let key = format!("uploads/{hash}.{ext}");
     let id = key_id(&key);
     let url = object_url(&key);
-    if state.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
+    if clients.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
         return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
     }
     // Embed first: a file that is not a usable image is refused before anything is stored.
@@ -188,9 +190,9 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
     let etag = source.put(&key, input.image).await?;
     let record = Record { id, key: key.clone(), etag, size, content_hash: Some(hash), error: None, retry: false };
     let vectors = vec![Vector { id, key: key.clone(), embedding: vector }];
-    state.index.write(WriteBatch { vectors, records: vec![record], remove: vec![] }).await?;
+    clients.index.write(WriteBatch { vectors, records: vec![record], remove: vec![] }).await?;
     // Answer once the image is searchable: a search right after an upload must find it.
-    state.index.wait_searchable().await?;
+    clients.index.wait_searchable().await?;
     Ok((StatusCode::CREATED, Json(UploadResponse { key, id, url, created: true })).into_response())
 }
 
@@ -198,15 +200,16 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
 #[utoipa::path(delete, path = "/img/{key}", security(("token" = [])), params(("key" = String, Path)),
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
-    let entry = state.index.catalog.entry(&key).await?;
+    let clients = state.clients();
+    let entry = clients.index.catalog.entry(&key).await?;
     let entry = entry.ok_or_else(|| ApiError::not_found(format!("{key} is not in the index")))?;
     // The bucket first: should the index removal fail after it, the next sync sees the object
     // gone and removes it; the other way round, a failure would leave an object it re-indexes.
-    if let Some(source) = &state.source {
+    if let Some(source) = &clients.source {
         source.delete(&key).await?;
     }
-    state.index.remove(&[entry.id]).await?;
-    state.index.wait_searchable().await?;
+    clients.index.remove(&[entry.id]).await?;
+    clients.index.wait_searchable().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -214,6 +217,7 @@ pub async fn delete(State(state): State<Arc<AppState>>, Path(key): Path<String>)
 #[utoipa::path(post, path = "/img/drop", security(("token" = [])),
     responses((status = 200, description = "Dropped"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn drop_all(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let clients = state.clients();
     if !state.config.allow_drop {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -221,9 +225,9 @@ pub async fn drop_all(State(state): State<Arc<AppState>>) -> Result<Json<serde_j
             "drop is disabled; start serve with --allow-drop",
         ));
     }
-    state.index.drop().await?;
-    state.index.ensure(state.model.dim(), state.model.id(), false, &state.config.owner).await?;
-    Ok(Json(serde_json::json!({ "dropped": state.index.vectors.collection() })))
+    clients.index.drop().await?;
+    clients.index.ensure(state.model.dim(), state.model.id(), false, &state.config.owner).await?;
+    Ok(Json(serde_json::json!({ "dropped": clients.index.vectors.collection() })))
 }
 
 /// The image itself, streamed from the bucket: only indexed images (not objects recorded as
@@ -231,8 +235,9 @@ pub async fn drop_all(State(state): State<Arc<AppState>>) -> Result<Json<serde_j
 #[utoipa::path(get, path = "/img/object/{key}", params(("key" = String, Path)),
     responses((status = 200, description = "The image", content_type = "image/*"), (status = 404, body = ErrorBody)))]
 pub async fn object(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
-    let source = bucket(&state)?;
-    if !state.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
+    let clients = state.clients();
+    let source = bucket(&clients)?;
+    if !clients.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
         return Err(ApiError::not_found(format!("{key} is not in the index")));
     }
     let stream = source.stream(&key).await?;
@@ -256,27 +261,30 @@ pub async fn object(State(state): State<Arc<AppState>>, Path(key): Path<String>)
 /// Vectors in Milvus and catalog rows.
 #[utoipa::path(get, path = "/img/count", responses((status = 200, body = CountResponse), (status = 503, body = ErrorBody)))]
 pub async fn count(State(state): State<Arc<AppState>>) -> Result<Json<CountResponse>, ApiError> {
-    let count = state.index.vectors.count().await?;
-    let c = state.index.catalog.counts().await?;
+    let clients = state.clients();
+    let count = clients.index.vectors.count().await?;
+    let c = clients.index.catalog.counts().await?;
     Ok(Json(CountResponse { count, indexed: c.indexed, failed: c.failed }))
 }
 
 /// Catalog counts and the latest indexing run.
 #[utoipa::path(get, path = "/progress", responses((status = 200, body = Progress), (status = 503, body = ErrorBody)))]
 pub async fn progress(State(state): State<Arc<AppState>>) -> Result<Json<Progress>, ApiError> {
-    Ok(Json(state.index.catalog.progress().await?))
+    let clients = state.clients();
+    Ok(Json(clients.index.catalog.progress().await?))
 }
 
 /// Ready when Milvus and MySQL answer and the collection exists.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "Ready"), (status = 503, body = ErrorBody)))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let clients = state.clients();
     // Any failure is "not ready" (503), a missing collection included.
     let unready = |e: store::Error| match e {
         e @ store::Error::Backend { .. } => ApiError::from(e),
         e => ApiError::from(store::Error::backend("the collection", e.to_string())),
     };
-    state.index.vectors.ready().await.map_err(unready)?;
-    state.index.catalog.ping().await.map_err(unready)?;
+    clients.index.vectors.ready().await.map_err(unready)?;
+    clients.index.catalog.ping().await.map_err(unready)?;
     Ok(Json(serde_json::json!({ "milvus": "ok", "mysql": "ok" })))
 }
 

@@ -8,7 +8,7 @@ pub mod source;
 
 pub use catalog::{Catalog, CatalogTime, Counts, Entry, Progress, Record, RunProgress};
 pub use milvus::{Ensured, Hit, KeyPrefix, MilvusConfig, VectorStore};
-pub use source::{Fetched, Object, S3Credentials, Source, SourceConfig};
+pub use source::{Fetched, Object, Source, SourceConfig};
 
 use std::collections::HashSet;
 

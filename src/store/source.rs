@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use listing::{Lister, Store};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzure, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
@@ -24,6 +24,7 @@ use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
 
 use super::{Error, Result};
+use crate::core::Redacted;
 
 /// Default include patterns: the formats we decode.
 pub const DEFAULT_INCLUDE: &[&str] = &["**/*.jpg", "**/*.jpeg", "**/*.png", "**/*.webp"];
@@ -45,24 +46,11 @@ pub struct SourceConfig {
     /// an Azure account URL, or a Google Cloud Storage XML API base URL.
     pub endpoint: Option<String>,
     pub include: Vec<String>,
-    /// S3 keys; when unset they come from the environment (AWS_ACCESS_KEY_ID, ...), as in a pod
-    /// with the Secret as env. The operator passes the Secret's values here.
-    pub credentials: Option<S3Credentials>,
-}
-
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct S3Credentials {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub region: Option<String>,
-    /// Temporary credentials (STS, `AWS_SESSION_TOKEN`) come with a session token.
-    pub session_token: Option<String>,
-}
-
-impl std::fmt::Debug for S3Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Credentials").field("access_key_id", &self.access_key_id).finish_non_exhaustive()
-    }
+    /// The store's settings by their environment names (`AWS_SECRET_ACCESS_KEY`,
+    /// `AZURE_STORAGE_ACCOUNT_KEY`, `GOOGLE_SERVICE_ACCOUNT_KEY`...), over the environment's:
+    /// the keys of a mounted Secret. Names the store does not know are ignored, as in the
+    /// environment.
+    pub settings: Vec<(String, Redacted)>,
 }
 
 /// An object's bytes, with the etag and size of what was fetched (which may be newer than the
@@ -243,15 +231,7 @@ fn s3_store(url: &Url, cfg: &SourceConfig) -> Result<AmazonS3> {
         .with_bucket_name(bucket(url)?)
         .with_virtual_hosted_style_request(false)
         .with_retry(retry_config());
-    if let Some(c) = &cfg.credentials {
-        b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
-        if let Some(t) = &c.session_token {
-            b = b.with_token(t);
-        }
-        if let Some(r) = &c.region {
-            b = b.with_region(r);
-        }
-    }
+    b = configured(b, &cfg.settings, |b, k: AmazonS3ConfigKey, v| b.with_config(k, v));
     if let Some(ep) = &cfg.endpoint {
         b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
     }
@@ -264,6 +244,7 @@ fn s3_store(url: &Url, cfg: &SourceConfig) -> Result<AmazonS3> {
 fn gcs_store(url: &Url, cfg: &SourceConfig) -> Result<(Arc<dyn ObjectStore>, Store)> {
     let name = bucket(url)?;
     let mut b = GoogleCloudStorageBuilder::from_env().with_bucket_name(name).with_retry(retry_config());
+    b = configured(b, &cfg.settings, |b, k: GoogleConfigKey, v| b.with_config(k, v));
     if let Some(ep) = &cfg.endpoint {
         b = b
             .with_base_url(ep.trim_end_matches('/'))
@@ -284,6 +265,7 @@ fn gcs_store(url: &Url, cfg: &SourceConfig) -> Result<(Arc<dyn ObjectStore>, Sto
 fn azure_store(url: &Url, cfg: &SourceConfig) -> Result<(Arc<dyn ObjectStore>, Store)> {
     let container = bucket(url)?;
     let mut b = MicrosoftAzureBuilder::from_env().with_container_name(container).with_retry(retry_config());
+    b = configured(b, &cfg.settings, |b, k: AzureConfigKey, v| b.with_config(k, v));
     if let Some(ep) = &cfg.endpoint {
         b = b.with_endpoint(ep.trim_end_matches('/').into()).with_allow_http(ep.starts_with("http://"));
     }
@@ -301,6 +283,21 @@ fn azure_store(url: &Url, cfg: &SourceConfig) -> Result<(Arc<dyn ObjectStore>, S
     let azure: Arc<MicrosoftAzure> =
         Arc::new(b.build().map_err(|e| Error::Invalid(format!("configuring the Azure client: {e}")))?);
     Ok((azure.clone(), Store::Azure { azure, container_url, account }))
+}
+
+/// `builder` with each setting its store knows (by the lower-cased environment name, as
+/// object_store's `from_env` reads them).
+fn configured<B, K: std::str::FromStr>(
+    mut builder: B,
+    settings: &[(String, Redacted)],
+    with: impl Fn(B, K, String) -> B,
+) -> B {
+    for (name, value) in settings {
+        if let Ok(key) = name.to_ascii_lowercase().parse::<K>() {
+            builder = with(builder, key, value.expose().to_string());
+        }
+    }
+    builder
 }
 
 /// The account an Azure endpoint names: `https://<account>.blob.core.windows.net`, or Azurite's

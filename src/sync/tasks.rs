@@ -116,13 +116,20 @@ impl PlanArgs {
             model: self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             precision: self.precision,
         };
-        let milvus = self.backend.milvus();
+        let milvus = match self.backend.milvus() {
+            Ok(m) => m,
+            Err(e) => return Report::stopped(Stop::MilvusUnavailable, format!("{e:#}")),
+        };
         let vectors = match out.within(VectorStore::connect(&milvus)).await {
             Ok(v) => v,
             Err(e) => return Report::stopped(Stop::MilvusUnavailable, format!("{}: {e}", milvus.url)),
         };
         let model_name = model.to_string();
-        let catalog = Catalog::connect(self.backend.mysql_url.expose(), &milvus.collection, &model_name);
+        let mysql_url = match self.backend.mysql_url() {
+            Ok(u) => u,
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, format!("{e:#}")),
+        };
+        let catalog = Catalog::connect(mysql_url.expose(), &milvus.collection, &model_name);
         let catalog = match out.within(catalog).await {
             Ok(c) => c,
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
@@ -185,9 +192,16 @@ impl CleanupArgs {
 
     async fn cleanup(&self) -> Report {
         let out = &self.out;
-        let milvus = self.backend.milvus();
+        let milvus = match self.backend.milvus() {
+            Ok(m) => m,
+            Err(e) => return Report::stopped(Stop::MilvusUnavailable, format!("{e:#}")),
+        };
+        let mysql_url = match self.backend.mysql_url() {
+            Ok(u) => u,
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, format!("{e:#}")),
+        };
         let (collection, owner) = (&milvus.collection, &self.backend.owner);
-        let catalog = match out.within(Catalog::connect(self.backend.mysql_url.expose(), collection, "")).await {
+        let catalog = match out.within(Catalog::connect(mysql_url.expose(), collection, "")).await {
             Ok(c) => c,
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };

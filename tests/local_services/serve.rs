@@ -2,6 +2,7 @@
 
 use std::io::Cursor;
 use std::sync::Arc;
+use std::time::Duration;
 
 use image::{DynamicImage, ImageFormat};
 use imageindex::core::IndexKind;
@@ -21,10 +22,13 @@ pub const TOKEN: &str = "test-token-123";
 
 impl Server {
     pub async fn start(fx: &Fixture, b: Backends, config: ServeConfig) -> Self {
-        let state = AppState::new(model(), b.index, Some(fx.source.clone()), config);
+        Self::on(Arc::new(AppState::new(model(), b.index, Some(fx.source.clone()), config))).await
+    }
+
+    pub async fn on(state: Arc<AppState>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(imageindex::serve::serve_on(listener, Arc::new(state), std::future::pending()));
+        tokio::spawn(imageindex::serve::serve_on(listener, state, std::future::pending()));
         Self { base, http: reqwest::Client::new() }
     }
 
@@ -348,5 +352,104 @@ async fn a_failed_bucket_delete_leaves_the_index_whole() {
     assert!(index.catalog.entry(key).await.unwrap().is_none());
     assert!(index.vectors.existing(&[id]).await.unwrap().is_empty());
     assert!(!fx.source.exists(key).await.unwrap());
+    fx.cleanup().await;
+}
+
+/// A rotated Secret reaches a search pod's mounted files but never its environment: the server
+/// reads the files again and puts what changed to use without a restart. A new API token replaces
+/// the old one; new catalog or bucket credentials that do not work leave the old clients serving
+/// (counted as failed), and ones that work are swapped in.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_credentials_are_put_to_use_without_a_restart() {
+    use imageindex::config::{BackendArgs, SourceArgs};
+    use imageindex::serve::reload::Watch;
+
+    let fx = Fixture::new("rotate");
+    let photos = upload_photos(&fx, 4).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    let dir = std::env::temp_dir().join(format!("imageindex-rotate-{}", std::process::id()));
+    let bucket = dir.join("bucket");
+    std::fs::create_dir_all(&bucket).unwrap();
+    let write = |name: &str, value: &str| std::fs::write(dir.join(name), value).unwrap();
+    let mysql_url = env("IMAGEINDEX_MYSQL_URL");
+    write("url", &format!("{mysql_url}\n"));
+    write("token", "first-token");
+    write("bucket/AWS_SECRET_ACCESS_KEY", &env("AWS_SECRET_ACCESS_KEY"));
+    let milvus = fx.milvus(IndexKind::Hnsw);
+    let watch = Watch {
+        backend: BackendArgs {
+            milvus_url: milvus.url,
+            milvus_token: None,
+            milvus_token_file: None,
+            collection: milvus.collection,
+            index_type: IndexKind::Hnsw,
+            mysql_url: None,
+            mysql_url_file: Some(dir.join("url")),
+            owner: imageindex::store::LOCAL_OWNER.into(),
+        },
+        src: SourceArgs {
+            s3_endpoint: Some(env("IMAGEINDEX_S3_ENDPOINT")),
+            include: vec![],
+            credentials_dir: Some(bucket.clone()),
+        },
+        source_url: Some(fx.source_url.clone()),
+        token_file: Some(dir.join("token")),
+        token: None,
+        model: "test-model".parse().unwrap(),
+    };
+    let credentials = watch.read().unwrap();
+    let clients = watch.connect(&credentials).await.unwrap();
+    let config = ServeConfig { token: credentials.token(), ..Default::default() };
+    let state = Arc::new(AppState::new(model(), clients.index, clients.source, config));
+    tokio::spawn(watch.run(state.clone(), credentials, Duration::from_millis(100)));
+    let srv = Server::on(state.clone()).await;
+    let object = srv.url(&format!("img/object/{}", photos[0].0));
+    let delete = |token: &str| srv.http.delete(srv.url("img/not-indexed.jpg")).bearer_auth(token).send();
+    let reloads = |result: &str| {
+        let line = format!("imageindex_credential_reloads_total{{result=\"{result}\"}} ");
+        let (http, url) = (srv.http.clone(), srv.url("metrics"));
+        async move {
+            let text = http.get(url).send().await.unwrap().text().await.unwrap();
+            text.lines().find_map(|l| l.strip_prefix(&line)).map_or(0, |n| n.parse::<u64>().unwrap())
+        }
+    };
+    let settle = || tokio::time::sleep(Duration::from_millis(600));
+    assert_eq!(delete("first-token").await.unwrap().status(), 404, "the token admits");
+
+    // A new token: the old one is refused, the new one admitted.
+    write("token", "second-token\n");
+    settle().await;
+    assert_eq!(delete("first-token").await.unwrap().status(), 401);
+    assert_eq!(delete("second-token").await.unwrap().status(), 404);
+    assert_eq!(reloads("applied").await, 1);
+
+    // A catalog password that does not work, then bucket keys that do not: the old clients serve on.
+    let before = state.clients();
+    let mut wrong = url::Url::parse(&mysql_url).unwrap();
+    wrong.set_password(Some("wrong-password")).unwrap();
+    write("url", wrong.as_str());
+    settle().await;
+    assert!(reloads("failed").await >= 1, "a failed reload is counted");
+    write("url", &mysql_url);
+    write("bucket/AWS_SECRET_ACCESS_KEY", "not-the-key");
+    settle().await;
+    assert!(Arc::ptr_eq(&before, &state.clients()), "clients replaced by ones that do not work");
+    assert_eq!(srv.http.get(&object).send().await.unwrap().status(), 200, "still served with the old keys");
+    let (status, body) = srv.search(near_duplicate(&photos[0].1), "3").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Credentials that work (the same user by another host name, the right key): swapped in.
+    let mut by_name = url::Url::parse(&mysql_url).unwrap();
+    by_name.set_host(Some("localhost")).unwrap();
+    write("url", by_name.as_str());
+    write("bucket/AWS_SECRET_ACCESS_KEY", &env("AWS_SECRET_ACCESS_KEY"));
+    settle().await;
+    assert!(!Arc::ptr_eq(&before, &state.clients()), "the working credentials are in use");
+    assert_eq!(reloads("applied").await, 2);
+    assert_eq!(srv.http.get(&object).send().await.unwrap().status(), 200);
+    let (status, body) = srv.search(near_duplicate(&photos[0].1), "3").await;
+    assert_eq!((status, body["results"][0]["key"].as_str()), (200, Some(photos[0].0.as_str())), "{body}");
+    std::fs::remove_dir_all(dir).unwrap();
     fx.cleanup().await;
 }

@@ -46,7 +46,7 @@ impl Fixture {
             url: source_url.clone(),
             endpoint: Some(env(endpoint)),
             include: vec![],
-            credentials: None,
+            settings: vec![],
         })
         .unwrap();
         Self { name, source, source_url }

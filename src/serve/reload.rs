@@ -1,0 +1,139 @@
+//! Credentials that change under a running server. A rotated Secret reaches a pod's mounted files
+//! (the kubelet rewrites them in place, within a minute or so) but never its environment, so the
+//! operator gives search pods their credentials as files, and this loop reads them again. When
+//! they change it connects anew and swaps the clients in; requests in flight finish on the old
+//! ones. New credentials that do not work leave the old clients serving (they may well still
+//! work), and the failure is logged and counted, then tried again.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{AppState, Clients};
+use crate::config::{BackendArgs, SourceArgs};
+use crate::core::{ModelId, Redacted};
+use crate::store::Index;
+
+/// How often the files are read. The kubelet's own delay (its sync period plus its cache) is
+/// longer.
+pub const EVERY: Duration = Duration::from_secs(10);
+
+/// Every credential the server holds, as read at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    mysql_url: Redacted,
+    milvus_token: Option<Redacted>,
+    source: Vec<(String, Redacted)>,
+    token: Option<Redacted>,
+}
+
+impl Credentials {
+    /// The API token (for upload, delete and drop).
+    pub fn token(&self) -> Option<Redacted> {
+        self.token.clone()
+    }
+
+    fn same_backends(&self, other: &Self) -> bool {
+        (&self.mysql_url, &self.milvus_token, &self.source) == (&other.mysql_url, &other.milvus_token, &other.source)
+    }
+}
+
+/// Where the server's credentials come from.
+pub struct Watch {
+    pub backend: BackendArgs,
+    pub src: SourceArgs,
+    /// The bucket, when the server has one.
+    pub source_url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// The token given as a flag or in the environment (when there is no file).
+    pub token: Option<Redacted>,
+    pub model: ModelId,
+}
+
+impl Watch {
+    /// Whether any credential comes from a file: otherwise nothing can change.
+    pub fn has_files(&self) -> bool {
+        self.backend.mysql_url_file.is_some()
+            || self.backend.milvus_token_file.is_some()
+            || self.src.credentials_dir.is_some()
+            || self.token_file.is_some()
+    }
+
+    pub fn read(&self) -> Result<Credentials> {
+        let token = match &self.token_file {
+            Some(f) => {
+                let text =
+                    std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?;
+                Some(Redacted::new(text.trim()))
+            }
+            None => self.token.clone(),
+        };
+        Ok(Credentials {
+            mysql_url: self.backend.mysql_url()?,
+            milvus_token: self.backend.milvus_token()?,
+            source: self.src.settings()?,
+            token,
+        })
+    }
+
+    /// Clients on `creds`, each checked to answer.
+    pub async fn connect(&self, creds: &Credentials) -> Result<Clients> {
+        let milvus = self.backend.milvus_config(creds.milvus_token.clone());
+        let index = Index::connect(&milvus, creds.mysql_url.expose(), &self.model).await?;
+        let source = match &self.source_url {
+            Some(url) => Some(self.src.open_with(url.clone(), creds.source.clone())?),
+            None => None,
+        };
+        Ok(Clients { index, source })
+    }
+
+    /// Reads the files every `every`, and applies what changed to `state`, starting from
+    /// `current`, what the server was started with.
+    pub async fn run(self, state: Arc<AppState>, mut current: Credentials, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is now
+        loop {
+            tick.tick().await;
+            let next = match self.read() {
+                Ok(c) => c,
+                Err(e) => {
+                    // A file mid-update, or a Secret key removed: keep what works.
+                    tracing::warn!("reading the credentials: {e:#}; keeping the current ones");
+                    state.metrics.credential_reload(false);
+                    continue;
+                }
+            };
+            if next == current {
+                continue;
+            }
+            if !next.same_backends(&current) {
+                match self.checked(&next).await {
+                    Ok(clients) => state.replace_clients(clients),
+                    Err(e) => {
+                        tracing::warn!("the new credentials do not work ({e:#}); still serving with the old ones");
+                        state.metrics.credential_reload(false);
+                        continue;
+                    }
+                }
+            }
+            state.token.set(next.token.clone());
+            tracing::info!("credentials changed: now in use");
+            state.metrics.credential_reload(true);
+            current = next;
+        }
+    }
+
+    async fn checked(&self, creds: &Credentials) -> Result<Clients> {
+        let clients = self.connect(creds).await?;
+        clients.index.vectors.ready().await?;
+        clients.index.catalog.ping().await?;
+        if let Some(source) = &clients.source {
+            // A HEAD of a key that is not there: 404 with working keys, 403 without.
+            source.exists(".imageindex-credentials-check").await?;
+        }
+        Ok(clients)
+    }
+}
