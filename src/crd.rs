@@ -208,6 +208,41 @@ fn default_secret_key() -> String {
     "url".into()
 }
 
+/// Where a workload's pods run: the pod fields a platform team sets for GPU pools, spot nodes and
+/// priorities, the same for the Jobs and for search.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    /// Labels a node must have to run the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate (a GPU or spot pool's, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Scheduling beyond `nodeSelector`: node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// The pods' PriorityClass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// The pods' RuntimeClass (`nvidia` where the GPU runtime is not the node's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
+}
+
+impl Scheduling {
+    /// Sets these fields on `pod`.
+    pub fn apply(&self, pod: &mut k8s_openapi::api::core::v1::PodSpec) {
+        pod.node_selector = self.node_selector.clone();
+        pod.tolerations = self.tolerations.clone();
+        pod.affinity = self.affinity.clone();
+        pod.priority_class_name = self.priority_class_name.clone();
+        pod.runtime_class_name = self.runtime_class_name.clone();
+    }
+}
+
 /// The embedding Jobs.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -233,12 +268,9 @@ pub struct EmbeddingSpec {
     /// The Job pods' resources; a `nvidia.com/gpu` limit runs the model on CUDA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Labels a node must have to run the pods.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<BTreeMap<String, String>>,
-    /// Taints the pods tolerate (a GPU or spot pool's, say).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tolerations: Option<Vec<Toleration>>,
+    /// Where the pods run.
+    #[serde(flatten)]
+    pub scheduling: Scheduling,
     /// The image for the Jobs (and for the search pods unless `search.image` is set); the
     /// operator's own image when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,17 +286,6 @@ pub struct EmbeddingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub engine_cache_claim: Option<String>,
-    /// Scheduling beyond `nodeSelector`: node and pod (anti-)affinity.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub affinity: Option<Affinity>,
-    /// The pods' PriorityClass.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub priority_class_name: Option<String>,
-    /// The pods' RuntimeClass (`nvidia` where the GPU runtime is not the node's default).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub runtime_class_name: Option<String>,
 }
 
 impl Default for EmbeddingSpec {
@@ -275,14 +296,10 @@ impl Default for EmbeddingSpec {
             precision: Precision::Fp32,
             parallelism: default_parallelism(),
             resources: None,
-            node_selector: None,
-            tolerations: None,
+            scheduling: Scheduling::default(),
             image: None,
             engine_cache_claim: None,
             active_deadline_seconds: default_active_deadline(),
-            affinity: None,
-            priority_class_name: None,
-            runtime_class_name: None,
         }
     }
 }
@@ -328,23 +345,9 @@ pub struct SearchSpec {
     /// precision: README, "Precision", says how closely they agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<Precision>,
-    /// Labels a node must have to run the pods.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<BTreeMap<String, String>>,
-    /// Taints the pods tolerate (a GPU or spot pool's, say).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tolerations: Option<Vec<Toleration>>,
-    /// Scheduling beyond `nodeSelector`: node and pod (anti-)affinity.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub affinity: Option<Affinity>,
-    /// The pods' PriorityClass.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub priority_class_name: Option<String>,
-    /// The pods' RuntimeClass (`nvidia` where the GPU runtime is not the node's default).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub runtime_class_name: Option<String>,
+    /// Where the pods run.
+    #[serde(flatten)]
+    pub scheduling: Scheduling,
     /// How the search pods spread over the cluster; when unset, at most one more per node and
     /// per zone than on any other, where the scheduler can (`ScheduleAnyway`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -364,11 +367,7 @@ impl Default for SearchSpec {
             token_secret_ref: None,
             image: None,
             precision: None,
-            node_selector: None,
-            tolerations: None,
-            affinity: None,
-            priority_class_name: None,
-            runtime_class_name: None,
+            scheduling: Scheduling::default(),
             topology_spread_constraints: None,
             autoscaled: false,
         }

@@ -58,7 +58,8 @@ pub struct Resolved {
     pub collection: String,
     /// The image for Jobs and search pods when the spec does not name one.
     pub default_image: String,
-    pub jobs: ServerFeatures,
+    /// What the server can do (Job features, PodDisruptionBudgets), by its version.
+    pub features: ServerFeatures,
 }
 
 /// What the server can do, by Kubernetes version.
@@ -368,7 +369,7 @@ fn pod_failure_policy() -> PodFailurePolicy {
 /// The embedding Job: an Indexed Job with one pod per shard, each running `imageindex embed`.
 pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> Job {
     let spec = &image_index.spec.embedding;
-    let features = resolved.jobs;
+    let features = resolved.features;
     let shards = if features.indexed { spec.parallelism as i32 } else { 1 };
     let gpu = wants_gpu(spec.resources.as_ref());
     let (mut volumes, mut mounts) = volumes(image_index);
@@ -423,11 +424,7 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
                 let mut t = pod_template(image_index, "embed", container, volumes, mounts);
                 let pod = t.spec.as_mut().expect("pod_template sets a spec");
                 pod.restart_policy = Some("Never".into());
-                pod.node_selector = spec.node_selector.clone();
-                pod.tolerations = spec.tolerations.clone();
-                pod.affinity = spec.affinity.clone();
-                pod.priority_class_name = spec.priority_class_name.clone();
-                pod.runtime_class_name = spec.runtime_class_name.clone();
+                spec.scheduling.apply(pod);
                 t
             },
             ..Default::default()
@@ -625,11 +622,7 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
     );
     let pod = template.spec.as_mut().expect("pod_template sets a spec");
     pod.containers[0].env_from = None; // the bucket's keys are files here
-    pod.node_selector = search.node_selector.clone();
-    pod.tolerations = search.tolerations.clone();
-    pod.affinity = search.affinity.clone();
-    pod.priority_class_name = search.priority_class_name.clone();
-    pod.runtime_class_name = search.runtime_class_name.clone();
+    search.scheduling.apply(pod);
     pod.topology_spread_constraints = Some(search.topology_spread_constraints.clone().unwrap_or_else(|| {
         // Soft: a one-node cluster still runs every replica.
         ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
@@ -723,7 +716,7 @@ mod tests {
             milvus_url: "http://milvus:19530".into(),
             collection: "shop_photos".into(),
             default_image: "ghcr.io/imageindex/imageindex:0.1.0".into(),
-            jobs: if indexed { ServerFeatures::ALL } else { ServerFeatures::of("1", "20") },
+            features: if indexed { ServerFeatures::ALL } else { ServerFeatures::of("1", "20") },
         }
     }
 

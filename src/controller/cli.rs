@@ -49,7 +49,7 @@ impl ControllerArgs {
     pub async fn run(self) -> Result<()> {
         let client =
             kube::Client::try_default().await.context("connecting to Kubernetes (in-cluster or kubeconfig)")?;
-        let jobs = super::job_features(&client).await;
+        let features = super::server_features(&client).await;
         // The pod's name where POD_NAME is not set: the hostname a pod gets is its name.
         let identity = self.identity.unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")
@@ -59,7 +59,7 @@ impl ControllerArgs {
         let config = ControllerConfig {
             settings: Settings {
                 default_image: self.image,
-                jobs,
+                features,
                 plan_timeout: Duration::from_secs(self.plan_timeout),
                 cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
             },

@@ -63,6 +63,9 @@ pub struct Metrics {
     phase: Family<PhaseLabels, Gauge>,
     last_sync: Family<IndexLabels, Gauge<f64, AtomicU64>>,
     job_duration: Family<IndexLabels, Histogram, fn() -> Histogram>,
+    /// The Job each index's duration was last observed for: a reconcile whose status write
+    /// failed sees the same Job succeed again.
+    observed_jobs: std::sync::Mutex<std::collections::HashMap<IndexLabels, String>>,
 }
 
 impl Default for Metrics {
@@ -97,7 +100,18 @@ impl Default for Metrics {
             "From creation to completion of the embedding Jobs that succeeded",
             job_duration.clone(),
         );
-        Self { registry, reconciles, failures, duration, leading, images, phase, last_sync, job_duration }
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            leading,
+            images,
+            phase,
+            last_sync,
+            job_duration,
+            observed_jobs: Default::default(),
+        }
     }
 }
 
@@ -131,10 +145,14 @@ impl Metrics {
         }
     }
 
-    /// An embedding Job of the ImageIndex succeeded after `took`.
-    pub fn job_succeeded(&self, namespace: &str, name: &str, took: Duration) {
+    /// The embedding Job `job` of the ImageIndex succeeded after `took` (observed once per Job).
+    pub fn job_succeeded(&self, namespace: &str, name: &str, job: &str, took: Duration) {
         let l = IndexLabels { namespace: namespace.into(), name: name.into() };
-        self.job_duration.get_or_create(&l).observe(took.as_secs_f64());
+        let mut observed = self.observed_jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if observed.get(&l).map(String::as_str) != Some(job) {
+            self.job_duration.get_or_create(&l).observe(took.as_secs_f64());
+            observed.insert(l, job.into());
+        }
     }
 
     /// Drops every series of a deleted ImageIndex.
@@ -148,6 +166,7 @@ impl Metrics {
         }
         self.last_sync.remove(&index);
         self.job_duration.remove(&index);
+        self.observed_jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&index);
     }
 
     pub fn encode(&self) -> String {
@@ -170,7 +189,9 @@ mod tests {
         st.last_sync_time = Some(Time("2026-12-05T12:00:00Z".parse().unwrap()));
         m.index_status("shop", "products", &st);
         m.index_status("other", "photos", &ImageIndexStatus::default());
-        m.job_succeeded("shop", "products", Duration::from_secs(95));
+        m.job_succeeded("shop", "products", "products-embed-3", Duration::from_secs(95));
+        // The same Job again (its status write failed, the next reconcile sees it succeed anew).
+        m.job_succeeded("shop", "products", "products-embed-3", Duration::from_secs(95));
         let text = m.encode();
         for line in [
             r#"imageindex_controller_images{namespace="shop",name="products",state="indexed"} 150"#,

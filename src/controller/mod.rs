@@ -304,9 +304,9 @@ fn role(leading: bool) -> &'static str {
     if leading { "leading" } else { "standby" }
 }
 
-/// What the server's Jobs can do (1.20, the apiserver we can build here, has none of it); all
-/// of it when the version cannot be read.
-pub async fn job_features(client: &Client) -> builders::ServerFeatures {
+/// What the server can do (1.20, the apiserver we can build here, has none of the Job features
+/// nor policy/v1); all of it when the version cannot be read.
+pub async fn server_features(client: &Client) -> builders::ServerFeatures {
     match client.apiserver_version().await {
         Ok(v) => builders::ServerFeatures::of(&v.major, &v.minor),
         Err(_) => builders::ServerFeatures::ALL,

@@ -300,7 +300,7 @@ fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
     let (client, calls) = mock(cluster);
     let settings = Settings {
         default_image: "imageindex:test".into(),
-        jobs: imageindex::controller::builders::ServerFeatures::ALL,
+        features: imageindex::controller::builders::ServerFeatures::ALL,
         plan_timeout: Duration::from_secs(300),
         cleanup_timeout: Duration::from_secs(600),
     };
@@ -461,7 +461,7 @@ fn embedding_of(spec: &Value) -> String {
         milvus_url: imageindex::controller::reconcile::validate::address(spec["milvus"]["address"].as_str().unwrap()),
         collection: ii.collection(),
         default_image: String::new(),
-        jobs: imageindex::controller::builders::ServerFeatures::ALL,
+        features: imageindex::controller::builders::ServerFeatures::ALL,
     };
     embedding_hash(&ii, &resolved)
 }

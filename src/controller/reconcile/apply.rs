@@ -31,7 +31,7 @@ pub async fn search(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved
         .patch(&name, &pp, &Patch::Apply(builders::search_service(image_index)))
         .await?;
     // policy/v1 is 1.21+; older servers get none.
-    if ctx.settings.jobs.pdb {
+    if ctx.settings.features.pdb {
         Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
             .patch(&name, &pp, &Patch::Apply(builders::search_pdb(image_index)))
             .await?;
@@ -60,7 +60,7 @@ pub async fn job(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved, w
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
     info!(job = %name, %why, "created embedding Job");
     publish(ctx, image_index, EventType::Normal, "JobCreated", format!("Job {name}: {why}")).await;
-    if !ctx.settings.jobs.indexed && image_index.spec.embedding.parallelism > 1 {
+    if !ctx.settings.features.indexed && image_index.spec.embedding.parallelism > 1 {
         let note = "this cluster has no Indexed Jobs (Kubernetes 1.24+): one pod embeds every shard";
         publish(ctx, image_index, EventType::Warning, "NoIndexedJobs", note.into()).await;
     }

@@ -212,8 +212,12 @@ async fn start_cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action
         Milvus::NotFound(_) => (String::new(), true),
         Milvus::NotReady(msg) => return Err(Error::Failed(format!("collection {collection}"), msg)),
     };
-    let resolved =
-        Resolved { milvus_url, collection, default_image: ctx.settings.default_image.clone(), jobs: ctx.settings.jobs };
+    let resolved = Resolved {
+        milvus_url,
+        collection,
+        default_image: ctx.settings.default_image.clone(),
+        features: ctx.settings.features,
+    };
     let job = builders::cleanup_job(image_index, &resolved, catalog_only);
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
     match api

@@ -16,8 +16,9 @@ use crate::controller::metrics::Metrics;
 pub struct Settings {
     /// Image for Jobs and search pods when an ImageIndex names none (the operator's own).
     pub default_image: String,
-    /// The cluster runs Indexed Jobs (1.24+); otherwise one pod embeds all shards.
-    pub jobs: crate::controller::builders::ServerFeatures,
+    /// What the server can do by its version: Indexed Jobs (1.24+; otherwise one pod embeds all
+    /// shards), Job failure policies, PodDisruptionBudgets.
+    pub features: crate::controller::builders::ServerFeatures,
     /// How long a plan Job may run (listing the bucket and diffing it against the catalog).
     pub plan_timeout: Duration,
     /// How long a `Delete` cleanup retries before it keeps the data and lets the ImageIndex go.

@@ -168,7 +168,7 @@ async fn steps(
         milvus_url,
         collection: image_index.collection(),
         default_image: ctx.settings.default_image.clone(),
-        jobs: ctx.settings.jobs,
+        features: ctx.settings.features,
     };
     let plans = dereference::tasks(image_index, &ctx.client, builders::PLAN).await?;
     let mut observed = vec![];
@@ -229,7 +229,7 @@ async fn embedding(
         if let (Some(created), Some(finished)) = (j.created, &j.finished) {
             let took = finished.0.duration_since(created).unsigned_abs();
             let ns = image_index.namespace().unwrap_or_default();
-            ctx.metrics.job_succeeded(&ns, &image_index.name_any(), took);
+            ctx.metrics.job_succeeded(&ns, &image_index.name_any(), &j.name, took);
         }
         apply::publish(ctx, image_index, EventType::Normal, "Indexed", format!("Job {} completed", j.name)).await;
     }
