@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Load test of /img/search (a script, not a test): wrk on loopback at concurrency 1 and 8 for a
-# bounded time, with a multipart query image. Prints p50/p99 latency, requests/s, the status
-# counts (503 = deliberate back-pressure) and the server's peak RSS; then the same query
-# against the bare embedding (decode + preprocess + model, no HTTP, no Milvus) for comparison.
-#   DURATION=20s hack/loadtest.sh
+# Load test of /img/search (a script, not a test): wrk on loopback at concurrency 1, 8 and 32 for
+# a bounded time each, with a multipart query image, against the server with micro-batching (the
+# default: up to 8 queries per model call) and without (--max-batch 1), in one run, with the
+# default queue (2 x cores embedding at once, 32 waiting, 5 s), and without the queue. Prints p50/p99 latency,
+# requests/s, the status counts (503 = the queue was full or its wait ran out) and the server's
+# peak RSS; then the same query against the bare embedding (decode + preprocess + model, no HTTP,
+# no Milvus) for comparison.
+#   DURATION=15s hack/loadtest.sh
 source "$(dirname "$0")/lib.sh"
 command -v wrk >/dev/null || { sudo_=""; [[ $(id -u) == 0 ]] || sudo_=sudo; DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq wrk >/dev/null; }
 "$ROOT/hack/install.sh"
@@ -17,13 +20,6 @@ samples=$STATE/samples
 "$bin" index "$samples" >/dev/null
 
 port=18081
-# Room for 16 embeddings at once, so that concurrency 8 measures queueing on the model, not
-# back-pressure (wrk retries a 503 at once, ignoring Retry-After, and such a flood of cheap
-# 503s starves the model of CPU). MAX_EMBED=4 shows the back-pressure instead.
-"$bin" serve --listen "127.0.0.1:$port" --source "$samples" --max-concurrent-embeddings "${MAX_EMBED:-16}" &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
-wait_for "search server" 60 curl -fsS "http://127.0.0.1:$port/readyz"
 
 # wrk sends one fixed multipart body; its Lua script also tallies the statuses.
 query=$(find "$samples" -name '*.jpg' | sort | sed -n 1p) # sed reads all: no SIGPIPE under pipefail
@@ -59,11 +55,22 @@ function done(summary, latency, requests)
 end
 ''')
 PYEOF
-for c in 1 8; do
-  echo "concurrency $c, ${DURATION:-20s}:"
-  wrk -t1 -c"$c" -d"${DURATION:-20s}" --timeout 30s -s "$lua" "http://127.0.0.1:$port/img/search" | tail -n1
+# Batching and the queue (the defaults), batching off, then no queue (the old behaviour: 503 at
+# once beyond 2 x cores; wrk sends the next request at once, so it counts the 503s it got).
+for setting in "8 32" "1 32" "8 0"; do
+  read -r batch queue <<<"$setting"
+  "$bin" serve --listen "127.0.0.1:$port" --source "$samples" --max-batch "$batch" --max-queued-embeddings "$queue" &
+  pid=$!
+  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+  wait_for "search server" 60 curl -fsS "http://127.0.0.1:$port/readyz"
+  for c in 1 8 32; do
+    printf 'max-batch %s, queue %2s, concurrency %2s, %s: ' "$batch" "$queue" "$c" "${DURATION:-15s}"
+    wrk -t"$((c < 2 ? 1 : 2))" -c"$c" -d"${DURATION:-15s}" --timeout 30s -s "$lua" "http://127.0.0.1:$port/img/search" | tail -n1
+  done
+  calls=$(curl -fsS "http://127.0.0.1:$port/metrics" | awk '$1 == "imageindex_embed_batch_size_count" {print $2}')
+  queries=$(curl -fsS "http://127.0.0.1:$port/metrics" | awk '$1 == "imageindex_embed_batch_size_sum" {print $2}')
+  echo "max-batch $batch, queue $queue: $queries queries in $calls model calls; server peak RSS $(awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' /proc/$pid/status)"
+  kill $pid; wait $pid 2>/dev/null; trap - EXIT
 done
-echo "server peak RSS: $(awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' /proc/$pid/status)"
-kill $pid; wait $pid 2>/dev/null; trap - EXIT
 # The bare embedding of the same query: no HTTP, no Milvus.
 (cd "$ROOT" && QUERY=$query cargo bench --locked --bench throughput -- --embed-only 2>/dev/null | tail -n1)

@@ -25,9 +25,21 @@ pub struct ServeArgs {
     /// Whole-request deadline in seconds.
     #[arg(long, env = env::REQUEST_TIMEOUT, default_value_t = 30)]
     request_timeout: u64,
-    /// Images embedded at once; more get 503 + Retry-After. 0 = twice the cores.
+    /// Images embedded at once; more wait in the queue. 0 = twice the cores.
     #[arg(long, env = env::MAX_CONCURRENT_EMBEDDINGS, default_value_t = 0)]
     max_concurrent_embeddings: usize,
+    /// Requests that may wait for an embedding; more get 503 + Retry-After at once.
+    #[arg(long, env = env::MAX_QUEUED_EMBEDDINGS, default_value_t = 32)]
+    max_queued_embeddings: usize,
+    /// Milliseconds a request waits for an embedding before it gets 503 + Retry-After.
+    #[arg(long, env = env::QUEUE_TIMEOUT_MS, default_value_t = 5000)]
+    queue_timeout_ms: u64,
+    /// Most queries embedded in one model call (1: one at a time).
+    #[arg(long, env = env::MAX_BATCH, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    max_batch: u16,
+    /// Milliseconds the first query of a batch waits for others to join it.
+    #[arg(long, env = env::BATCH_WINDOW_MS, default_value_t = 2)]
+    batch_window_ms: u64,
     /// Seconds a client has to send a request's headers (also how long a kept-alive connection may idle).
     #[arg(long, env = env::HEADER_TIMEOUT, default_value_t = 10)]
     header_timeout: u64,
@@ -78,6 +90,10 @@ impl ServeArgs {
                 0 => defaults.max_concurrent_embeddings,
                 n => n,
             },
+            max_queued_embeddings: self.max_queued_embeddings,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            max_batch: self.max_batch.into(),
+            batch_window: Duration::from_millis(self.batch_window_ms),
             decode_memory: limits.decode_memory_mib << 20,
             token,
             protect_search: self.protect_search,

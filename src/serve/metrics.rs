@@ -43,6 +43,8 @@ pub struct Metrics {
     latency: Family<RouteLabels, Histogram>,
     pub embed_seconds: Histogram,
     pub milvus_seconds: Histogram,
+    /// Queries per model call.
+    pub batch_size: Histogram,
     credential_reloads: Family<ResultLabels, Counter>,
 }
 
@@ -68,13 +70,15 @@ impl Default for Metrics {
             embed_seconds.clone(),
         );
         registry.register("milvus_duration_seconds", "Time in Milvus calls made by requests", milvus_seconds.clone());
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 7));
+        registry.register("embed_batch_size", "Queries embedded in one model call", batch_size.clone());
         let credential_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "credential_reloads",
             "Changes of the mounted credentials, applied or failed (the old ones still in use)",
             credential_reloads.clone(),
         );
-        Self { registry, requests, latency, embed_seconds, milvus_seconds, credential_reloads }
+        Self { registry, requests, latency, embed_seconds, milvus_seconds, batch_size, credential_reloads }
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod api;
 mod auth;
+mod batcher;
 pub mod cli;
 mod error;
 mod fetch;
@@ -40,8 +41,16 @@ pub struct ServeConfig {
     pub limits: DecodeLimits,
     /// Whole-request deadline.
     pub request_timeout: Duration,
-    /// Images embedded at once; beyond that, requests get 503 + Retry-After instead of queueing.
+    /// Images embedded at once (decoding, or waiting for or in the model).
     pub max_concurrent_embeddings: usize,
+    /// Requests that may wait for an embedding slot; more get 503 + Retry-After at once.
+    pub max_queued_embeddings: usize,
+    /// How long a request waits for a slot before it gets 503 + Retry-After.
+    pub queue_timeout: Duration,
+    /// Most queries in one model call (1: no batching).
+    pub max_batch: usize,
+    /// How long the first query of a batch waits for others.
+    pub batch_window: Duration,
     /// Memory the decodes in flight may take at once (see `MemoryBudget`); beyond it, 503.
     pub decode_memory: u64,
     /// Bearer token for upload, delete and drop (and for search when `protect_search`).
@@ -64,6 +73,10 @@ impl Default for ServeConfig {
             limits: DecodeLimits::default(),
             request_timeout: Duration::from_secs(30),
             max_concurrent_embeddings: 2 * available_cores(),
+            max_queued_embeddings: 32,
+            queue_timeout: Duration::from_secs(5),
+            max_batch: 8,
+            batch_window: Duration::from_millis(2),
             decode_memory: 512 << 20,
             token: None,
             protect_search: false,
@@ -83,6 +96,9 @@ pub struct AppState {
     token: auth::Token,
     config: ServeConfig,
     embed_slots: Arc<Semaphore>,
+    /// Requests waiting for a slot.
+    queue: Queue,
+    batcher: batcher::Batcher,
     decode_memory: MemoryBudget,
     fetcher: fetch::UrlFetcher,
     metrics: metrics::Metrics,
@@ -96,12 +112,27 @@ pub struct Clients {
 }
 
 impl AppState {
+    /// Starts the batcher: call it inside a Tokio runtime.
     pub fn new(model: Arc<Model>, index: Index, source: Option<Source>, config: ServeConfig) -> Self {
+        let metrics = metrics::Metrics::default();
+        let batch_size = metrics.batch_size.clone();
+        let slots = config.max_concurrent_embeddings.max(1);
+        let embed_slots = Arc::new(Semaphore::new(slots));
+        let taken = embed_slots.clone();
+        let batcher = batcher::Batcher::new(
+            model.clone(),
+            config.max_batch,
+            config.batch_window,
+            move || slots - taken.available_permits(),
+            move |n| batch_size.observe(n as f64),
+        );
         Self {
-            embed_slots: Arc::new(Semaphore::new(config.max_concurrent_embeddings.max(1))),
+            embed_slots,
+            queue: Queue { waiting: Default::default(), max: config.max_queued_embeddings },
+            batcher,
             decode_memory: MemoryBudget::new(config.decode_memory),
             fetcher: fetch::UrlFetcher::new(config.max_upload_bytes, config.allow_private_urls),
-            metrics: metrics::Metrics::default(),
+            metrics,
             token: auth::Token::new(config.token.clone()),
             clients: RwLock::new(Arc::new(Clients { index, source })),
             model,
@@ -115,6 +146,29 @@ impl AppState {
 
     fn replace_clients(&self, clients: Clients) {
         *self.clients.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(clients);
+    }
+}
+
+/// A count of waiting requests with a bound.
+struct Queue {
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+/// A place in the queue, given up when dropped.
+struct Place(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Queue {
+    fn try_join(&self) -> Option<Place> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.fetch_update(SeqCst, SeqCst, |n| (n < self.max).then_some(n + 1)).ok()?;
+        Some(Place(self.waiting.clone()))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -85,10 +85,18 @@ fn overloaded() -> ApiError {
 }
 
 /// A slot to embed one image, taken before the body is read or the URL fetched: at most
-/// `max_concurrent_embeddings` at once, and beyond that 503 + Retry-After at once, with nothing
-/// buffered or fetched for it, rather than a queue that grows without bound.
-fn embed_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    state.embed_slots.clone().try_acquire_owned().map_err(|_| overloaded())
+/// `max_concurrent_embeddings` at once. Beyond that a request waits, with nothing buffered or
+/// fetched for it, in a queue of at most `max_queued_embeddings` for at most `queue_timeout`: a
+/// burst of a few users is served. A fuller queue, or a wait that runs out, is 503 + Retry-After.
+async fn embed_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    if let Ok(permit) = state.embed_slots.clone().try_acquire_owned() {
+        return Ok(permit);
+    }
+    let _waiting = state.queue.try_join().ok_or_else(overloaded)?;
+    match tokio::time::timeout(state.config.queue_timeout, state.embed_slots.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(overloaded()),
+    }
 }
 
 /// Decode, preprocess and embed one image on the blocking pool, in the slot taken for it.
@@ -100,13 +108,16 @@ async fn embed(
     // What the decode will take, from the header: refused or reserved before anything is allocated.
     let cost = crate::embed::decode_cost(&image, state.config.limits)?;
     let memory = state.decode_memory.try_reserve(cost)?.ok_or_else(overloaded)?;
-    let (model, limits) = (state.model.clone(), state.config.limits);
+    let limits = state.config.limits;
     let started = Instant::now();
-    let v = tokio::task::spawn_blocking(move || {
-        let _held = (permit, memory); // until the work is done, even if the request is gone
-        model.embed_image(&image, limits)
+    let tensor = tokio::task::spawn_blocking(move || {
+        let _memory = memory; // until decoded, even if the request is gone
+        let mut tensor = vec![0.0; crate::embed::TENSOR_LEN];
+        crate::embed::preprocess_into(&image, limits, &mut tensor).map(|()| tensor)
     })
     .await??;
+    // The model, batched with other queries; the slot is held until it has run.
+    let v = state.batcher.embed(tensor, permit).await.map_err(crate::embed::EmbedError::from)?;
     state.metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
     Ok(v)
 }
@@ -140,7 +151,7 @@ pub async fn search(
 ) -> Result<Json<SearchResponse>, ApiError> {
     let clients = state.clients();
     let started = Instant::now();
-    let slot = embed_slot(&state)?;
+    let slot = embed_slot(&state).await?;
     let input = read_input(&state, req).await?;
     let topk = input.topk.or(q.topk).unwrap_or(10);
     if !(1..=MAX_TOPK).contains(&topk) {
@@ -169,7 +180,7 @@ pub async fn search(
 pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
     let clients = state.clients();
     let source = bucket(&clients)?;
-    let slot = embed_slot(&state)?;
+    let slot = embed_slot(&state).await?;
     let input = read_input(&state, req).await?;
     let ext = match sniff(&input.image) {
         Some(image::ImageFormat::Png) => "png",

@@ -229,6 +229,7 @@ async fn serve_guards_private_urls_drop_search_token_and_backpressure() {
         token: Some(TOKEN.into()),
         protect_search: true,
         max_concurrent_embeddings: 1,
+        max_queued_embeddings: 2,
         ..Default::default()
     };
     let srv = Server::start(&fx, b, config).await;
@@ -244,7 +245,8 @@ async fn serve_guards_private_urls_drop_search_token_and_backpressure() {
     assert_error(Server::json(r).await, 403, "forbidden_url");
     assert_error(Server::json(http.post(srv.url("img/drop")).bearer_auth(TOKEN)).await, 403, "disabled");
 
-    // Back-pressure: with one embedding slot, a burst gets some 503s with Retry-After, never a queue.
+    // Back-pressure: one embedding slot and room for two to wait: a burst of six gets 503s with
+    // Retry-After for what the queue cannot hold, and the rest is served.
     let burst = (0..6).map(|_| authed(photos[1].1.to_vec()).send());
     let replies = futures::future::join_all(burst).await;
     let mut statuses: Vec<u16> = vec![];
@@ -256,7 +258,7 @@ async fn serve_guards_private_urls_drop_search_token_and_backpressure() {
         statuses.push(r.status().as_u16());
     }
     assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
-    assert!(statuses.contains(&200) && statuses.contains(&503), "{statuses:?}");
+    assert!(statuses.iter().filter(|s| **s == 200).count() >= 3 && statuses.contains(&503), "{statuses:?}");
 
     fx.cleanup().await;
 }
@@ -451,5 +453,40 @@ async fn rotated_credentials_are_put_to_use_without_a_restart() {
     let (status, body) = srv.search(near_duplicate(&photos[0].1), "3").await;
     assert_eq!((status, body["results"][0]["key"].as_str()), (200, Some(photos[0].0.as_str())), "{body}");
     std::fs::remove_dir_all(dir).unwrap();
+    fx.cleanup().await;
+}
+
+/// Under load, queries wait a little and share model calls. A burst larger than the embedding
+/// slots waits in the queue and is served (every query got 503 at once before), and concurrent
+/// queries embedded in one batch each get their own image's results.
+#[tokio::test(flavor = "multi_thread")]
+async fn bursts_queue_and_concurrent_queries_share_model_calls() {
+    let fx = Fixture::new("burst");
+    let photos = upload_photos(&fx, 6).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    let searches = |srv: &Server| {
+        let srv = Server { base: srv.base.clone(), http: srv.http.clone() };
+        let photos = photos.clone();
+        async move {
+            let burst = photos.iter().map(|(_, bytes)| srv.search(near_duplicate(bytes), "1"));
+            let replies = futures::future::join_all(burst).await;
+            for ((key, _), (status, body)) in photos.iter().zip(replies) {
+                assert_eq!((status, body["results"][0]["key"].as_str()), (200, Some(key.as_str())), "{body}");
+            }
+            let metrics = srv.http.get(srv.url("metrics")).send().await.unwrap().text().await.unwrap();
+            let count = metrics.lines().find_map(|l| l.strip_prefix("imageindex_embed_batch_size_count "));
+            count.expect("the batch size histogram").parse::<u64>().unwrap()
+        }
+    };
+    // One slot, room for eight to wait: nobody is turned away.
+    let queued = ServeConfig { max_concurrent_embeddings: 1, max_queued_embeddings: 8, ..Default::default() };
+    let srv = Server::start(&fx, fx.backends(IndexKind::Hnsw).await, queued).await;
+    assert_eq!(searches(&srv).await, 6, "one at a time: six model calls");
+    // Eight slots and a window to gather in: six queries in fewer model calls, each answered right.
+    let batched = ServeConfig { max_batch: 8, batch_window: Duration::from_millis(200), ..Default::default() };
+    let srv = Server::start(&fx, b, batched).await;
+    let calls = searches(&srv).await;
+    assert!(calls < 6, "{calls} model calls for six concurrent queries");
     fx.cleanup().await;
 }
