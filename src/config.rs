@@ -33,9 +33,9 @@ pub struct BackendArgs {
     /// Milvus credentials, `user:password`, where authentication is on.
     #[arg(long, env = env::MILVUS_TOKEN, hide_env_values = true)]
     pub milvus_token: Option<Redacted>,
-    /// A file holding the Milvus credentials instead (a mounted Secret; `serve` reads it again
-    /// when it changes).
-    #[arg(long, env = env::MILVUS_TOKEN_FILE, conflicts_with = "milvus_token")]
+    /// A file holding the Milvus credentials, over `--milvus-token` (a mounted Secret; `serve`
+    /// reads it again when it changes).
+    #[arg(long, env = env::MILVUS_TOKEN_FILE)]
     pub milvus_token_file: Option<PathBuf>,
     /// Milvus collection (also the catalog's namespace in MySQL).
     #[arg(long, env = env::COLLECTION, default_value = "imageindex")]
@@ -46,9 +46,9 @@ pub struct BackendArgs {
     /// MySQL catalog, `mysql://user:password@host:3306/db`.
     #[arg(long, env = env::MYSQL_URL, hide_env_values = true, required_unless_present = "mysql_url_file")]
     pub mysql_url: Option<Redacted>,
-    /// A file holding the catalog URL instead (a mounted Secret; `serve` reads it again when it
-    /// changes).
-    #[arg(long, env = env::MYSQL_URL_FILE, conflicts_with = "mysql_url")]
+    /// A file holding the catalog URL, over `--mysql-url` (a mounted Secret; `serve` reads it
+    /// again when it changes).
+    #[arg(long, env = env::MYSQL_URL_FILE)]
     pub mysql_url_file: Option<PathBuf>,
     /// Who this run claims the collection for. A collection another owner holds is refused, so
     /// two indexes never share one by accident; the operator sets its ImageIndex here.
@@ -283,8 +283,9 @@ mod tests {
         assert_eq!(cli.backend.mysql_url().unwrap().expose(), "mysql://u:one@db/x");
         std::fs::write(dir.join("url"), "mysql://u:two@db/x").unwrap();
         assert_eq!(cli.backend.mysql_url().unwrap().expose(), "mysql://u:two@db/x");
-        assert!(Cli::try_parse_from(["x", "--mysql-url", "m", "--mysql-url-file", &url]).is_err());
-        assert!(Cli::try_parse_from(["x"]).is_err(), "one of the two is required");
+        // The file wins over the flag or the environment (which CI's tests have set).
+        let both = Cli::parse_from(["x", "--mysql-url", "mysql://u:flag@db/x", "--mysql-url-file", &url]);
+        assert_eq!(both.backend.mysql_url().unwrap().expose(), "mysql://u:two@db/x");
 
         let src = SourceArgs { s3_endpoint: None, include: vec![], credentials_dir: Some(dir.clone()) };
         let settings: Vec<(String, String)> =
