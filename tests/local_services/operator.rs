@@ -98,6 +98,36 @@ async fn pod_env(secrets: &Api<Secret>, c: &Container) -> Result<BTreeMap<String
     Ok(out)
 }
 
+/// The kubelet's part for a pod's Secret volumes: each mounted Secret's keys (or its items) written
+/// as files under a folder of the test's, and the env's paths under the mount pointed there.
+async fn mount_secrets(
+    secrets: &Api<Secret>,
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    env: &mut BTreeMap<String, String>,
+) -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(format!("imageindex-pod-{}-{}", std::process::id(), super::support::nanos()));
+    for mount in pod.containers[0].volume_mounts.iter().flatten() {
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
+        let Some(secret) = &volume.secret else { continue };
+        let data = secrets.get(secret.secret_name.as_ref().unwrap()).await.unwrap().data.unwrap_or_default();
+        let dir = root.join(&mount.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let files: Vec<(String, String)> = match &secret.items {
+            Some(items) => items.iter().map(|i| (i.key.clone(), i.path.clone())).collect(),
+            None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+        };
+        for (key, path) in files {
+            std::fs::write(dir.join(path), &data[&key].0).unwrap();
+        }
+        for value in env.values_mut() {
+            if let Some(rest) = value.strip_prefix(mount.mount_path.as_str()) {
+                *value = format!("{}{rest}", dir.display());
+            }
+        }
+    }
+    root
+}
+
 /// The kubelet's and the Job controller's part for the plan and cleanup Jobs in `ns`, until
 /// dropped: each new Job's pod made, its command run with the pod's env (its report written to
 /// the termination message), the pod's status and the Job's set as they would be. A pod whose
@@ -375,6 +405,8 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     // The Deployment's part: run its pod's command, wait for /readyz, search, mark it available.
     let search_container = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].clone();
     let mut search_env = pod_env(&secrets, &search_container).await.unwrap();
+    let search_pod = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let mounted = mount_secrets(&secrets, search_pod, &mut search_env).await;
     let port = free_port();
     search_env.insert("IMAGEINDEX_LISTEN".into(), format!("127.0.0.1:{port}"));
     let _search = Proc(
@@ -493,6 +525,7 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     let rbac = log.to_lowercase().contains("forbidden") || log.contains("code: 403");
     assert!(!rbac, "the controller hit RBAC: see {}", log_path.display());
     Api::<Namespace>::all(admin).delete(&ns, &DeleteParams::default()).await.unwrap();
+    let _ = std::fs::remove_dir_all(mounted);
 }
 
 /// The chart in single-namespace mode (`watchNamespace`: a Role, no ClusterRole) and a
