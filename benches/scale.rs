@@ -1,10 +1,10 @@
-//! A bucket of many objects (issue 14): what planning one sync costs, as the code does it today,
-//! at one bucket size per process (so that each size's peak RSS is its own). Needs the local
-//! services; run it through `hack/bench-scale.sh`, which fills the buckets and runs every size.
+//! A bucket of many objects (issue 14): what planning one sync costs, at one bucket size per
+//! process (so that each size's peak RSS is its own). Needs the local services; run it through
+//! `hack/bench-scale.sh`, which fills the buckets and runs every size.
 //!
 //!   scale fill N      N small JPEGs (one tiny image under many keys) under s3://imageindex-scale/n<N>/
-//!   scale measure N   lists them, writes their catalog rows, diffs the listing against the catalog,
-//!                     then plans the unchanged bucket again, and prints one line of figures
+//!   scale measure N   lists them alone; plans the new bucket (all of it work); writes their catalog
+//!                     rows as the shards would; plans the unchanged bucket again; prints one line
 //!
 //! The catalog rows are written as indexed, without vectors: planning reads the catalog only.
 
@@ -15,11 +15,9 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use imageindex::core::IndexKind;
-use imageindex::store::{Index, MilvusConfig, Record, Source, SourceConfig, WriteBatch, key_id};
-use imageindex::sync::plan;
+use imageindex::store::{Index, MilvusConfig, Record, Source, SourceConfig, WriteBatch, key_id, shard_ids};
+use imageindex::sync::{DeletionGuard, plan};
 
-/// A page of ListObjectsV2.
-const PAGE: usize = 1000;
 const BUCKET: &str = "imageindex-scale";
 
 fn env(name: &str) -> Result<String> {
@@ -71,28 +69,19 @@ async fn fill(n: usize) -> Result<()> {
     Ok(())
 }
 
-async fn measure(n: usize, shards: u32) -> Result<()> {
-    let src = source(n)?;
+/// The catalog rows of an indexed bucket, as the shards write them: `etag` and `size` are those
+/// of the one tiny JPEG every key holds. Made from the keys, a chunk at a time, so that the
+/// benchmark itself holds no listing.
+async fn write_catalog(index: &Index, n: usize, etag: &Option<String>, size: u64) -> Result<f64> {
     let t = Instant::now();
-    let listing = src.list().await?;
-    let list_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(listing.len() == n, "listed {} objects, filled {n}: run `scale fill {n}` first", listing.len());
-    let pages = n.div_ceil(PAGE);
-
-    let collection = format!("scale_{n}_{}", std::process::id());
-    let milvus = MilvusConfig { url: env("IMAGEINDEX_MILVUS_URL")?, token: None, collection, index: IndexKind::Hnsw };
-    let index =
-        Index::connect(&milvus, &env("IMAGEINDEX_MYSQL_URL")?, &"scale-bench".parse().map_err(anyhow::Error::msg)?)
-            .await?;
-    let t = Instant::now();
-    for chunk in listing.chunks(5000) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
         let records = chunk
             .iter()
-            .map(|o| Record {
-                id: key_id(&o.key),
-                key: o.key.clone(),
-                etag: o.etag.clone(),
-                size: o.size,
+            .map(|&i| Record {
+                id: key_id(&key(i)),
+                key: key(i),
+                etag: etag.clone(),
+                size,
                 content_hash: None,
                 error: None,
                 retry: false,
@@ -100,33 +89,73 @@ async fn measure(n: usize, shards: u32) -> Result<()> {
             .collect();
         index.write(WriteBatch { vectors: vec![], remove: vec![], records }).await?;
     }
-    let write_s = t.elapsed().as_secs_f64();
+    Ok(t.elapsed().as_secs_f64())
+}
 
+async fn measure(n: usize, shards: u32) -> Result<()> {
+    let src = source(n)?;
+    // The listing alone, streamed (as rclone does it), for the anchor.
     let t = Instant::now();
-    let entries = index.catalog.entries(0, 1).await?;
+    let mut pages = src.pages();
+    let (mut listed, mut first) = (0, None);
+    while let Some(page) = pages.next().await {
+        let page = page?;
+        first = first.or_else(|| page.first().cloned());
+        listed += page.len();
+    }
+    let list_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(listed == n, "listed {listed} objects, filled {n}: run `scale fill {n}` first");
+    let first = first.context("an empty bucket")?;
+
+    let collection = format!("scale_{n}_{}", std::process::id());
+    let milvus = MilvusConfig { url: env("IMAGEINDEX_MILVUS_URL")?, token: None, collection, index: IndexKind::Hnsw };
+    let index =
+        Index::connect(&milvus, &env("IMAGEINDEX_MYSQL_URL")?, &"scale-bench".parse().map_err(anyhow::Error::msg)?)
+            .await?;
+    let guard = DeletionGuard::default();
+
+    // The first plan of the bucket: everything is new, and recorded as work.
+    let t = Instant::now();
+    let first_plan = plan(&src, &index, guard).await?.record.counts;
+    let first_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(first_plan.new == n as u64, "the first plan found {first_plan:?}");
+
+    // Indexed (the catalog as the shards leave it), then the next sync of the unchanged bucket:
+    // one listing and one ordered read of the catalog, by the plan alone.
+    let write_s = write_catalog(&index, n, &first.etag, first.size).await?;
+    // The catalog alone, in key order, a page at a time (as the plan reads it).
+    let t = Instant::now();
+    let (mut after, mut read) = (None::<String>, 0);
+    loop {
+        let page = index.catalog.entries_after(after.as_deref(), 5000).await?;
+        read += page.len();
+        match page.last() {
+            Some(e) if page.len() == 5000 => after = Some(e.key.clone()),
+            _ => break,
+        }
+    }
     let read_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(read == n, "read {read} catalog rows of {n}");
+    let lists_before = src.list_requests();
     let t = Instant::now();
-    let diff = plan(listing, entries, 0, 1);
-    let diff_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(diff.unchanged == n, "the diff found {} of {n} unchanged", diff.unchanged);
-
-    // The next sync of the unchanged bucket: every shard lists the whole bucket and reads its
-    // share of the catalog; here one shard of `shards`, timed as a whole.
-    let t = Instant::now();
-    let listing = src.list().await?;
-    let entries = index.catalog.entries(0, shards).await?;
-    let again = plan(listing, entries, 0, shards);
+    let again = plan(&src, &index, guard).await?.record;
     let rerun_s = t.elapsed().as_secs_f64();
-    anyhow::ensure!(again.new.is_empty() && again.changed.is_empty(), "the unchanged bucket planned work");
+    let lists = src.list_requests() - lists_before;
+    anyhow::ensure!(again.counts.unchanged == n as u64 && again.counts.pending() == 0, "{:?}", again.counts);
+    let mut shard_work = 0;
+    for shard in 0..shards {
+        shard_work += index.catalog.work_left(again.id, &shard_ids(shard, shards)).await?.pending();
+    }
     index.drop().await?;
 
     println!(
-        "{n:>8} objects | listing {list_s:6.2} s, {:>7.0} objects/s, {pages} LIST pages | catalog rows written {:>7.0}/s | \
-         catalog read {read_s:5.2} s | diff {diff_s:5.2} s | re-run of one of {shards} shards {rerun_s:6.2} s | \
-         LIST requests per sync: {} (plan Job + {shards} shards, each the whole bucket) | peak RSS {:.0} MiB",
+        "{n:>8} objects | listing {list_s:6.2} s, {:>7.0} objects/s | first plan {first_s:6.2} s ({:>7.0} work rows/s) | \
+         catalog rows written {:>7.0}/s, read in key order {read_s:5.2} s | re-run (plan of the unchanged bucket) {rerun_s:6.2} s, {:>7.0} objects/s | \
+         LIST requests per sync: {lists} (the plan; {shards} shards: 0, work left {shard_work}) | peak RSS {:.0} MiB",
         n as f64 / list_s,
+        n as f64 / first_s,
         n as f64 / write_s,
-        pages * (1 + shards as usize),
+        n as f64 / rerun_s,
         peak_rss_mib(),
     );
     Ok(())

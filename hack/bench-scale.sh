@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A bucket of many objects (issue 14), as the code plans a sync today: for each size in SIZES,
-# listing time and rate, catalog rows written per second, the catalog read and the diff, the
-# re-run of the unchanged bucket, the LIST requests one sync makes and the planner's peak RSS
-# (benches/scale.rs, one process per size); then Debian's rclone listing the same objects, the
-# anchor for listing speed. The buckets are filled once (kept under .state/s3 with the data).
+# A bucket of many objects (issue 14): for each size in SIZES, the listing alone (time and rate),
+# the first plan of the bucket (everything new, recorded as work), catalog rows written per second
+# and read back in key order, the plan of the unchanged bucket (one listing merged with one read
+# of the catalog), the LIST requests one sync makes and the planner's peak RSS (benches/scale.rs,
+# one process per size); then Debian's rclone listing the same objects, the anchor for listing
+# speed. The buckets are filled once (kept under .state/s3 with the data).
 #   SIZES="10000 100000 1000000" SHARDS=4 hack/bench-scale.sh    (1M: ~1 GB of disk, minutes to fill)
 source "$(dirname "$0")/lib.sh"
 command -v rclone >/dev/null || {
@@ -25,7 +26,7 @@ for n in $sizes; do
     scale fill "$n" && touch "$STATE/scale/filled-$n"
   fi
 done
-log "imageindex (as today: every shard lists the whole bucket and holds it, with its catalog, in memory)"
+log "imageindex: one listing per sync, merged with the catalog a page at a time"
 for n in $sizes; do scale measure "$n" | tail -n1; done
 log "rclone lsf (Debian's rclone), the same objects"
 export RCLONE_CONFIG_SCALE_TYPE=s3 RCLONE_CONFIG_SCALE_PROVIDER=Other RCLONE_CONFIG_SCALE_REGION=us-east-1 \

@@ -52,6 +52,7 @@ pub const REPORT: &str = "IMAGEINDEX_REPORT";
 /// Set by Kubernetes in an Indexed Job's pods.
 pub const SHARD: &str = "JOB_COMPLETION_INDEX";
 pub const SHARDS: &str = "IMAGEINDEX_SHARDS";
+pub const PLAN: &str = "IMAGEINDEX_PLAN";
 
 // `serve`.
 pub const LISTEN: &str = "IMAGEINDEX_LISTEN";

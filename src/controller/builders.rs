@@ -366,8 +366,9 @@ fn pod_failure_policy() -> PodFailurePolicy {
     }
 }
 
-/// The embedding Job: an Indexed Job with one pod per shard, each running `imageindex embed`.
-pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> Job {
+/// The embedding Job: an Indexed Job with one pod per shard, each running `imageindex embed` on
+/// its share of `plan`'s work (the newest plan in the catalog without one).
+pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan: Option<i64>) -> Job {
     let spec = &image_index.spec.embedding;
     let features = resolved.features;
     let shards = if features.indexed { spec.parallelism as i32 } else { 1 };
@@ -379,11 +380,8 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str) -> J
         var(env::BATCH_SIZE, spec.batch_size.to_string()),
         var(env::DEVICE, device(gpu)),
         var(env::PRECISION, spec.precision.to_string()),
-        var(env::MAX_DELETE_PERCENT, image_index.spec.source.max_delete_percent.to_string()),
     ]);
-    if image_index.spec.source.allow_mass_deletion {
-        env.push(var(env::ALLOW_MASS_DELETE, "true"));
-    }
+    env.extend(plan.map(|p| var(env::PLAN, p.to_string())));
     if gpu {
         trt_cache(spec.engine_cache_claim.as_ref(), &mut env, &mut volumes, &mut mounts);
     }
@@ -727,7 +725,7 @@ mod tests {
     #[test]
     fn job_is_indexed_owned_and_keeps_secrets_out_of_the_spec() {
         let image_index = sample("  embedding: {parallelism: 4, batchSize: 64}\n");
-        let job = embed_job(&image_index, &resolved(true), "photos-embed-1");
+        let job = embed_job(&image_index, &resolved(true), "photos-embed-1", Some(7));
         let spec = job.spec.as_ref().unwrap();
         assert_eq!((spec.completions, spec.parallelism), (Some(4), Some(4)));
         assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
@@ -740,6 +738,11 @@ mod tests {
         assert_eq!(c.args.as_deref(), Some(&["embed".to_string(), "--json".to_string()][..]));
         let env = env_of(c);
         assert_eq!(env["IMAGEINDEX_SHARDS"].value.as_deref(), Some("4"));
+        assert_eq!(
+            env["IMAGEINDEX_PLAN"].value.as_deref(),
+            Some("7"),
+            "the shards carry out the plan that found the work"
+        );
         assert_eq!(env["IMAGEINDEX_BATCH_SIZE"].value.as_deref(), Some("64"));
         assert_eq!(env["IMAGEINDEX_DEVICE"].value.as_deref(), Some("cpu"));
         assert_eq!(env["IMAGEINDEX_S3_ENDPOINT"].value.as_deref(), Some("http://minio:9000"));
@@ -756,7 +759,7 @@ mod tests {
     #[test]
     fn jobs_that_cannot_wedge_the_index() {
         let image_index = sample("  embedding: {parallelism: 4, activeDeadlineSeconds: 7200}\n");
-        let spec = embed_job(&image_index, &resolved(true), "j").spec.unwrap();
+        let spec = embed_job(&image_index, &resolved(true), "j", None).spec.unwrap();
         assert_eq!(spec.active_deadline_seconds, Some(7200));
         assert_eq!((spec.backoff_limit, spec.backoff_limit_per_index), (None, Some(3)));
         let rules = spec.pod_failure_policy.unwrap().rules;
@@ -779,7 +782,7 @@ mod tests {
     #[test]
     fn without_indexed_jobs_one_pod_embeds_everything() {
         let image_index = sample("  embedding: {parallelism: 4}\n");
-        let job = embed_job(&image_index, &resolved(false), "j");
+        let job = embed_job(&image_index, &resolved(false), "j", None);
         let spec = job.spec.unwrap();
         assert_eq!((spec.completions, spec.completion_mode), (Some(1), None));
         // 1.20: a plain backoff limit, no pod failure policy; the deadline is there on any server.
@@ -797,7 +800,7 @@ mod tests {
              tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]\n    image: my/embed:cuda\n    \
              precision: fp16\n    engineCacheClaim: trt-engines\n",
         );
-        let job = embed_job(&image_index, &resolved(true), "j");
+        let job = embed_job(&image_index, &resolved(true), "j", None);
         let pod = job.spec.unwrap().template.spec.unwrap();
         let c = &pod.containers[0];
         assert_eq!(env_of(c)["IMAGEINDEX_DEVICE"].value.as_deref(), Some("cuda"));
@@ -816,7 +819,7 @@ mod tests {
     #[test]
     fn a_model_on_a_pvc_is_mounted_read_only() {
         let image_index = sample("  embedding: {modelUri: 'pvc://models/resnet50/v2.onnx'}\n");
-        let job = embed_job(&image_index, &resolved(true), "j");
+        let job = embed_job(&image_index, &resolved(true), "j", None);
         let pod = job.spec.unwrap().template.spec.unwrap();
         let vol = pod.volumes.unwrap().into_iter().find(|v| v.name == "model").unwrap();
         let pvc = vol.persistent_volume_claim.unwrap();
@@ -880,7 +883,7 @@ mod tests {
         );
         let r = resolved(true);
         let pods = [
-            ("embed", embed_job(&image_index, &r, "e").spec.unwrap().template.spec.unwrap()),
+            ("embed", embed_job(&image_index, &r, "e", None).spec.unwrap().template.spec.unwrap()),
             ("plan", plan_job(&image_index, &r, "p", &PlanFor::default()).spec.unwrap().template.spec.unwrap()),
             ("cleanup", cleanup_job(&image_index, &r, false).spec.unwrap().template.spec.unwrap()),
             ("search", search_deployment(&image_index, &r).spec.unwrap().template.spec.unwrap()),
@@ -974,14 +977,14 @@ mod tests {
         assert!(pod.containers[0].volume_mounts.iter().flatten().any(|m| m.mount_path == cache));
         // No image named anywhere: the operator's own, for both.
         let plain = sample("");
-        let job = embed_job(&plain, &resolved(true), "j").spec.unwrap().template.spec.unwrap();
+        let job = embed_job(&plain, &resolved(true), "j", None).spec.unwrap().template.spec.unwrap();
         let d = search_deployment(&plain, &resolved(true)).spec.unwrap().template.spec.unwrap();
         for c in [&job.containers[0], &d.containers[0]] {
             assert_eq!(c.image.as_deref(), Some("ghcr.io/imageindex/imageindex:0.1.0"));
             assert_eq!(value(&env_of(c), "IMAGEINDEX_DEVICE").as_deref(), Some("cpu"));
         }
         let mig = sample("  embedding: {resources: {limits: {nvidia.com/mig-3g.40gb: 1}}}\n");
-        let job = embed_job(&mig, &resolved(true), "j").spec.unwrap().template.spec.unwrap();
+        let job = embed_job(&mig, &resolved(true), "j", None).spec.unwrap().template.spec.unwrap();
         assert_eq!(value(&env_of(&job.containers[0]), "IMAGEINDEX_DEVICE").as_deref(), Some("cuda"));
     }
 
@@ -994,7 +997,7 @@ mod tests {
         image_index.spec.milvus.credentials_secret_ref =
             Some(SecretKeyRef { name: "milvus".into(), key: "token".into() });
         let reads = crate::cli::Args::env_vars();
-        let job = embed_job(&image_index, &resolved(true), "j").spec.unwrap().template;
+        let job = embed_job(&image_index, &resolved(true), "j", None).spec.unwrap().template;
         let search = search_deployment(&image_index, &resolved(true)).spec.unwrap().template;
         let plan = plan_job(&image_index, &resolved(true), "p", &PlanFor::default()).spec.unwrap().template;
         let cleanup = cleanup_job(&image_index, &resolved(true), false).spec.unwrap().template;
@@ -1052,7 +1055,7 @@ mod tests {
     #[test]
     fn only_what_changes_the_vectors_changes_the_embedding_hash() {
         let base = embedding_hash(&sample(""), &resolved(true));
-        let job = embed_job(&sample(""), &resolved(true), "j");
+        let job = embed_job(&sample(""), &resolved(true), "j", None);
         assert_eq!(job.metadata.annotations.unwrap()[EMBEDDING], base);
         for same in [
             "  search: {replicas: 5}\n",

@@ -11,6 +11,9 @@ use sqlx::{QueryBuilder, Row};
 use super::{Context, Error, Result};
 use crate::core::ModelId;
 
+mod plans;
+pub use plans::{PlanCounts, PlanRecord, PlanStatus, WorkItem, WorkKind};
+
 /// What the catalog knows of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -104,11 +107,26 @@ fn push_ids(qb: &mut QueryBuilder<sqlx::MySql>, ids: &[i64]) {
     qb.push(")");
 }
 
+/// An object key, stored as its bytes (`VARBINARY`, so that the catalog sorts keys as buckets
+/// list them); every key written was a `String`.
+fn key_from_row(r: &sqlx::mysql::MySqlRow, column: &str) -> Result<String> {
+    let bytes: Vec<u8> = r.try_get(column)?;
+    String::from_utf8(bytes).map_err(|e| Error::Invalid(format!("a catalog key is not UTF-8: {e}")))
+}
+
+/// An etag, stored as its bytes too (it is part of the index the diff reads).
+fn etag_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Option<String>> {
+    let bytes: Option<Vec<u8>> = r.try_get("etag")?;
+    bytes
+        .map(|b| String::from_utf8(b).map_err(|e| Error::Invalid(format!("a catalog etag is not UTF-8: {e}"))))
+        .transpose()
+}
+
 fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
     Ok(Entry {
         id: r.try_get("id")?,
-        key: r.try_get("object_key")?,
-        etag: r.try_get("etag")?,
+        key: key_from_row(r, "object_key")?,
+        etag: etag_from_row(r)?,
         size: r.try_get::<i64, _>("size")? as u64,
         indexed: r.try_get::<String, _>("state")? == "indexed",
         retry: r.try_get("retry")?,
@@ -153,6 +171,25 @@ impl Catalog {
             .await
             .ctx("reading the catalog")?;
         rows.iter().map(|r| entry_from_row(r).map(|e| (e.key.clone(), e))).collect()
+    }
+
+    /// Up to `limit` entries of this collection in key order, from the first key after `after`
+    /// (from the start without it): the diff reads the catalog a page at a time, along the
+    /// `by_key` index.
+    pub async fn entries_after(&self, after: Option<&str>, limit: u32) -> Result<Vec<Entry>> {
+        let rows = match after {
+            None => sqlx::query(select_entries!("collection = ? ORDER BY object_key LIMIT ?"))
+                .bind(&self.collection)
+                .bind(limit),
+            Some(key) => sqlx::query(select_entries!("collection = ? AND object_key > ? ORDER BY object_key LIMIT ?"))
+                .bind(&self.collection)
+                .bind(key.as_bytes())
+                .bind(limit),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading the catalog")?;
+        rows.iter().map(entry_from_row).collect()
     }
 
     /// Upserts finished objects (indexed or failed) in one statement (through `Index::write`).
@@ -272,7 +309,7 @@ impl Catalog {
         rows.into_iter()
             .map(|r| {
                 Ok(Failure {
-                    key: r.try_get("object_key")?,
+                    key: key_from_row(&r, "object_key")?,
                     error: r.try_get::<Option<String>, _>("error")?.unwrap_or_default(),
                 })
             })
@@ -305,7 +342,8 @@ impl Catalog {
                 agg.status = status;
             }
             let p = &mut agg.progress;
-            p.discovered += get("discovered")?;
+            // Every shard records what the plan it carried out listed.
+            p.discovered = p.discovered.max(get("discovered")?);
             p.planned += get("planned")?;
             p.indexed += get("indexed")?;
             p.failed += get("failed")?;
@@ -365,6 +403,8 @@ impl Catalog {
         for sql in [
             "DELETE FROM images WHERE collection = ?",
             "DELETE FROM runs WHERE collection = ?",
+            "DELETE w FROM work w JOIN plans p ON w.plan = p.id WHERE p.collection = ?",
+            "DELETE FROM plans WHERE collection = ?",
             "DELETE FROM collections WHERE collection = ?",
         ] {
             sqlx::query(sql).bind(&self.collection).execute(&self.pool).await?;

@@ -6,7 +6,10 @@ pub mod catalog;
 pub mod milvus;
 pub mod source;
 
-pub use catalog::{Catalog, CatalogTime, Counts, Entry, Progress, Record, RunProgress};
+pub use catalog::{
+    Catalog, CatalogTime, Counts, Entry, PlanCounts, PlanRecord, PlanStatus, Progress, Record, RunProgress, WorkItem,
+    WorkKind,
+};
 pub use milvus::{Ensured, Hit, KeyPrefix, MilvusConfig, VectorStore};
 pub use source::{Fetched, Object, Source, SourceConfig};
 

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use futures::{StreamExt, TryStreamExt};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use listing::{Lister, Store};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
@@ -145,24 +146,51 @@ impl Source {
     /// Every object under the prefix that an include glob matches, sorted by key. Keys are as
     /// the bucket has them, including ones that cannot be fetched (see the module comment).
     pub async fn list(&self) -> Result<Vec<Object>> {
-        // Under the prefix as a folder: `photos` lists photos/..., never photos2/...
-        let under = match self.prefix.as_ref() {
+        let pages: Vec<Vec<Object>> = self.pages().try_collect().await?;
+        Ok(pages.into_iter().flatten().collect())
+    }
+
+    /// The same listing a page at a time, in key order (the UTF-8 bytes of the key, the order
+    /// in which S3, Google Cloud Storage and Azure list): a bucket's listing is never held whole.
+    /// A folder is listed whole and sorted (folders are laptop-sized; object_store lists them
+    /// in no particular order).
+    pub fn pages(&self) -> BoxStream<'static, Result<Vec<Object>>> {
+        let under = self.prefix_dir();
+        let include = self.include.clone();
+        let keep = move |page: Vec<Object>| -> Vec<Object> {
+            page.into_iter()
+                .filter_map(|mut o| {
+                    o.key = o.key.strip_prefix(&under)?.to_string();
+                    include.is_match(o.key.to_lowercase()).then_some(o)
+                })
+                .collect()
+        };
+        match &self.lister {
+            Some(lister) => lister.pages(&self.prefix_dir()).map_ok(keep).boxed(),
+            None => {
+                let this = self.clone();
+                stream::once(async move {
+                    let mut all = keep(this.list_folder().await?);
+                    all.sort_by(|a, b| a.key.cmp(&b.key));
+                    Ok(all)
+                })
+                .boxed()
+            }
+        }
+    }
+
+    /// List requests sent to the bucket by this source and its clones (none for a folder).
+    pub fn list_requests(&self) -> u64 {
+        self.lister.as_ref().map_or(0, Lister::requests)
+    }
+
+    /// The prefix as a folder, `photos/` (empty for the whole bucket): `photos` lists
+    /// photos/..., never photos2/...
+    fn prefix_dir(&self) -> String {
+        match self.prefix.as_ref() {
             "" => String::new(),
             p => format!("{p}/"),
-        };
-        let listed = match &self.lister {
-            Some(lister) => lister.list(&under).await?,
-            None => self.list_folder().await?,
-        };
-        let mut out: Vec<Object> = listed
-            .into_iter()
-            .filter_map(|mut o| {
-                o.key = o.key.strip_prefix(&under)?.to_string();
-                self.include.is_match(o.key.to_lowercase()).then_some(o)
-            })
-            .collect();
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        }
     }
 
     /// A folder, through object_store. A file it cannot name (a name that is not UTF-8, say) is

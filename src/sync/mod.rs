@@ -1,6 +1,8 @@
-//! The sync, the product's core loop: list the source, diff it against the catalog, remove what
-//! is gone, and embed what is new or changed. `plan` decides (pure), `pipeline` fetches, decodes
-//! and embeds, `run` writes and records the run; `cli` is the `index` and `embed` commands.
+//! The sync, the product's core loop: list the source once, diff it against the catalog, remove
+//! what is gone, and embed what is new or changed. `plan` merges the listing with the catalog
+//! (pure), `planner` feeds it and records the plan's work in the catalog, `pipeline` fetches,
+//! decodes and embeds, `run` carries out one shard's work and records the run; `cli` is the
+//! `index` and `embed` commands, `tasks` the operator's `plan` and `cleanup`.
 //! Uses `embed` and `store`; nothing below it uses it.
 //!
 //! A bad object (corrupt, truncated, not an image, too large) is recorded as failed with its
@@ -10,12 +12,14 @@
 pub mod cli;
 mod pipeline;
 pub mod plan;
+pub mod planner;
 pub mod report;
 mod run;
 pub mod tasks;
 
-pub use plan::{DeletionGuard, MassDeletion, Plan, Work, plan, shard_of};
-pub use run::{embed_only, sync};
+pub use plan::{DeletionGuard, MassDeletion, Work, shard_of};
+pub use planner::{Planned, plan};
+pub use run::{carry_out, embed_only, sync};
 
 use crate::embed::{DecodeLimits, ModelError};
 use crate::store::{self, Index, Source};
@@ -31,6 +35,12 @@ pub enum Error {
     Panicked(#[from] tokio::task::JoinError),
     #[error(transparent)]
     MassDeletion(#[from] MassDeletion),
+    /// The source could not be listed (or listed out of key order): nothing was planned.
+    #[error("listing the source: {0}")]
+    Listing(store::Error),
+    /// No complete plan to carry out (an embedding shard runs after `imageindex plan`).
+    #[error("{0}")]
+    NoPlan(String),
 }
 
 /// The backends one sync talks to.

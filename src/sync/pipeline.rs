@@ -1,4 +1,4 @@
-//! The pipeline: fetch, decode and embed a list of work, handing write batches downstream.
+//! The pipeline: fetch, decode and embed a stream of work, handing write batches downstream.
 //!
 //!   fetch (async, N in flight) -> decode + preprocess (blocking pool) -> batch + model (as many
 //!   batches in flight as model sessions) -> `WriteBatch`es of at least `WRITE_BATCH` rows
@@ -11,8 +11,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use futures::stream::FuturesOrdered;
-use futures::{StreamExt, stream};
+use futures::StreamExt;
+use futures::stream::{BoxStream, FuturesOrdered};
 use tokio::sync::mpsc;
 
 use super::plan::Work;
@@ -120,7 +120,7 @@ fn record(work: &Work, hash: Option<String>, error: Option<String>, retry: bool)
 /// keeps going while the model runs), a bounded queue of two batches ahead of the model.
 fn fetch_and_decode(
     source: Source,
-    work: Vec<Work>,
+    work: BoxStream<'static, Work>,
     opts: &SyncOptions,
     pool: TensorPool,
 ) -> (mpsc::Receiver<Decoded>, tokio::task::JoinHandle<Result<(), Error>>) {
@@ -129,7 +129,7 @@ fn fetch_and_decode(
     let (fetched_bytes, decode_memory) = (MemoryBudget::new(opts.fetch_memory), MemoryBudget::new(opts.decode_memory));
     // Fetches failed in a row; any success resets it (fetches finish in any order).
     let mut down_in_a_row = 0;
-    let decoded = stream::iter(work)
+    let decoded = work
         .map(move |w| {
             let (source, budget) = (source.clone(), fetched_bytes.clone());
             async move { fetch(&source, w, max_bytes, &budget).await }
@@ -191,7 +191,7 @@ fn fetch_and_decode(
 pub(super) async fn produce(
     source: Source,
     model: Arc<Model>,
-    work: Vec<Work>,
+    work: BoxStream<'static, Work>,
     opts: SyncOptions,
     writes: mpsc::Sender<WriteBatch>,
 ) -> Result<(), Error> {

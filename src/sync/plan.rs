@@ -1,8 +1,10 @@
-//! What a sync has to do, from the listing and the catalog alone: pure, no I/O.
+//! What a sync has to do: the listing merged with the catalog, both in key order, a page of each
+//! at a time, so that memory stays flat however large the bucket. Pure, no I/O: the planner
+//! (`planner`) feeds the pages and records the work.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 
-use crate::store::{Entry, Object, key_id, shard_of_id};
+use crate::store::{Entry, Object, PlanCounts, WorkItem, WorkKind, key_id, shard_of_id};
 
 /// An object to embed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,16 +15,148 @@ pub struct Work {
     pub was_indexed: bool,
 }
 
-/// What a sync has to do, from the listing and the catalog alone.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    /// Objects of this shard in the source.
-    pub discovered: usize,
-    pub new: Vec<Work>,
-    pub changed: Vec<Work>,
-    /// Catalog entries whose object is gone from the source.
-    pub deleted: Vec<Entry>,
-    pub unchanged: usize,
+impl Work {
+    /// Everything is new to an empty catalog.
+    pub fn new(object: Object) -> Self {
+        Self { id: key_id(&object.key), object, was_indexed: false }
+    }
+}
+
+impl From<WorkItem> for Work {
+    fn from(w: WorkItem) -> Self {
+        let object = Object { key: w.key, etag: w.etag, size: w.size };
+        Self { object, id: w.id, was_indexed: w.indexed }
+    }
+}
+
+/// What the merge needs, or found, next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The next page of the listing (`Merge::listing`), or its end (`Merge::listing_ended`).
+    Listing,
+    /// The next page of the catalog in key order (`Merge::catalog`).
+    Catalog,
+    /// An object to embed or to remove.
+    Work(WorkItem),
+    /// Both are merged: `Merge::counts` says what was found.
+    Done,
+}
+
+/// A page out of key order: merging it would call objects new or deleted that are not.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the {what} is not in key order ({before:?} came before {key:?}); nothing was planned")]
+pub struct OutOfOrder {
+    pub what: &'static str,
+    pub before: String,
+    pub key: String,
+}
+
+/// The merge of a listing and a catalog, both in key order (UTF-8 bytes), a page at a time.
+#[derive(Debug, Default)]
+pub struct Merge {
+    listed: VecDeque<Object>,
+    entries: VecDeque<Entry>,
+    listing_done: bool,
+    catalog_done: bool,
+    last_listed: Option<String>,
+    last_entry: Option<String>,
+    counts: PlanCounts,
+}
+
+impl Merge {
+    /// Takes the next page of the listing.
+    pub fn listing(&mut self, page: Vec<Object>) -> Result<(), OutOfOrder> {
+        for o in &page {
+            check_order("listing", &mut self.last_listed, &o.key)?;
+        }
+        self.counts.discovered += page.len() as u64;
+        self.listed.extend(page);
+        Ok(())
+    }
+
+    pub fn listing_ended(&mut self) {
+        self.listing_done = true;
+    }
+
+    /// Takes the next page of the catalog; `last`: there is no more after it.
+    pub fn catalog(&mut self, page: Vec<Entry>, last: bool) -> Result<(), OutOfOrder> {
+        for e in &page {
+            check_order("catalog", &mut self.last_entry, &e.key)?;
+        }
+        self.counts.catalog += page.len() as u64;
+        self.entries.extend(page);
+        self.catalog_done |= last;
+        Ok(())
+    }
+
+    /// What was found so far (all of it once `step` said `Done`).
+    pub fn counts(&self) -> PlanCounts {
+        self.counts
+    }
+
+    /// The next step: a page to fetch, or the next object's work.
+    pub fn step(&mut self) -> Step {
+        loop {
+            if self.listed.is_empty() && !self.listing_done {
+                return Step::Listing;
+            }
+            if self.entries.is_empty() && !self.catalog_done {
+                return Step::Catalog;
+            }
+            let order = match (self.listed.front(), self.entries.front()) {
+                (None, None) => return Step::Done,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(o), Some(e)) => o.key.cmp(&e.key),
+            };
+            let (listed, entry) = match order {
+                std::cmp::Ordering::Less => (self.listed.pop_front(), None),
+                std::cmp::Ordering::Greater => (None, self.entries.pop_front()),
+                std::cmp::Ordering::Equal => (self.listed.pop_front(), self.entries.pop_front()),
+            };
+            let found = self.classify(listed, entry);
+            if let Some(work) = found {
+                return Step::Work(work);
+            }
+        }
+    }
+
+    /// One object: listed, in the catalog, or both. None when it is unchanged.
+    fn classify(&mut self, listed: Option<Object>, entry: Option<Entry>) -> Option<WorkItem> {
+        let c = &mut self.counts;
+        let (object, kind, indexed) = match (listed, entry) {
+            (Some(o), None) => (o, WorkKind::New, false),
+            (None, Some(e)) => {
+                c.deleted += 1;
+                let object = Object { key: e.key, etag: e.etag, size: e.size };
+                return Some(WorkItem::of(object, WorkKind::Deleted, e.indexed));
+            }
+            // Same etag and size: the bytes are the ones we saw (a failed object stays failed
+            // until it changes, unless its bytes were never seen).
+            (Some(o), Some(e)) if !e.retry && e.etag == o.etag && e.size == o.size => {
+                c.unchanged += 1;
+                return None;
+            }
+            (Some(o), Some(e)) => (o, WorkKind::Changed, e.indexed),
+            (None, None) => return None,
+        };
+        match kind {
+            WorkKind::New => c.new += 1,
+            _ => c.changed += 1,
+        }
+        Some(WorkItem::of(object, kind, indexed))
+    }
+}
+
+/// Keys must rise strictly, each after the one before it.
+fn check_order(what: &'static str, last: &mut Option<String>, key: &str) -> Result<(), OutOfOrder> {
+    if let Some(before) = last.as_deref()
+        && before >= key
+    {
+        return Err(OutOfOrder { what, before: before.to_string(), key: key.to_string() });
+    }
+    *last = Some(key.to_string());
+    Ok(())
 }
 
 /// Deletions a run makes only when told to: a wrong listing (a typo'd prefix, a bucket policy
@@ -44,7 +178,7 @@ impl Default for DeletionGuard {
 
 /// Deletions allowed whatever the share, so that small collections can lose a few images; an
 /// empty listing never deletes all of a catalog without `allow`.
-pub const FREE_DELETIONS: usize = 10;
+pub const FREE_DELETIONS: u64 = 10;
 
 #[derive(Debug, PartialEq, thiserror::Error)]
 #[error(
@@ -53,15 +187,15 @@ pub const FREE_DELETIONS: usize = 10;
      run with --allow-mass-delete (spec.source.allowMassDeletion)"
 )]
 pub struct MassDeletion {
-    pub deleted: usize,
-    pub catalog: usize,
+    pub deleted: u64,
+    pub catalog: u64,
     why: String,
 }
 
 impl DeletionGuard {
-    /// Whether `plan` may delete what it says is gone from a catalog of `catalog` entries.
-    pub fn check(&self, plan: &Plan, catalog: usize) -> Result<(), MassDeletion> {
-        let deleted = plan.deleted.len();
+    /// Whether a plan may delete what it says is gone.
+    pub fn check(&self, plan: &PlanCounts) -> Result<(), MassDeletion> {
+        let (deleted, catalog) = (plan.deleted, plan.catalog);
         let share = deleted as f64 / catalog.max(1) as f64;
         let why = if self.allow || deleted == 0 {
             return Ok(());
@@ -81,28 +215,6 @@ pub fn shard_of(key: &str, shards: u32) -> u32 {
     shard_of_id(key_id(key), shards)
 }
 
-/// Diffs the listing against the catalog for one shard. `catalog` holds only that shard's entries.
-pub fn plan(listing: Vec<Object>, mut catalog: HashMap<String, Entry>, shard: u32, shards: u32) -> Plan {
-    let mut diff = Plan::default();
-    for object in listing {
-        if shard_of(&object.key, shards) != shard {
-            continue;
-        }
-        diff.discovered += 1;
-        let id = key_id(&object.key);
-        match catalog.remove(&object.key) {
-            None => diff.new.push(Work { object, id, was_indexed: false }),
-            // Same etag and size: the bytes are the ones we saw (a failed object stays failed until
-            // it changes, unless its bytes were never seen).
-            Some(e) if !e.retry && e.etag == object.etag && e.size == object.size => diff.unchanged += 1,
-            Some(e) => diff.changed.push(Work { object, id, was_indexed: e.indexed }),
-        }
-    }
-    diff.deleted = catalog.into_values().collect();
-    diff.deleted.sort_by(|a, b| a.key.cmp(&b.key));
-    diff
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,37 +224,92 @@ mod tests {
         Object { key: key.into(), etag: Some(etag.into()), size: 10 }
     }
 
-    fn entry(key: &str, etag: &str, indexed: bool) -> (String, Entry) {
-        (
-            key.into(),
-            Entry { id: key_id(key), key: key.into(), etag: Some(etag.into()), size: 10, indexed, retry: false },
-        )
+    fn entry(key: &str, etag: &str, indexed: bool) -> Entry {
+        Entry { id: key_id(key), key: key.into(), etag: Some(etag.into()), size: 10, indexed, retry: false }
+    }
+
+    /// Runs the merge as the planner does, `page` objects and entries a page; returns the work
+    /// by kind and the counts.
+    fn merge(mut listing: Vec<Object>, mut catalog: Vec<Entry>, page: usize) -> (Vec<WorkItem>, PlanCounts) {
+        listing.sort_by(|a, b| a.key.cmp(&b.key));
+        catalog.sort_by(|a, b| a.key.cmp(&b.key));
+        let (mut listing, mut work, mut m) = (listing.chunks(page).map(<[_]>::to_vec), vec![], Merge::default());
+        loop {
+            match m.step() {
+                Step::Listing => match listing.next() {
+                    Some(p) => m.listing(p).unwrap(),
+                    None => m.listing_ended(),
+                },
+                Step::Catalog => {
+                    let p: Vec<Entry> = catalog.drain(..page.min(catalog.len())).collect();
+                    m.catalog(p, catalog.is_empty()).unwrap();
+                }
+                Step::Work(w) => work.push(w),
+                Step::Done => return (work, m.counts()),
+            }
+        }
+    }
+
+    fn keys(work: &[WorkItem], kind: WorkKind) -> Vec<&str> {
+        work.iter().filter(|w| w.kind == kind).map(|w| w.key.as_str()).collect()
     }
 
     #[test]
-    fn plan_finds_new_changed_deleted_and_unchanged() {
+    fn the_merge_finds_new_changed_deleted_and_unchanged() {
         let listing = vec![obj("a.jpg", "1"), obj("b.jpg", "2"), obj("c.jpg", "3"), obj("f.jpg", "9")];
-        let catalog = HashMap::from([
+        let catalog = vec![
             entry("a.jpg", "1", true),   // unchanged
             entry("b.jpg", "old", true), // changed
             entry("d.jpg", "4", true),   // deleted
             entry("f.jpg", "9", false),  // failed before, same bytes: not retried
-        ]);
-        let p = plan(listing, catalog, 0, 1);
-        assert_eq!(p.discovered, 4);
-        assert_eq!(p.unchanged, 2);
-        assert_eq!(p.new.iter().map(|w| w.object.key.as_str()).collect::<Vec<_>>(), ["c.jpg"]);
-        assert_eq!(p.changed.len(), 1);
-        assert!(p.changed[0].was_indexed && p.changed[0].object.key == "b.jpg");
-        assert_eq!(p.deleted.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(), ["d.jpg"]);
+        ];
+        for page in [1, 2, 3, 1000] {
+            let (work, c) = merge(listing.clone(), catalog.clone(), page);
+            assert_eq!((c.discovered, c.catalog, c.unchanged, c.pending()), (4, 4, 2, 3), "page {page}");
+            assert_eq!(keys(&work, WorkKind::New), ["c.jpg"]);
+            assert_eq!(keys(&work, WorkKind::Changed), ["b.jpg"]);
+            assert_eq!(keys(&work, WorkKind::Deleted), ["d.jpg"]);
+            let changed = work.iter().find(|w| w.kind == WorkKind::Changed).unwrap();
+            assert!(changed.indexed && changed.etag.as_deref() == Some("2"), "the listed etag is the one recorded");
+        }
+    }
+
+    #[test]
+    fn pages_of_any_size_give_one_answer() {
+        // Keys that sort differently as bytes and as characters would betray a wrong order:
+        // "a/b" > "a.jpg" > "a" in bytes, and "é" (0xC3) above every ASCII key.
+        let names = ["a", "a.jpg", "a/b", "a//b.jpg", "\u{7f}x", "é.jpg", "z.jpg", "Z.jpg", "0.png"];
+        let mut listing: Vec<Object> = names.iter().map(|k| obj(k, "e")).collect();
+        listing.extend((0..200).map(|i| obj(&format!("img/{i:03}.jpg"), "e")));
+        let catalog: Vec<Entry> =
+            listing.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, o)| entry(&o.key, "e", true)).collect();
+        let gone: Vec<Entry> = (0..50).map(|i| entry(&format!("img/{i:03}x.jpg"), "e", true)).collect();
+        let catalog: Vec<Entry> = catalog.into_iter().chain(gone).collect();
+        let (whole, counts) = merge(listing.clone(), catalog.clone(), 100_000);
+        assert_eq!((counts.new, counts.deleted, counts.unchanged), (70, 50, 139));
+        for page in [1, 2, 7, 1000] {
+            assert_eq!(merge(listing.clone(), catalog.clone(), page), (whole.clone(), counts), "page {page}");
+        }
+    }
+
+    #[test]
+    fn a_listing_out_of_key_order_is_refused() {
+        let mut m = Merge::default();
+        assert_eq!(m.step(), Step::Listing);
+        m.listing(vec![obj("b.jpg", "1")]).unwrap();
+        let err = m.listing(vec![obj("a.jpg", "1")]).unwrap_err();
+        assert_eq!((err.before.as_str(), err.key.as_str()), ("b.jpg", "a.jpg"));
+        assert!(m.listing(vec![obj("c.jpg", "1"), obj("c.jpg", "1")]).is_err(), "a key listed twice");
+        let mut m = Merge::default();
+        assert!(m.catalog(vec![entry("b", "1", true), entry("a", "1", true)], true).is_err());
     }
 
     #[test]
     fn mass_deletions_are_refused_unless_allowed() {
-        let catalog: HashMap<_, _> = (0..200).map(|i| entry(&format!("{i}.jpg"), "e", true)).collect();
+        let catalog: Vec<Entry> = (0..200).map(|i| entry(&format!("{i}.jpg"), "e", true)).collect();
         let listing = |n: usize| (0..n).map(|i| obj(&format!("{i}.jpg"), "e")).collect::<Vec<_>>();
         let guard = DeletionGuard::default();
-        let check = |n, g: DeletionGuard| g.check(&plan(listing(n), catalog.clone(), 0, 1), 200);
+        let check = |n, g: DeletionGuard| g.check(&merge(listing(n), catalog.clone(), 64).1);
         assert_eq!(check(200, guard), Ok(()));
         assert_eq!(check(180, guard), Ok(()), "10% may go");
         let refused = check(179, guard).unwrap_err();
@@ -153,48 +320,36 @@ mod tests {
         assert_eq!(check(0, DeletionGuard { allow: true, ..guard }), Ok(()));
         assert_eq!(check(100, DeletionGuard { max_share: 0.5, ..guard }), Ok(()));
         // A few deletions from a small catalog pass; an empty listing never empties it.
-        let small: HashMap<_, _> = (0..5).map(|i| entry(&format!("{i}.jpg"), "e", true)).collect();
-        assert_eq!(guard.check(&plan(listing(2), small.clone(), 0, 1), 5), Ok(()));
-        assert!(guard.check(&plan(vec![], small, 0, 1), 5).is_err());
+        let small: Vec<Entry> = catalog[..5].to_vec();
+        assert_eq!(guard.check(&merge(listing(2), small.clone(), 64).1), Ok(()));
+        assert!(guard.check(&merge(vec![], small, 64).1).is_err());
     }
 
     #[test]
     fn objects_whose_fetch_failed_are_tried_again() {
-        let (key, mut refused) = entry("a.jpg", "1", false);
+        let mut refused = entry("a.jpg", "1", false);
         refused.retry = true;
-        let p = plan(vec![obj("a.jpg", "1")], HashMap::from([(key, refused)]), 0, 1);
-        assert_eq!((p.changed.len(), p.unchanged), (1, 0));
+        let (work, c) = merge(vec![obj("a.jpg", "1")], vec![refused], 10);
+        assert_eq!((keys(&work, WorkKind::Changed), c.unchanged), (vec!["a.jpg"], 0));
     }
 
     #[test]
     fn a_size_change_with_the_same_etag_is_a_change() {
         let mut o = obj("a.jpg", "1");
         o.size = 11;
-        let p = plan(vec![o], HashMap::from([entry("a.jpg", "1", true)]), 0, 1);
-        assert_eq!(p.changed.len(), 1);
+        let (work, _) = merge(vec![o], vec![entry("a.jpg", "1", true)], 10);
+        assert_eq!(keys(&work, WorkKind::Changed), ["a.jpg"]);
     }
 
     #[test]
-    fn shards_partition_the_listing() {
-        let listing: Vec<Object> = (0..300).map(|i| obj(&format!("img/{i}.jpg"), "e")).collect();
+    fn shards_partition_the_keys() {
         let mut seen = HashSet::new();
-        let mut sizes = vec![];
-        for shard in 0..3 {
-            let p = plan(listing.clone(), HashMap::new(), shard, 3);
-            sizes.push(p.new.len());
-            for w in p.new {
-                assert!(seen.insert(w.object.key), "an object in two shards");
-            }
+        let mut sizes = vec![0; 3];
+        for i in 0..300 {
+            let key = format!("img/{i}.jpg");
+            sizes[shard_of(&key, 3) as usize] += 1;
+            assert!(seen.insert(key));
         }
-        assert_eq!(seen.len(), 300);
         assert!(sizes.iter().all(|&n| n > 60), "shards very uneven: {sizes:?}");
-    }
-
-    #[test]
-    fn a_shard_deletes_only_its_own_entries() {
-        let catalog: HashMap<_, _> = (0..50).map(|i| entry(&format!("{i}.jpg"), "e", true)).collect();
-        let mine: HashMap<_, _> = catalog.into_iter().filter(|(k, _)| shard_of(k, 2) == 1).collect();
-        let p = plan(vec![], mine.clone(), 1, 2);
-        assert_eq!(p.deleted.len(), mine.len());
     }
 }

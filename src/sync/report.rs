@@ -17,6 +17,9 @@ pub enum Report {
     /// The collection is ready and the bucket was diffed against the catalog.
     #[serde(rename_all = "camelCase")]
     Planned {
+        /// The plan's id in the catalog: the embedding Job carries out this one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plan: Option<i64>,
         /// Objects in the bucket.
         discovered: u64,
         /// Objects new, changed or deleted since the catalog saw them.
@@ -100,7 +103,14 @@ mod tests {
         let long = "é".repeat(5000);
         for r in [
             Report::stopped(Stop::MilvusUnavailable, &long),
-            Report::Planned { discovered: 3, pending: 1, refused: Some(long.clone()), indexed: 2, failed: 0 },
+            Report::Planned {
+                plan: Some(5),
+                discovered: 3,
+                pending: 1,
+                refused: Some(long.clone()),
+                indexed: 2,
+                failed: 0,
+            },
             Report::Kept { why: long.clone() },
             Report::Dropped,
         ] {
@@ -108,7 +118,8 @@ mod tests {
             assert!(json.len() <= MAX_BYTES, "{} bytes", json.len());
             assert!(Report::parse(&json).is_some(), "{json}");
         }
-        let planned = Report::Planned { discovered: 3, pending: 1, refused: None, indexed: 2, failed: 0 };
+        let planned =
+            Report::Planned { plan: Some(5), discovered: 3, pending: 1, refused: None, indexed: 2, failed: 0 };
         assert_eq!(Report::parse(&planned.to_json()), Some(planned));
         assert_eq!(
             Report::parse(r#"{"outcome":"stopped","at":"modelMismatch","message":"holds fp16"}"#),

@@ -1,6 +1,7 @@
-//! One sync of one shard: plan, remove what is gone, embed what is new or changed, record the run.
+//! Carrying out a plan: one shard's work read from the catalog (deletions first, then the
+//! objects to embed, both in id order and a page at a time), embedded and written, each item
+//! marked done once written. `sync` plans and then carries out, in one process.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,18 +10,91 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
 use super::pipeline::produce;
-use super::plan::{Plan, Work, plan};
+use super::plan::Work;
+use super::planner::{self, Planned};
 use super::{Backends, Error, Reconcile, Summary, SyncOptions};
 use crate::embed::Model;
-use crate::store::{Entry, Index, Repair, RunProgress, Source, WriteBatch};
+use crate::store::{Entry, Index, PlanRecord, PlanStatus, Repair, RunProgress, Source, WriteBatch, shard_ids};
 
-/// Runs one sync of one shard, and records it (with its progress and outcome) in the catalog.
+/// Work items read at once.
+const WORK_PAGE: u32 = 1000;
+
+/// Plans (one listing of the whole source) and carries out shard `opts.shard` of the plan, and
+/// records the run: `imageindex index`. When the plan finds nothing to do, nothing more is done
+/// (an unchanged source costs one listing and one read of the catalog).
 pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) -> Result<Summary, Error> {
+    let index = &backends.index;
+    index.ensure(model.dim(), model.id(), opts.mixed_precision, &opts.owner).await?;
+    let planned = async {
+        let repaired = planner::repair(index, opts.reconcile).await?;
+        let Planned { record, refused } = planner::plan(&backends.source, index, opts.deletion).await?;
+        match refused {
+            Some(refused) => Err(Error::MassDeletion(refused)),
+            None => Ok((record, repaired)),
+        }
+    }
+    .await;
+    let (record, repaired) = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            // The run's outcome, where the progress API and the status read it. Best effort: when
+            // the catalog is what failed, there is nowhere to say so.
+            if let Ok(run) = index.catalog.start_run(opts.shard, opts.shards).await {
+                let _ = index.catalog.finish_run(run, &RunProgress::default(), Some(&e.to_string())).await;
+            }
+            return Err(e);
+        }
+    };
+    let c = record.counts;
+    let mut summary = if c.pending() == 0 && opts.reconcile == Reconcile::IfCountsDiffer {
+        Summary { vectors: index.vectors.count().await?, ..Default::default() }
+    } else {
+        carry_out_ensured(backends, model, opts, &record).await?
+    };
+    (summary.discovered, summary.new, summary.changed, summary.unchanged) =
+        (c.discovered as usize, c.new as usize, c.changed as usize, c.unchanged as usize);
+    summary.repaired.orphans += repaired.orphans;
+    summary.repaired.missing += repaired.missing;
+    Ok(summary)
+}
+
+/// Carries out shard `opts.shard` of a plan (the newest complete one without `plan`), and records
+/// the run: `imageindex embed`, in an embedding Job's pod. It never lists the source.
+pub async fn carry_out(
+    backends: &Backends,
+    model: Arc<Model>,
+    opts: &SyncOptions,
+    plan: Option<i64>,
+) -> Result<Summary, Error> {
     let catalog = &backends.index.catalog;
     backends.index.ensure(model.dim(), model.id(), opts.mixed_precision, &opts.owner).await?;
+    let record = match plan {
+        Some(id) => catalog.plan(id).await?.ok_or_else(|| Error::NoPlan(format!("plan {id} is not in the catalog")))?,
+        None => catalog.latest_plan().await?.ok_or_else(|| {
+            Error::NoPlan("the catalog has no plan for this collection: run `imageindex plan` first".into())
+        })?,
+    };
+    match record.status {
+        PlanStatus::Ready => {}
+        PlanStatus::Refused => {
+            let why = record.refused.clone().unwrap_or_default();
+            return Err(Error::NoPlan(format!("plan {} is refused: {why}", record.id)));
+        }
+        s => return Err(Error::NoPlan(format!("plan {} is not complete ({s:?})", record.id))),
+    }
+    carry_out_ensured(backends, model, opts, &record).await
+}
+
+async fn carry_out_ensured(
+    backends: &Backends,
+    model: Arc<Model>,
+    opts: &SyncOptions,
+    plan: &PlanRecord,
+) -> Result<Summary, Error> {
+    let catalog = &backends.index.catalog;
     let run = catalog.start_run(opts.shard, opts.shards).await?;
     let mut progress = RunProgress::default();
-    let result = run_shard(backends, model, opts, run, &mut progress).await;
+    let result = run_shard(backends, model, opts, plan, run, &mut progress).await;
     let error = result.as_ref().err().map(ToString::to_string);
     // Best effort: when the catalog itself is what failed, the run stays `running` there.
     let _ = catalog.finish_run(run, &progress, error.as_deref()).await;
@@ -31,55 +105,44 @@ async fn run_shard(
     backends: &Backends,
     model: Arc<Model>,
     opts: &SyncOptions,
+    plan: &PlanRecord,
     run: i64,
     progress: &mut RunProgress,
 ) -> Result<Summary, Error> {
     let Backends { source, index } = backends;
-    // Milvus and the catalog disagree (a collection lost outside, a crash between the two
-    // writes): repair this shard first, so that the plan embeds what lost its vector.
-    let mut repaired = repair(index, opts).await?;
-    // Before the listing: a row written from now on is newer than the listing, and never deleted.
-    let listing_began = index.catalog.clock().await?;
-    let listing = source.list().await?;
-    let entries = index.catalog.entries(opts.shard, opts.shards).await?;
-    let catalog_size = entries.len();
-    let diff = plan(listing, entries, opts.shard, opts.shards);
-    opts.deletion.check(&diff, catalog_size)?;
-    let Plan { discovered, new, changed, deleted, unchanged } = diff;
+    let ids = shard_ids(opts.shard, opts.shards);
+    let left = index.catalog.work_left(plan.id, &ids).await?;
     let mut summary = Summary {
-        discovered,
-        new: new.len(),
-        changed: changed.len(),
-        unchanged,
-        deleted: deleted.len(),
+        discovered: plan.counts.discovered as usize,
+        new: left.new as usize,
+        changed: left.changed as usize,
+        deleted: left.deleted as usize,
         ..Default::default()
     };
-    progress.discovered = discovered as u64;
-    progress.planned = (new.len() + changed.len()) as u64;
+    progress.discovered = plan.counts.discovered;
+    progress.planned = left.new + left.changed;
 
     // Gone from the bucket: out of the index (Milvus first, then the catalog), once proven gone.
-    let gone = proven_gone(source, deleted).await;
-    let removed = index.remove_unless_written_since(&gone, listing_began).await?;
+    let removed = remove_deleted(source, index, plan, &ids).await?;
     summary.kept = summary.deleted - removed;
     summary.deleted = removed;
     progress.deleted = removed as u64;
     index.catalog.update_run(run, progress).await?;
 
     let started = Instant::now();
-    let work: Vec<Work> = new.into_iter().chain(changed).collect();
-    summary.failures = embed_and_write(backends, model, work, opts, run, progress).await?;
+    let to_embed = (left.new + left.changed) as usize;
+    summary.failures = embed_and_write(backends, model, plan.id, &ids, to_embed, opts, run, progress).await?;
     // Searches right after the run see all of it. No flush: an upsert is durable once
     // acknowledged, and sealing segments is Milvus's own business (a flush per run costs seconds).
     summary.vectors = index.wait_searchable().await?;
-    // And after: what this run did must leave them agreeing. Anything repaired now (a vector lost
-    // while the run wrote) is embedded by the next run, which the catalog's marks make a change.
+    // What this run did must leave Milvus and the catalog agreeing. Anything repaired now (a
+    // vector lost while the run wrote) is embedded by the next run, which the catalog's marks
+    // make a change.
     let after = repair(index, opts).await?;
-    repaired.orphans += after.orphans;
-    repaired.missing += after.missing;
     if after != Repair::default() {
         summary.vectors = index.wait_searchable().await?;
     }
-    summary.repaired = repaired;
+    summary.repaired = after;
     summary.embed_seconds = started.elapsed().as_secs_f64();
     summary.indexed = progress.indexed as usize;
     summary.failed = progress.failed as usize;
@@ -92,6 +155,34 @@ async fn repair(index: &Index, opts: &SyncOptions) -> Result<Repair, Error> {
         return Ok(Repair::default());
     }
     Ok(index.reconcile(opts.shard, opts.shards).await?)
+}
+
+/// The plan's deletions in `ids`, a page at a time: those proven gone are removed, unless
+/// written since the listing began. Returns how many were removed.
+async fn remove_deleted(
+    source: &Source,
+    index: &Index,
+    plan: &PlanRecord,
+    ids: &std::ops::RangeInclusive<i64>,
+) -> Result<usize, Error> {
+    let (mut after, mut removed) = (None, 0);
+    loop {
+        let page = index.catalog.work(plan.id, ids, after, true, WORK_PAGE).await?;
+        let Some(last) = page.last() else { return Ok(removed) };
+        after = Some(last.id);
+        let done: Vec<i64> = page.iter().map(|w| w.id).collect();
+        let entries = page.into_iter().map(|w| Entry {
+            id: w.id,
+            key: w.key,
+            etag: w.etag,
+            size: w.size,
+            indexed: w.indexed,
+            retry: false,
+        });
+        let gone = proven_gone(source, entries.collect()).await;
+        removed += index.remove_unless_written_since(&gone, plan.listing_began).await?;
+        index.catalog.work_done(plan.id, &done).await?;
+    }
 }
 
 /// The ids of `deleted` that are really gone. A vector costs a model run to remake, so an indexed
@@ -112,20 +203,26 @@ async fn proven_gone(source: &Source, deleted: Vec<Entry>) -> Vec<i64> {
     checks.buffer_unordered(16).filter_map(std::future::ready).collect().await
 }
 
-/// Runs the pipeline over `work` and writes what it produces; returns the objects that failed.
+/// Runs the pipeline over the plan's objects to embed in `ids` (`count` of them), read from the
+/// catalog a page at a time, and writes what it produces, marking each done; returns the
+/// objects that failed.
+#[allow(clippy::too_many_arguments)]
 async fn embed_and_write(
     backends: &Backends,
     model: Arc<Model>,
-    work: Vec<Work>,
+    plan: i64,
+    ids: &std::ops::RangeInclusive<i64>,
+    count: usize,
     opts: &SyncOptions,
     run: i64,
     progress: &mut RunProgress,
 ) -> Result<Vec<(String, String)>, Error> {
-    let bar = if opts.progress_bar { ProgressBar::new(work.len() as u64) } else { ProgressBar::hidden() };
+    let bar = if opts.progress_bar { ProgressBar::new(count as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta} {msg}")
             .expect("a valid template"),
     );
+    let (work, reader) = read_work(&backends.index, plan, ids.clone());
     let (writes_tx, mut writes_rx) = mpsc::channel::<WriteBatch>(2);
     let pipeline = tokio::spawn(produce(backends.source.clone(), model, work, opts.clone(), writes_tx));
     let mut failures = Vec::new();
@@ -134,8 +231,10 @@ async fn embed_and_write(
         let failed: Vec<(String, String)> =
             batch.records.iter().filter_map(|r| Some((r.key.clone(), r.error.clone()?))).collect();
         let indexed = batch.records.len() - failed.len();
+        let done: Vec<i64> = batch.records.iter().map(|r| r.id).collect();
         // Counted once written: the run's record never claims more than the index holds.
         backends.index.write(batch).await?;
+        backends.index.catalog.work_done(plan, &done).await?;
         progress.indexed += indexed as u64;
         progress.failed += failed.len() as u64;
         for (key, e) in &failed {
@@ -149,8 +248,35 @@ async fn embed_and_write(
         }
     }
     pipeline.await??;
+    reader.await??;
     bar.finish_and_clear();
     Ok(failures)
+}
+
+/// The plan's objects to embed in `ids`, read a page at a time on a task of its own (a page
+/// ahead of the pipeline, which holds its own bounded queue).
+fn read_work(
+    index: &Index,
+    plan: i64,
+    ids: std::ops::RangeInclusive<i64>,
+) -> (futures::stream::BoxStream<'static, Work>, tokio::task::JoinHandle<Result<(), Error>>) {
+    let (tx, rx) = mpsc::channel::<Work>(WORK_PAGE as usize);
+    let catalog = index.catalog.clone();
+    let reader = tokio::spawn(async move {
+        let mut after = None;
+        loop {
+            let page = catalog.work(plan, &ids, after, false, WORK_PAGE).await?;
+            let Some(last) = page.last() else { return Ok(()) };
+            after = Some(last.id);
+            for w in page {
+                if tx.send(Work::from(w)).await.is_err() {
+                    return Ok(()); // the pipeline stopped, and says why
+                }
+            }
+        }
+    });
+    let work = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|w| (w, rx)) });
+    (work.boxed(), reader)
 }
 
 /// The pipeline without the writes: fetch, decode and embed everything under `source`, and drop
@@ -158,9 +284,9 @@ async fn embed_and_write(
 /// Returns (embedded, failed).
 pub async fn embed_only(source: &Source, model: Arc<Model>, opts: &SyncOptions) -> Result<(usize, usize), Error> {
     // Everything is new against an empty catalog.
-    let work = plan(source.list().await?, HashMap::new(), 0, 1).new;
+    let work: Vec<Work> = source.list().await?.into_iter().map(Work::new).collect();
     let (tx, mut rx) = mpsc::channel::<WriteBatch>(2);
-    let pipeline = tokio::spawn(produce(source.clone(), model, work, opts.clone(), tx));
+    let pipeline = tokio::spawn(produce(source.clone(), model, stream::iter(work).boxed(), opts.clone(), tx));
     let (mut embedded, mut failed) = (0, 0);
     while let Some(w) = rx.recv().await {
         embedded += w.vectors.len();

@@ -2,8 +2,8 @@
 //! credentials its pods get (the controller holds none):
 //!
 //! - `imageindex plan`: the collection made or checked and the catalog migrated, then the bucket
-//!   listed and diffed against the catalog, and the catalog's counts. What it finds decides
-//!   whether an embedding Job runs at all.
+//!   listed once and diffed against the catalog, its work recorded for the embedding shards, and
+//!   the catalog's counts. What it finds decides whether an embedding Job runs at all.
 //! - `imageindex cleanup`: on deletion, drop the collection and its catalog rows (`Delete`, and
 //!   only if the catalog shows they are this index's), or let go of the claim (`Retain`).
 //!
@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::plan::{DeletionGuard, plan};
+use super::plan::DeletionGuard;
 use super::report::{Report, Stop};
+use super::{Error, Reconcile, planner};
 use crate::config::{BackendArgs, SourceArgs};
 use crate::core::{ModelId, Precision};
 use crate::env;
@@ -142,32 +143,39 @@ impl PlanArgs {
             Ok(Err(e)) => return Report::stopped(stop_of(&e), e),
             Err(_) => return Report::stopped(Stop::CollectionUnavailable, format!("no answer in {limit:?}")),
         }
+        // Milvus and the catalog agreeing first, so that the plan embeds what lost its vector.
+        let repaired = tokio::time::timeout(limit, planner::repair(&index, Reconcile::IfCountsDiffer)).await;
+        match repaired {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Report::stopped(Stop::MilvusUnavailable, format!("comparing Milvus and the catalog: {e}"));
+            }
+            Err(_) => return Report::stopped(Stop::MilvusUnavailable, format!("no answer in {limit:?}")),
+        }
         // The listing is bounded by the Job's deadline, not by a call limit: a large bucket takes
         // as long as it takes.
-        let listing = match self.src.open(self.source.clone()) {
-            Ok(source) => source.list().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let listing = match listing {
-            Ok(l) => l,
+        let source = match self.src.open(self.source.clone()) {
+            Ok(source) => source,
             Err(e) => return Report::stopped(Stop::SourceUnavailable, format!("listing {}: {e}", self.source)),
         };
-        let entries = match out.within(index.catalog.entries(0, 1)).await {
-            Ok(e) => e,
+        let guard = DeletionGuard { max_share: self.max_delete_percent / 100.0, allow: self.allow_mass_delete };
+        let planned = match planner::plan(&source, &index, guard).await {
+            Ok(p) => p,
+            Err(Error::Listing(e)) => {
+                return Report::stopped(Stop::SourceUnavailable, format!("listing {}: {e}", self.source));
+            }
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };
-        let catalog_size = entries.len();
-        let p = plan(listing, entries, 0, 1);
-        let guard = DeletionGuard { max_share: self.max_delete_percent / 100.0, allow: self.allow_mass_delete };
-        let refused = guard.check(&p, catalog_size).err().map(|e| e.to_string());
         let counts = match out.within(index.catalog.counts()).await {
             Ok(c) => c,
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };
+        let c = planned.record.counts;
         Report::Planned {
-            discovered: p.discovered as u64,
-            pending: (p.new.len() + p.changed.len() + p.deleted.len()) as u64,
-            refused,
+            plan: Some(planned.record.id),
+            discovered: c.discovered,
+            pending: c.pending(),
+            refused: planned.refused.map(|r| r.to_string()),
             indexed: counts.indexed,
             failed: counts.failed,
         }

@@ -140,19 +140,43 @@ fn rewrite_listing(f: &Faults, query: &str, mut xml: String) -> String {
             xml.replace_range(start..end + "</Size>".len(), "<Size>10</Size>");
         }
     }
-    let injected: String = f
+    // Injected keys go where a bucket lists them: in key order among the others.
+    let decode = |k: &str| -> String {
+        if encoded {
+            percent_encoding::percent_decode_str(k).decode_utf8_lossy().into_owned()
+        } else {
+            k.replace("&lt;", "<").replace("&amp;", "&")
+        }
+    };
+    let mut contents: Vec<(String, String)> = f
         .inject
         .lock()
         .unwrap()
         .iter()
         .map(|k| {
-            format!(
+            let key = format!("{prefix}{k}");
+            let xml = format!(
                 "<Contents><Key>{}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>\"injected\"</ETag><Size>10</Size></Contents>",
-                encode(&format!("{prefix}{k}"))
-            )
+                encode(&key)
+            );
+            (key, xml)
         })
         .collect();
-    xml.replace("</ListBucketResult>", &format!("{injected}</ListBucketResult>"))
+    let (start, end) = match (xml.find("<Contents>"), xml.rfind("</Contents>")) {
+        (Some(start), Some(end)) => (start, end + "</Contents>".len()),
+        _ => {
+            let at = xml.find("</ListBucketResult>").unwrap();
+            (at, at)
+        }
+    };
+    for item in xml[start..end].split_inclusive("</Contents>") {
+        let key = &item[item.find("<Key>").unwrap() + 5..item.find("</Key>").unwrap()];
+        contents.push((decode(key), item.to_string()));
+    }
+    contents.sort();
+    let sorted: String = contents.into_iter().map(|(_, xml)| xml).collect();
+    xml.replace_range(start..end, &sorted);
+    xml
 }
 
 impl S3Proxy {

@@ -7,7 +7,8 @@ use bytes::Bytes;
 
 use imageindex::core::{IndexKind, ModelId, Precision};
 use imageindex::embed::{DecodeLimits, Preprocessor};
-use imageindex::store::{Repair, VectorStore, key_id, shard_ids};
+use imageindex::store::{self, Repair, VectorStore, key_id, shard_ids};
+use imageindex::sync::{DeletionGuard, SyncOptions, carry_out, plan};
 
 use super::support::*;
 
@@ -20,11 +21,22 @@ async fn index_search_resync_and_delete() {
     fx.source.put("bad/notes.jpg", Bytes::from_static(b"this is a text file, not a photo\n")).await.unwrap();
     fx.source.put("bad/bomb.png", png_bomb()).await.unwrap();
 
-    // First run: the Job's path, two shards as two `imageindex embed` processes side by side.
+    // First run: the Jobs' path. `imageindex plan` lists the bucket once and records the work;
+    // two shards carry it out as two `imageindex embed` processes side by side.
+    let planned = Command::new(env!("CARGO_BIN_EXE_imageindex"))
+        .arg("plan")
+        .env("IMAGEINDEX_SOURCE", &fx.source_url)
+        .env("IMAGEINDEX_COLLECTION", &fx.name)
+        .output()
+        .unwrap();
+    assert!(planned.status.success(), "{}", String::from_utf8_lossy(&planned.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    assert_eq!((report["discovered"].as_u64(), report["pending"].as_u64()), (Some(203), Some(203)), "{report}");
+    let plan = report["plan"].as_i64().expect("the plan's id").to_string();
     let shards: Vec<_> = (0..2)
         .map(|shard| {
             Command::new(env!("CARGO_BIN_EXE_imageindex"))
-                .args(["embed", "--json", "--batch-size", "8"])
+                .args(["embed", "--json", "--batch-size", "8", "--plan", &plan])
                 .env("IMAGEINDEX_SOURCE", &fx.source_url)
                 .env("JOB_COMPLETION_INDEX", shard.to_string())
                 .env("IMAGEINDEX_SHARDS", "2")
@@ -96,6 +108,9 @@ async fn index_search_resync_and_delete() {
     let entries = b.index.catalog.entries(0, 1).await.unwrap();
     assert_eq!(entries.len(), 193);
     assert!(gone.iter().all(|k| !entries.contains_key(*k)));
+    let by_key = b.index.catalog.entries_after(None, 1000).await.unwrap();
+    assert_eq!(by_key.len(), 193);
+    assert!(by_key.windows(2).all(|w| w[0].key < w[1].key), "the catalog reads back in key order");
 
     // A changed object is re-embedded in place: the new content is found under the same key.
     let (key, _) = &photos[3];
@@ -164,4 +179,75 @@ async fn model_output_matches_the_reference_tensor_path() {
         assert!(rel < 1e-3, "{stem}: embedding off the reference path by {rel}");
         assert_eq!(out[0].len(), 2048);
     }
+}
+
+/// One listing per sync (issue 14): the plan lists the bucket once and records the work; each
+/// shard reads only its own and sends no LIST request; a shard run again after it finished finds
+/// nothing left (a retried pod carries on where it stopped); an unchanged bucket plans no work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plan_lists_once_and_shards_read_only_their_work() {
+    let fx = Fixture::new("plan_once");
+    upload_photos(&fx, 40).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    let model = model();
+    b.index.ensure(model.dim(), model.id(), false, store::LOCAL_OWNER).await.unwrap();
+    let planned = plan(&b.source, &b.index, DeletionGuard::default()).await.unwrap();
+    assert_eq!(b.source.list_requests(), 1, "40 objects: one page");
+    let counts = planned.record.counts;
+    assert_eq!((counts.discovered, counts.new, counts.pending()), (40, 40, 40));
+    let mut per_shard = 0;
+    for shard in 0..3 {
+        let opts = SyncOptions { shard, shards: 3, ..Default::default() };
+        let s = carry_out(&b, model.clone(), &opts, Some(planned.record.id)).await.unwrap();
+        assert_eq!(s.indexed, s.new, "shard {shard}: {s:?}");
+        per_shard += s.indexed;
+        let again = carry_out(&b, model.clone(), &opts, None).await.unwrap();
+        assert_eq!((again.new, again.indexed), (0, 0), "a shard run again redid its work: {again:?}");
+    }
+    assert_eq!(b.source.list_requests(), 1, "a shard listed the bucket");
+    assert_eq!(per_shard, 40);
+    assert_eq!(b.index.vectors.count().await.unwrap(), 40);
+    let again = plan(&b.source, &b.index, DeletionGuard::default()).await.unwrap();
+    assert_eq!((again.record.counts.unchanged, again.record.counts.pending()), (40, 0));
+    assert_eq!(b.source.list_requests(), 2);
+    fx.cleanup().await;
+}
+
+/// The catalog's queries use its indexes: the diff reads the catalog in key order from the
+/// covering `by_key` index alone (no table rows, no sort), the counts from `by_state`, and a
+/// shard's work from the primary key of `work`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_catalog_queries_use_their_indexes() {
+    use sqlx::Row;
+    let pool = sqlx::MySqlPool::connect(&env("IMAGEINDEX_MYSQL_URL")).await.unwrap();
+    // Migrated by connecting.
+    let fx = Fixture::new("explain");
+    let _ = fx.index(IndexKind::Hnsw).await;
+    let explain = |sql: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let row = sqlx::query(sql).fetch_one(&pool).await.unwrap();
+            let key: Option<String> = row.try_get("key").unwrap();
+            let extra: Option<String> = row.try_get("Extra").unwrap();
+            (key.unwrap_or_default(), extra.unwrap_or_default())
+        }
+    };
+    let (key, extra) = explain(
+        "EXPLAIN SELECT id, object_key, etag, size, state, retry FROM images \
+         WHERE collection = 'c' AND object_key > 'k' ORDER BY object_key LIMIT 5000",
+    )
+    .await;
+    assert_eq!(key, "by_key");
+    assert!(extra.contains("Using index") && !extra.contains("filesort"), "{extra}");
+    let (key, extra) =
+        explain("EXPLAIN SELECT state, COUNT(*) FROM images WHERE collection = 'c' GROUP BY state").await;
+    assert_eq!(key, "by_state");
+    assert!(extra.contains("Using index"), "{extra}");
+    let (key, extra) = explain(
+        "EXPLAIN SELECT id, object_key, etag, size, kind, indexed FROM work \
+         WHERE plan = 1 AND id BETWEEN 0 AND 99 AND kind <> 'deleted' ORDER BY id LIMIT 1000",
+    )
+    .await;
+    assert_eq!(key, "PRIMARY");
+    assert!(!extra.contains("filesort"), "{extra}");
 }

@@ -38,12 +38,17 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
     // A new collection: made, and everything in the bucket is work.
     let (code, report) = task(&fx, &["plan"], &[]);
     assert_eq!(code, 0, "{report:?}");
-    assert_eq!(report, Report::Planned { discovered: 30, pending: 30, refused: None, indexed: 0, failed: 0 });
+    let Report::Planned { plan: Some(plan), .. } = report else { panic!("no plan id: {report:?}") };
+    assert_eq!(
+        report,
+        Report::Planned { plan: Some(plan), discovered: 30, pending: 30, refused: None, indexed: 0, failed: 0 }
+    );
     assert!(fx.index(IndexKind::Hnsw).await.vectors.ready().await.is_ok(), "the plan made and loaded the collection");
 
-    // Indexed: a second plan finds nothing to do, and reads the counts.
+    // Its work carried out by an embedding shard (which lists nothing), a second plan finds
+    // nothing to do, and reads the counts.
     let index = Command::new(env!("CARGO_BIN_EXE_imageindex"))
-        .args(["embed", "--batch-size", "8"])
+        .args(["embed", "--batch-size", "8", "--plan", &plan.to_string()])
         .env("IMAGEINDEX_SOURCE", &fx.source_url)
         .env("IMAGEINDEX_COLLECTION", &fx.name)
         .env("IMAGEINDEX_OWNER", "ImageIndex shop/photos uid-1")
@@ -51,9 +56,11 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
         .unwrap();
     assert!(index.success());
     let (code, report) = task(&fx, &["plan"], &[]);
+    let Report::Planned { plan: second, .. } = report else { panic!("{report:?}") };
+    assert!(second > Some(plan), "a new plan each time");
     assert_eq!(
         (code, report),
-        (0, Report::Planned { discovered: 30, pending: 0, refused: None, indexed: 30, failed: 0 })
+        (0, Report::Planned { plan: second, discovered: 30, pending: 0, refused: None, indexed: 30, failed: 0 })
     );
 
     // Most of the bucket gone: the plan says the deletions would be refused, and why.

@@ -53,9 +53,15 @@ pub async fn search(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved
 }
 
 /// Creates an embedding Job (`<name>-embed-<unix seconds>`); returns its name.
-pub async fn job(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved, why: &str) -> Result<String, Error> {
+pub async fn job(
+    image_index: &ImageIndex,
+    ctx: &Context,
+    resolved: &Resolved,
+    why: &str,
+    plan: Option<i64>,
+) -> Result<String, Error> {
     let name = format!("{}-embed-{}", image_index.name_any(), Timestamp::now().as_second());
-    let job = builders::embed_job(image_index, resolved, &name);
+    let job = builders::embed_job(image_index, resolved, &name, plan);
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
     api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job)).await?;
     info!(job = %name, %why, "created embedding Job");

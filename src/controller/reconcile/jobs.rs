@@ -68,6 +68,8 @@ pub struct Diff {
     pub pending: u64,
     /// The deletions it would make are refused (see `DeletionGuard`), and why.
     pub refused: Option<String>,
+    /// Its id in the catalog (None from a plan Job of a version before plans were recorded).
+    pub plan: Option<i64>,
 }
 
 /// What the decision looks at.
@@ -96,8 +98,8 @@ pub enum JobDecision {
     FailedRecently { name: String, why: String, retry_in: Duration },
     /// No recent diff holds: list the bucket and decide again.
     Diff,
-    /// Start a Job, for this reason.
-    Create { why: String },
+    /// Start a Job, for this reason, carrying out this plan.
+    Create { why: String, plan: Option<i64> },
     /// The listing would delete more than the spec allows: no Job until it changes (or is allowed).
     DeletionRefused { why: String },
     /// Nothing to do until the next resync.
@@ -143,9 +145,9 @@ pub fn decide(i: &Inputs) -> JobDecision {
     if let Some(why) = &diff.refused {
         JobDecision::DeletionRefused { why: why.clone() }
     } else if i.synced_embedding != Some(i.embedding) {
-        JobDecision::Create { why: format!("embedding settings {} not indexed yet", i.embedding) }
+        JobDecision::Create { why: format!("embedding settings {} not indexed yet", i.embedding), plan: diff.plan }
     } else if diff.pending > 0 {
-        JobDecision::Create { why: format!("{} objects new, changed or deleted", diff.pending) }
+        JobDecision::Create { why: format!("{} objects new, changed or deleted", diff.pending), plan: diff.plan }
     } else {
         JobDecision::UpToDate { discovered: diff.discovered }
     }
@@ -183,6 +185,7 @@ mod tests {
             discovered: 10,
             pending,
             refused: None,
+            plan: Some(41),
         }
     }
 
@@ -240,12 +243,12 @@ mod tests {
     fn work_or_a_new_spec_starts_a_job() {
         let done = [job("j1", 3, JobState::Succeeded, Some(50))];
         let d = decide_with(&done, Some(3), Some(&diff(5, Some("j1"), 4)));
-        assert_eq!(d, JobDecision::Create { why: "4 objects new, changed or deleted".into() });
+        assert_eq!(d, JobDecision::Create { why: "4 objects new, changed or deleted".into(), plan: Some(41) });
         let d = decide_with(&done, Some(2), Some(&diff(5, Some("j1"), 0)));
-        assert_eq!(d, JobDecision::Create { why: "embedding settings h3 not indexed yet".into() });
+        assert_eq!(d, JobDecision::Create { why: "embedding settings h3 not indexed yet".into(), plan: Some(41) });
         assert_eq!(
             decide_with(&[], None, Some(&diff(5, None, 0))),
-            JobDecision::Create { why: "embedding settings h3 not indexed yet".into() }
+            JobDecision::Create { why: "embedding settings h3 not indexed yet".into(), plan: Some(41) }
         );
     }
 
@@ -294,7 +297,10 @@ mod tests {
         let live = Inputs { suspended: false, ..inputs };
         assert!(matches!(decide(&live), JobDecision::FailedRecently { .. }));
         let asked = Inputs { resync_requested: true, ..live };
-        assert_eq!(decide(&asked), JobDecision::Create { why: "4 objects new, changed or deleted".into() });
+        assert_eq!(
+            decide(&asked),
+            JobDecision::Create { why: "4 objects new, changed or deleted".into(), plan: Some(41) }
+        );
     }
 
     #[test]

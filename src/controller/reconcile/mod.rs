@@ -284,8 +284,8 @@ async fn embedding(
         JobDecision::Diff => {
             return plan(image_index, ctx, found, latest.map(|j| j.name.clone()), requested, observed).await;
         }
-        JobDecision::Create { why } => {
-            let name = apply::job(image_index, ctx, resolved, &why).await?;
+        JobDecision::Create { why, plan } => {
+            let name = apply::job(image_index, ctx, resolved, &why, plan).await?;
             let msg = format!("Job {name}: {why}");
             status.current_job = Some(name);
             (Observed::no(INDEXED, reason::INDEXING, msg), Action::requeue(Duration::from_secs(30)))

@@ -92,7 +92,7 @@ pub fn latest(tasks: &[Task]) -> Option<&Task> {
 
 /// The diff a plan that succeeded found, for the Job decision.
 pub fn diff(plan: &Task) -> Option<Diff> {
-    let Some(Report::Planned { discovered, pending, refused, .. }) = &plan.report else { return None };
+    let Some(Report::Planned { plan: id, discovered, pending, refused, .. }) = &plan.report else { return None };
     (plan.job.state == JobState::Succeeded).then(|| Diff {
         at: plan.job.finished.as_ref().map(|t| t.0).or(plan.job.created).unwrap_or_default(),
         generation: plan.job.generation,
@@ -100,6 +100,7 @@ pub fn diff(plan: &Task) -> Option<Diff> {
         discovered: *discovered,
         pending: *pending,
         refused: refused.clone(),
+        plan: *id,
     })
 }
 
@@ -241,12 +242,16 @@ mod tests {
 
     #[test]
     fn a_plan_reads_back_as_its_report_and_its_diff() {
-        let planned = Report::Planned { discovered: 9, pending: 2, refused: None, indexed: 7, failed: 0 };
+        let planned =
+            Report::Planned { plan: Some(12), discovered: 9, pending: 2, refused: None, indexed: 7, failed: 0 };
         let pods = [pod("photos-plan-1", terminated(&planned)), pod("other", terminated(&Report::Dropped))];
         let t = Task::of(&job("photos-plan-1", 60, "Complete", 30), &pods);
         assert_eq!(t.report.as_ref(), Some(&planned));
         let d = diff(&t).unwrap();
-        assert_eq!((d.generation, d.after_job.as_deref(), d.pending, d.at), (3, Some("photos-embed-1"), 2, at(30)));
+        assert_eq!(
+            (d.generation, d.after_job.as_deref(), d.pending, d.at, d.plan),
+            (3, Some("photos-embed-1"), 2, at(30), Some(12))
+        );
         assert_eq!(conditions(&t, "http://m").iter().map(|o| o.ok).collect::<Vec<_>>(), vec![Some(true); 2]);
         // A pod killed before it wrote one: no report, no diff.
         let killed = Task::of(&job("photos-plan-2", 60, "Failed", 30), &[]);

@@ -8,7 +8,10 @@
 //! - Azure Blob Storage: List Blobs, signed by object_store's `AzureAuthorizer`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use futures::stream::{self, BoxStream, StreamExt};
 
 use object_store::aws::AmazonS3;
 use object_store::azure::{AzureAuthorizer, MicrosoftAzure};
@@ -28,6 +31,8 @@ const ATTEMPTS: u32 = 6;
 pub(super) struct Lister {
     store: Store,
     http: reqwest::Client,
+    /// List requests sent (every attempt), for the benchmark and the tests that say who lists.
+    requests: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -62,26 +67,35 @@ impl Lister {
             .https_only(!custom_endpoint)
             .build()
             .ctx("building the listing's HTTP client")?;
-        Ok(Self { store, http })
+        Ok(Self { store, http, requests: Arc::default() })
     }
 
-    /// Every object whose key starts with `prefix`, in the bucket's order.
-    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<Object>> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let body = self.page(prefix, token.as_deref()).await?;
-            let page = match self.store {
-                Store::S3(_) | Store::Gcs { .. } => parse_s3(&body),
-                Store::Azure { .. } => parse_azure(&body),
+    /// List requests this lister (and its clones) sent.
+    pub(super) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Every object whose key starts with `prefix`, in the bucket's order, one page (up to 1000
+    /// objects, the stores' default) at a time: the next page is asked for only when this one
+    /// has been taken, so a listing of any size holds one page.
+    pub(super) fn pages(&self, prefix: &str) -> BoxStream<'static, Result<Vec<Object>>> {
+        let (lister, prefix) = (self.clone(), prefix.to_string());
+        // The state: the next page's token, or None once the last page was read.
+        let first: Option<Option<String>> = Some(None);
+        stream::try_unfold(first, move |state| {
+            let (lister, prefix) = (lister.clone(), prefix.clone());
+            async move {
+                let Some(token) = state else { return Ok(None) };
+                let body = lister.page(&prefix, token.as_deref()).await?;
+                let page = match lister.store {
+                    Store::S3(_) | Store::Gcs { .. } => parse_s3(&body),
+                    Store::Azure { .. } => parse_azure(&body),
+                }
+                .ctx("parsing the listing")?;
+                Ok(Some((page.objects, page.next.map(Some))))
             }
-            .ctx("parsing the listing")?;
-            out.extend(page.objects);
-            match page.next {
-                Some(next) => token = Some(next),
-                None => return Ok(out),
-            }
-        }
+        })
+        .boxed()
     }
 
     /// The request for one page, authorized afresh (credentials may have been refreshed).
@@ -142,6 +156,7 @@ impl Lister {
         let mut attempt = 0;
         loop {
             let req = self.request(prefix, token).await?;
+            self.requests.fetch_add(1, Ordering::Relaxed);
             let transient = match self.http.execute(req).await {
                 Ok(r) if r.status().is_success() => return r.text().await.ctx("reading the listing"),
                 Ok(r) if r.status().is_server_error() || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {

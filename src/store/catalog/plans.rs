@@ -1,0 +1,359 @@
+//! Plans and their work in the catalog: one listing of the bucket diffed against the catalog
+//! (`plans`), and what it found to do, one row per object (`work`). The embedding shards read
+//! the work of their id range instead of listing the bucket.
+
+use std::ops::RangeInclusive;
+
+use sqlx::{QueryBuilder, Row};
+
+use super::{Catalog, CatalogTime, Context, Error, Result, key_from_row, push_ids};
+
+/// What a plan found an object needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkKind {
+    New,
+    Changed,
+    /// In the catalog, not in the listing.
+    Deleted,
+}
+
+impl WorkKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkKind::New => "new",
+            WorkKind::Changed => "changed",
+            WorkKind::Deleted => "deleted",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "new" => Ok(WorkKind::New),
+            "changed" => Ok(WorkKind::Changed),
+            "deleted" => Ok(WorkKind::Deleted),
+            other => Err(Error::Invalid(format!("unknown work kind {other:?} in the catalog"))),
+        }
+    }
+}
+
+/// One object a plan found work for: as listed (new, changed) or as the catalog had it (deleted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkItem {
+    pub id: i64,
+    pub key: String,
+    pub etag: Option<String>,
+    pub size: u64,
+    pub kind: WorkKind,
+    /// The object has a vector now.
+    pub indexed: bool,
+}
+
+impl WorkItem {
+    pub fn of(object: crate::store::Object, kind: WorkKind, indexed: bool) -> Self {
+        let id = crate::store::key_id(&object.key);
+        Self { id, key: object.key, etag: object.etag, size: object.size, kind, indexed }
+    }
+}
+
+/// What a plan found, over the whole bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PlanCounts {
+    /// Objects listed.
+    pub discovered: u64,
+    /// Catalog entries read.
+    pub catalog: u64,
+    pub new: u64,
+    pub changed: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+}
+
+impl PlanCounts {
+    /// Objects with work to do.
+    pub fn pending(&self) -> u64 {
+        self.new + self.changed + self.deleted
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanStatus {
+    /// Still listing; its work is incomplete.
+    Planning,
+    /// Complete: its work is to be done.
+    Ready,
+    /// Complete, but its deletions are refused (the deletion guard): nothing of it is done.
+    Refused,
+    /// Stopped before it was complete.
+    Failed,
+}
+
+impl PlanStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            PlanStatus::Planning => "planning",
+            PlanStatus::Ready => "ready",
+            PlanStatus::Refused => "refused",
+            PlanStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        [PlanStatus::Planning, PlanStatus::Ready, PlanStatus::Refused, PlanStatus::Failed]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| Error::Invalid(format!("unknown plan status {s:?} in the catalog")))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanRecord {
+    pub id: i64,
+    pub status: PlanStatus,
+    /// Rows written at or after it are newer than the listing: never deleted on its word.
+    pub listing_began: CatalogTime,
+    pub counts: PlanCounts,
+    /// Why its deletions are refused, when they are.
+    pub refused: Option<String>,
+}
+
+/// Plans kept in the catalog: the newest is the one that counts, the others are history.
+const PLANS_KEPT: usize = 10;
+/// Rows one statement deletes, so that no transaction holds millions of row locks.
+const DELETE_CHUNK: u32 = 10_000;
+
+/// A static SELECT of a plan's columns, with the given WHERE clause.
+macro_rules! select_plan {
+    ($filter:literal) => {
+        concat!(
+            "SELECT id, status, listing_began, discovered, catalog, new, changed, deleted, unchanged, refused ",
+            "FROM plans WHERE ",
+            $filter
+        )
+    };
+}
+
+/// A static SELECT of a plan's work, deletions or not.
+macro_rules! select_work {
+    ($kind:literal) => {
+        concat!(
+            "SELECT id, object_key, etag, size, kind, indexed FROM work ",
+            "WHERE plan = ? AND id BETWEEN ? AND ? AND ",
+            $kind,
+            " ORDER BY id LIMIT ?"
+        )
+    };
+}
+
+fn plan_from_row(r: &sqlx::mysql::MySqlRow) -> Result<PlanRecord> {
+    let get = |c: &str| r.try_get::<i64, _>(c).map(|v| v as u64);
+    Ok(PlanRecord {
+        id: r.try_get("id")?,
+        status: PlanStatus::parse(&r.try_get::<String, _>("status")?)?,
+        listing_began: CatalogTime(r.try_get("listing_began")?),
+        counts: PlanCounts {
+            discovered: get("discovered")?,
+            catalog: get("catalog")?,
+            new: get("new")?,
+            changed: get("changed")?,
+            deleted: get("deleted")?,
+            unchanged: get("unchanged")?,
+        },
+        refused: r.try_get("refused")?,
+    })
+}
+
+impl Catalog {
+    /// Starts a plan whose listing began at `listing_began`, and forgets the work of this
+    /// collection's earlier plans: what they left undone, this one finds again.
+    pub async fn start_plan(&self, listing_began: CatalogTime) -> Result<i64> {
+        let res = sqlx::query("INSERT INTO plans (collection, status, listing_began) VALUES (?, 'planning', ?)")
+            .bind(&self.collection)
+            .bind(listing_began.0)
+            .execute(&self.pool)
+            .await
+            .ctx("starting a plan")?;
+        let plan = res.last_insert_id() as i64;
+        self.forget_plans_before(plan).await?;
+        Ok(plan)
+    }
+
+    /// Records work in one statement.
+    pub async fn add_work(&self, plan: i64, items: &[WorkItem]) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut qb = QueryBuilder::new("INSERT INTO work (plan, id, object_key, etag, size, kind, indexed) ");
+        qb.push_values(items, |mut b, w| {
+            b.push_bind(plan)
+                .push_bind(w.id)
+                .push_bind(w.key.as_bytes())
+                .push_bind(&w.etag)
+                .push_bind(w.size as i64)
+                .push_bind(w.kind.as_str())
+                .push_bind(w.indexed);
+        });
+        qb.build().execute(&self.pool).await.ctx("recording a plan's work")?;
+        Ok(())
+    }
+
+    /// Completes a plan: ready, or refused (and its work forgotten) when `refused` says why.
+    pub async fn finish_plan(&self, plan: i64, c: &PlanCounts, refused: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE plans SET status = ?, discovered = ?, catalog = ?, new = ?, changed = ?, deleted = ?, \
+             unchanged = ?, refused = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?",
+        )
+        .bind(if refused.is_some() { PlanStatus::Refused } else { PlanStatus::Ready }.as_str())
+        .bind(c.discovered as i64)
+        .bind(c.catalog as i64)
+        .bind(c.new as i64)
+        .bind(c.changed as i64)
+        .bind(c.deleted as i64)
+        .bind(c.unchanged as i64)
+        .bind(refused)
+        .bind(plan)
+        .execute(&self.pool)
+        .await
+        .ctx("completing a plan")?;
+        if refused.is_some() {
+            self.delete_work(plan).await?;
+        }
+        Ok(())
+    }
+
+    /// A plan that stopped before it was complete: its work is forgotten, never done.
+    pub async fn fail_plan(&self, plan: i64) -> Result<()> {
+        sqlx::query("UPDATE plans SET status = 'failed', finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?")
+            .bind(plan)
+            .execute(&self.pool)
+            .await
+            .ctx("recording a failed plan")?;
+        self.delete_work(plan).await
+    }
+
+    /// A plan of this collection.
+    pub async fn plan(&self, id: i64) -> Result<Option<PlanRecord>> {
+        let row = sqlx::query(select_plan!("collection = ? AND id = ?"))
+            .bind(&self.collection)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .ctx("reading a plan")?;
+        row.as_ref().map(plan_from_row).transpose()
+    }
+
+    /// The newest complete plan (ready or refused) of this collection.
+    pub async fn latest_plan(&self) -> Result<Option<PlanRecord>> {
+        let row =
+            sqlx::query(select_plan!("collection = ? AND status IN ('ready', 'refused') ORDER BY id DESC LIMIT 1"))
+                .bind(&self.collection)
+                .fetch_optional(&self.pool)
+                .await
+                .ctx("reading the latest plan")?;
+        row.as_ref().map(plan_from_row).transpose()
+    }
+
+    /// Up to `limit` of a plan's work items with ids in `ids` and above `after`, in id order:
+    /// the deletions, or the objects to embed.
+    pub async fn work(
+        &self,
+        plan: i64,
+        ids: &RangeInclusive<i64>,
+        after: Option<i64>,
+        deletions: bool,
+        limit: u32,
+    ) -> Result<Vec<WorkItem>> {
+        let from = after.map_or(*ids.start(), |a| (a + 1).max(*ids.start()));
+        let sql = if deletions { select_work!("kind = 'deleted'") } else { select_work!("kind <> 'deleted'") };
+        let rows = sqlx::query(sql)
+            .bind(plan)
+            .bind(from)
+            .bind(ids.end())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("reading a plan's work")?;
+        rows.iter()
+            .map(|r| {
+                Ok(WorkItem {
+                    id: r.try_get("id")?,
+                    key: key_from_row(r, "object_key")?,
+                    etag: r.try_get("etag")?,
+                    size: r.try_get::<i64, _>("size")? as u64,
+                    kind: WorkKind::parse(&r.try_get::<String, _>("kind")?)?,
+                    indexed: r.try_get("indexed")?,
+                })
+            })
+            .collect()
+    }
+
+    /// How much of a plan's work is left in `ids`: new, changed and deleted set.
+    pub async fn work_left(&self, plan: i64, ids: &RangeInclusive<i64>) -> Result<PlanCounts> {
+        let rows =
+            sqlx::query("SELECT kind, COUNT(*) AS n FROM work WHERE plan = ? AND id BETWEEN ? AND ? GROUP BY kind")
+                .bind(plan)
+                .bind(ids.start())
+                .bind(ids.end())
+                .fetch_all(&self.pool)
+                .await
+                .ctx("counting a plan's work")?;
+        let mut c = PlanCounts::default();
+        for r in rows {
+            let n = r.try_get::<i64, _>("n")? as u64;
+            match WorkKind::parse(&r.try_get::<String, _>("kind")?)? {
+                WorkKind::New => c.new = n,
+                WorkKind::Changed => c.changed = n,
+                WorkKind::Deleted => c.deleted = n,
+            }
+        }
+        Ok(c)
+    }
+
+    /// Marks work done: a retried shard does not do it again.
+    pub async fn work_done(&self, plan: i64, ids: &[i64]) -> Result<()> {
+        for chunk in ids.chunks(1000) {
+            let mut qb = QueryBuilder::new("DELETE FROM work WHERE plan = ");
+            qb.push_bind(plan).push(" AND id IN ");
+            push_ids(&mut qb, chunk);
+            qb.build().execute(&self.pool).await.ctx("marking a plan's work done")?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the work of this collection's plans before `plan`, and the rows of all but the
+    /// newest `PLANS_KEPT` of them.
+    async fn forget_plans_before(&self, plan: i64) -> Result<()> {
+        let older: Vec<i64> = sqlx::query_scalar("SELECT id FROM plans WHERE collection = ? AND id < ? ORDER BY id")
+            .bind(&self.collection)
+            .bind(plan)
+            .fetch_all(&self.pool)
+            .await
+            .ctx("reading earlier plans")?;
+        for id in &older {
+            self.delete_work(*id).await?;
+        }
+        if let Some(last_forgotten) = older.len().checked_sub(PLANS_KEPT).map(|i| older[i]) {
+            sqlx::query("DELETE FROM plans WHERE collection = ? AND id <= ?")
+                .bind(&self.collection)
+                .bind(last_forgotten)
+                .execute(&self.pool)
+                .await
+                .ctx("forgetting old plans")?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a plan's work, a chunk at a time.
+    async fn delete_work(&self, plan: i64) -> Result<()> {
+        loop {
+            let done = sqlx::query("DELETE FROM work WHERE plan = ? LIMIT ?")
+                .bind(plan)
+                .bind(DELETE_CHUNK)
+                .execute(&self.pool)
+                .await
+                .ctx("forgetting a plan's work")?;
+            if done.rows_affected() < u64::from(DELETE_CHUNK) {
+                return Ok(());
+            }
+        }
+    }
+}
