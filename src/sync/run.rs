@@ -14,7 +14,7 @@ use super::plan::Work;
 use super::planner::{self, Planned};
 use super::{Backends, Error, Reconcile, Summary, SyncOptions};
 use crate::embed::Model;
-use crate::store::{Entry, Index, PlanRecord, PlanStatus, Repair, RunProgress, Source, WriteBatch, shard_ids};
+use crate::store::{Index, PlanRecord, PlanStatus, Repair, RunProgress, Source, WorkItem, WriteBatch, shard_ids};
 
 /// Work items read at once.
 const WORK_PAGE: u32 = 1000;
@@ -171,15 +171,7 @@ async fn remove_deleted(
         let Some(last) = page.last() else { return Ok(removed) };
         after = Some(last.id);
         let done: Vec<i64> = page.iter().map(|w| w.id).collect();
-        let entries = page.into_iter().map(|w| Entry {
-            id: w.id,
-            key: w.key,
-            etag: w.etag,
-            size: w.size,
-            indexed: w.indexed,
-            retry: false,
-        });
-        let gone = proven_gone(source, entries.collect()).await;
+        let gone = proven_gone(source, page).await;
         removed += index.remove_unless_written_since(&gone, plan.listing_began).await?;
         index.catalog.work_done(plan.id, &done).await?;
     }
@@ -188,7 +180,7 @@ async fn remove_deleted(
 /// The ids of `deleted` that are really gone. A vector costs a model run to remake, so an indexed
 /// object is removed only once a HEAD says the bucket no longer has it (the listing may have
 /// missed it, or it came back since); a failed one holds no vector and goes on the listing's word.
-async fn proven_gone(source: &Source, deleted: Vec<Entry>) -> Vec<i64> {
+async fn proven_gone(source: &Source, deleted: Vec<WorkItem>) -> Vec<i64> {
     let checks = stream::iter(deleted).map(|e| async move {
         let there = if e.indexed { source.exists(&e.key).await } else { Ok(false) };
         match there {
