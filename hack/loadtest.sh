@@ -7,17 +7,19 @@
 # peak RSS; then the same query against the bare embedding (decode + preprocess + model, no HTTP,
 # no Milvus) for comparison.
 #   DURATION=15s hack/loadtest.sh
+# COLLECTION=name searches a collection that is already filled (hack/bench-search-scale.sh)
+# instead of indexing the sample images; SETTINGS picks the runs ("max-batch queue,...").
 source "$(dirname "$0")/lib.sh"
 command -v wrk >/dev/null || { sudo_=""; [[ $(id -u) == 0 ]] || sudo_=sudo; DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq wrk >/dev/null; }
 "$ROOT/hack/install.sh"
 "$ROOT/hack/services.sh" up
 source "$STATE/env"
-export IMAGEINDEX_MODEL=${IMAGEINDEX_MODEL:-$("$ROOT/hack/model.sh")} IMAGEINDEX_COLLECTION=loadtest RUST_LOG=warn
+export IMAGEINDEX_MODEL=${IMAGEINDEX_MODEL:-$("$ROOT/hack/model.sh")} IMAGEINDEX_COLLECTION=${COLLECTION:-loadtest} RUST_LOG=warn
 (cd "$ROOT" && cargo build --locked --release --quiet --bin imageindex)
 bin=$CARGO_TARGET_DIR/release/imageindex
 samples=$STATE/samples
 [[ -d $samples ]] || "$PY" "$ROOT/hack/make-sample-images.py" "$samples"
-"$bin" index "$samples" >/dev/null
+[[ -n ${COLLECTION:-} ]] || "$bin" index "$samples" >/dev/null
 
 port=18081
 
@@ -57,7 +59,8 @@ end
 PYEOF
 # Batching and the queue (the defaults), batching off, then no queue (the old behaviour: 503 at
 # once beyond 2 x cores; wrk sends the next request at once, so it counts the 503s it got).
-for setting in "8 32" "1 32" "8 0"; do
+IFS=, read -r -a settings <<<"${SETTINGS:-8 32,1 32,8 0}"
+for setting in "${settings[@]}"; do
   read -r batch queue <<<"$setting"
   "$bin" serve --listen "127.0.0.1:$port" --source "$samples" --max-batch "$batch" --max-queued-embeddings "$queue" &
   pid=$!
