@@ -102,7 +102,7 @@ fn embed_query() -> Result<()> {
     let mut times = vec![];
     for i in 0..21 {
         let t = Instant::now();
-        let tensor = pre.from_bytes(&bytes, DecodeLimits::default())?;
+        let tensor = pre.from_bytes(&bytes, DecodeLimits::default(), model.preprocess())?;
         model.embed(&tensor, 1)?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64() * 1e3); // the first call warms up
@@ -145,6 +145,7 @@ fn main() -> Result<()> {
 
     // Decode + preprocess alone: one core, then every core; and on one core with the decoder and
     // buffers made afresh for every image, which is what reusing them saves.
+    let preprocess = *model.preprocess();
     let decode_rate = |threads: usize, fresh: bool| -> Result<f64> {
         let t = Instant::now();
         std::thread::scope(|s| {
@@ -158,7 +159,7 @@ fn main() -> Result<()> {
                             if fresh {
                                 pre = Preprocessor::default();
                             }
-                            pre.from_bytes(b, DecodeLimits::default()).map(drop)
+                            pre.from_bytes(b, DecodeLimits::default(), &preprocess).map(drop)
                         })
                     })
                 })
@@ -179,8 +180,11 @@ fn main() -> Result<()> {
         turbo / zune
     );
     let mut pre = Preprocessor::default();
-    let tensors: Vec<Vec<f32>> =
-        photos.iter().take(256).map(|(_, b)| pre.from_bytes(b, DecodeLimits::default())).collect::<Result<_, _>>()?;
+    let tensors: Vec<Vec<f32>> = photos
+        .iter()
+        .take(256)
+        .map(|(_, b)| pre.from_bytes(b, DecodeLimits::default(), model.preprocess()))
+        .collect::<Result<_, _>>()?;
 
     // The bare model at each batch size.
     let bare: Vec<String> = bare_batches
@@ -334,7 +338,8 @@ fn fast_jpeg(dir: &Path, model: &Model) -> Result<()> {
         let limits = DecodeLimits { fast_jpeg: fast, ..Default::default() };
         let mut pre = Preprocessor::default();
         let t = Instant::now();
-        let tensors: Vec<Vec<f32>> = photos.iter().map(|(_, b)| pre.from_bytes(b, limits)).collect::<Result<_, _>>()?;
+        let tensors: Vec<Vec<f32>> =
+            photos.iter().map(|(_, b)| pre.from_bytes(b, limits, model.preprocess())).collect::<Result<_, _>>()?;
         let rate = photos.len() as f64 / t.elapsed().as_secs_f64();
         let vectors =
             tensors.iter().map(|t| model.embed(t, 1).map(|mut v| v.remove(0))).collect::<Result<Vec<_>, _>>()?;

@@ -3,7 +3,19 @@
 # random-weight ResNet50 from hack/make-test-model.py, generated once into the cache.
 #   --variants: also make its fp16 and int8 variants beside it (hack/quantize.py; int8 calibrated
 #   on 256 photos from hack/make-photos.py), as `imageindex --precision` expects to find them.
+#   --resnet18: the seeded random-weight ResNet18 instead (512-d vectors, not 2048): a second
+#   model of another width, for changing the model under a live index.
 source "$(dirname "$0")/lib.sh"
+if [[ ${1:-} == --resnet18 ]]; then
+  model=$CACHE/models/resnet18-random.onnx
+  if [[ ! -f $model ]]; then
+    log "generating the second test model (ResNet18 architecture, seeded random weights) -> $model"
+    mkdir -p "$(dirname "$model")"
+    "$PY" "$ROOT/hack/make-test-model.py" "$model" --arch resnet18 --seed 18 >&2
+  fi
+  echo "$model"
+  exit 0
+fi
 model=${IMAGEINDEX_MODEL:-$CACHE/models/resnet50-random.onnx}
 if [[ ! -f $model ]]; then
   [[ -n ${IMAGEINDEX_MODEL:-} ]] && { log "IMAGEINDEX_MODEL=$model does not exist"; exit 1; }

@@ -9,9 +9,9 @@
         u8 x s8 products without saturation; older AVX2 CPUs may saturate, which --reduce-range
         avoids at some accuracy cost (measure with the parity test before choosing it).
 
-The output records what it is in the model's metadata (imageindex.precision, imageindex.source),
-which `imageindex` reads and stores with the collection, so vectors of different precisions never
-mix unnoticed.
+The output records what it is in the model's metadata (imageindex.precision, imageindex.source,
+and the source's imageindex.preprocess), which `imageindex` reads and stores with the collection,
+so vectors of different precisions never mix unnoticed.
 
 usage: quantize.py MODEL.onnx --precision fp16|int8 [--calibration DIR] [--count 64] -o OUT.onnx
 """
@@ -55,7 +55,10 @@ def images(folder, count, seed=1):
 
 def stamp(model, precision, source):
     meta = {p.key: p for p in model.metadata_props}
-    for k, v in (("imageindex.precision", precision), ("imageindex.source", os.path.basename(source))):
+    # What the source records about itself (its preprocessing) holds for the variant too.
+    inherited = [(p.key, p.value) for p in onnx.load(source, load_external_data=False).metadata_props
+                 if p.key.startswith("imageindex.") and p.key not in ("imageindex.precision", "imageindex.source")]
+    for k, v in inherited + [("imageindex.precision", precision), ("imageindex.source", os.path.basename(source))]:
         if k in meta:
             meta[k].value = v
         else:

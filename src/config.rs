@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::core::{IndexKind, ModelId, Precision, Redacted};
+use crate::core::{IndexKind, ModelId, Precision, Preprocess, Redacted};
 use crate::embed::{DecodeLimits, Device, GpuOptions, Model, ModelOptions};
 use crate::env;
 use crate::store::{Index, MilvusConfig, Source, SourceConfig};
@@ -114,6 +114,13 @@ pub struct ModelArgs {
     /// check shows they retrieve alike).
     #[arg(long, env = env::ALLOW_MIXED_PRECISION)]
     pub allow_mixed_precision: bool,
+    /// How images are prepared for the model, for a file that does not record it in its
+    /// `imageindex.preprocess` metadata: `torchvision` (ResNet: resize 256 bilinear, crop 224,
+    /// ImageNet mean/std; the default), `clip` (resize 224 bicubic, crop 224, CLIP mean/std), or
+    /// `resize=N,crop=N,filter=bilinear|bicubic,mean=R/G/B,std=R/G/B`. A file that records one
+    /// refuses another.
+    #[arg(long, env = env::PREPROCESS)]
+    pub preprocess: Option<Preprocess>,
     /// Inference threads; 0 = every core this process may use.
     #[arg(long, env = env::THREADS, default_value_t = 0)]
     pub threads: usize,
@@ -150,6 +157,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let opts = ModelOptions {
+            preprocess: self.preprocess,
             device: self.device,
             precision: self.precision,
             threads: self.threads,

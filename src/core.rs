@@ -1,5 +1,6 @@
-//! Domain facts every part shares, with no dependency on the rest of the crate: which model and
-//! precision made a collection's vectors, and which vector index (and so which metric) it has.
+//! Domain facts every part shares, with no dependency on the rest of the crate: which model,
+//! precision and preprocessing made a collection's vectors, and which vector index (and so which
+//! metric) it has.
 //! `embed`, `store`, `crd` and the roles above them all point here; this module points nowhere.
 
 use schemars::JsonSchema;
@@ -37,31 +38,182 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// Which vectors a model makes: the fp32 model it comes from (by file name) and its precision.
-/// Recorded with the collection in Milvus and the catalog, and checked before anything is written,
-/// because vectors of different models never compare, and of different precisions only as well as
-/// the parity check says.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How images become the model's input: resize the shorter side to `resize` (antialiased, as
+/// PIL resizes), crop the centre `crop` x `crop`, scale levels to 0..1, subtract `mean` and divide
+/// by `std` per channel. A model's profile is recorded in its ONNX metadata
+/// (`imageindex.preprocess`) by the scripts that make it, or declared with `--preprocess`; either
+/// the name of a known one or the whole declaration, `resize=256,crop=224,filter=bilinear,
+/// mean=0.485/0.456/0.406,std=0.229/0.224/0.225`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Preprocess {
+    pub resize: u32,
+    pub crop: u32,
+    pub filter: ResizeFilter,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// The resampling filter of the resize.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResizeFilter {
+    Bilinear,
+    /// PIL's bicubic (Catmull-Rom, a = -0.5), which torchvision uses on PIL images.
+    Bicubic,
+}
+
+impl Preprocess {
+    /// torchvision's ImageNet classifiers (ResNet and most others): `Resize(256, bilinear)`,
+    /// `CenterCrop(224)`, ImageNet mean and std. The profile of models that record none.
+    pub const TORCHVISION: Self = Self {
+        resize: 256,
+        crop: 224,
+        filter: ResizeFilter::Bilinear,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+    /// OpenAI CLIP's image encoders (ViT-B/32, ViT-B/16 at 224): `Resize(224, bicubic)`,
+    /// `CenterCrop(224)`, CLIP's mean and std.
+    pub const CLIP: Self = Self {
+        resize: 224,
+        crop: 224,
+        filter: ResizeFilter::Bicubic,
+        mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+        std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+    };
+    const NAMED: [(&str, Self); 2] = [("torchvision", Self::TORCHVISION), ("clip", Self::CLIP)];
+
+    /// Floats in one preprocessed image: 3 x crop x crop, CHW.
+    pub fn tensor_len(&self) -> usize {
+        3 * self.crop as usize * self.crop as usize
+    }
+
+    fn name(&self) -> Option<&'static str> {
+        Self::NAMED.iter().find(|(_, p)| p == self).map(|(n, _)| *n)
+    }
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Self::TORCHVISION
+    }
+}
+
+impl std::fmt::Display for Preprocess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(name) = self.name() {
+            return f.write_str(name);
+        }
+        let three = |v: [f32; 3]| v.map(|x| x.to_string()).join("/");
+        let filter = match self.filter {
+            ResizeFilter::Bilinear => "bilinear",
+            ResizeFilter::Bicubic => "bicubic",
+        };
+        write!(
+            f,
+            "resize={},crop={},filter={filter},mean={},std={}",
+            self.resize,
+            self.crop,
+            three(self.mean),
+            three(self.std)
+        )
+    }
+}
+
+impl std::str::FromStr for Preprocess {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some((_, p)) = Self::NAMED.iter().find(|(n, _)| *n == s.trim()) {
+            return Ok(*p);
+        }
+        if !s.contains('=') {
+            let names: Vec<&str> = Self::NAMED.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "unknown preprocessing {s:?}: name one of {} or declare it as resize=N,crop=N,filter=bilinear|bicubic,\
+                 mean=R/G/B,std=R/G/B",
+                names.join(", ")
+            ));
+        }
+        let (mut resize, mut crop, mut filter, mut mean, mut std) = (None, None, None, None, None);
+        let three = |v: &str| -> Result<[f32; 3], String> {
+            let parts: Vec<f32> =
+                v.split('/').map(|x| x.trim().parse::<f32>()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+            <[f32; 3]>::try_from(parts).map_err(|_| format!("{v:?} is not three numbers R/G/B"))
+        };
+        for part in s.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| format!("{part:?} in {s:?} is not key=value"))?;
+            let value = value.trim();
+            let size = || value.parse::<u32>().map_err(|e| format!("{key}={value}: {e}"));
+            match key.trim() {
+                "resize" => resize = Some(size()?),
+                "crop" => crop = Some(size()?),
+                "filter" => {
+                    filter = Some(match value {
+                        "bilinear" => ResizeFilter::Bilinear,
+                        "bicubic" => ResizeFilter::Bicubic,
+                        other => return Err(format!("filter={other}: bilinear or bicubic")),
+                    })
+                }
+                "mean" => mean = Some(three(value)?),
+                "std" => std = Some(three(value)?),
+                other => return Err(format!("unknown key {other:?} in {s:?} (resize, crop, filter, mean, std)")),
+            }
+        }
+        let missing = |k: &str| format!("{s:?} does not say {k}");
+        let p = Self {
+            resize: resize.ok_or_else(|| missing("resize"))?,
+            crop: crop.ok_or_else(|| missing("crop"))?,
+            filter: filter.ok_or_else(|| missing("filter"))?,
+            mean: mean.ok_or_else(|| missing("mean"))?,
+            std: std.ok_or_else(|| missing("std"))?,
+        };
+        // Bounds that keep the tensor and the resize sane whatever a file says.
+        if !(16..=1024).contains(&p.crop) || !(p.crop..=2048).contains(&p.resize) {
+            return Err(format!("{s:?}: crop must be 16 to 1024 pixels, and resize at least crop and at most 2048"));
+        }
+        if p.mean.iter().any(|m| !(0.0..=1.0).contains(m)) || p.std.iter().any(|d| !(*d > 0.0 && *d <= 10.0)) {
+            return Err(format!("{s:?}: mean must be within 0 to 1, and std above 0 and at most 10"));
+        }
+        Ok(p)
+    }
+}
+
+/// Which vectors a model makes: the fp32 model it comes from (by file name), its precision and
+/// its preprocessing. Recorded with the collection in Milvus and the catalog, and checked before
+/// anything is written, because vectors of different models (or of one model fed differently)
+/// never compare, and of different precisions only as well as the parity check says.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelId {
     pub model: String,
     pub precision: Precision,
+    pub preprocess: Preprocess,
 }
 
 impl std::fmt::Display for ModelId {
+    /// `resnet50.onnx@int8`, with `+<preprocessing>` after it unless that is torchvision's.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.model, self.precision)
+        write!(f, "{}@{}", self.model, self.precision)?;
+        if self.preprocess != Preprocess::TORCHVISION {
+            write!(f, "+{}", self.preprocess)?;
+        }
+        Ok(())
     }
 }
 
 impl std::str::FromStr for ModelId {
     type Err = String;
-    /// `resnet50.onnx@int8`; a bare name (rows written before precisions existed) is fp32.
+    /// `resnet50.onnx@int8`, `clip.onnx@fp32+clip`; a bare name (rows written before precisions
+    /// existed) is fp32. No preprocessing named is torchvision's.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (model, precision) = match s.rsplit_once('@') {
-            Some((m, p)) => (m, p.parse()?),
-            None => (s, Precision::Fp32),
+        let (model, rest) = match s.rsplit_once('@') {
+            Some((m, rest)) => (m, Some(rest)),
+            None => (s, None),
         };
-        Ok(Self { model: model.to_string(), precision })
+        let (precision, preprocess) = match rest.map(|r| r.split_once('+').unwrap_or((r, ""))) {
+            None => (Precision::Fp32, Preprocess::TORCHVISION),
+            Some((p, "")) => (p.parse()?, Preprocess::TORCHVISION),
+            Some((p, pre)) => (p.parse()?, pre.parse()?),
+        };
+        Ok(Self { model: model.to_string(), precision, preprocess })
     }
 }
 
@@ -73,6 +225,13 @@ impl ModelId {
                 "{what} holds vectors of model {}, but this model is {}: vectors of different models do not \
                  compare; use another collection",
                 recorded.model, self.model
+            )));
+        }
+        if recorded.preprocess != self.preprocess {
+            return Err(ModelMismatch(format!(
+                "{what} holds vectors of {} fed with {} preprocessing, but this model is fed with {}: vectors \
+                 of differently prepared images do not compare; use another collection",
+                recorded.model, recorded.preprocess, self.preprocess
             )));
         }
         if recorded.precision != self.precision && !mixed_precision {
@@ -178,7 +337,11 @@ mod tests {
     #[test]
     fn model_ids_round_trip_and_mismatches_are_refused() {
         let int8: ModelId = "resnet50.onnx@int8".parse().unwrap();
-        assert_eq!(int8, ModelId { model: "resnet50.onnx".into(), precision: Precision::Int8 });
+        let torchvision = Preprocess::TORCHVISION;
+        assert_eq!(
+            int8,
+            ModelId { model: "resnet50.onnx".into(), precision: Precision::Int8, preprocess: torchvision }
+        );
         assert_eq!(int8.to_string(), "resnet50.onnx@int8");
         let legacy: ModelId = "resnet50.onnx".parse().unwrap();
         assert_eq!(legacy.precision, Precision::Fp32);
@@ -188,9 +351,48 @@ mod tests {
         let err = int8.check(&legacy, false, "collection c").unwrap_err().to_string();
         assert!(err.contains("holds fp32 vectors") && err.contains("--precision fp32"), "{err}");
         int8.check(&legacy, true, "collection c").expect("allowed when asked for");
-        let other = ModelId { model: "clip.onnx".into(), precision: Precision::Int8 };
+        let other = ModelId { model: "clip.onnx".into(), precision: Precision::Int8, preprocess: torchvision };
         let err = other.check(&int8, true, "collection c").unwrap_err().to_string();
         assert!(err.contains("different models"), "{err}");
+
+        // The preprocessing is part of the id, named when it is not torchvision's.
+        let clip: ModelId = "openai/clip@vit-b32.onnx@fp16+clip".parse().unwrap();
+        assert_eq!(
+            (clip.model.as_str(), clip.precision, clip.preprocess),
+            ("openai/clip@vit-b32.onnx", Precision::Fp16, Preprocess::CLIP)
+        );
+        assert_eq!(clip.to_string(), "openai/clip@vit-b32.onnx@fp16+clip");
+        let fed_otherwise = ModelId { preprocess: Preprocess::CLIP, ..int8.clone() };
+        let err = fed_otherwise.check(&int8, true, "collection c").unwrap_err().to_string();
+        assert!(err.contains("torchvision preprocessing") && err.contains("fed with clip"), "{err}");
+    }
+
+    #[test]
+    fn preprocessing_is_named_or_declared_and_bounded() {
+        assert_eq!("torchvision".parse::<Preprocess>().unwrap(), Preprocess::TORCHVISION);
+        assert_eq!("clip".parse::<Preprocess>().unwrap(), Preprocess::CLIP);
+        // A declaration equal to a named profile prints as its name; any other round-trips.
+        let declared = "resize=256,crop=224,filter=bilinear,mean=0.485/0.456/0.406,std=0.229/0.224/0.225";
+        assert_eq!(declared.parse::<Preprocess>().unwrap().to_string(), "torchvision");
+        let dino = "resize=256,crop=224,filter=bicubic,mean=0.485/0.456/0.406,std=0.229/0.224/0.225";
+        let parsed: Preprocess = dino.parse().unwrap();
+        assert_eq!((parsed.filter, parsed.tensor_len()), (ResizeFilter::Bicubic, 3 * 224 * 224));
+        assert_eq!(parsed.to_string(), dino);
+        assert_eq!(parsed.to_string().parse::<Preprocess>().unwrap(), parsed);
+        let id = ModelId { model: "dinov2-s.onnx".into(), precision: Precision::Fp32, preprocess: parsed };
+        assert_eq!(id.to_string().parse::<ModelId>().unwrap(), id);
+        for bad in [
+            "imagenet",
+            "resize=256,crop=224",
+            "resize=100,crop=224,filter=bilinear,mean=0.5/0.5/0.5,std=0.5/0.5/0.5",
+            "resize=99999,crop=224,filter=bilinear,mean=0.5/0.5/0.5,std=0.5/0.5/0.5",
+            "resize=256,crop=224,filter=lanczos,mean=0.5/0.5/0.5,std=0.5/0.5/0.5",
+            "resize=256,crop=224,filter=bilinear,mean=0.5/0.5,std=0.5/0.5/0.5",
+            "resize=256,crop=224,filter=bilinear,mean=0.5/0.5/0.5,std=0/0.5/0.5",
+            "resize=256,crop=224,filter=bilinear,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,gamma=2",
+        ] {
+            assert!(bad.parse::<Preprocess>().is_err(), "{bad} was accepted");
+        }
     }
 
     #[test]

@@ -261,6 +261,12 @@ pub struct EmbeddingSpec {
     /// vectors of one precision: changing it on an existing collection is refused.
     #[serde(default)]
     pub precision: Precision,
+    /// How images are prepared for a model whose file does not record it (the project's scripts
+    /// record it): `torchvision` (ResNet; the default), `clip`, or
+    /// `resize=N,crop=N,filter=bilinear|bicubic,mean=R/G/B,std=R/G/B`. A file that records
+    /// another is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<String>,
     /// Pods of the Indexed Job, each embedding its shard of the bucket.
     #[serde(default = "default_parallelism")]
     #[schemars(range(min = 1, max = 256))]
@@ -294,6 +300,7 @@ impl Default for EmbeddingSpec {
             model_uri: default_model_uri(),
             batch_size: default_batch(),
             precision: Precision::Fp32,
+            preprocess: None,
             parallelism: default_parallelism(),
             resources: None,
             scheduling: Scheduling::default(),

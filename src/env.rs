@@ -20,6 +20,7 @@ pub const OWNER: &str = "IMAGEINDEX_OWNER";
 pub const MODEL: &str = "IMAGEINDEX_MODEL";
 pub const DEVICE: &str = "IMAGEINDEX_DEVICE";
 pub const PRECISION: &str = "IMAGEINDEX_PRECISION";
+pub const PREPROCESS: &str = "IMAGEINDEX_PREPROCESS";
 pub const ALLOW_MIXED_PRECISION: &str = "IMAGEINDEX_ALLOW_MIXED_PRECISION";
 pub const THREADS: &str = "IMAGEINDEX_THREADS";
 pub const ORT_LIB: &str = "ORT_DYLIB_PATH";

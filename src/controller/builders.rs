@@ -106,6 +106,7 @@ pub fn embedding_hash(image_index: &ImageIndex, resolved: &Resolved) -> String {
         e.model_uri,
         e.batch_size,
         e.precision.to_string(),
+        e.preprocess,
         e.image,
     ]);
     // 64 bits of SHA-256, as hex: short enough for an annotation and a log line.
@@ -223,6 +224,9 @@ fn common_env(image_index: &ImageIndex, resolved: &Resolved) -> Vec<EnvVar> {
     ];
     if let Some(ep) = &spec.source.endpoint {
         e.push(var(env::S3_ENDPOINT, ep));
+    }
+    if let Some(p) = &spec.embedding.preprocess {
+        e.push(var(env::PREPROCESS, p));
     }
     if let Some(t) = &spec.milvus.credentials_secret_ref {
         e.push(secret_env(env::MILVUS_TOKEN, t));
@@ -446,7 +450,7 @@ pub struct PlanFor {
 fn task_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, component: &str, args: Vec<String>) -> Job {
     let mut env = common_env(image_index, resolved);
     env.push(var(env::REPORT, TERMINATION_LOG));
-    // No model volume: the model is named, not loaded.
+    // No model volume here: the cleanup never reads the model; the plan Job adds it.
     let (tmp, tmp_mount) = tmp();
     let container = Container {
         name: component.into(),
@@ -483,6 +487,10 @@ pub fn plan_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan:
     let spec = job.spec.as_mut().expect("task_job sets a spec");
     spec.active_deadline_seconds = Some(plan.deadline);
     let pod = spec.template.spec.as_mut().expect("pod_template sets a spec");
+    // The plan reads the model file's header (its width and preprocessing), not its weights.
+    let (volumes, mounts) = volumes(image_index);
+    pod.volumes = Some(volumes);
+    pod.containers[0].volume_mounts = Some(mounts);
     let env = pod.containers[0].env.as_mut().expect("task_job sets env");
     env.extend([
         var(env::PRECISION, image_index.spec.embedding.precision.to_string()),
@@ -828,6 +836,18 @@ mod tests {
             env_of(&pod.containers[0])["IMAGEINDEX_MODEL"].value.as_deref(),
             Some("/models/pvc/resnet50/v2.onnx")
         );
+        // The plan Job reads the same file's header (its vector width and preprocessing), and
+        // passes a declared preprocessing on, as every pod does.
+        let image_index = sample("  embedding: {modelUri: 'pvc://models/m.onnx', preprocess: clip}\n");
+        let for_ = PlanFor { after_job: None, resync: None, deadline: 900 };
+        let pod = plan_job(&image_index, &resolved(true), "p", &for_).spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "model").unwrap();
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (PVC_MOUNT, Some(true)));
+        assert!(pod.volumes.unwrap().iter().any(|v| v.name == "model" && v.persistent_volume_claim.is_some()));
+        assert!(c.volume_mounts.as_ref().unwrap().iter().any(|m| m.mount_path == "/tmp"), "and its /tmp still");
+        assert_eq!(env_of(c)["IMAGEINDEX_PREPROCESS"].value.as_deref(), Some("clip"));
+        assert_eq!(env_of(c)["IMAGEINDEX_MODEL"].value.as_deref(), Some("/models/pvc/m.onnx"));
     }
 
     #[test]

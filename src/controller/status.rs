@@ -24,6 +24,8 @@ pub mod reason {
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const MYSQL_UNAVAILABLE: &str = "MySQLUnavailable";
     pub const MODEL_MISMATCH: &str = "ModelMismatch";
+    /// The model file is missing, or does not say its vector width or preprocessing.
+    pub const MODEL_UNUSABLE: &str = "ModelUnusable";
     /// The collection has another index type than `milvus.index.type`.
     pub const INDEX_MISMATCH: &str = "IndexMismatch";
     /// Another index owns the collection (see `Catalog::claim_owner`).
@@ -64,6 +66,7 @@ pub mod reason {
         SECRET_KEY_MISSING,
         MYSQL_UNAVAILABLE,
         MODEL_MISMATCH,
+        MODEL_UNUSABLE,
         INDEX_MISMATCH,
         COLLECTION_CLAIMED,
         COLLECTION_UNAVAILABLE,

@@ -1,6 +1,7 @@
-//! ResNet50 through ONNX Runtime (the `ort` crate, runtime library loaded at start-up).
-//! The ONNX file takes `[N,3,224,224]` and returns pooled `[N,2048]` features (fc removed);
-//! we L2-normalise them so that L2 and inner-product/cosine searches agree.
+//! An image encoder through ONNX Runtime (the `ort` crate, runtime library loaded at start-up):
+//! ResNet50 by default, any other whose file takes `[N,3,crop,crop]` (its preprocessing profile's
+//! crop) and returns `[N,D]` features. The width D is read from the model, never assumed; we
+//! L2-normalise the vectors so that L2 and inner-product/cosine searches agree.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,18 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, Session, builder::GraphOptimizationLevel};
 use ort::value::{Tensor, TensorRef};
 
-use super::preprocess::{CROP, TENSOR_LEN};
-use crate::core::{ModelId, Precision};
+use crate::core::{ModelId, Precision, Preprocess};
+
+/// ONNX metadata keys the project's scripts stamp on a model file (`hack/make-test-model.py`,
+/// `hack/export-resnet50.py`, `hack/quantize.py`).
+pub mod metadata {
+    /// The fp32 model the file was made from (quantized variants keep their source's name).
+    pub const SOURCE: &str = "imageindex.source";
+    /// `fp32`, `fp16` or `int8`.
+    pub const PRECISION: &str = "imageindex.precision";
+    /// The preprocessing profile (`core::Preprocess`): a name or a declaration.
+    pub const PREPROCESS: &str = "imageindex.preprocess";
+}
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -87,11 +98,15 @@ pub struct ModelOptions {
     /// already uses every core), 2 on a GPU (one batch copies while the other computes).
     pub sessions: usize,
     pub gpu: GpuOptions,
+    /// The preprocessing declared by the user, for a file that records none; checked against the
+    /// file's own where it records one. None = the file's, or torchvision's.
+    pub preprocess: Option<Preprocess>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
         Self {
+            preprocess: None,
             device: Device::Cpu,
             precision: Precision::Fp32,
             threads: 0,
@@ -233,26 +248,21 @@ impl Model {
         let id = {
             let meta = session.metadata()?;
             let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let precision = match meta.custom("imageindex.precision") {
-                Some(p) => p.parse().map_err(|e| ModelError::Setup(format!("imageindex.precision metadata: {e}")))?,
-                None => Precision::Fp32,
-            };
-            ModelId { model: meta.custom("imageindex.source").unwrap_or(file), precision }
+            let describe = |key: &str| meta.custom(key);
+            describe_model(&file, describe, opts.precision, opts.preprocess)
+                .map_err(|e| ModelError::Setup(format!("{}: {e}", path.display())))?
         };
-        if id.precision != opts.precision {
-            setup!(
-                "{} is a {} model (its imageindex.precision metadata says so): run with --precision {}",
-                path.display(),
-                id.precision,
-                id.precision
-            );
-        }
         let slots = slots.into_iter().map(Mutex::new).collect();
         let mut model = Self { slots, next: AtomicUsize::new(0), input, output, dim: 0, id, device };
         // One dummy image per session tells us the output width and warms the kernels up.
+        let c = model.id.preprocess.crop;
         for _ in 0..sessions {
-            let probe = model.run(&vec![0.0; TENSOR_LEN], 1).map_err(|e| {
-                ModelError::Setup(format!("model {} does not accept [1,3,224,224]: {e}", path.display()))
+            let probe = model.run(&vec![0.0; model.id.preprocess.tensor_len()], 1).map_err(|e| {
+                ModelError::Setup(format!(
+                    "model {} does not accept [1,3,{c},{c}] (its preprocessing is {}): {e}",
+                    path.display(),
+                    model.id.preprocess
+                ))
             })?;
             model.dim = probe.len();
         }
@@ -317,9 +327,14 @@ impl Model {
         Ok(Slot { session, pinned })
     }
 
-    /// Width of the embeddings (2048 for ResNet50).
+    /// Width of the embeddings, from the model's output (2048 for ResNet50, 512 for ResNet18).
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// How images are prepared for it.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.id.preprocess
     }
 
     /// Which vectors this model makes.
@@ -340,7 +355,7 @@ impl Model {
     /// Runs `n` preprocessed images laid out back to back on a free session (or the next one in
     /// turn when all are busy); returns their raw outputs, flattened.
     fn run(&self, batch: &[f32], n: usize) -> Result<Vec<f32>> {
-        assert_eq!(batch.len(), n * TENSOR_LEN, "batch buffer does not hold {n} images");
+        assert_eq!(batch.len(), n * self.id.preprocess.tensor_len(), "batch buffer does not hold {n} images");
         let len = self.slots.len();
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % len;
         let mut slot = (0..len).find_map(|k| self.slots[(turn + k) % len].try_lock().ok()).map_or_else(
@@ -348,7 +363,7 @@ impl Model {
             Ok,
         )?;
         let Slot { session, pinned } = &mut *slot;
-        let c = CROP as usize;
+        let c = self.id.preprocess.crop as usize;
         let outputs = match pinned {
             None => {
                 let tensor = TensorRef::from_array_view(([n, 3, c, c], batch))?;
@@ -383,6 +398,44 @@ impl Model {
     }
 }
 
+/// Which vectors a model file makes, from its metadata (`describe` reads one key) and its file
+/// name: its source model's name, its precision (which must be the one asked for), and its
+/// preprocessing, which a user may declare (`declared`) for a file that records none, but never
+/// change for one that does.
+pub fn describe_model(
+    file: &str,
+    describe: impl Fn(&str) -> Option<String>,
+    wanted: Precision,
+    declared: Option<Preprocess>,
+) -> Result<ModelId, String> {
+    let precision = match describe(metadata::PRECISION) {
+        Some(p) => p.parse().map_err(|e| format!("{} metadata: {e}", metadata::PRECISION))?,
+        None => Precision::Fp32,
+    };
+    if precision != wanted {
+        return Err(format!(
+            "the model is {precision} (its {} metadata says so): run with --precision {precision}",
+            metadata::PRECISION
+        ));
+    }
+    let recorded = match describe(metadata::PREPROCESS) {
+        Some(p) => Some(p.parse::<Preprocess>().map_err(|e| format!("{} metadata: {e}", metadata::PREPROCESS))?),
+        None => None,
+    };
+    let preprocess = match (recorded, declared) {
+        (Some(r), Some(d)) if r != d => {
+            return Err(format!(
+                "the model is prepared with {r} preprocessing (its {} metadata says so), not {d}: drop --preprocess \
+                 or pass --preprocess {r}",
+                metadata::PREPROCESS
+            ));
+        }
+        (Some(p), _) | (None, Some(p)) => p,
+        (None, None) => Preprocess::TORCHVISION,
+    };
+    Ok(ModelId { model: describe(metadata::SOURCE).unwrap_or_else(|| file.to_string()), precision, preprocess })
+}
+
 pub fn normalized(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 { v.iter().map(|x| x / norm).collect() } else { v.to_vec() }
@@ -399,5 +452,35 @@ mod tests {
         assert_eq!(variant_path(m, Precision::Int8), Path::new("/models/resnet50.int8.onnx"));
         let given = Path::new("/models/resnet50.fp16.onnx");
         assert_eq!(variant_path(given, Precision::Fp16), given, "a variant named directly is used as is");
+    }
+
+    #[test]
+    fn a_model_is_described_by_its_metadata_and_a_declaration_cannot_contradict_it() {
+        let none = |_: &str| None;
+        let bare = describe_model("m.onnx", none, Precision::Fp32, None).unwrap();
+        assert_eq!(bare.to_string(), "m.onnx@fp32");
+        let declared = describe_model("m.onnx", none, Precision::Fp32, Some(Preprocess::CLIP)).unwrap();
+        assert_eq!(declared.to_string(), "m.onnx@fp32+clip");
+        let stamped = |k: &str| match k {
+            metadata::SOURCE => Some("clip-vit-b32.onnx".to_string()),
+            metadata::PRECISION => Some("int8".to_string()),
+            metadata::PREPROCESS => Some("clip".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            describe_model("x.int8.onnx", stamped, Precision::Int8, None).unwrap().to_string(),
+            "clip-vit-b32.onnx@int8+clip"
+        );
+        assert!(
+            describe_model("x.onnx", stamped, Precision::Int8, Some(Preprocess::CLIP)).is_ok(),
+            "the same profile, declared"
+        );
+        let err = describe_model("x.onnx", stamped, Precision::Int8, Some(Preprocess::TORCHVISION)).unwrap_err();
+        assert!(err.contains("prepared with clip") && err.contains("--preprocess clip"), "{err}");
+        let err = describe_model("x.onnx", stamped, Precision::Fp32, None).unwrap_err();
+        assert!(err.contains("model is int8") && err.contains("--precision int8"), "{err}");
+        let bad = |k: &str| (k == metadata::PREPROCESS).then(|| "sharpen".to_string());
+        let err = describe_model("x.onnx", bad, Precision::Fp32, None).unwrap_err();
+        assert!(err.contains("imageindex.preprocess metadata"), "{err}");
     }
 }

@@ -1,9 +1,11 @@
-//! Decoding and the reference preprocessing, torchvision's ResNet50 transform:
-//! `Resize(256, bilinear, antialias) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet)`,
-//! applied to the image converted to RGB as PIL's `convert("RGB")` does (alpha dropped, grey replicated).
-//! JPEGs are decoded by libjpeg-turbo, as in PIL; PNG, WebP and the rare CMYK JPEG by image-rs.
-//! The resize is a separable convolution whose support widens with the downscale factor, which is
-//! what PIL does and what `fast_image_resize`'s bilinear convolution implements.
+//! Decoding and the reference preprocessing, torchvision's transform on PIL images:
+//! `Resize(resize, bilinear|bicubic, antialias) -> CenterCrop(crop) -> ToTensor -> Normalize(mean, std)`
+//! with the numbers of the model's profile (`core::Preprocess`: torchvision's ResNet50, CLIP, or
+//! declared), applied to the image converted to RGB as PIL's `convert("RGB")` does (alpha dropped,
+//! grey replicated). JPEGs are decoded by libjpeg-turbo, as in PIL; PNG, WebP and the rare CMYK
+//! JPEG by image-rs. The resize is a separable convolution whose support widens with the downscale
+//! factor, which is what PIL does and what `fast_image_resize`'s convolutions implement (its
+//! Catmull-Rom is PIL's bicubic).
 
 use std::io::Cursor;
 
@@ -13,19 +15,12 @@ use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
 use super::jpeg;
+use crate::core::{Preprocess, ResizeFilter};
 
-/// Side of the square the model sees.
-pub const CROP: u32 = 224;
-/// Shorter side after the resize, before the centre crop.
-pub const RESIZE: u32 = 256;
-/// Elements of one preprocessed image: 3 x 224 x 224, CHW.
-pub const TENSOR_LEN: usize = 3 * (CROP as usize) * (CROP as usize);
-/// Most pixels the resize may produce (6 MB of RGB): the shorter side becomes 256, so this refuses
-/// shapes flatter than 32:1, whose resize would otherwise ask for gigabytes (a 1x1,000,000 PNG
-/// of 2 KB resizes to 256 x 256,000,000). Panoramas are 2:1 to 12:1.
-pub const MAX_RESIZED_PIXELS: u64 = RESIZE as u64 * RESIZE as u64 * 32;
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// The flattest shape the resize accepts: the shorter side becomes `resize`, so a 1x1,000,000
+/// PNG of 2 KB would otherwise resize to 256 x 256,000,000 pixels (gigabytes). Panoramas are
+/// 2:1 to 12:1. At torchvision's 256, the resize makes at most 2 MP (6 MB of RGB).
+pub const MAX_ASPECT: u64 = 32;
 
 /// Guards against hostile or accidental inputs, and how JPEGs are decoded.
 #[derive(Clone, Copy, Debug)]
@@ -60,10 +55,10 @@ pub enum DecodeError {
     #[error("image has no pixels")]
     Empty,
     #[error(
-        "image is {width}x{height}: with its shorter side at 256 it would be {resized} pixels, more than \
-         the limit of {MAX_RESIZED_PIXELS} (an aspect ratio above 32:1)"
+        "image is {width}x{height}: with its shorter side at {side} it would be {resized} pixels, more than \
+         the limit of {limit} (an aspect ratio above {MAX_ASPECT}:1)"
     )]
-    BadShape { width: u32, height: u32, resized: u64 },
+    BadShape { width: u32, height: u32, side: u32, resized: u64, limit: u64 },
     #[error("corrupt {format} image: {reason}")]
     Corrupt { format: &'static str, reason: String },
     #[error("truncated JPEG image: the data ends before the end-of-image marker")]
@@ -81,14 +76,15 @@ pub fn sniff(bytes: &[u8]) -> Option<ImageFormat> {
 }
 
 /// Decodes JPEG, PNG or WebP bytes to RGB8, applying the EXIF orientation.
+/// Large JPEGs come at the DCT scale torchvision's profile would decode them at (`DecodeLimits`).
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, DecodeError> {
     let mut p = Preprocessor::default();
-    let (w, h) = p.decode(bytes, limits)?;
+    let (w, h) = p.decode(bytes, limits, Preprocess::TORCHVISION.resize)?;
     Ok(RgbImage::from_raw(w, h, p.rgb).expect("decoders fill width x height x 3 bytes"))
 }
 
-/// Refuses an image without pixels, with more than the limit, or too flat to resize, from its
-/// header's size: before anything is allocated for it.
+/// Refuses an image without pixels or with more than the limit, from its header's size: before
+/// anything is allocated for it. (Too flat a shape is refused by `resized_size`, before the resize.)
 fn check_size(width: u32, height: u32, limits: DecodeLimits) -> Result<(), DecodeError> {
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
@@ -97,22 +93,22 @@ fn check_size(width: u32, height: u32, limits: DecodeLimits) -> Result<(), Decod
     if pixels > limits.max_pixels {
         return Err(DecodeError::TooLarge { width, height, pixels, limit: limits.max_pixels });
     }
-    resized_size(width, height).map(|_| ())
+    Ok(())
 }
 
 /// The DCT scale for `--fast-jpeg`: the smallest of 1/2, 1/4, 1/8 that still leaves the shorter
-/// side at `RESIZE` or more, so the antialiased resize after it still does the final step.
-fn dct_denominator(short_side: u32) -> u32 {
-    [8, 4, 2].into_iter().find(|&d| short_side / d >= RESIZE).unwrap_or(1)
+/// side at `resize` or more, so the antialiased resize after it still does the final step.
+fn dct_denominator(short_side: u32, resize: u32) -> u32 {
+    [8, 4, 2].into_iter().find(|&d| short_side / d >= resize).unwrap_or(1)
 }
 
-/// The DCT scale a JPEG of this size is decoded at (see `DecodeLimits`).
-fn jpeg_denominator(width: u32, height: u32, limits: DecodeLimits) -> u32 {
+/// The DCT scale a JPEG of this size is decoded at for a resize to `resize` (see `DecodeLimits`).
+fn jpeg_denominator(width: u32, height: u32, limits: DecodeLimits, resize: u32) -> u32 {
     let short = width.min(height);
     if limits.fast_jpeg {
-        dct_denominator(short)
+        dct_denominator(short, resize)
     } else if u64::from(width) * u64::from(height) > limits.exact_max_pixels {
-        [8, 4, 2].into_iter().find(|&d| short / d >= 2 * RESIZE).unwrap_or(1)
+        [8, 4, 2].into_iter().find(|&d| short / d >= 2 * resize).unwrap_or(1)
     } else {
         1
     }
@@ -133,14 +129,14 @@ fn jpeg_frame(b: &[u8]) -> Option<(u32, u32, u8, bool)> {
 /// decoded image (in the file's own pixel format for image-rs, then as RGB8 unless it is that
 /// already), an upright copy when the EXIF orientation asks for one, libjpeg's whole-image
 /// coefficients for a progressive JPEG, and the resize's two buffers.
-pub fn decode_cost(bytes: &[u8], limits: DecodeLimits) -> Result<u64, DecodeError> {
+pub fn decode_cost(bytes: &[u8], limits: DecodeLimits, p: &Preprocess) -> Result<u64, DecodeError> {
     let format = sniff(bytes).ok_or(DecodeError::Unsupported)?;
     let (w, h, native, extra, rotated) = if format == ImageFormat::Jpeg {
         let (w, h, components, progressive) =
             jpeg_frame(bytes).ok_or(DecodeError::Corrupt { format: "JPEG", reason: "no frame header".into() })?;
         check_size(w, h, limits)?;
         let full = u64::from(w) * u64::from(h);
-        let d = jpeg_denominator(w, h, limits);
+        let d = jpeg_denominator(w, h, limits, p.resize);
         let (dw, dh) = (w.div_ceil(d), h.div_ceil(d));
         // CMYK (4 components) goes through image-rs at full size.
         let native = if components == 4 { 4 * full } else { 3 * u64::from(dw) * u64::from(dh) };
@@ -158,7 +154,7 @@ pub fn decode_cost(bytes: &[u8], limits: DecodeLimits) -> Result<u64, DecodeErro
         let rotated = decoder.orientation().is_ok_and(|o| o != Orientation::NoTransforms);
         (w, h, decoder.total_bytes(), to_rgb, rotated)
     };
-    let (rw, rh) = resized_size(w, h)?;
+    let (rw, rh) = resized_size(w, h, p.resize)?;
     let upright = if rotated { 3 * u64::from(w) * u64::from(h) } else { 0 };
     let resize = 3 * u64::from(rw) * (u64::from(rh) + u64::from(h));
     Ok(native + extra + upright + resize)
@@ -215,21 +211,22 @@ fn jpeg_orientation(b: &[u8]) -> Orientation {
         .unwrap_or(Orientation::NoTransforms)
 }
 
-/// torchvision's `Resize(256)` output size: the shorter side becomes 256, the longer one
-/// `int(256 * long / short)` (truncated, as torchvision computes it). Refused above
-/// `MAX_RESIZED_PIXELS`, computed in u64 so that no shape overflows.
-pub fn resized_size(width: u32, height: u32) -> Result<(u32, u32), DecodeError> {
+/// torchvision's `Resize(side)` output size: the shorter side becomes `side`, the longer one
+/// `int(side * long / short)` (truncated, as torchvision computes it). Refused above
+/// `side` x `side` x `MAX_ASPECT` pixels, computed in u64 so that no shape overflows.
+pub fn resized_size(width: u32, height: u32, side: u32) -> Result<(u32, u32), DecodeError> {
     let (short, long) = if width <= height { (width, height) } else { (height, width) };
     if short == 0 {
         return Err(DecodeError::Empty);
     }
-    let long_new = u64::from(RESIZE) * u64::from(long) / u64::from(short);
-    let resized = long_new * u64::from(RESIZE);
-    if resized > MAX_RESIZED_PIXELS {
-        return Err(DecodeError::BadShape { width, height, resized });
+    let long_new = u64::from(side) * u64::from(long) / u64::from(short);
+    let resized = long_new * u64::from(side);
+    let limit = u64::from(side) * u64::from(side) * MAX_ASPECT;
+    if resized > limit {
+        return Err(DecodeError::BadShape { width, height, side, resized, limit });
     }
-    let long_new = long_new as u32; // at most MAX_RESIZED_PIXELS / 256
-    Ok(if width <= height { (RESIZE, long_new) } else { (long_new, RESIZE) })
+    let long_new = long_new as u32; // at most side x MAX_ASPECT
+    Ok(if width <= height { (side, long_new) } else { (long_new, side) })
 }
 
 /// torchvision's `CenterCrop` offset: `int(round((size - crop) / 2))`, with Python's
@@ -266,15 +263,16 @@ impl Preprocessor {
         LOCAL.with_borrow_mut(f)
     }
 
-    /// Decodes into `self.rgb`, upright; returns the size.
-    fn decode(&mut self, bytes: &[u8], limits: DecodeLimits) -> Result<(u32, u32), DecodeError> {
+    /// Decodes into `self.rgb`, upright, for a resize of the shorter side to `resize` (which
+    /// picks the JPEG's DCT scale); returns the size.
+    fn decode(&mut self, bytes: &[u8], limits: DecodeLimits, resize: u32) -> Result<(u32, u32), DecodeError> {
         let format = sniff(bytes).ok_or(DecodeError::Unsupported)?;
         if format == ImageFormat::Jpeg {
             // JPEG decoders fill missing data with grey instead of failing; check the structure first.
             if !jpeg_is_complete(bytes) {
                 return Err(DecodeError::TruncatedJpeg);
             }
-            if let Some(size) = self.decode_jpeg(bytes, limits)? {
+            if let Some(size) = self.decode_jpeg(bytes, limits, resize)? {
                 return Ok(size);
             }
         }
@@ -309,7 +307,12 @@ impl Preprocessor {
 
     /// A JPEG through libjpeg-turbo, at a DCT scale with `fast_jpeg`. None for what it cannot
     /// give as 8-bit RGB (CMYK, 12-bit), which image-rs decodes instead.
-    fn decode_jpeg(&mut self, bytes: &[u8], limits: DecodeLimits) -> Result<Option<(u32, u32)>, DecodeError> {
+    fn decode_jpeg(
+        &mut self,
+        bytes: &[u8],
+        limits: DecodeLimits,
+        resize: u32,
+    ) -> Result<Option<(u32, u32)>, DecodeError> {
         let corrupt = |e: jpeg::JpegError| DecodeError::Corrupt { format: "JPEG", reason: e.to_string() };
         let decoder = match &mut self.jpeg {
             Some(d) => d,
@@ -320,7 +323,7 @@ impl Preprocessor {
         if !header.rgb {
             return Ok(None);
         }
-        let denom = jpeg_denominator(header.width, header.height, limits);
+        let denom = jpeg_denominator(header.width, header.height, limits, resize);
         let (w, h) = decoder.decode_rgb(bytes, denom, &mut self.rgb).map_err(corrupt)?;
         let orientation = jpeg_orientation(bytes);
         if orientation == Orientation::NoTransforms {
@@ -330,35 +333,52 @@ impl Preprocessor {
         Ok(Some(self.keep_upright(DynamicImage::ImageRgb8(stored), orientation)))
     }
 
-    /// Bytes -> normalised CHW tensor, written into `out` (`TENSOR_LEN` floats). Buffers grown
-    /// past `KEEP_BYTES` by an outlier are let go afterwards: threads live on, and a few huge
-    /// images would otherwise pin their peak for good.
-    pub fn tensor_into(&mut self, bytes: &[u8], limits: DecodeLimits, out: &mut [f32]) -> Result<(), DecodeError> {
-        let result = self.tensor_into_kept(bytes, limits, out);
+    /// Bytes -> normalised CHW tensor as profile `p` prepares it, written into `out`
+    /// (`p.tensor_len()` floats). Buffers grown past `KEEP_BYTES` by an outlier are let go
+    /// afterwards: threads live on, and a few huge images would otherwise pin their peak for good.
+    pub fn tensor_into(
+        &mut self,
+        bytes: &[u8],
+        limits: DecodeLimits,
+        p: &Preprocess,
+        out: &mut [f32],
+    ) -> Result<(), DecodeError> {
+        let result = self.tensor_into_kept(bytes, limits, p, out);
         if self.rgb.capacity() > KEEP_BYTES || self.resized.capacity() > KEEP_BYTES {
             (self.rgb, self.resized, self.resizer) = (Vec::new(), Vec::new(), Resizer::new());
         }
         result
     }
 
-    fn tensor_into_kept(&mut self, bytes: &[u8], limits: DecodeLimits, out: &mut [f32]) -> Result<(), DecodeError> {
-        assert_eq!(out.len(), TENSOR_LEN);
-        let (w, h) = self.decode(bytes, limits)?;
-        let (rw, rh) = resized_size(w, h)?;
+    fn tensor_into_kept(
+        &mut self,
+        bytes: &[u8],
+        limits: DecodeLimits,
+        p: &Preprocess,
+        out: &mut [f32],
+    ) -> Result<(), DecodeError> {
+        assert_eq!(out.len(), p.tensor_len());
+        let (w, h) = self.decode(bytes, limits, p.resize)?;
+        let (rw, rh) = resized_size(w, h, p.resize)?;
         let src = ImageRef::new(w, h, &self.rgb, PixelType::U8x3).expect("decoded w x h x 3 bytes");
         self.resized.resize(3 * rw as usize * rh as usize, 0);
         let mut dst = Image::from_slice_u8(rw, rh, &mut self.resized, PixelType::U8x3).expect("sized above");
-        let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        let filter = match p.filter {
+            ResizeFilter::Bilinear => FilterType::Bilinear,
+            ResizeFilter::Bicubic => FilterType::CatmullRom,
+        };
+        let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
         self.resizer.resize(&src, &mut dst, &opts).expect("same pixel types");
 
-        let (left, top) = (crop_offset(rw, CROP) as usize, crop_offset(rh, CROP) as usize);
-        let plane = (CROP * CROP) as usize;
-        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
-        let shift: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
-        for y in 0..CROP as usize {
-            let row = &self.resized[((top + y) * rw as usize + left) * 3..][..CROP as usize * 3];
+        let crop = p.crop as usize;
+        let (left, top) = (crop_offset(rw, p.crop) as usize, crop_offset(rh, p.crop) as usize);
+        let plane = crop * crop;
+        let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * p.std[c]));
+        let shift: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
+        for y in 0..crop {
+            let row = &self.resized[((top + y) * rw as usize + left) * 3..][..crop * 3];
             for (x, px) in row.chunks_exact(3).enumerate() {
-                let i = y * CROP as usize + x;
+                let i = y * crop + x;
                 for c in 0..3 {
                     out[c * plane + i] = px[c] as f32 * scale[c] + shift[c];
                 }
@@ -368,9 +388,9 @@ impl Preprocessor {
     }
 
     /// Bytes -> a new tensor.
-    pub fn from_bytes(&mut self, bytes: &[u8], limits: DecodeLimits) -> Result<Vec<f32>, DecodeError> {
-        let mut out = vec![0.0; TENSOR_LEN];
-        self.tensor_into(bytes, limits, &mut out)?;
+    pub fn from_bytes(&mut self, bytes: &[u8], limits: DecodeLimits, p: &Preprocess) -> Result<Vec<f32>, DecodeError> {
+        let mut out = vec![0.0; p.tensor_len()];
+        self.tensor_into(bytes, limits, p, &mut out)?;
         Ok(out)
     }
 }
@@ -378,15 +398,17 @@ impl Preprocessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TV: Preprocess = Preprocess::TORCHVISION;
     use std::path::PathBuf;
 
     #[test]
     fn resize_matches_torchvision_sizes() {
-        assert_eq!(resized_size(451, 300).unwrap(), (384, 256)); // int(256 * 451 / 300) = 384
-        assert_eq!(resized_size(300, 451).unwrap(), (256, 384));
-        assert_eq!(resized_size(512, 512).unwrap(), (256, 256));
-        assert_eq!(resized_size(741, 500).unwrap(), (379, 256)); // 379.39 truncated
-        assert_eq!(resized_size(8192, 256).unwrap(), (8192, 256)); // 32:1, the flattest allowed
+        assert_eq!(resized_size(451, 300, 256).unwrap(), (384, 256)); // int(256 * 451 / 300) = 384
+        assert_eq!(resized_size(300, 451, 256).unwrap(), (256, 384));
+        assert_eq!(resized_size(512, 512, 256).unwrap(), (256, 256));
+        assert_eq!(resized_size(741, 500, 256).unwrap(), (379, 256)); // 379.39 truncated
+        assert_eq!(resized_size(8192, 256, 256).unwrap(), (8192, 256)); // 32:1, the flattest allowed
     }
 
     /// A PNG of `width` x `height` grey pixels, compressed to almost nothing.
@@ -406,20 +428,20 @@ mod tests {
         let limits = DecodeLimits::default();
         // 64 MP: 1/8 scale keeps the shorter side at 1000 (>= 512), 3 MB instead of 192 MB.
         assert_eq!(decode(&jpeg, limits).unwrap().dimensions(), (1000, 1000));
-        let cost = decode_cost(&jpeg, limits).unwrap();
+        let cost = decode_cost(&jpeg, limits, &TV).unwrap();
         assert!(cost < 12 << 20, "{cost} bytes for a 1000x1000 decode");
         let exact = DecodeLimits { exact_max_pixels: u64::MAX, ..limits };
-        assert!(decode_cost(&jpeg, exact).unwrap() > 3 * 64_000_000, "the exact path decodes 192 MB");
+        assert!(decode_cost(&jpeg, exact, &TV).unwrap() > 3 * 64_000_000, "the exact path decodes 192 MB");
         // A PNG cannot be scaled while decoding: its cost is the whole image (grey, then as RGB).
         let png = flat_png(4000, 4000);
-        let cost = decode_cost(&png, limits).unwrap();
+        let cost = decode_cost(&png, limits, &TV).unwrap();
         assert!((16_000_000 * 4..16_000_000 * 5).contains(&cost), "{cost}");
         // Refusals come from the header too.
-        assert!(matches!(decode_cost(&flat_png(1, 1_000_000), limits), Err(DecodeError::BadShape { .. })));
-        assert!(matches!(decode_cost(b"GIF89a", limits), Err(DecodeError::Unsupported)));
+        assert!(matches!(decode_cost(&flat_png(1, 1_000_000), limits, &TV), Err(DecodeError::BadShape { .. })));
+        assert!(matches!(decode_cost(b"GIF89a", limits, &TV), Err(DecodeError::Unsupported)));
         // After an outlier, the thread's buffers do not stay at its size.
         let mut p = Preprocessor::default();
-        p.from_bytes(&png, limits).unwrap();
+        p.from_bytes(&png, limits, &TV).unwrap();
         assert!(p.rgb.capacity() <= KEEP_BYTES && p.resized.capacity() <= KEEP_BYTES);
     }
 
@@ -427,15 +449,15 @@ mod tests {
     fn thin_images_are_refused_before_the_resize_allocates() {
         // 1 x 1,000,000: 1 MP decoded, but 256 x 256,000,000 resized (65 GB of RGB).
         let thin = flat_png(1, 1_000_000);
-        let err = Preprocessor::default().from_bytes(&thin, DecodeLimits::default()).unwrap_err();
+        let err = Preprocessor::default().from_bytes(&thin, DecodeLimits::default(), &TV).unwrap_err();
         assert!(matches!(err, DecodeError::BadShape { width: 1, height: 1_000_000, .. }), "{err}");
         // The same from the other side, and the largest sizes: no overflow anywhere.
-        assert!(matches!(resized_size(65_000, 1), Err(DecodeError::BadShape { .. })));
-        assert!(matches!(resized_size(u32::MAX, 1), Err(DecodeError::BadShape { .. })));
-        assert!(matches!(resized_size(u32::MAX, u32::MAX), Ok((256, 256))));
+        assert!(matches!(resized_size(65_000, 1, 256), Err(DecodeError::BadShape { .. })));
+        assert!(matches!(resized_size(u32::MAX, 1, 256), Err(DecodeError::BadShape { .. })));
+        assert!(matches!(resized_size(u32::MAX, u32::MAX, 256), Ok((256, 256))));
         // A 33:1 strip is refused, a 20:1 one is embedded.
-        assert!(Preprocessor::default().from_bytes(&flat_png(33 * 40, 40), DecodeLimits::default()).is_err());
-        assert!(Preprocessor::default().from_bytes(&flat_png(20 * 40, 40), DecodeLimits::default()).is_ok());
+        assert!(Preprocessor::default().from_bytes(&flat_png(33 * 40, 40), DecodeLimits::default(), &TV).is_err());
+        assert!(Preprocessor::default().from_bytes(&flat_png(20 * 40, 40), DecodeLimits::default(), &TV).is_ok());
     }
 
     #[test]
@@ -472,12 +494,13 @@ mod tests {
         // 800 px on the short side: decoded at 1/2 (600x400 upright), still above the 256 target.
         let scaled = decode(&jpeg, fast).unwrap();
         assert_eq!(scaled.dimensions(), (600, 400));
-        assert_eq!((dct_denominator(800), dct_denominator(511), dct_denominator(2048)), (2, 1, 8));
+        assert_eq!((dct_denominator(800, 256), dct_denominator(511, 256), dct_denominator(2048, 256)), (2, 1, 8));
         let exact = decode(&jpeg, DecodeLimits::default()).unwrap();
         assert_eq!(exact.dimensions(), upright.dimensions());
         // After preprocessing, both paths give nearly the same tensor.
         let mut p = Preprocessor::default();
-        let (a, b) = (p.from_bytes(&jpeg, fast).unwrap(), p.from_bytes(&jpeg, DecodeLimits::default()).unwrap());
+        let (a, b) =
+            (p.from_bytes(&jpeg, fast, &TV).unwrap(), p.from_bytes(&jpeg, DecodeLimits::default(), &TV).unwrap());
         let mean = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
         assert!(mean < 0.03, "mean difference {mean} (one grey level is about 0.017)");
         // Small photos are decoded whole; truncated ones are refused on both paths.
@@ -497,6 +520,8 @@ mod tests {
 #[cfg(test)]
 mod parity {
     use super::*;
+
+    const TV: Preprocess = Preprocess::TORCHVISION;
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> Vec<u8> {
@@ -506,9 +531,13 @@ mod parity {
 
     /// Our tensor for `image`, as 8-bit levels (undoing the normalisation), next to the reference levels.
     fn levels(image: &str, reference: &str) -> (Vec<f32>, Vec<u8>) {
-        let t = Preprocessor::default().from_bytes(&fixture(image), DecodeLimits::default()).unwrap();
-        let plane = TENSOR_LEN / 3;
-        let ours = t.iter().enumerate().map(|(i, x)| (x * STD[i / plane] + MEAN[i / plane]) * 255.0).collect();
+        levels_as(image, reference, &TV)
+    }
+
+    fn levels_as(image: &str, reference: &str, p: &Preprocess) -> (Vec<f32>, Vec<u8>) {
+        let t = Preprocessor::default().from_bytes(&fixture(image), DecodeLimits::default(), p).unwrap();
+        let plane = p.tensor_len() / 3;
+        let ours = t.iter().enumerate().map(|(i, x)| (x * p.std[i / plane] + p.mean[i / plane]) * 255.0).collect();
         (ours, fixture(reference))
     }
 
@@ -531,6 +560,24 @@ mod parity {
             // Measured: max 1 level, mean 0.06-0.20 (the JPEG 0.071; 0.075 and max 2 with zune-jpeg).
             assert!(max <= 1.001 && mean <= 0.25, "{stem}: max {max} mean {mean} grey levels off torchvision");
         }
+    }
+
+    #[test]
+    fn the_clip_profile_matches_pil_bicubic() {
+        for stem in ["chelsea.png", "rocket.jpg"] {
+            let base = stem.split('.').next().unwrap();
+            let (ours, reference) = levels_as(stem, &format!("{base}.clip.levels.u8"), &Preprocess::CLIP);
+            let (max, mean) = diff(&ours, &reference);
+            eprintln!("{stem}, clip: max {max:.3} mean {mean:.4} grey levels");
+            // Rounding differences of two fixed-point resamplers, as on the bilinear path (bicubic's
+            // overshoot is clamped, so a level more at edges). Measured: max 2-3, mean 0.09-0.22.
+            assert!(max <= 3.001 && mean <= 0.25, "{stem}: max {max} mean {mean} grey levels off PIL's bicubic");
+        }
+        let bilinear = Preprocess { filter: ResizeFilter::Bilinear, ..Preprocess::CLIP };
+        let (ours, reference) = levels_as("chelsea.png", "chelsea.clip.levels.u8", &bilinear);
+        let (max, mean) = diff(&ours, &reference);
+        // The wrong filter is far off: measured max 21, mean 0.99.
+        assert!(max > 10.0 && mean > 0.5, "bilinear passes for bicubic: max {max} mean {mean}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::embed::{Model, ModelError, TENSOR_LEN};
+use crate::embed::{Model, ModelError};
 
 type Reply = oneshot::Sender<Result<Vec<f32>, ModelError>>;
 
@@ -39,9 +39,8 @@ impl Batcher {
         Self { tx }
     }
 
-    /// The L2-normalised vector of one preprocessed image (`TENSOR_LEN` floats).
+    /// The L2-normalised vector of one image prepared for the model (`Model::preprocess`).
     pub async fn embed(&self, tensor: Vec<f32>, held: impl Send + 'static) -> Result<Vec<f32>, ModelError> {
-        debug_assert_eq!(tensor.len(), TENSOR_LEN);
         let (reply, answer) = oneshot::channel();
         let gone = || ModelError::Setup("the model's batcher stopped".into());
         self.tx.send((tensor, reply, Box::new(held))).await.map_err(|_| gone())?;
@@ -86,7 +85,7 @@ async fn run(
         tokio::task::spawn_blocking(move || {
             let _session = session;
             let n = batch.len();
-            let mut input = Vec::with_capacity(n * TENSOR_LEN);
+            let mut input = Vec::with_capacity(n * model.preprocess().tensor_len());
             let mut replies = Vec::with_capacity(n);
             let mut held = Vec::with_capacity(n);
             for (tensor, reply, hold) in batch {

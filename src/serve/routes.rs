@@ -106,14 +106,15 @@ async fn embed(
     image: Bytes,
 ) -> Result<Vec<f32>, ApiError> {
     // What the decode will take, from the header: refused or reserved before anything is allocated.
-    let cost = crate::embed::decode_cost(&image, state.config.limits)?;
+    let preprocess = *state.model.preprocess();
+    let cost = crate::embed::decode_cost(&image, state.config.limits, &preprocess)?;
     let memory = state.decode_memory.try_reserve(cost)?.ok_or_else(overloaded)?;
     let limits = state.config.limits;
     let started = Instant::now();
     let tensor = tokio::task::spawn_blocking(move || {
         let _memory = memory; // until decoded, even if the request is gone
-        let mut tensor = vec![0.0; crate::embed::TENSOR_LEN];
-        crate::embed::preprocess_into(&image, limits, &mut tensor).map(|()| tensor)
+        let mut tensor = vec![0.0; preprocess.tensor_len()];
+        crate::embed::preprocess_into(&image, limits, &preprocess, &mut tensor).map(|()| tensor)
     })
     .await??;
     // The model, batched with other queries; the slot is held until it has run.

@@ -222,10 +222,11 @@ impl VectorStore {
         match vector.map(|f| f.get_dimension()) {
             Some(d) if d as usize == dim => {}
             Some(d) => {
-                return Err(Error::Invalid(format!(
-                    "collection {} holds {d}-d vectors but the model makes {dim}-d ones",
+                return Err(Error::ModelMismatch(crate::core::ModelMismatch(format!(
+                    "collection {} holds {d}-d vectors but the model makes {dim}-d ones: vectors of different \
+                     models do not compare; use another collection",
                     self.collection
-                )));
+                ))));
             }
             None => {
                 return Err(Error::Invalid(format!(

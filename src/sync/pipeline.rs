@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 
 use super::plan::Work;
 use super::{Error, SyncOptions};
-use crate::embed::{DecodeLimits, MemoryBudget, Model, TENSOR_LEN, available_cores, decode_cost, preprocess_into};
+use crate::core::Preprocess;
+use crate::embed::{DecodeLimits, MemoryBudget, Model, available_cores, decode_cost, preprocess_into};
 use crate::store::{self, Record, Source, Vector, WriteBatch, content_hash};
 
 /// Fewest rows per write to Milvus and the catalog (except the last): every upsert and insert
@@ -77,25 +78,33 @@ async fn fetch(source: &Source, mut work: Work, max_bytes: u64, budget: &MemoryB
     }
 }
 
-/// Tensor buffers (600 KB an image) handed back once copied into a batch, so decoding reuses
-/// them instead of allocating. It holds at most what was in flight at once: decoders plus the queue.
-#[derive(Clone, Default)]
-struct TensorPool(Arc<Mutex<Vec<Vec<f32>>>>);
+/// Tensor buffers (600 KB an image at 224 x 224) handed back once copied into a batch, so
+/// decoding reuses them instead of allocating. It holds at most what was in flight at once:
+/// decoders plus the queue. Every buffer is for images prepared as `preprocess` says.
+#[derive(Clone)]
+struct TensorPool {
+    free: Arc<Mutex<Vec<Vec<f32>>>>,
+    preprocess: Preprocess,
+}
 
 impl TensorPool {
+    fn new(preprocess: Preprocess) -> Self {
+        Self { free: Arc::default(), preprocess }
+    }
+
     fn take(&self) -> Vec<f32> {
-        self.0.lock().expect("pool lock").pop().unwrap_or_else(|| vec![0.0; TENSOR_LEN])
+        self.free.lock().expect("pool lock").pop().unwrap_or_else(|| vec![0.0; self.preprocess.tensor_len()])
     }
 
     fn give(&self, tensor: Vec<f32>) {
-        self.0.lock().expect("pool lock").push(tensor);
+        self.free.lock().expect("pool lock").push(tensor);
     }
 }
 
 fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits, pool: &TensorPool) -> Decoded {
     let hash = content_hash(&bytes);
     let mut tensor = pool.take();
-    match preprocess_into(&bytes, limits, &mut tensor) {
+    match preprocess_into(&bytes, limits, &pool.preprocess, &mut tensor) {
         Ok(()) => Decoded::Ready { work, hash, tensor },
         Err(e) => {
             pool.give(tensor);
@@ -149,7 +158,7 @@ fn fetch_and_decode(
                     Fetch::Failed { work, error, retry } => Some(Decoded::Failed { work, hash: None, error, retry }),
                     Fetch::Got(work, bytes, held) => {
                         // The decode's peak, reserved from the header before anything is allocated.
-                        let reserved = match decode_cost(&bytes, limits) {
+                        let reserved = match decode_cost(&bytes, limits, &pool.preprocess) {
                             Ok(cost) => decode_memory.reserve(cost).await,
                             Err(e) => Err(e),
                         };
@@ -196,13 +205,14 @@ pub(super) async fn produce(
     writes: mpsc::Sender<WriteBatch>,
 ) -> Result<(), Error> {
     let batch_size = opts.batch_size.max(1);
-    let pool = TensorPool::default();
+    let pool = TensorPool::new(*model.preprocess());
+    let tensor_len = model.preprocess().tensor_len();
     let (mut ready, feeder) = fetch_and_decode(source, work, &opts, pool.clone());
 
     let write_batch = batch_size.max(WRITE_BATCH);
     let mut pending = WriteBatch::default();
     let mut batch: Vec<(Work, String)> = Vec::with_capacity(batch_size);
-    let mut tensors: Vec<f32> = Vec::with_capacity(batch_size * TENSOR_LEN);
+    let mut tensors: Vec<f32> = Vec::with_capacity(batch_size * tensor_len);
     // Batch inputs come back from the model and are refilled: at batch 256 one is 150 MB, which
     // the allocator would otherwise map and fault in afresh for every batch.
     let mut spare_inputs: Vec<Vec<f32>> = Vec::new();
@@ -227,7 +237,7 @@ pub(super) async fn produce(
         }
         if batch.len() == batch_size || (done && !batch.is_empty()) {
             let n = batch.len();
-            let next = spare_inputs.pop().unwrap_or_else(|| Vec::with_capacity(batch_size * TENSOR_LEN));
+            let next = spare_inputs.pop().unwrap_or_else(|| Vec::with_capacity(batch_size * tensor_len));
             let input = std::mem::replace(&mut tensors, next);
             let items = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
             let model = model.clone();

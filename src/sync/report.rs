@@ -48,6 +48,8 @@ pub enum Stop {
     MysqlUnavailable,
     /// The collection holds another model's vectors (a configuration error: no retry helps).
     ModelMismatch,
+    /// The model file cannot be read, or does not say what vectors it makes (a configuration error).
+    ModelUnusable,
     /// The collection has another index type (a configuration error).
     IndexMismatch,
     /// Another index owns the collection (a configuration error).
@@ -61,7 +63,7 @@ pub enum Stop {
 impl Stop {
     /// A spec or data error no retry can fix: the Job exits `cli::EXIT_CONFIG`.
     pub fn is_config(self) -> bool {
-        matches!(self, Stop::ModelMismatch | Stop::IndexMismatch | Stop::Claimed)
+        matches!(self, Stop::ModelMismatch | Stop::ModelUnusable | Stop::IndexMismatch | Stop::Claimed)
     }
 }
 

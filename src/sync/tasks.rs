@@ -20,12 +20,10 @@ use super::plan::DeletionGuard;
 use super::report::{Report, Stop};
 use super::{Error, Reconcile, planner};
 use crate::config::{BackendArgs, SourceArgs};
-use crate::core::{ModelId, Precision};
+use crate::core::{ModelId, Precision, Preprocess};
+use crate::embed::{describe_model, onnx, variant_path};
 use crate::env;
 use crate::store::{self, Catalog, Index, VectorStore};
-
-/// ResNet50's pooled output: the width of the vectors the embedding Jobs write.
-pub const DIM: usize = 2048;
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -37,12 +35,15 @@ pub struct PlanArgs {
     backend: BackendArgs,
     #[command(flatten)]
     src: SourceArgs,
-    /// The embedding Jobs' model file: its name and the precision say which vectors the
-    /// collection is for (it is not loaded here).
+    /// The embedding Jobs' model file: its metadata and output shape say which vectors the
+    /// collection is for (it is read, not loaded: the weights are skipped).
     #[arg(long, env = env::MODEL)]
     model: PathBuf,
     #[arg(long, env = env::PRECISION, value_enum, default_value = "fp32")]
     precision: Precision,
+    /// The model's preprocessing where its file does not record it (see `imageindex index`).
+    #[arg(long, env = env::PREPROCESS)]
+    preprocess: Option<Preprocess>,
     /// Most of the catalog one run may delete, in percent (see `imageindex embed`).
     #[arg(long, env = env::MAX_DELETE_PERCENT, default_value_t = 10.0)]
     max_delete_percent: f64,
@@ -111,11 +112,29 @@ impl PlanArgs {
         self.out.finish(report)
     }
 
+    /// The vectors the embedding Jobs will make, read from the model file they will load (its
+    /// precision's variant): which model, precision and preprocessing, and their width.
+    fn describe_model(&self) -> Result<(ModelId, usize), String> {
+        let path = variant_path(&self.model, self.precision);
+        let header = onnx::read_header(&path)?;
+        let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = describe_model(&file, |k| header.metadata.get(k).cloned(), self.precision, self.preprocess)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let width = header.output_width().ok_or_else(|| {
+            format!(
+                "{}: its output is {:?}, not [batch, width] with a fixed width: export it with a fixed output width",
+                path.display(),
+                header.output_shape
+            )
+        })?;
+        Ok((id, width))
+    }
+
     async fn plan(&self) -> Report {
         let out = &self.out;
-        let model = ModelId {
-            model: self.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            precision: self.precision,
+        let (model, width) = match self.describe_model() {
+            Ok(described) => described,
+            Err(e) => return Report::stopped(Stop::ModelUnusable, e),
         };
         let milvus = match self.backend.milvus() {
             Ok(m) => m,
@@ -137,7 +156,7 @@ impl PlanArgs {
         };
         let index = Index { vectors, catalog };
         let limit = Duration::from_secs(out.io_timeout);
-        let ensured = tokio::time::timeout(limit, index.ensure(DIM, &model, false, &self.backend.owner)).await;
+        let ensured = tokio::time::timeout(limit, index.ensure(width, &model, false, &self.backend.owner)).await;
         match ensured {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Report::stopped(stop_of(&e), e),

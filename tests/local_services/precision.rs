@@ -20,7 +20,7 @@ use std::time::Instant;
 use ndarray::Array2;
 
 use imageindex::core::Precision;
-use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Preprocessor, TENSOR_LEN};
+use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Preprocessor};
 
 use super::support::env;
 
@@ -39,12 +39,12 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 fn embed_all(model: &Model, paths: &[PathBuf]) -> Vec<Vec<f32>> {
     let mut pre = Preprocessor::default();
     let mut out = Vec::with_capacity(paths.len());
-    let mut batch = Vec::with_capacity(BATCH * TENSOR_LEN);
+    let mut batch = Vec::with_capacity(BATCH * model.preprocess().tensor_len());
     for chunk in paths.chunks(BATCH) {
         batch.clear();
         for p in chunk {
             let bytes = std::fs::read(p).unwrap();
-            batch.extend(pre.from_bytes(&bytes, DecodeLimits::default()).unwrap());
+            batch.extend(pre.from_bytes(&bytes, DecodeLimits::default(), model.preprocess()).unwrap());
         }
         out.extend(model.embed(&batch, chunk.len()).unwrap());
     }

@@ -172,7 +172,7 @@ async fn model_output_matches_the_reference_tensor_path() {
         let reference: Vec<f32> =
             levels.iter().enumerate().map(|(i, &k)| (k as f32 / 255.0 - mean[i / plane]) / std[i / plane]).collect();
         let bytes = std::fs::read(format!("{}/tests/fixtures/{stem}.png", env!("CARGO_MANIFEST_DIR"))).unwrap();
-        let ours = Preprocessor::default().from_bytes(&bytes, DecodeLimits::default()).unwrap();
+        let ours = Preprocessor::default().from_bytes(&bytes, DecodeLimits::default(), m.preprocess()).unwrap();
         let out = m.embed(&[reference, ours].concat(), 2).unwrap();
         let rel = out[0].iter().zip(&out[1]).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
         eprintln!("{stem}: relative L2 error of the embedding {rel:.2e}");

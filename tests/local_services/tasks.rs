@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use imageindex::core::IndexKind;
+use imageindex::embed::{DecodeLimits, Model, ModelOptions};
 use imageindex::sync::report::{Report, Stop};
 
 use super::support::*;
@@ -100,5 +101,59 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
     assert_eq!(task(&fx, &["cleanup"], &[]), (0, Report::Dropped));
     let catalog = fx.index(IndexKind::Hnsw).await.catalog;
     assert_eq!(catalog.counts().await.unwrap().indexed, 0, "the catalog rows went with it");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_plan_takes_the_vector_width_and_preprocessing_from_the_model_file() {
+    // A ResNet18 (512-d vectors, not ResNet50's 2048) that records torchvision's preprocessing.
+    let fx = Fixture::new("tasks_width");
+    let photos = upload_photos(&fx, 6).await;
+    let resnet18 = env("IMAGEINDEX_MODEL_RESNET18");
+    let with_resnet18 = [("IMAGEINDEX_MODEL", resnet18.as_str())];
+    let (code, report) = task(&fx, &["plan"], &with_resnet18);
+    let Report::Planned { plan: Some(plan), pending: 6, .. } = report else { panic!("{report:?}") };
+    assert_eq!(code, 0);
+    let index = fx.index(IndexKind::Hnsw).await;
+    let resnet50 = model();
+    let err = index.vectors.ensure_collection(resnet50.dim(), resnet50.id(), false).await.unwrap_err();
+    assert!(err.to_string().contains("holds 512-d vectors"), "the plan made a 512-d collection: {err}");
+
+    // The embedding shard loads the same file and fills it; search finds a photo by itself.
+    let embedded = Command::new(env!("CARGO_BIN_EXE_imageindex"))
+        .args(["embed", "--batch-size", "4", "--plan", &plan.to_string()])
+        .env("IMAGEINDEX_SOURCE", &fx.source_url)
+        .env("IMAGEINDEX_COLLECTION", &fx.name)
+        .env("IMAGEINDEX_OWNER", "ImageIndex shop/photos uid-1")
+        .env("IMAGEINDEX_MODEL", &resnet18)
+        .status()
+        .unwrap();
+    assert!(embedded.success());
+    assert_eq!(index.vectors.wait_searchable().await.unwrap(), 6);
+    let small = Model::load(resnet18.as_ref(), &ModelOptions::default()).unwrap();
+    assert_eq!(small.dim(), 512);
+    let query = small.embed_image(&photos[3].1, DecodeLimits::default()).unwrap();
+    assert_eq!(index.vectors.search(query, 1, None).await.unwrap()[0].key, photos[3].0);
+
+    // Another model on this collection, a preprocessing the file contradicts, or no file at all:
+    // configuration errors, which no retry mends (exit 78).
+    let (code, report) = task(&fx, &["plan"], &[]);
+    assert!(
+        matches!(&report, Report::Stopped { at: Stop::ModelMismatch, message } if message.contains("512-d")),
+        "{report:?}"
+    );
+    assert_eq!(code, 78);
+    let (code, report) = task(&fx, &["plan"], &[with_resnet18[0], ("IMAGEINDEX_PREPROCESS", "clip")]);
+    assert!(
+        matches!(&report, Report::Stopped { at: Stop::ModelUnusable, message } if message.contains("prepared with torchvision")),
+        "{report:?}"
+    );
+    assert_eq!(code, 78);
+    let (code, report) = task(&fx, &["plan"], &[("IMAGEINDEX_MODEL", "/no/such/model.onnx")]);
+    assert!(
+        matches!(&report, Report::Stopped { at: Stop::ModelUnusable, message } if message.contains("/no/such/model.onnx")),
+        "{report:?}"
+    );
+    assert_eq!(code, 78);
     fx.cleanup().await;
 }

@@ -156,6 +156,7 @@ pub fn conditions(plan: &Task, milvus_url: &str) -> Vec<Observed> {
                 Stop::MilvusUnavailable => (MILVUS_READY, reason::MILVUS_UNAVAILABLE),
                 Stop::MysqlUnavailable => (COLLECTION_READY, reason::MYSQL_UNAVAILABLE),
                 Stop::ModelMismatch => (COLLECTION_READY, reason::MODEL_MISMATCH),
+                Stop::ModelUnusable => (COLLECTION_READY, reason::MODEL_UNUSABLE),
                 Stop::IndexMismatch => (COLLECTION_READY, reason::INDEX_MISMATCH),
                 Stop::Claimed => (COLLECTION_READY, reason::COLLECTION_CLAIMED),
                 Stop::CollectionUnavailable => (COLLECTION_READY, reason::COLLECTION_UNAVAILABLE),

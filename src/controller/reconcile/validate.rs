@@ -65,6 +65,9 @@ pub fn validate(image_index: &ImageIndex) -> Result<ValidSpec, String> {
     if image_index.spec.source.include.is_empty() {
         return Err("spec.source.include: give at least one glob".into());
     }
+    if let Some(p) = &image_index.spec.embedding.preprocess {
+        p.parse::<crate::core::Preprocess>().map_err(|e| format!("spec.embedding.preprocess: {e}"))?;
+    }
     Ok(ValidSpec { milvus, resync })
 }
 
@@ -133,6 +136,12 @@ mod tests {
         let none =
             image_index(serde_json::json!({"milvus": {"address": "m"}, "source": {"url": "s3://b/", "include": []}}));
         assert!(validate(&none).unwrap_err().contains("at least one glob"));
+        let declared =
+            |p: &str| image_index(serde_json::json!({"milvus": {"address": "m"}, "embedding": {"preprocess": p}}));
+        assert!(validate(&declared("clip")).is_ok());
+        assert!(validate(&declared("resize=256,crop=224,filter=bicubic,mean=0.5/0.5/0.5,std=0.5/0.5/0.5")).is_ok());
+        let err = validate(&declared("resize=256")).unwrap_err();
+        assert!(err.starts_with("spec.embedding.preprocess:"), "{err}");
         let invalid = invalid("x");
         assert_eq!(invalid.len(), 4);
         assert!(invalid.iter().all(|o| o.ok.is_none() && o.reason == reason::INVALID_SPEC));
