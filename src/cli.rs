@@ -14,6 +14,9 @@ pub struct Args {
 enum Command {
     /// Index a whole bucket or folder in one process: list, diff, delete, embed, upsert.
     Index(crate::sync::cli::IndexArgs),
+    /// The collections behind an index name: which serves search, which is being built, which
+    /// are retired (see `index --new-generation`).
+    Generations(crate::sync::cli::GenerationsArgs),
     /// The embedding Job's work: the same sync, for one shard of the listing.
     Embed(crate::sync::cli::EmbedArgs),
     /// An operator Job's first step: make or check the collection, diff the bucket against the
@@ -58,6 +61,7 @@ impl Args {
         match Self::parse().command {
             Command::Index(args) => args.run().await,
             Command::Embed(args) => args.run().await,
+            Command::Generations(args) => args.run().await,
             Command::Plan(args) => args.run().await,
             Command::Cleanup(args) => args.run().await,
             Command::Serve(args) => args.run().await,

@@ -156,7 +156,37 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
-        let opts = ModelOptions {
+        Ok(Model::load(&self.model, &self.options())?)
+    }
+
+    /// The model a collection's vectors came from (`id`): its file beside `--model` (a folder of
+    /// models, as a search server that follows the index's generations needs), loaded with these
+    /// options at its precision and preprocessing, and checked to be that model.
+    pub fn load_for(&self, id: &ModelId) -> Result<Model> {
+        // A name from the catalog, so never a path: only a file beside `--model`.
+        anyhow::ensure!(
+            !id.model.is_empty() && !id.model.contains(['/', '\\']) && id.model != "..",
+            "the index's model is recorded as {:?}, which is not a file name",
+            id.model
+        );
+        let path = self.model.with_file_name(&id.model);
+        let opts = ModelOptions { precision: id.precision, preprocess: Some(id.preprocess), ..self.options() };
+        let loaded = Model::load(&path, &opts).with_context(|| {
+            format!("loading {id}, the model of the index's vectors, from {} (beside --model)", path.display())
+        })?;
+        loaded.id().check(id, false, &format!("{}", path.display()))?;
+        Ok(loaded)
+    }
+
+    /// Which vectors `--model` makes, from its file's header (nothing loaded).
+    pub fn describe(&self) -> Result<ModelId> {
+        crate::embed::describe_file(&self.model, self.precision, self.preprocess)
+            .map(|(id, _)| id)
+            .map_err(anyhow::Error::msg)
+    }
+
+    fn options(&self) -> ModelOptions {
+        ModelOptions {
             preprocess: self.preprocess,
             device: self.device,
             precision: self.precision,
@@ -172,8 +202,7 @@ impl ModelArgs {
                 tf32: self.cuda_tf32,
                 tensorrt_cache: self.trt_cache.clone(),
             },
-        };
-        Ok(Model::load(&self.model, &opts)?)
+        }
     }
 }
 

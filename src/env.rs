@@ -12,6 +12,7 @@ pub const MYSQL_URL: &str = "IMAGEINDEX_MYSQL_URL";
 pub const MAX_QUEUED_EMBEDDINGS: &str = "IMAGEINDEX_MAX_QUEUED_EMBEDDINGS";
 pub const QUEUE_TIMEOUT_MS: &str = "IMAGEINDEX_QUEUE_TIMEOUT_MS";
 pub const MAX_BATCH: &str = "IMAGEINDEX_MAX_BATCH";
+pub const FOLLOW_SECONDS: &str = "IMAGEINDEX_FOLLOW_SECONDS";
 pub const BATCH_WINDOW_MS: &str = "IMAGEINDEX_BATCH_WINDOW_MS";
 pub const MYSQL_URL_FILE: &str = "IMAGEINDEX_MYSQL_URL_FILE";
 pub const MILVUS_TOKEN_FILE: &str = "IMAGEINDEX_MILVUS_TOKEN_FILE";
@@ -48,6 +49,7 @@ pub const DECODE_WORKERS: &str = "IMAGEINDEX_DECODE_WORKERS";
 pub const MAX_DELETE_PERCENT: &str = "IMAGEINDEX_MAX_DELETE_PERCENT";
 pub const RECONCILE: &str = "IMAGEINDEX_RECONCILE";
 pub const ALLOW_MASS_DELETE: &str = "IMAGEINDEX_ALLOW_MASS_DELETE";
+pub const GENERATION_GRACE: &str = "IMAGEINDEX_GENERATION_GRACE";
 /// `plan` and `cleanup`: where the report goes (the pod's termination message).
 pub const REPORT: &str = "IMAGEINDEX_REPORT";
 /// Set by Kubernetes in an Indexed Job's pods.

@@ -12,8 +12,8 @@ pub mod preprocess;
 
 pub use budget::{MemoryBudget, Reservation};
 pub use model::{
-    Device, GpuOptions, Model, ModelError, ModelOptions, available_cores, describe_model, metadata, normalized,
-    variant_path,
+    Device, GpuOptions, Model, ModelError, ModelOptions, available_cores, describe_file, describe_model, metadata,
+    normalized, variant_path,
 };
 pub use preprocess::{DecodeError, DecodeLimits, Preprocessor, decode_cost};
 

@@ -436,6 +436,28 @@ pub fn describe_model(
     Ok(ModelId { model: describe(metadata::SOURCE).unwrap_or_else(|| file.to_string()), precision, preprocess })
 }
 
+/// Which vectors the model file `model` makes at `precision` (read from that variant), and how
+/// wide they are, from its header alone: the weights are skipped, not loaded.
+pub fn describe_file(
+    model: &Path,
+    precision: Precision,
+    declared: Option<Preprocess>,
+) -> Result<(ModelId, usize), String> {
+    let path = variant_path(model, precision);
+    let header = super::onnx::read_header(&path)?;
+    let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let id = describe_model(&file, |k| header.metadata.get(k).cloned(), precision, declared)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let width = header.output_width().ok_or_else(|| {
+        format!(
+            "{}: its output is {:?}, not [batch, width] with a fixed width: export it with a fixed output width",
+            path.display(),
+            header.output_shape
+        )
+    })?;
+    Ok((id, width))
+}
+
 pub fn normalized(v: &[f32]) -> Vec<f32> {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 { v.iter().map(|x| x / norm).collect() } else { v.to_vec() }

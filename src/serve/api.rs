@@ -19,6 +19,10 @@ pub struct SearchResult {
 pub struct SearchResponse {
     pub results: Vec<SearchResult>,
     pub metric: &'static str,
+    /// The model the query was embedded with: that of the index's serving generation.
+    pub model: String,
+    /// The generation's collection that answered.
+    pub collection: String,
     pub took_ms: f64,
 }
 

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::{AppState, Clients, ServeConfig, reload};
+use super::{AppState, ServeConfig, follow, reload};
 use crate::config::DataPlaneArgs;
 use crate::core::Redacted;
 use crate::env;
+use crate::store::Generation;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -61,6 +62,10 @@ pub struct ServeArgs {
     /// Let {"url": ...} queries fetch from loopback and private addresses.
     #[arg(long, env = env::ALLOW_PRIVATE_URLS)]
     allow_private_urls: bool,
+    /// Seconds between reads of the index's alias: when it moves to another generation, search
+    /// moves with it, loading that generation's model from beside --model.
+    #[arg(long, env = env::FOLLOW_SECONDS, default_value_t = follow::EVERY.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    follow_seconds: u64,
     #[command(flatten)]
     data: DataPlaneArgs,
 }
@@ -68,18 +73,34 @@ pub struct ServeArgs {
 impl ServeArgs {
     pub async fn run(self) -> Result<()> {
         let DataPlaneArgs { backend, model, src, limits } = &self.data;
-        let loaded = model.load()?;
         let watch = reload::Watch {
             backend: backend.clone(),
             src: src.clone(),
             source_url: self.source.clone(),
             token_file: self.token_file.clone(),
             token: self.token.clone(),
-            model: loaded.id().clone(),
         };
         let credentials = watch.read()?;
-        let Clients { index, source } = watch.connect(&credentials).await?;
-        index.ensure(loaded.dim(), loaded.id(), model.allow_mixed_precision, &backend.owner).await?;
+        let (gens, source) = watch.connect(&credentials).await?;
+        // The generation that serves, and the model its vectors came from: --model where it fits
+        // them, else that generation's own file beside it. A new --model (an index being rebuilt
+        // for it) is not even needed until search moves to it.
+        let mixed = model.allow_mixed_precision;
+        let generation = gens.serving().await?.unwrap_or_else(|| Generation::plain(gens.name()));
+        let recorded = generation.model.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+        let loaded = match recorded {
+            Some(id) if !model.describe().is_ok_and(|wanted| generation.fits(&wanted, mixed)) => {
+                eprintln!(
+                    "generation {} of {} holds vectors of {id}: searching with that model",
+                    generation.number,
+                    gens.name()
+                );
+                model.load_for(&id)?
+            }
+            _ => model.load()?,
+        };
+        let index = gens.index(&generation, loaded.id());
+        index.ensure(loaded.dim(), loaded.id(), mixed, &backend.owner).await?;
         let token = credentials.token();
         let defaults = ServeConfig::default();
         let config = ServeConfig {
@@ -105,7 +126,14 @@ impl ServeArgs {
                 max_connections: self.max_connections,
             },
         };
-        let state = Arc::new(AppState::new(Arc::new(loaded), index, source, config));
+        let state = Arc::new(AppState::serving(generation, Arc::new(loaded), index, source, config));
+        let every = Duration::from_secs(self.follow_seconds);
+        state.follow(follow::Follow {
+            name: gens.name().to_string(),
+            model: model.clone(),
+            mixed_precision: mixed,
+            every,
+        });
         if watch.has_files() {
             tokio::spawn(watch.run(state.clone(), credentials, reload::EVERY));
         }

@@ -9,6 +9,7 @@ mod batcher;
 pub mod cli;
 mod error;
 mod fetch;
+pub mod follow;
 mod http;
 mod metrics;
 mod openapi;
@@ -31,7 +32,7 @@ pub use error::ApiError;
 pub use http::ConnectionLimits;
 
 use crate::embed::{DecodeLimits, MemoryBudget, Model, available_cores};
-use crate::store::{Index, Source};
+use crate::store::{Generation, Index, Source};
 
 /// Limits and switches of the service.
 #[derive(Clone, Debug)]
@@ -89,54 +90,75 @@ impl Default for ServeConfig {
 }
 
 pub struct AppState {
-    model: Arc<Model>,
-    /// Replaced whole when the credentials change (see `reload`): a request keeps the clients it
-    /// started with.
+    /// Replaced whole when the credentials change (see `reload`) or search moves to another
+    /// generation (see `follow`): a request keeps what it started with.
     clients: RwLock<Arc<Clients>>,
+    /// One generation switch at a time.
+    switching: tokio::sync::Mutex<()>,
+    /// How the server moves to another generation, when it follows the index's (see `follow`).
+    follow: std::sync::OnceLock<follow::Follow>,
     token: auth::Token,
     config: ServeConfig,
     embed_slots: Arc<Semaphore>,
     /// Requests waiting for a slot.
     queue: Queue,
-    batcher: batcher::Batcher,
     decode_memory: MemoryBudget,
     fetcher: fetch::UrlFetcher,
     metrics: metrics::Metrics,
 }
 
-/// What holds the backends' credentials.
+/// What a request works with: the backends (holding the credentials), the generation of the
+/// index that serves, and the model its vectors come from, with the batcher that runs it.
 pub struct Clients {
     pub index: Index,
     /// The bucket: needed for uploads, deletes and serving objects.
     pub source: Option<Source>,
+    pub generation: Generation,
+    pub model: Arc<Model>,
+    batcher: batcher::Batcher,
 }
 
 impl AppState {
-    /// Starts the batcher: call it inside a Tokio runtime.
+    /// Serves `index` (a collection, not followed) with `model`. Starts the batcher: call it
+    /// inside a Tokio runtime.
     pub fn new(model: Arc<Model>, index: Index, source: Option<Source>, config: ServeConfig) -> Self {
+        let generation = Generation {
+            catalog: index.catalog.collection().to_string(),
+            ..Generation::plain(index.vectors.collection())
+        };
+        Self::serving(generation, model, index, source, config)
+    }
+
+    /// Serves `generation` of an index, whose vectors `index` holds.
+    pub fn serving(
+        generation: Generation,
+        model: Arc<Model>,
+        index: Index,
+        source: Option<Source>,
+        config: ServeConfig,
+    ) -> Self {
+        let embed_slots = Arc::new(Semaphore::new(config.max_concurrent_embeddings.max(1)));
         let metrics = metrics::Metrics::default();
-        let batch_size = metrics.batch_size.clone();
-        let slots = config.max_concurrent_embeddings.max(1);
-        let embed_slots = Arc::new(Semaphore::new(slots));
-        let taken = embed_slots.clone();
-        let batcher = batcher::Batcher::new(
-            model.clone(),
-            config.max_batch,
-            config.batch_window,
-            move || slots - taken.available_permits(),
-            move |n| batch_size.observe(n as f64),
-        );
+        let batcher = batcher_for(&model, &config, &embed_slots, &metrics);
         Self {
             embed_slots,
             queue: Queue { waiting: Default::default(), max: config.max_queued_embeddings },
-            batcher,
             decode_memory: MemoryBudget::new(config.decode_memory),
             fetcher: fetch::UrlFetcher::new(config.max_upload_bytes, config.allow_private_urls),
             metrics,
             token: auth::Token::new(config.token.clone()),
-            clients: RwLock::new(Arc::new(Clients { index, source })),
-            model,
+            clients: RwLock::new(Arc::new(Clients { index, source, generation, model, batcher })),
+            switching: Default::default(),
+            follow: Default::default(),
             config,
+        }
+    }
+
+    /// Follows the index's generations: `follow` moves the server when its alias moves.
+    pub fn follow(self: &Arc<Self>, follow: follow::Follow) {
+        let every = follow.every;
+        if self.follow.set(follow).is_ok() {
+            tokio::spawn(follow::run(self.clone(), every));
         }
     }
 
@@ -144,9 +166,39 @@ impl AppState {
         self.clients.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn replace_clients(&self, clients: Clients) {
-        *self.clients.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(clients);
+    /// New backends (credentials) for the same generation and model.
+    fn replace_backends(&self, index: Index, source: Option<Source>) {
+        let mut clients = self.clients.write().unwrap_or_else(|e| e.into_inner());
+        let Clients { generation, model, batcher, .. } = &**clients;
+        let (generation, model, batcher) = (generation.clone(), model.clone(), batcher.clone());
+        *clients = Arc::new(Clients { index, source, generation, model, batcher });
     }
+
+    /// Another generation, its index and model: requests from now on search it.
+    fn switch(&self, generation: Generation, index: Index, model: Arc<Model>) {
+        let batcher = batcher_for(&model, &self.config, &self.embed_slots, &self.metrics);
+        let mut clients = self.clients.write().unwrap_or_else(|e| e.into_inner());
+        let source = clients.source.clone();
+        *clients = Arc::new(Clients { index, source, generation, model, batcher });
+    }
+}
+
+/// A batcher for `model`, sized by the server's embed slots.
+fn batcher_for(
+    model: &Arc<Model>,
+    config: &ServeConfig,
+    slots: &Arc<Semaphore>,
+    metrics: &metrics::Metrics,
+) -> batcher::Batcher {
+    let batch_size = metrics.batch_size.clone();
+    let (total, taken) = (config.max_concurrent_embeddings.max(1), slots.clone());
+    batcher::Batcher::new(
+        model.clone(),
+        config.max_batch,
+        config.batch_window,
+        move || total - taken.available_permits(),
+        move |n| batch_size.observe(n as f64),
+    )
 }
 
 /// A count of waiting requests with a bound.

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{AppState, Clients};
+use super::AppState;
 use crate::config::{BackendArgs, SourceArgs};
-use crate::core::{ModelId, Redacted};
-use crate::store::Index;
+use crate::core::Redacted;
+use crate::store::{Generations, Index, Source};
 
 /// How often the files are read. The kubelet's own delay (its sync period plus its cache) is
 /// longer.
@@ -49,7 +49,6 @@ pub struct Watch {
     pub token_file: Option<PathBuf>,
     /// The token given as a flag or in the environment (when there is no file).
     pub token: Option<Redacted>,
-    pub model: ModelId,
 }
 
 impl Watch {
@@ -78,15 +77,15 @@ impl Watch {
         })
     }
 
-    /// Clients on `creds`, each checked to answer.
-    pub async fn connect(&self, creds: &Credentials) -> Result<Clients> {
+    /// Connections on `creds`: the index's generations (Milvus and the catalog) and the bucket.
+    pub async fn connect(&self, creds: &Credentials) -> Result<(Generations, Option<Source>)> {
         let milvus = self.backend.milvus_config(creds.milvus_token.clone());
-        let index = Index::connect(&milvus, creds.mysql_url.expose(), &self.model).await?;
+        let gens = Generations::connect(&milvus, creds.mysql_url.expose()).await?;
         let source = match &self.source_url {
             Some(url) => Some(self.src.open_with(url.clone(), creds.source.clone())?),
             None => None,
         };
-        Ok(Clients { index, source })
+        Ok((gens, source))
     }
 
     /// Reads the files every `every`, and applies what changed to `state`, starting from
@@ -110,8 +109,10 @@ impl Watch {
                 continue;
             }
             if !next.same_backends(&current) {
-                match self.checked(&next).await {
-                    Ok(clients) => state.replace_clients(clients),
+                // No generation switch meanwhile: the new connections are for the generation served.
+                let _one = state.switching.lock().await;
+                match self.checked(&next, &state).await {
+                    Ok((index, source)) => state.replace_backends(index, source),
                     Err(e) => {
                         tracing::warn!("the new credentials do not work ({e:#}); still serving with the old ones");
                         state.metrics.credential_reload(false);
@@ -126,14 +127,17 @@ impl Watch {
         }
     }
 
-    async fn checked(&self, creds: &Credentials) -> Result<Clients> {
-        let clients = self.connect(creds).await?;
-        clients.index.vectors.ready().await?;
-        clients.index.catalog.ping().await?;
-        if let Some(source) = &clients.source {
+    /// Connections on `creds` to the generation `state` serves, each checked to answer.
+    async fn checked(&self, creds: &Credentials, state: &AppState) -> Result<(Index, Option<Source>)> {
+        let (gens, source) = self.connect(creds).await?;
+        let serving = state.clients();
+        let index = gens.index(&serving.generation, serving.model.id());
+        index.vectors.ready().await?;
+        index.catalog.ping().await?;
+        if let Some(source) = &source {
             // A HEAD of a key that is not there: 404 with working keys, 403 without.
             source.exists(".imageindex-credentials-check").await?;
         }
-        Ok(clients)
+        Ok((index, source))
     }
 }

@@ -102,11 +102,12 @@ async fn embed_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermi
 /// Decode, preprocess and embed one image on the blocking pool, in the slot taken for it.
 async fn embed(
     state: &AppState,
+    clients: &Clients,
     permit: tokio::sync::OwnedSemaphorePermit,
     image: Bytes,
 ) -> Result<Vec<f32>, ApiError> {
     // What the decode will take, from the header: refused or reserved before anything is allocated.
-    let preprocess = *state.model.preprocess();
+    let preprocess = *clients.model.preprocess();
     let cost = crate::embed::decode_cost(&image, state.config.limits, &preprocess)?;
     let memory = state.decode_memory.try_reserve(cost)?.ok_or_else(overloaded)?;
     let limits = state.config.limits;
@@ -118,7 +119,7 @@ async fn embed(
     })
     .await??;
     // The model, batched with other queries; the slot is held until it has run.
-    let v = state.batcher.embed(tensor, permit).await.map_err(crate::embed::EmbedError::from)?;
+    let v = clients.batcher.embed(tensor, permit).await.map_err(crate::embed::EmbedError::from)?;
     state.metrics.embed_seconds.observe(started.elapsed().as_secs_f64());
     Ok(v)
 }
@@ -150,7 +151,6 @@ pub async fn search(
     Query(q): Query<Params>,
     req: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
-    let clients = state.clients();
     let started = Instant::now();
     let slot = embed_slot(&state).await?;
     let input = read_input(&state, req).await?;
@@ -159,9 +159,23 @@ pub async fn search(
         return Err(ApiError::bad_request(format!("topk must be 1..={MAX_TOPK}")));
     }
     let prefix = KeyPrefix::parse(input.prefix.or(q.prefix).as_deref().unwrap_or_default())?;
-    let vector = embed(&state, slot, input.image).await?;
+    let mut clients = state.clients();
+    let vector = embed(&state, &clients, slot, input.image.clone()).await?;
     let t = Instant::now();
-    let hits = clients.index.vectors.search(vector, topk, prefix.as_ref()).await?;
+    let hits = match clients.index.vectors.search(vector, topk, prefix.as_ref()).await {
+        Ok(hits) => hits,
+        Err(e) => {
+            // The index may have moved under the server (its plain collection renamed as it
+            // became generation 0): move with it, and answer from there, once.
+            if !super::follow::moved(&state, &clients.generation).await {
+                return Err(e.into());
+            }
+            clients = state.clients();
+            let slot = embed_slot(&state).await?;
+            let vector = embed(&state, &clients, slot, input.image).await?;
+            clients.index.vectors.search(vector, topk, prefix.as_ref()).await?
+        }
+    };
     state.metrics.milvus_seconds.observe(t.elapsed().as_secs_f64());
     let results = hits
         .into_iter()
@@ -169,7 +183,13 @@ pub async fn search(
         .map(|(i, h)| SearchResult { rank: i + 1, url: object_url(&h.key), key: h.key, id: h.id, score: h.score })
         .collect();
     let metric = clients.index.vectors.index_kind().metric();
-    Ok(Json(SearchResponse { results, metric, took_ms: started.elapsed().as_secs_f64() * 1e3 }))
+    Ok(Json(SearchResponse {
+        results,
+        metric,
+        model: clients.model.id().to_string(),
+        collection: clients.generation.collection.clone(),
+        took_ms: started.elapsed().as_secs_f64() * 1e3,
+    }))
 }
 
 /// Store an image under a content-addressed key and index it.
@@ -197,7 +217,7 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
         return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
     }
     // Embed first: a file that is not a usable image is refused before anything is stored.
-    let vector = embed(&state, slot, input.image.clone()).await?;
+    let vector = embed(&state, &clients, slot, input.image.clone()).await?;
     let size = input.image.len() as u64;
     let etag = source.put(&key, input.image).await?;
     let record = Record { id, key: key.clone(), etag, size, content_hash: Some(hash), error: None, retry: false };
@@ -238,7 +258,7 @@ pub async fn drop_all(State(state): State<Arc<AppState>>) -> Result<Json<serde_j
         ));
     }
     clients.index.drop().await?;
-    clients.index.ensure(state.model.dim(), state.model.id(), false, &state.config.owner).await?;
+    clients.index.ensure(clients.model.dim(), clients.model.id(), false, &state.config.owner).await?;
     Ok(Json(serde_json::json!({ "dropped": clients.index.vectors.collection() })))
 }
 

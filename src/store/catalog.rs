@@ -109,7 +109,7 @@ fn push_ids(qb: &mut QueryBuilder<sqlx::MySql>, ids: &[i64]) {
 
 /// An object key, stored as its bytes (`VARBINARY`, so that the catalog sorts keys as buckets
 /// list them); every key written was a `String`.
-fn key_from_row(r: &sqlx::mysql::MySqlRow, column: &str) -> Result<String> {
+pub(super) fn key_from_row(r: &sqlx::mysql::MySqlRow, column: &str) -> Result<String> {
     let bytes: Vec<u8> = r.try_get(column)?;
     String::from_utf8(bytes).map_err(|e| Error::Invalid(format!("a catalog key is not UTF-8: {e}")))
 }
@@ -158,6 +158,15 @@ impl Catalog {
     /// The same MySQL (pool, migrations applied) for another collection and model.
     pub fn scoped(&self, collection: &str, model: &str) -> Self {
         Self { pool: self.pool.clone(), collection: collection.to_string(), model: model.to_string() }
+    }
+
+    /// Whose rows these are (`images.collection`).
+    pub fn collection(&self) -> &str {
+        &self.collection
+    }
+
+    pub(super) fn pool(&self) -> &MySqlPool {
+        &self.pool
     }
 
     /// Every entry of this collection whose id falls in `shard` of `shards` (see `shard_ids`).

@@ -132,6 +132,46 @@ impl VectorStore {
         &self.collection
     }
 
+    pub(crate) fn client(&self) -> &ClientV2 {
+        &self.client
+    }
+
+    /// The same connection, for another collection (or alias) of the same index type.
+    pub fn scoped(&self, collection: &str) -> Self {
+        Self { client: self.client.clone(), collection: collection.to_string(), index: self.index }
+    }
+
+    /// The collection this name is an alias of; None when it is not an alias (a collection, or
+    /// nothing).
+    pub async fn alias_target(&self) -> Result<Option<String>> {
+        let asked = DescribeAliasRequest::builder().alias(&self.collection).build()?;
+        match self.client.describe_alias(asked).await {
+            Ok(r) => Ok(Some(r.collection_name().to_string())),
+            Err(e) if e.to_string().contains("alias not found") => Ok(None),
+            Err(e) => Err(Error::backend(format!("asking Milvus for the alias {}", self.collection), e)),
+        }
+    }
+
+    /// Points this name, an alias, at `collection`: created, or moved in one step (searches
+    /// through it go to one collection or the other, never to none).
+    pub(crate) async fn point_alias_at(&self, collection: &str) -> Result<()> {
+        let (alias, what) = (&self.collection, format!("pointing the alias {} at {collection}", self.collection));
+        if self.alias_target().await?.is_some() {
+            let req = AlterAliasRequest::builder().alias(alias).collection_name(collection).build()?;
+            self.client.alter_alias(req).await.ctx(what)
+        } else {
+            let req = CreateAliasRequest::builder().alias(alias).collection_name(collection).build()?;
+            self.client.create_alias(req).await.ctx(what)
+        }
+    }
+
+    /// Renames the collection (its vectors, index and load state stay).
+    pub(crate) async fn rename(&self, to: &str) -> Result<()> {
+        let req =
+            RenameCollectionRequest::builder().collection_name(&self.collection).new_collection_name(to).build()?;
+        self.client.rename_collection(req).await.ctx(format!("renaming collection {} to {to}", self.collection))
+    }
+
     pub fn index_kind(&self) -> IndexKind {
         self.index
     }
@@ -421,7 +461,8 @@ impl VectorStore {
         Ok(())
     }
 
-    async fn exists(&self) -> Result<bool> {
+    /// Whether a collection (or an alias) of this name exists.
+    pub(crate) async fn exists(&self) -> Result<bool> {
         let r = self
             .client
             .has_collection(HasCollectionRequest::builder().collection_name(&self.collection).build()?)

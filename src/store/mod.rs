@@ -3,6 +3,7 @@
 //! collection: it owns the order of the writes. A leaf: it uses `core` only, never `embed` or the
 //! roles above it.
 pub mod catalog;
+pub mod generations;
 pub mod milvus;
 pub mod source;
 
@@ -10,6 +11,7 @@ pub use catalog::{
     Catalog, CatalogTime, Counts, Entry, PlanCounts, PlanRecord, PlanStatus, Progress, Record, RunProgress, WorkItem,
     WorkKind,
 };
+pub use generations::{Generation, Generations};
 pub use milvus::{Ensured, Hit, KeyPrefix, MilvusConfig, VectorStore};
 pub use source::{Fetched, Object, Source, SourceConfig};
 

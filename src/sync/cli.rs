@@ -1,13 +1,17 @@
-//! `imageindex index` (a whole bucket or folder, with a progress bar) and `imageindex embed` (one
-//! shard, in an embedding Job's pod): the same sync.
+//! `imageindex index` (a whole bucket or folder, with a progress bar; or a new generation of the
+//! index, built beside the serving one and swapped in), `imageindex embed` (one shard, in an
+//! embedding Job's pod): the same sync. `imageindex generations` lists an index's generations.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
 use super::{Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
-use crate::config::DataPlaneArgs;
+use crate::config::{BackendArgs, DataPlaneArgs};
+use crate::embed::Model;
 use crate::env;
+use crate::store::{self, Generation, Generations, Source};
 
 #[derive(clap::Args)]
 pub struct IndexArgs {
@@ -22,7 +26,72 @@ pub struct IndexArgs {
     #[arg(long, env = env::ALLOW_MASS_DELETE)]
     allow_mass_delete: bool,
     #[command(flatten)]
+    generation: GenerationArgs,
+    #[command(flatten)]
     run: RunArgs,
+}
+
+#[derive(clap::Args)]
+struct GenerationArgs {
+    /// Build a new generation of the index for this model (or precision, or index type) while
+    /// search keeps reading the current one, and move search to it in one step once it holds
+    /// every object the current one holds. A build that stops is resumed by the next one.
+    #[arg(long)]
+    new_generation: bool,
+    /// Seconds a retired generation is kept, so that search servers move off it, before it is
+    /// dropped (by this run, or by the next `index` when this one is interrupted).
+    #[arg(long, env = env::GENERATION_GRACE, default_value_t = 60)]
+    grace: u64,
+    /// Keep the retired generation instead of dropping it.
+    #[arg(long, requires = "new_generation")]
+    keep_old: bool,
+}
+
+/// `imageindex generations`: the collections behind an index name, which one serves, and how
+/// each build went.
+#[derive(clap::Args)]
+pub struct GenerationsArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Print them as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl GenerationsArgs {
+    pub async fn run(self) -> Result<()> {
+        let gens = Generations::connect(&self.backend.milvus()?, self.backend.mysql_url()?.expose()).await?;
+        let all = gens.list().await?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&all)?);
+            return Ok(());
+        }
+        if all.is_empty() {
+            eprintln!("{} has no collection yet", gens.name());
+        }
+        let time =
+            |t: Option<chrono::NaiveDateTime>| t.map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        println!(
+            "{:<4} {:<9} {:<32} {:<40} {:<19} {:<19}",
+            "GEN", "STATE", "COLLECTION", "MODEL", "SERVING SINCE", "RETIRED"
+        );
+        for g in all {
+            let state = if g.keep { format!("{:?} (kept)", g.state) } else { format!("{:?}", g.state) };
+            println!(
+                "{:<4} {:<9} {:<32} {:<40} {:<19} {:<19}",
+                g.number,
+                state.to_lowercase(),
+                g.collection,
+                g.model.as_deref().unwrap_or("-"),
+                time(g.swapped_at),
+                time(g.retired_at)
+            );
+            if let Some(reason) = g.reason {
+                println!("     failed: {reason}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One shard of a plan's work (`imageindex plan` lists the bucket; a shard never does).
@@ -70,61 +139,190 @@ struct RunArgs {
 impl IndexArgs {
     pub async fn run(self) -> Result<()> {
         let deletion = DeletionGuard { max_share: self.max_delete_percent / 100.0, allow: self.allow_mass_delete };
-        run(self.source, Shard::Whole(deletion), self.run).await
+        let args = &self.run;
+        let DataPlaneArgs { backend, model, src, .. } = &args.data;
+        let model = Arc::new(model.load()?);
+        let source = src.open(self.source.clone())?;
+        let opts = args.options(0, 1, deletion, true);
+        let gens = Generations::connect(&backend.milvus()?, backend.mysql_url()?.expose()).await?;
+        let grace = Duration::from_secs(self.generation.grace);
+        drop_retired(&gens, grace).await?;
+        if self.generation.new_generation {
+            return rebuild(&gens, source, model, &opts, &self.generation).await;
+        }
+        let target = target(&gens, &model, opts.mixed_precision).await?;
+        let backends = Backends { source, index: gens.index(&target, model.id()) };
+        let summary = sync(&backends, model, &opts).await.map_err(|e| match e {
+            super::Error::Store(store::Error::ModelMismatch(m)) => anyhow::Error::from(store::Error::ModelMismatch(m))
+                .context(
+                    "to move the index to this model without a gap in search, run `imageindex index --new-generation`",
+                ),
+            e => anyhow::Error::from(e),
+        });
+        args.finish(&summary.context("sync failed")?)
     }
+}
+
+/// The generation an `index` run syncs: the serving one when the model fits it; the one being
+/// built when the model fits that instead (filling it along with its build); the name itself when
+/// nothing is there yet. Otherwise the serving one, which refuses the model.
+async fn target(gens: &Generations, model: &Model, mixed_precision: bool) -> Result<Generation> {
+    let Some(serving) = gens.serving().await? else { return Ok(Generation::plain(gens.name())) };
+    if serving.fits(model.id(), mixed_precision) {
+        return Ok(serving);
+    }
+    match gens.unfinished().await? {
+        Some(building) if building.fits(model.id(), mixed_precision) => Ok(building),
+        _ => Ok(serving),
+    }
+}
+
+/// Drops the generations retired more than `grace` ago (a run that waited out its grace period
+/// was interrupted) and not kept.
+async fn drop_retired(gens: &Generations, grace: Duration) -> Result<()> {
+    for g in gens.collect(grace).await? {
+        eprintln!(
+            "dropped generation {} of {} ({}), retired since {:?}",
+            g.number,
+            gens.name(),
+            g.collection,
+            g.retired_at
+        );
+    }
+    Ok(())
+}
+
+/// Rounds of syncing a new generation may take to catch up with objects added meanwhile.
+const CATCH_UP_ROUNDS: u32 = 5;
+
+/// Builds a new generation for `model` beside the serving one, moves search to it, and retires
+/// the old one. A build that stops is recorded as failed with its reason; search stays where it was.
+async fn rebuild(
+    gens: &Generations,
+    source: Source,
+    model: Arc<Model>,
+    opts: &SyncOptions,
+    args: &GenerationArgs,
+) -> Result<()> {
+    let (serving, building) = gens.begin(model.id(), &opts.owner).await?;
+    match &serving {
+        Some(s) => eprintln!(
+            "building generation {} of {} ({}) for {}; search stays on generation {} ({}) until it is complete",
+            building.number,
+            gens.name(),
+            building.collection,
+            model.id(),
+            s.number,
+            s.model.as_deref().unwrap_or("empty")
+        ),
+        None => eprintln!("building generation {} of {} for {}", building.number, gens.name(), model.id()),
+    }
+    let backends = Backends { source, index: gens.index(&building, model.id()) };
+    if let Err(e) = build(gens, serving.as_ref(), &building, &backends, model, opts).await {
+        if let Err(also) = gens.fail(&building, &format!("{e:#}")).await {
+            tracing::warn!("recording the failed build: {also}");
+        }
+        return Err(e.context(format!("building generation {} (search stays where it was)", building.number)));
+    }
+    let retired = gens.swap(serving.as_ref(), &building).await?;
+    eprintln!("search moved to generation {} ({})", building.number, building.collection);
+    let Some(old) = retired else { return Ok(()) };
+    if args.keep_old {
+        gens.keep(&old, true).await?;
+        eprintln!("kept generation {} ({}), retired", old.number, old.collection);
+        return Ok(());
+    }
+    let grace = Duration::from_secs(args.grace);
+    eprintln!(
+        "generation {} ({}) is dropped in {grace:?}, once search servers have moved off it (if interrupted, the next \
+         `imageindex index` drops it)",
+        old.number, old.collection
+    );
+    tokio::time::sleep(grace).await;
+    drop_retired(gens, grace).await
+}
+
+/// Syncs the new generation until it holds every object the serving one holds, or the object is
+/// gone from the bucket (deleted since the serving generation last synced).
+async fn build(
+    gens: &Generations,
+    serving: Option<&Generation>,
+    building: &Generation,
+    backends: &Backends,
+    model: Arc<Model>,
+    opts: &SyncOptions,
+) -> Result<()> {
+    for round in 1..=CATCH_UP_ROUNDS {
+        let summary = sync(backends, model.clone(), opts).await?;
+        print_summary(&summary);
+        let Some(serving) = serving else { break };
+        let (mut after, mut arrived) = (-1, 0usize);
+        loop {
+            let page = gens.missing(serving, building, after, 1000).await?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (_, key) in &page {
+                arrived += usize::from(backends.source.exists(key).await?);
+            }
+        }
+        if arrived == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            round < CATCH_UP_ROUNDS,
+            "{arrived} objects of the serving generation are still missing after {round} rounds: the bucket changes \
+             faster than the build catches up"
+        );
+        eprintln!("{arrived} objects arrived during the build; syncing again");
+    }
+    backends.index.wait_searchable().await?;
+    Ok(())
 }
 
 impl EmbedArgs {
     pub async fn run(self) -> Result<()> {
         let (shard, shards) = (self.shard, self.shards);
         anyhow::ensure!(shards >= 1 && shard < shards, "shard {shard} is not in 0..{shards}");
-        run(self.source, Shard::Of { shard, shards, plan: self.plan }, self.run).await
+        let args = &self.run;
+        let DataPlaneArgs { backend, model, src, .. } = &args.data;
+        let model = Arc::new(model.load()?);
+        let index = backend.connect(model.id()).await?;
+        let backends = Backends { source: src.open(self.source.clone())?, index };
+        let opts = args.options(shard, shards, DeletionGuard::default(), false);
+        let summary = carry_out(&backends, model, &opts, self.plan).await.context("sync failed")?;
+        args.finish(&summary)
     }
 }
 
-/// What one run does: plan and carry out the whole source, or one shard of a plan.
-enum Shard {
-    Whole(DeletionGuard),
-    Of { shard: u32, shards: u32, plan: Option<i64> },
-}
+impl RunArgs {
+    fn options(&self, shard: u32, shards: u32, deletion: DeletionGuard, progress_bar: bool) -> SyncOptions {
+        let DataPlaneArgs { backend, model, limits, .. } = &self.data;
+        SyncOptions {
+            shard,
+            shards,
+            batch_size: self.batch_size,
+            fetch_concurrency: self.fetch_concurrency,
+            decode_workers: self.decode_workers,
+            limits: limits.decode(),
+            max_object_bytes: limits.max_object_bytes,
+            decode_memory: limits.decode_memory_mib << 20,
+            fetch_memory: SyncOptions::default().fetch_memory,
+            progress_bar,
+            mixed_precision: model.allow_mixed_precision,
+            deletion,
+            owner: backend.owner.clone(),
+            reconcile: self.reconcile,
+        }
+    }
 
-async fn run(source: String, what: Shard, args: RunArgs) -> Result<()> {
-    let DataPlaneArgs { backend, model, src, limits } = &args.data;
-    let loaded = model.load()?;
-    let index = backend.connect(loaded.id()).await?;
-    let source = src.open(source)?;
-    let (shard, shards, deletion) = match what {
-        Shard::Whole(deletion) => (0, 1, deletion),
-        Shard::Of { shard, shards, .. } => (shard, shards, DeletionGuard::default()),
-    };
-    let opts = SyncOptions {
-        shard,
-        shards,
-        batch_size: args.batch_size,
-        fetch_concurrency: args.fetch_concurrency,
-        decode_workers: args.decode_workers,
-        limits: limits.decode(),
-        max_object_bytes: limits.max_object_bytes,
-        decode_memory: limits.decode_memory_mib << 20,
-        fetch_memory: SyncOptions::default().fetch_memory,
-        progress_bar: matches!(what, Shard::Whole(_)),
-        mixed_precision: model.allow_mixed_precision,
-        deletion,
-        owner: backend.owner.clone(),
-        reconcile: args.reconcile,
-    };
-    let (backends, model) = (Backends { source, index }, Arc::new(loaded));
-    let summary = match what {
-        Shard::Whole(_) => sync(&backends, model, &opts).await,
-        Shard::Of { plan, .. } => carry_out(&backends, model, &opts, plan).await,
+    fn finish(&self, summary: &Summary) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(summary)?);
+        } else {
+            print_summary(summary);
+        }
+        Ok(())
     }
-    .context("sync failed")?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_summary(&summary);
-    }
-    Ok(())
 }
 
 fn print_summary(s: &Summary) {

@@ -21,7 +21,7 @@ use super::report::{Report, Stop};
 use super::{Error, Reconcile, planner};
 use crate::config::{BackendArgs, SourceArgs};
 use crate::core::{ModelId, Precision, Preprocess};
-use crate::embed::{describe_model, onnx, variant_path};
+use crate::embed::describe_file;
 use crate::env;
 use crate::store::{self, Catalog, Index, VectorStore};
 
@@ -115,19 +115,7 @@ impl PlanArgs {
     /// The vectors the embedding Jobs will make, read from the model file they will load (its
     /// precision's variant): which model, precision and preprocessing, and their width.
     fn describe_model(&self) -> Result<(ModelId, usize), String> {
-        let path = variant_path(&self.model, self.precision);
-        let header = onnx::read_header(&path)?;
-        let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let id = describe_model(&file, |k| header.metadata.get(k).cloned(), self.precision, self.preprocess)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let width = header.output_width().ok_or_else(|| {
-            format!(
-                "{}: its output is {:?}, not [batch, width] with a fixed width: export it with a fixed output width",
-                path.display(),
-                header.output_shape
-            )
-        })?;
-        Ok((id, width))
+        describe_file(&self.model, self.precision, self.preprocess)
     }
 
     async fn plan(&self) -> Report {

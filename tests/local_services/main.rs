@@ -4,6 +4,7 @@
 //! `cargo test --lib` runs the unit tests alone, with no services.
 
 mod consistency;
+mod generations;
 mod hostile;
 mod mock_api;
 mod operator;

@@ -398,12 +398,12 @@ async fn rotated_credentials_are_put_to_use_without_a_restart() {
         source_url: Some(fx.source_url.clone()),
         token_file: Some(dir.join("token")),
         token: None,
-        model: "test-model".parse().unwrap(),
     };
     let credentials = watch.read().unwrap();
-    let clients = watch.connect(&credentials).await.unwrap();
+    let (gens, source) = watch.connect(&credentials).await.unwrap();
+    let index = gens.index(&imageindex::store::Generation::plain(gens.name()), model().id());
     let config = ServeConfig { token: credentials.token(), ..Default::default() };
-    let state = Arc::new(AppState::new(model(), clients.index, clients.source, config));
+    let state = Arc::new(AppState::new(model(), index, source, config));
     tokio::spawn(watch.run(state.clone(), credentials, Duration::from_millis(100)));
     let srv = Server::on(state.clone()).await;
     let object = srv.url(&format!("img/object/{}", photos[0].0));

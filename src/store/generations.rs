@@ -1,0 +1,488 @@
+//! Generations: the collections behind one index name. Search reads through the Milvus alias
+//! named after the index. A change of model, precision, width or index type builds a new
+//! collection, `<name>_g<N>` with its own catalog rows, while search keeps reading the current
+//! one; the alias moves in one step once the new one holds every object the old one held
+//! (indexed, or failed with a reason). The old one is then retired: dropped after a grace period,
+//! which gives search servers time to move, or kept.
+//!
+//! A collection made before generations (or by a plain first `index`) is the name itself:
+//! generation 0, with no alias. Its first change renames it to `<name>_g0` and puts the alias in
+//! its place; its catalog rows keep the name, which `Generation::catalog` records.
+
+use std::time::Duration;
+
+use milvus::v2::prelude::DropAliasRequest;
+use sqlx::Row;
+
+use super::{Catalog, Context, Error, Index, MilvusConfig, Result, VectorStore};
+use crate::core::ModelId;
+
+/// Where a generation stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Being filled; search does not read it.
+    Building,
+    /// What the alias points at.
+    Serving,
+    /// Search moved off it; dropped after the grace period unless kept.
+    Retired,
+    /// Its build stopped (the reason says why); the next build of the same model resumes it.
+    Failed,
+    /// Gone from Milvus and the catalog.
+    Dropped,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Building => "building",
+            Self::Serving => "serving",
+            Self::Retired => "retired",
+            Self::Failed => "failed",
+            Self::Dropped => "dropped",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "building" => Self::Building,
+            "serving" => Self::Serving,
+            "retired" => Self::Retired,
+            "failed" => Self::Failed,
+            "dropped" => Self::Dropped,
+            other => return Err(Error::Invalid(format!("unknown generation state {other:?}"))),
+        })
+    }
+}
+
+/// One collection behind an index name.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Generation {
+    pub number: u32,
+    /// The Milvus collection.
+    pub collection: String,
+    /// Whose catalog rows are its (`images.collection`).
+    pub catalog: String,
+    pub state: State,
+    /// The model its vectors come from, once recorded (`ModelId`'s form).
+    pub model: Option<String>,
+    /// Why its build failed.
+    pub reason: Option<String>,
+    pub keep: bool,
+    pub created_at: Option<chrono::NaiveDateTime>,
+    pub swapped_at: Option<chrono::NaiveDateTime>,
+    pub retired_at: Option<chrono::NaiveDateTime>,
+}
+
+impl Generation {
+    /// The name itself as a collection (no alias): generation 0.
+    pub fn plain(name: &str) -> Self {
+        Self {
+            number: 0,
+            collection: name.to_string(),
+            catalog: name.to_string(),
+            state: State::Serving,
+            model: None,
+            reason: None,
+            keep: false,
+            created_at: None,
+            swapped_at: None,
+            retired_at: None,
+        }
+    }
+
+    /// Whether it is a collection made before generations, still under the index's name.
+    pub fn is_plain(&self, name: &str) -> bool {
+        self.collection == name
+    }
+
+    /// Whether its vectors can come from `model` (nothing recorded yet, or the same model; see
+    /// `ModelId::check`).
+    pub fn fits(&self, model: &ModelId, mixed_precision: bool) -> bool {
+        match self.model.as_deref().map(str::parse::<ModelId>) {
+            None => true,
+            Some(Ok(recorded)) => model.check(&recorded, mixed_precision, "").is_ok(),
+            Some(Err(_)) => false,
+        }
+    }
+}
+
+/// The collection of generation `number` of index `name`.
+pub fn collection_of(name: &str, number: u32) -> String {
+    format!("{name}_g{number}")
+}
+
+/// The next generation's number: one past every number used, and never 0 (the plain collection's).
+pub fn next_number(used: impl IntoIterator<Item = u32>) -> u32 {
+    used.into_iter().max().map_or(1, |n| n + 1).max(1)
+}
+
+/// The generations of one index name.
+pub struct Generations {
+    name: String,
+    /// The index's name in Milvus: the alias, or a plain collection.
+    alias: VectorStore,
+    catalog: Catalog,
+}
+
+/// A static SELECT of one name's generations (and their models), with more of the WHERE clause.
+macro_rules! select_generations {
+    ($more:literal) => {
+        concat!(
+            "SELECT g.number, g.collection, g.catalog, g.state, g.reason, g.keep, g.created_at, g.swapped_at, ",
+            "g.retired_at, c.model FROM generations g LEFT JOIN collections c ON c.collection = g.catalog ",
+            "WHERE g.name = ? ",
+            $more
+        )
+    };
+}
+
+fn generation_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Generation> {
+    Ok(Generation {
+        number: r.try_get::<i32, _>("number")? as u32,
+        collection: r.try_get("collection")?,
+        catalog: r.try_get("catalog")?,
+        state: State::parse(&r.try_get::<String, _>("state")?)?,
+        model: r.try_get("model")?,
+        reason: r.try_get("reason")?,
+        keep: r.try_get("keep")?,
+        created_at: r.try_get("created_at")?,
+        swapped_at: r.try_get("swapped_at")?,
+        retired_at: r.try_get("retired_at")?,
+    })
+}
+
+impl Generations {
+    /// On connections already made (the name's Milvus and a migrated catalog).
+    pub fn new(vectors: &VectorStore, catalog: &Catalog, name: &str) -> Self {
+        Self { name: name.to_string(), alias: vectors.scoped(name), catalog: catalog.scoped(name, "") }
+    }
+
+    /// Connects to Milvus and the catalog (applying its migrations) for the index `milvus.collection`.
+    pub async fn connect(milvus: &MilvusConfig, mysql_url: &str) -> Result<Self> {
+        let vectors = VectorStore::connect(milvus).await?;
+        let catalog = Catalog::connect(mysql_url, &milvus.collection, "").await?;
+        Ok(Self::new(&vectors, &catalog, &milvus.collection))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The index of generation `g`, on these connections, for vectors of `model`.
+    pub fn index(&self, g: &Generation, model: &ModelId) -> Index {
+        Index {
+            vectors: self.alias.scoped(&g.collection),
+            catalog: self.catalog.scoped(&g.catalog, &model.to_string()),
+        }
+    }
+
+    async fn rows(&self) -> Result<Vec<Generation>> {
+        let rows = sqlx::query(select_generations!("ORDER BY g.number"))
+            .bind(&self.name)
+            .fetch_all(self.catalog.pool())
+            .await
+            .ctx("reading the generations")?;
+        rows.iter().map(generation_from_row).collect()
+    }
+
+    async fn model_of(&self, catalog: &str) -> Result<Option<String>> {
+        let model: Option<Option<String>> = sqlx::query_scalar("SELECT model FROM collections WHERE collection = ?")
+            .bind(catalog)
+            .fetch_optional(self.catalog.pool())
+            .await
+            .ctx("reading the collection's model")?;
+        Ok(model.flatten())
+    }
+
+    /// The generation search reads now; None when the name has no collection yet. The alias is
+    /// the truth: a row that disagrees (a swap cut short between Milvus and the catalog) is
+    /// read as what the alias says.
+    pub async fn serving(&self) -> Result<Option<Generation>> {
+        match self.alias.alias_target().await? {
+            Some(collection) => {
+                let rows = self.rows().await?;
+                let mut g = match rows.into_iter().find(|g| g.collection == collection) {
+                    Some(g) => g,
+                    // An alias made outside imageindex: its catalog rows are under its collection's name.
+                    None => Generation { collection: collection.clone(), catalog: collection, ..Generation::plain("") },
+                };
+                g.state = State::Serving;
+                if g.model.is_none() {
+                    g.model = self.model_of(&g.catalog).await?;
+                }
+                Ok(Some(g))
+            }
+            None if self.alias.exists().await? => {
+                let mut g = Generation::plain(&self.name);
+                g.model = self.model_of(&self.name).await?;
+                Ok(Some(g))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Every generation, oldest first, the serving one as the alias says.
+    pub async fn list(&self) -> Result<Vec<Generation>> {
+        let serving = self.serving().await?;
+        let mut all = self.rows().await?;
+        for g in &mut all {
+            if serving.as_ref().is_some_and(|s| s.collection == g.collection) {
+                g.state = State::Serving;
+            } else if g.state == State::Serving {
+                g.state = State::Retired; // a swap cut short after the alias moved
+            }
+        }
+        if let Some(s) = serving.filter(|s| !all.iter().any(|g| g.collection == s.collection)) {
+            all.insert(0, s);
+        }
+        Ok(all)
+    }
+
+    /// The unfinished build (building or failed), if any.
+    pub async fn unfinished(&self) -> Result<Option<Generation>> {
+        Ok(self.rows().await?.into_iter().rev().find(|g| matches!(g.state, State::Building | State::Failed)))
+    }
+
+    /// A generation to build for `model`, held by `owner`: the unfinished one where it is for the
+    /// same model (its work so far is kept), else a new one. An unfinished build of another model
+    /// is dropped first: nothing serves from it. Refused when another owner holds the index.
+    /// A plain collection is put behind the alias first (see `adopt_plain`); `serving` says what
+    /// serves after that.
+    pub async fn begin(&self, model: &ModelId, owner: &str) -> Result<(Option<Generation>, Generation)> {
+        let mut serving = self.serving().await?;
+        if let Some(s) = &serving {
+            match self.catalog.scoped(&s.catalog, "").owner().await? {
+                Some(theirs) if theirs != owner => {
+                    return Err(Error::Claimed(format!("index {} belongs to {theirs}, not {owner}", self.name)));
+                }
+                _ => {}
+            }
+            if s.is_plain(&self.name) {
+                serving = Some(self.adopt_plain(s).await?);
+            }
+        }
+        if let Some(u) = self.unfinished().await? {
+            if u.fits(model, false) {
+                self.set_state(&u, State::Building, None).await?;
+                return Ok((serving, Generation { state: State::Building, reason: None, ..u }));
+            }
+            tracing::warn!(
+                "dropping the unfinished generation {} of {} ({}): this build is for {model}",
+                u.number,
+                self.name,
+                u.model.as_deref().unwrap_or("no model yet")
+            );
+            self.drop_generation(&u).await?;
+        }
+        let used =
+            self.rows().await?.iter().map(|g| g.number).chain(serving.as_ref().map(|s| s.number)).collect::<Vec<_>>();
+        let number = next_number(used);
+        let collection = collection_of(&self.name, number);
+        sqlx::query(
+            "INSERT INTO generations (name, number, collection, catalog, state) VALUES (?, ?, ?, ?, 'building')",
+        )
+        .bind(&self.name)
+        .bind(number as i32)
+        .bind(&collection)
+        .bind(&collection)
+        .execute(self.catalog.pool())
+        .await
+        .ctx("recording the new generation")?;
+        let building = Generation {
+            number,
+            catalog: collection.clone(),
+            collection,
+            state: State::Building,
+            ..Generation::plain(&self.name)
+        };
+        Ok((serving, building))
+    }
+
+    async fn set_state(&self, g: &Generation, state: State, reason: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE generations SET state = ?, reason = ? WHERE name = ? AND number = ?")
+            .bind(state.as_str())
+            .bind(reason)
+            .bind(&self.name)
+            .bind(g.number as i32)
+            .execute(self.catalog.pool())
+            .await
+            .ctx("recording the generation's state")?;
+        Ok(())
+    }
+
+    /// Records that the build of `g` stopped, and why; search is untouched.
+    pub async fn fail(&self, g: &Generation, reason: &str) -> Result<()> {
+        self.set_state(g, State::Failed, Some(reason)).await
+    }
+
+    /// Objects that `from` holds (indexed, or failed for a reason in the bytes) and `to` does
+    /// not: no row, or a failure to be tried again (the bucket failed the read) where `from`'s is
+    /// final. In id order after `after`, at most `limit`: what `to` lacks to take `from`'s place.
+    pub async fn missing(
+        &self,
+        from: &Generation,
+        to: &Generation,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, String)>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.object_key FROM images a LEFT JOIN images b ON b.collection = ? AND b.id = a.id \
+             WHERE a.collection = ? AND a.id > ? AND (b.id IS NULL OR (b.retry AND NOT a.retry)) \
+             ORDER BY a.id LIMIT ?",
+        )
+        .bind(&to.catalog)
+        .bind(&from.catalog)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.catalog.pool())
+        .await
+        .ctx("comparing two generations' catalogs")?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, super::catalog::key_from_row(r, "object_key")?))).collect()
+    }
+
+    /// Puts a plain collection (generation 0) behind the alias: renamed `<name>_g0`, with the
+    /// alias in its place, so that searches by the name reach the same vectors. Its catalog rows
+    /// keep the name. Search by the name misses only the moment between the rename and the alias
+    /// (a server retries it); should the alias fail, the rename is undone.
+    async fn adopt_plain(&self, plain: &Generation) -> Result<Generation> {
+        let renamed = collection_of(&self.name, 0);
+        self.alias.rename(&renamed).await?;
+        if let Err(e) = self.alias.point_alias_at(&renamed).await {
+            if let Err(undo) = self.alias.scoped(&renamed).rename(&self.name).await {
+                tracing::error!("undoing the rename of {} after the alias failed: {undo}", self.name);
+            }
+            return Err(e);
+        }
+        sqlx::query(
+            "INSERT INTO generations (name, number, collection, catalog, state, swapped_at) \
+             VALUES (?, 0, ?, ?, 'serving', NOW(3))",
+        )
+        .bind(&self.name)
+        .bind(&renamed)
+        .bind(&plain.catalog)
+        .execute(self.catalog.pool())
+        .await
+        .ctx("recording generation 0")?;
+        tracing::info!("collection {} is now generation 0 ({renamed}) behind the alias {}", self.name, self.name);
+        Ok(Generation { collection: renamed, ..plain.clone() })
+    }
+
+    /// Moves search from `from` (None: nothing served yet) to `to` in one step of the alias, and
+    /// retires `from`; returns it.
+    pub async fn swap(&self, from: Option<&Generation>, to: &Generation) -> Result<Option<Generation>> {
+        self.alias.point_alias_at(&to.collection).await?;
+        if let Some(old) = from {
+            sqlx::query("UPDATE generations SET state = 'retired', retired_at = NOW(3) WHERE name = ? AND number = ?")
+                .bind(&self.name)
+                .bind(old.number as i32)
+                .execute(self.catalog.pool())
+                .await
+                .ctx("recording the retired generation")?;
+        }
+        sqlx::query(
+            "UPDATE generations SET state = 'serving', reason = NULL, swapped_at = NOW(3) WHERE name = ? AND number = ?",
+        )
+        .bind(&self.name)
+        .bind(to.number as i32)
+        .execute(self.catalog.pool())
+        .await
+        .ctx("recording the serving generation")?;
+        Ok(from.map(|old| Generation { state: State::Retired, ..old.clone() }))
+    }
+
+    /// Keeps a retired generation (never dropped by `collect`), or lets it go.
+    pub async fn keep(&self, g: &Generation, keep: bool) -> Result<()> {
+        sqlx::query("UPDATE generations SET keep = ? WHERE name = ? AND number = ?")
+            .bind(keep)
+            .bind(&self.name)
+            .bind(g.number as i32)
+            .execute(self.catalog.pool())
+            .await
+            .ctx("recording whether to keep the generation")?;
+        Ok(())
+    }
+
+    /// Drops the retired generations whose grace period is over and that are not kept; returns them.
+    pub async fn collect(&self, grace: Duration) -> Result<Vec<Generation>> {
+        let due = sqlx::query(select_generations!(
+            "AND g.state = 'retired' AND NOT g.keep AND g.retired_at <= NOW(3) - INTERVAL ? MICROSECOND \
+             ORDER BY g.number"
+        ))
+        .bind(&self.name)
+        .bind(grace.as_micros() as u64)
+        .fetch_all(self.catalog.pool())
+        .await
+        .ctx("reading the retired generations")?;
+        let due = due.iter().map(generation_from_row).collect::<Result<Vec<_>>>()?;
+        let mut dropped = Vec::new();
+        for g in due {
+            self.drop_generation(&g).await?;
+            dropped.push(g);
+        }
+        Ok(dropped)
+    }
+
+    /// Drops every generation, the alias and a plain collection, with their catalog rows (the
+    /// index deleted).
+    pub async fn drop_all(&self) -> Result<()> {
+        if self.alias.alias_target().await?.is_some() {
+            let req = DropAliasRequest::builder().alias(&self.name).build()?;
+            self.alias.client().drop_alias(req).await.ctx(format!("dropping the alias {}", self.name))?;
+        } else if self.alias.exists().await? {
+            self.alias.drop_collection().await?;
+        }
+        self.catalog.scoped(&self.name, "").drop_collection().await?;
+        for g in self.rows().await?.into_iter().filter(|g| g.state != State::Dropped) {
+            self.drop_generation(&g).await?;
+        }
+        sqlx::query("DELETE FROM generations WHERE name = ?")
+            .bind(&self.name)
+            .execute(self.catalog.pool())
+            .await
+            .ctx("forgetting the generations")?;
+        Ok(())
+    }
+
+    /// Drops a generation's collection and catalog rows; never the one the alias points at.
+    async fn drop_generation(&self, g: &Generation) -> Result<()> {
+        if self.alias.alias_target().await?.as_deref() == Some(g.collection.as_str()) || g.is_plain(&self.name) {
+            return Err(Error::Invalid(format!("generation {} of {} serves search: not dropped", g.number, self.name)));
+        }
+        let vectors = self.alias.scoped(&g.collection);
+        if vectors.exists().await? {
+            vectors.drop_collection().await?;
+        }
+        self.catalog.scoped(&g.catalog, "").drop_collection().await?;
+        self.set_state(g, State::Dropped, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_go_up_and_start_at_one() {
+        assert_eq!(next_number([]), 1);
+        assert_eq!(next_number([0]), 1);
+        assert_eq!(next_number([1, 3, 2]), 4);
+        assert_eq!(collection_of("photos", 2), "photos_g2");
+    }
+
+    #[test]
+    fn a_generation_fits_its_own_model_only() {
+        let resnet50: ModelId = "resnet50.onnx@fp32".parse().unwrap();
+        let resnet18: ModelId = "resnet18.onnx@fp32".parse().unwrap();
+        let mut g = Generation::plain("photos");
+        assert!(g.fits(&resnet18, false), "nothing recorded yet");
+        g.model = Some(resnet50.to_string());
+        assert!(g.fits(&resnet50, false));
+        assert!(!g.fits(&resnet18, false));
+        assert!(!g.fits(&"resnet50.onnx@int8".parse().unwrap(), false));
+        assert!(g.fits(&"resnet50.onnx@int8".parse().unwrap(), true));
+        g.model = Some("not a model id".into());
+        assert!(!g.fits(&resnet50, false));
+    }
+}

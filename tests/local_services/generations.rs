@@ -1,0 +1,245 @@
+//! Changing the model under live search (issue 15): `index --new-generation` builds a collection
+//! for the new model beside the serving one, the alias moves once, a `serve` process follows it,
+//! and the old generation is dropped after its grace period. A build that fails or is cancelled
+//! leaves search where it was.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use imageindex::core::IndexKind;
+use imageindex::store::generations::State;
+use imageindex::store::{Generation, Generations, VectorStore};
+
+use super::serve::TOKEN;
+use super::support::*;
+
+/// The CLI on the test's index, with `model`.
+fn cli(fx: &Fixture, model: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imageindex"));
+    cmd.env("IMAGEINDEX_COLLECTION", &fx.name).env("IMAGEINDEX_MODEL", model).env("RUST_LOG", "warn");
+    cmd
+}
+
+fn check(out: Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what} failed ({:?}):\n{stderr}", out.status);
+    stderr
+}
+
+/// A `serve` process, killed when dropped.
+struct Served {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve(fx: &Fixture, model: &str) -> Served {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = cli(fx, model)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--source", &fx.source_url])
+        .args(["--token", TOKEN, "--follow-seconds", "1"])
+        .spawn()
+        .unwrap();
+    let served = Served { child, base: format!("http://127.0.0.1:{port}") };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{}/readyz", served.base)).await.map(|r| r.status().as_u16()).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "serve did not become ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    served
+}
+
+/// One search's answer: status, the model that embedded it, the collection that answered, hits.
+type Answer = (u16, String, String, usize);
+
+async fn search(http: &reqwest::Client, base: &str, image: &Bytes) -> Answer {
+    let form = reqwest::multipart::Form::new()
+        .part("image", reqwest::multipart::Part::bytes(image.to_vec()).file_name("q.jpg"));
+    let r = http.post(format!("{base}/img/search")).multipart(form).send().await.unwrap();
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    let text = |k: &str| body[k].as_str().unwrap_or_default().to_string();
+    (status, text("model"), text("collection"), body["results"].as_array().map_or(0, Vec::len))
+}
+
+/// Searches one after another until told to stop (at most `limit`).
+fn search_continuously(base: String, image: Bytes, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Answer>> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut answers = Vec::new();
+        while !stop.load(Ordering::SeqCst) && answers.len() < 20_000 {
+            answers.push(search(&http, &base, &image).await);
+        }
+        answers
+    })
+}
+
+async fn generations(fx: &Fixture) -> Generations {
+    Generations::connect(&fx.milvus(IndexKind::Hnsw), &env("IMAGEINDEX_MYSQL_URL")).await.unwrap()
+}
+
+fn model_name(path: &str) -> String {
+    std::path::Path::new(path).file_name().unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_model_changes_under_live_search_without_a_failed_query() {
+    let fx = Fixture::new("generations");
+    let (a, b) = (env("IMAGEINDEX_MODEL"), env("IMAGEINDEX_MODEL_RESNET18"));
+    assert_eq!(
+        std::path::Path::new(&a).parent(),
+        std::path::Path::new(&b).parent(),
+        "serve finds a generation's model beside --model"
+    );
+    let photos = upload_photos(&fx, 200).await;
+    check(cli(&fx, &a).args(["index", &fx.source_url]).output().unwrap(), "indexing with model A");
+
+    let served = serve(&fx, &a).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let searcher = search_continuously(served.base.clone(), photos[0].1.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Model B, of another width, built beside A while search goes on; images uploaded meanwhile
+    // go to A (the serving generation) and must reach B before the swap.
+    let rebuild = cli(&fx, &b)
+        .args(["index", &fx.source_url, "--new-generation", "--grace", "4"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut rng = Rng(15);
+    let mut uploaded = Vec::new();
+    for _ in 0..5 {
+        let image = jpeg(&synthetic(&mut rng, 320, 240), 90);
+        let form = reqwest::multipart::Form::new()
+            .part("image", reqwest::multipart::Part::bytes(image.to_vec()).file_name("new.jpg"));
+        let r = http.post(format!("{}/img/upload", served.base)).bearer_auth(TOKEN).multipart(form).send().await;
+        let body: serde_json::Value = r.unwrap().json().await.unwrap();
+        uploaded.push(body["key"].as_str().expect("uploaded").to_string());
+    }
+    let out = tokio::task::spawn_blocking(move || rebuild.wait_with_output()).await.unwrap().unwrap();
+    let log = check(out, "the rebuild with model B");
+    // Searches go on a little on B.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let answers = searcher.await.unwrap();
+
+    // Every search answered, with results: from A until the swap, from B after, moving once.
+    assert!(answers.len() > 20, "only {} searches", answers.len());
+    if let Some(bad) = answers.iter().find(|(status, _, _, hits)| *status != 200 || *hits == 0) {
+        panic!("a search failed during the change: {bad:?}\n{log}");
+    }
+    let models: Vec<&str> = answers.iter().map(|(_, m, _, _)| m.as_str()).collect();
+    let moves = models.windows(2).filter(|w| w[0] != w[1]).count();
+    assert_eq!(moves, 1, "search moved from A to B once, never back: {:?}", models.first().zip(models.last()));
+    assert_eq!(models[0], format!("{}@fp32", model_name(&a)));
+    assert_eq!(models[models.len() - 1], format!("{}@fp32", model_name(&b)));
+    let on_b = answers.iter().filter(|(_, m, _, _)| m == models[models.len() - 1]).count();
+    eprintln!("{} searches: {} on A, {on_b} on B", answers.len(), answers.len() - on_b);
+
+    // The alias points at generation 1 (B); generation 0 (A, renamed when the alias took its name)
+    // was dropped after the grace period.
+    let gens = generations(&fx).await;
+    let all = gens.list().await.unwrap();
+    let states: Vec<(u32, State)> = all.iter().map(|g| (g.number, g.state)).collect();
+    assert_eq!(states, [(0, State::Dropped), (1, State::Serving)], "{all:#?}");
+    let serving = gens.serving().await.unwrap().unwrap();
+    assert_eq!(serving.collection, format!("{}_g1", fx.name));
+    assert!(serving.model.as_deref().unwrap().starts_with(&model_name(&b)));
+    let old = VectorStore::connect(&fx.milvus(IndexKind::Hnsw)).await.unwrap().scoped(&format!("{}_g0", fx.name));
+    assert!(old.ready().await.is_err(), "generation 0 is dropped");
+
+    // B has every object: the 200 and those uploaded during the build.
+    let index = gens.index(&serving, &"any.onnx@fp32".parse().unwrap());
+    assert_eq!(index.catalog.counts().await.unwrap().indexed, 205);
+    assert_eq!(index.vectors.count().await.unwrap(), 205);
+    for key in &uploaded {
+        assert!(index.catalog.entry(key).await.unwrap().is_some_and(|e| e.indexed), "{key} is not in B");
+    }
+    gens.drop_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_or_cancelled_rebuild_leaves_search_where_it_was() {
+    let fx = Fixture::new("generations_fail");
+    let (a, b) = (env("IMAGEINDEX_MODEL"), env("IMAGEINDEX_MODEL_RESNET18"));
+    let photos = upload_photos(&fx, 60).await;
+    check(cli(&fx, &a).args(["index", &fx.source_url]).output().unwrap(), "indexing with model A");
+    let served = serve(&fx, &a).await;
+    let http = reqwest::Client::new();
+    let model_a = format!("{}@fp32", model_name(&a));
+    let on_a = || async {
+        let (status, model, _, hits) = search(&http, &served.base, &photos[0].1).await;
+        assert_eq!((status, model.as_str()), (200, model_a.as_str()));
+        assert!(hits > 0);
+    };
+
+    // Model B's file missing: refused before anything is built (a configuration error).
+    let missing = cli(&fx, "/nonexistent/resnet18.onnx").args(["index", &fx.source_url, "--new-generation"]).output();
+    assert_eq!(missing.unwrap().status.code(), Some(78));
+    let all = generations(&fx).await.list().await.unwrap();
+    assert_eq!(all.iter().map(|g| (g.number, g.state)).collect::<Vec<_>>(), [(0, State::Serving)], "nothing begun");
+    on_a().await;
+
+    // The bucket down once the build has begun: the generation is recorded as failed, with why.
+    let proxy = super::s3_proxy::S3Proxy::start().await;
+    proxy.faults.down.store(true, Ordering::SeqCst);
+    let down = cli(&fx, &b)
+        .args(["index", &fx.source_url, "--new-generation"])
+        .env("IMAGEINDEX_S3_ENDPOINT", &proxy.endpoint)
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1), "{}", String::from_utf8_lossy(&down.stderr));
+    let gens = generations(&fx).await;
+    let all = gens.list().await.unwrap();
+    let failed: Vec<&Generation> = all.iter().filter(|g| g.state == State::Failed).collect();
+    assert_eq!(failed.len(), 1, "{all:#?}");
+    let reason = failed[0].reason.as_deref().unwrap();
+    assert!(reason.contains("listing"), "{reason}");
+    assert_eq!(gens.serving().await.unwrap().unwrap().number, 0, "search stays on A");
+    on_a().await;
+    // A search server started with model B (a Deployment rolled to the new spec) serves with A
+    // from beside it: B is not needed until search moves to it.
+    let rolled = serve(&fx, &b).await;
+    let (status, model, _, hits) = search(&http, &rolled.base, &photos[0].1).await;
+    assert_eq!((status, model.as_str()), (200, model_a.as_str()));
+    assert!(hits > 0);
+    drop(rolled);
+    let listed = cli(&fx, &a).args(["generations"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(listed.contains("failed") && listed.contains(reason.lines().next().unwrap()), "{listed}");
+
+    // Cancelled half way (killed while it embeds): search still on A; the next build resumes it.
+    let mut cancelled =
+        cli(&fx, &b).args(["index", &fx.source_url, "--new-generation", "--batch-size", "2"]).spawn().unwrap();
+    let building = failed[0].clone();
+    let index = gens.index(&building, &"any.onnx@fp32".parse().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while index.catalog.counts().await.map(|c| c.indexed).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the build never wrote");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancelled.kill().unwrap();
+    cancelled.wait().unwrap();
+    let partial = index.catalog.counts().await.unwrap().indexed;
+    assert!(partial < 60, "killed half way, not after: {partial}");
+    on_a().await;
+
+    let out = cli(&fx, &b).args(["index", &fx.source_url, "--new-generation", "--keep-old"]).output().unwrap();
+    check(out, "the resumed build");
+    let serving = gens.serving().await.unwrap().unwrap();
+    assert_eq!(serving.number, building.number, "the same generation, resumed");
+    assert_eq!(index.catalog.counts().await.unwrap().indexed, 60);
+    let all = gens.list().await.unwrap();
+    assert!(all.iter().any(|g| g.number == 0 && g.state == State::Retired && g.keep), "{all:#?}");
+    gens.drop_all().await.unwrap();
+}
