@@ -15,6 +15,9 @@
 #   4. `helm upgrade` to a new image tag with 1, then 2 replicas: the rollout completes, the
 #      Lease moves to a new pod, and work that arrived during the upgrade is done.
 #   8. The leader killed while an embedding Job runs: the standby leads, the index converges.
+#   9. The model changes (ResNet50 to ResNet18, another width) while a client searches through the
+#      Service: every search answers with results, from the old model until the swap and the new
+#      one after, moving once; the old generation is dropped after its grace period.
 #   6. Deletion with `Delete` (collection and rows gone) and `Retain` (kept), owned objects
 #      garbage-collected; a namespace deleted with an ImageIndex in it, its Milvus credentials
 #      Secret going first, terminates.
@@ -280,6 +283,56 @@ wait_for "the index to converge" 300 all_indexed e2e photos || fail "the index d
 wait_for "another leader" 60 current_leader "$killed" || fail "no pod leads after $killed (holder $(holder))"
 log "killed $killed mid-Job; $(holder) leads; $in_bucket indexed"
 snapshot 8-killed
+
+log "cluster e2e 9: the model changes under live search; the alias moves once; the old generation goes"
+# A client searches through the Service, one query after another, while the index is rebuilt for
+# ResNet18 (512-d vectors) beside the ResNet50 generation, until told to stop (at most 15 min).
+answers=$ART/9-answers.txt
+: >"$answers"
+(
+  end=$((SECONDS + 900))
+  while [[ ! -e $ART/9-stop && $SECONDS -lt $end ]]; do
+    printf '%s\n' "$(curl -sS --max-time 30 -F image=@"$photos/queries/$query" -F topk=3 \
+      -w '\t%{http_code}' "http://$ip:$port/img/search" 2>&1 | tr -d '\n')" >>"$answers"
+  done
+) &
+searcher=$!
+k -n e2e patch imgidx photos --type merge \
+  -p '{"spec":{"embedding":{"modelUri":"/models/resnet18.onnx"},"generations":{"graceSeconds":20}}}' >/dev/null
+serving_g1() { [[ $(status_of e2e photos .status.generations.serving.number) == 1 ]]; }
+wait_for "search to move to generation 1" 900 serving_g1 || fail "the index did not move to ResNet18"
+k -n e2e wait imgidx/photos --for=condition=Ready --timeout=300s >/dev/null || fail "not Ready after the model change"
+snapshot 9-swapped
+rebuilt=$(k -n e2e get imgidx photos -o jsonpath='{.status.conditions[?(@.type=="Rebuilding")].reason}')
+[[ $rebuilt == Swapped || $rebuilt == Serving ]] || fail "the Rebuilding condition says $rebuilt"
+[[ $(status_of e2e photos .status.generations.serving.model) == resnet18.onnx@fp32 ]] || fail "status: serving model"
+sleep 15 # searches answered by the new generation, through pods that moved to it
+touch "$ART/9-stop"
+wait "$searcher"
+rm -f "$ART/9-stop"
+verdict=$("$PY" - "$answers" <<'PY'
+import json, sys
+rows = [l.rstrip("\n").rsplit("\t", 1) for l in open(sys.argv[1]) if l.strip()]
+bad = [r for r in rows if len(r) != 2 or r[1] != "200" or not json.loads(r[0]).get("results")]
+if bad:
+    sys.exit(f"{len(bad)} of {len(rows)} searches failed, e.g. {bad[0]}")
+models = [json.loads(body)["model"] for body, _ in rows]
+moves = sum(a != b for a, b in zip(models, models[1:]))
+if moves != 1 or not models[0].startswith("resnet50") or not models[-1].startswith("resnet18"):
+    sys.exit(f"search moved {moves} times, from {models[0]} to {models[-1]}")
+print(f"{len(rows)} searches, every one 200 with results: {models.index(models[-1])} by {models[0]}, "
+      f"{len(rows) - models.index(models[-1])} by {models[-1]}")
+PY
+) || fail "search during the model change: $verdict"
+log "model change: $verdict"
+old_generation=${collection}_g0
+milvus_has "$old_generation" || fail "generation 0 ($old_generation) was dropped before its grace period"
+sleep 20
+resync e2e photos || fail "the resync after the grace period"
+milvus_has "$old_generation" && fail "generation 0 ($old_generation) outlived its grace period"
+collection=${collection}_g1 # where the index is now (its name is the alias)
+[[ $(catalog_rows "$collection") == "$in_bucket" ]] || fail "generation 1 holds $(catalog_rows "$collection") rows"
+log "generation 0 dropped after its grace; generation 1 ($collection) holds $in_bucket"
 
 log "cluster e2e 6: deletion (Delete and Retain), and a whole namespace"
 milvus_has "$collection" || fail "the collection $collection is not in Milvus"

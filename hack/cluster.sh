@@ -220,15 +220,19 @@ images() {
   ort=$(ort_dylib)
   model=$CACHE/models/resnet50-random.onnx
   [[ -f $model ]] || model=$("$ROOT/hack/model.sh")
+  # A second model of another width, beside the first: the e2e changes the index's model.
+  local second
+  second=$("$ROOT/hack/model.sh" --resnet18)
   local tag
   # Tagged by what goes in and by this script, which lays it out.
-  tag=0.1.0-$(cat "$bin" "$ort" "$model" "$ROOT/hack/cluster.sh" | sha256sum | head -c 12)
+  tag=0.1.0-$(cat "$bin" "$ort" "$model" "$second" "$ROOT/hack/cluster.sh" | sha256sum | head -c 12)
   if ! ctr_ images ls -q | grep -qx "imageindex.local/imageindex:$tag"; then
     rm -rf "$stage" && mkdir -p "$stage"/{usr/local/bin,opt/onnxruntime,models,etc/ssl/certs,tmp,lib64,lib/x86_64-linux-gnu}
     chmod 1777 "$stage/tmp"
     cp "$bin" "$stage/usr/local/bin/imageindex"
     cp "$ort" "$stage/opt/onnxruntime/"
     cp "$model" "$stage/models/resnet50.onnx"
+    cp "$second" "$stage/models/resnet18.onnx"
     # glibc, libstdc++ and libgcc, as ldd finds them for the binary and ONNX Runtime.
     local lib
     for lib in $( (ldd "$bin"; ldd "$ort") | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do

@@ -47,6 +47,9 @@ pub const RESYNC: &str = "imageindex.dev/resync";
     printcolumn(name = "Indexed", type_ = "integer", json_path = ".status.images.indexed"),
     printcolumn(name = "Discovered", type_ = "integer", json_path = ".status.images.discovered"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.images.failed", priority = 1),
+    printcolumn(name = "Serving", type_ = "integer", json_path = ".status.generations.serving.number", priority = 1),
+    printcolumn(name = "Building", type_ = "integer", json_path = ".status.generations.building.number", priority = 1),
+    printcolumn(name = "Built", type_ = "integer", json_path = ".status.generations.building.indexed", priority = 1),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -59,6 +62,10 @@ pub struct ImageIndexSpec {
     pub embedding: EmbeddingSpec,
     #[serde(default)]
     pub search: SearchSpec,
+    /// What a change of model, precision, width or index type does: a new collection
+    /// (generation) is built beside the serving one, and search moves to it once it is complete.
+    #[serde(default, skip_serializing_if = "GenerationsSpec::is_default")]
+    pub generations: GenerationsSpec,
     /// What deleting the ImageIndex does to the collection and its catalog rows.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -325,6 +332,36 @@ fn default_parallelism() -> u32 {
     1
 }
 
+/// Generations of the index: the collections behind its Milvus alias.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationsSpec {
+    /// Keep a generation search has moved off, instead of dropping it after the grace period.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
+    /// Seconds a generation search has moved off is kept, so that every search pod moves too
+    /// (they read the alias every 5 s), before the next plan drops it.
+    #[serde(default = "default_grace_seconds")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub grace_seconds: u32,
+}
+
+fn default_grace_seconds() -> u32 {
+    300
+}
+
+impl Default for GenerationsSpec {
+    fn default() -> Self {
+        Self { keep: false, grace_seconds: default_grace_seconds() }
+    }
+}
+
+impl GenerationsSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// The search Deployment and Service (`<name>-search`).
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -471,9 +508,36 @@ pub struct ImageIndexStatus {
     /// The search Service's URL inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The generations of the index, once it has more than its first collection: the one search
+    /// reads, and the one being built for a new model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generations: Option<GenerationsStatus>,
     /// The last `imageindex.dev/resync` annotation value acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_resync: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct GenerationsStatus {
+    /// What search reads (the Milvus alias points at its collection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<GenerationStatus>,
+    /// Being built for the model the spec asks for; search moves to it once it holds every object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub building: Option<GenerationStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub struct GenerationStatus {
+    pub number: u32,
+    /// Its Milvus collection.
+    pub collection: String,
+    /// The model its vectors come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Objects with a vector in it.
+    pub indexed: u64,
+    pub failed: u64,
 }
 
 /// Objects in the bucket and in the index.

@@ -50,6 +50,7 @@ pub const MAX_DELETE_PERCENT: &str = "IMAGEINDEX_MAX_DELETE_PERCENT";
 pub const RECONCILE: &str = "IMAGEINDEX_RECONCILE";
 pub const ALLOW_MASS_DELETE: &str = "IMAGEINDEX_ALLOW_MASS_DELETE";
 pub const GENERATION_GRACE: &str = "IMAGEINDEX_GENERATION_GRACE";
+pub const GENERATION_KEEP: &str = "IMAGEINDEX_GENERATION_KEEP";
 /// `plan` and `cleanup`: where the report goes (the pod's termination message).
 pub const REPORT: &str = "IMAGEINDEX_REPORT";
 /// Set by Kubernetes in an Indexed Job's pods.
@@ -63,6 +64,7 @@ pub const MAX_UPLOAD_BYTES: &str = "IMAGEINDEX_MAX_UPLOAD_BYTES";
 pub const REQUEST_TIMEOUT: &str = "IMAGEINDEX_REQUEST_TIMEOUT";
 pub const MAX_CONCURRENT_EMBEDDINGS: &str = "IMAGEINDEX_MAX_CONCURRENT_EMBEDDINGS";
 pub const HEADER_TIMEOUT: &str = "IMAGEINDEX_HEADER_TIMEOUT";
+pub const SHUTDOWN_DELAY_SECONDS: &str = "IMAGEINDEX_SHUTDOWN_DELAY_SECONDS";
 pub const MAX_CONNECTIONS: &str = "IMAGEINDEX_MAX_CONNECTIONS";
 pub const TOKEN_FILE: &str = "IMAGEINDEX_TOKEN_FILE";
 pub const TOKEN: &str = "IMAGEINDEX_TOKEN";

@@ -499,6 +499,11 @@ pub fn plan_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan:
     if source.allow_mass_deletion {
         env.push(var(env::ALLOW_MASS_DELETE, "true"));
     }
+    let generations = &image_index.spec.generations;
+    env.push(var(env::GENERATION_GRACE, generations.grace_seconds.to_string()));
+    if generations.keep {
+        env.push(var(env::GENERATION_KEEP, "true"));
+    }
     let mut annotations = BTreeMap::from([
         (GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
         (EMBEDDING.to_string(), embedding_hash(image_index, resolved)),
@@ -539,6 +544,9 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
     let precision = search.precision.unwrap_or(image_index.spec.embedding.precision);
     env.extend([
         var(env::LISTEN, format!("0.0.0.0:{HTTP_PORT}")),
+        // A pod told to stop keeps answering while the Service's endpoints drop it (kube-proxy
+        // lags the deletion): a rollout, such as a model change's, fails no request.
+        var(env::SHUTDOWN_DELAY_SECONDS, SHUTDOWN_DELAY_SECONDS.to_string()),
         var(env::DEVICE, device(gpu)),
         var(env::PRECISION, precision.to_string()),
     ]);
@@ -654,6 +662,9 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
         status: None,
     }
 }
+
+/// Seconds a search pod goes on answering after SIGTERM (within the 30 s grace period).
+const SHUTDOWN_DELAY_SECONDS: u64 = 5;
 
 /// The search pods' PodDisruptionBudget `<name>-search`: a drain or a node upgrade takes one
 /// search pod at a time. With one replica that one may go (a budget of zero would block every
@@ -1054,6 +1065,15 @@ mod tests {
         let value = |env: &BTreeMap<String, EnvVar>, k: &str| env.get(k).and_then(|e| e.value.clone());
         assert_eq!(value(&env, env::REPORT).as_deref(), c.termination_message_path.as_deref());
         assert_eq!(value(&env, env::ALLOW_MASS_DELETE).as_deref(), Some("true"));
+        // Retired generations are dropped by plans after the spec's grace period, or kept.
+        assert_eq!(value(&env, env::GENERATION_GRACE).as_deref(), Some("300"));
+        assert_eq!(value(&env, env::GENERATION_KEEP), None);
+        let mut keeping = image_index.clone();
+        keeping.spec.generations = crate::crd::GenerationsSpec { keep: true, grace_seconds: 30 };
+        let kept = plan_job(&keeping, &resolved(true), "photos-plan-2", &for_).spec.unwrap().template.spec.unwrap();
+        let kept = env_of(&kept.containers[0]);
+        assert_eq!(value(&kept, env::GENERATION_GRACE).as_deref(), Some("30"));
+        assert_eq!(value(&kept, env::GENERATION_KEEP).as_deref(), Some("true"));
         assert!(env[env::MYSQL_URL].value_from.is_some(), "credentials from the Secret, never in the spec");
         // No GPU, no GPU node, no model volume: it only lists and counts.
         assert!(c.resources.as_ref().unwrap().limits.as_ref().unwrap().keys().all(|k| !k.contains("nvidia")));

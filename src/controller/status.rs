@@ -9,6 +9,11 @@ pub const COLLECTION_READY: &str = "CollectionReady";
 pub const INDEXED: &str = "Indexed";
 pub const SEARCH_READY: &str = "SearchReady";
 pub const ALL: [&str; 4] = [MILVUS_READY, COLLECTION_READY, INDEXED, SEARCH_READY];
+/// True while a new generation of the index is built (a model change); search is unaffected, so
+/// it is not part of Ready.
+pub const REBUILDING: &str = "Rebuilding";
+/// Conditions that say what is going on without deciding Ready.
+pub const INFO: [&str; 1] = [REBUILDING];
 /// The aggregate that kstatus, Argo CD, Flux and `kubectl wait --for=condition=Ready` read: True
 /// when all four hold; otherwise False, with the reason of the first that does not.
 pub const READY: &str = "Ready";
@@ -51,6 +56,12 @@ pub mod reason {
     pub const CLEANUP_FAILED: &str = "CleanupFailed";
     /// A plan Job is making or checking the collection and diffing the bucket.
     pub const PLANNING: &str = "Planning";
+    /// A new generation is being built for the model the spec asks for.
+    pub const BUILDING: &str = "Building";
+    /// Search reads the newest generation.
+    pub const SERVING: &str = "Serving";
+    /// This plan moved search to the generation it had built.
+    pub const SWAPPED: &str = "Swapped";
     /// No node can take a Job's pods (no GPU node, taints, too little memory).
     pub const UNSCHEDULABLE: &str = "Unschedulable";
     /// A Job's pods cannot start: an image that cannot be pulled, a container that cannot be made.
@@ -86,6 +97,9 @@ pub mod reason {
         PLANNING,
         UNSCHEDULABLE,
         PODS_CANNOT_START,
+        BUILDING,
+        SERVING,
+        SWAPPED,
     ];
 
     /// The reason among these that `r` is (conditions read back from the API hold Strings).
@@ -120,6 +134,7 @@ impl Observed {
 pub fn merge(old: &[Condition], observed: &[Observed], generation: Option<i64>, now: &Time) -> Vec<Condition> {
     let mut conds: Vec<Condition> = ALL
         .iter()
+        .chain(&INFO)
         .filter_map(|&t| {
             let prev = old.iter().find(|c| c.type_ == t);
             let Some(o) = observed.iter().find(|o| o.type_ == t) else { return prev.cloned() };

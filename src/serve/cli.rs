@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// moves with it, loading that generation's model from beside --model.
     #[arg(long, env = env::FOLLOW_SECONDS, default_value_t = follow::EVERY.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     follow_seconds: u64,
+    /// Seconds to go on answering after SIGTERM before closing (in a pod: while the Service's
+    /// endpoints drop it, so that a rollout fails no request).
+    #[arg(long, env = env::SHUTDOWN_DELAY_SECONDS, default_value_t = 0)]
+    shutdown_delay_seconds: u64,
     #[command(flatten)]
     data: DataPlaneArgs,
 }
@@ -138,6 +142,6 @@ impl ServeArgs {
             tokio::spawn(watch.run(state.clone(), credentials, reload::EVERY));
         }
         eprintln!("search on http://{}/  (API: POST /img/search, GET /img/count, GET /progress)", self.listen);
-        super::serve(self.listen, state).await
+        super::serve(self.listen, state, Duration::from_secs(self.shutdown_delay_seconds)).await
     }
 }

@@ -258,10 +258,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> Result<()> {
+/// Serves until SIGTERM or Ctrl-C, then for `drain` more (see `ServeArgs::shutdown_delay_seconds`).
+pub async fn serve(addr: SocketAddr, state: Arc<AppState>, drain: Duration) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving search");
-    serve_on(listener, state, shutdown_signal()).await;
+    let shutdown = async move {
+        shutdown_signal().await;
+        if !drain.is_zero() {
+            tracing::info!("stopping in {drain:?}: answering until the endpoints have dropped this server");
+            tokio::time::sleep(drain).await;
+        }
+    };
+    serve_on(listener, state, shutdown).await;
     Ok(())
 }
 

@@ -160,6 +160,11 @@ impl Catalog {
         Self { pool: self.pool.clone(), collection: collection.to_string(), model: model.to_string() }
     }
 
+    /// The model whose vectors this handle writes (`ModelId`'s form).
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     /// Whose rows these are (`images.collection`).
     pub fn collection(&self) -> &str {
         &self.collection

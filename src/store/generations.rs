@@ -240,6 +240,22 @@ impl Generations {
         Ok(all)
     }
 
+    /// The generation plan `plan` was made for (its work is in that generation's catalog); None
+    /// for a plan of another index, or none.
+    pub async fn of_plan(&self, plan: i64) -> Result<Option<Generation>> {
+        let catalog: Option<String> = sqlx::query_scalar("SELECT collection FROM plans WHERE id = ?")
+            .bind(plan)
+            .fetch_optional(self.catalog.pool())
+            .await
+            .ctx("reading the plan")?;
+        let Some(catalog) = catalog else { return Ok(None) };
+        let all = self.list().await?;
+        Ok(all.into_iter().find(|g| g.catalog == catalog && g.state != State::Dropped).or_else(|| {
+            // The plain collection, before it had generations.
+            (catalog == self.name).then(|| Generation::plain(&self.name))
+        }))
+    }
+
     /// The unfinished build (building or failed), if any.
     pub async fn unfinished(&self) -> Result<Option<Generation>> {
         Ok(self.rows().await?.into_iter().rev().find(|g| matches!(g.state, State::Building | State::Failed)))
@@ -457,6 +473,36 @@ impl Generations {
         self.catalog.scoped(&g.catalog, "").drop_collection().await?;
         self.set_state(g, State::Dropped, None).await
     }
+}
+
+/// The catalog key whose rows (and owner) are the serving generation's, as the catalog recorded
+/// it: the name itself before there were generations. Needs no Milvus.
+pub async fn serving_catalog(catalog: &Catalog, name: &str) -> Result<String> {
+    let key: Option<String> =
+        sqlx::query_scalar("SELECT catalog FROM generations WHERE name = ? AND state = 'serving' ORDER BY number DESC")
+            .bind(name)
+            .fetch_optional(catalog.pool())
+            .await
+            .ctx("reading the serving generation")?;
+    Ok(key.unwrap_or_else(|| name.to_string()))
+}
+
+/// Forgets the catalog rows of every generation of `name` (its Milvus is gone).
+pub async fn forget_all(catalog: &Catalog, name: &str) -> Result<()> {
+    let keys: Vec<String> = sqlx::query_scalar("SELECT catalog FROM generations WHERE name = ?")
+        .bind(name)
+        .fetch_all(catalog.pool())
+        .await
+        .ctx("reading the generations")?;
+    for key in keys.iter().map(String::as_str).chain([name]) {
+        catalog.scoped(key, "").drop_collection().await?;
+    }
+    sqlx::query("DELETE FROM generations WHERE name = ?")
+        .bind(name)
+        .execute(catalog.pool())
+        .await
+        .ctx("forgetting the generations")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use super::generation::{still_missing, target};
 use super::{Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
 use crate::config::{BackendArgs, DataPlaneArgs};
 use crate::embed::Model;
@@ -150,7 +151,7 @@ impl IndexArgs {
         if self.generation.new_generation {
             return rebuild(&gens, source, model, &opts, &self.generation).await;
         }
-        let target = target(&gens, &model, opts.mixed_precision).await?;
+        let target = target(&gens, model.id(), opts.mixed_precision).await?;
         let backends = Backends { source, index: gens.index(&target, model.id()) };
         let summary = sync(&backends, model, &opts).await.map_err(|e| match e {
             super::Error::Store(store::Error::ModelMismatch(m)) => anyhow::Error::from(store::Error::ModelMismatch(m))
@@ -160,20 +161,6 @@ impl IndexArgs {
             e => anyhow::Error::from(e),
         });
         args.finish(&summary.context("sync failed")?)
-    }
-}
-
-/// The generation an `index` run syncs: the serving one when the model fits it; the one being
-/// built when the model fits that instead (filling it along with its build); the name itself when
-/// nothing is there yet. Otherwise the serving one, which refuses the model.
-async fn target(gens: &Generations, model: &Model, mixed_precision: bool) -> Result<Generation> {
-    let Some(serving) = gens.serving().await? else { return Ok(Generation::plain(gens.name())) };
-    if serving.fits(model.id(), mixed_precision) {
-        return Ok(serving);
-    }
-    match gens.unfinished().await? {
-        Some(building) if building.fits(model.id(), mixed_precision) => Ok(building),
-        _ => Ok(serving),
     }
 }
 
@@ -256,15 +243,7 @@ async fn build(
         let summary = sync(backends, model.clone(), opts).await?;
         print_summary(&summary);
         let Some(serving) = serving else { break };
-        let (mut after, mut arrived) = (-1, 0usize);
-        loop {
-            let page = gens.missing(serving, building, after, 1000).await?;
-            let Some((last, _)) = page.last() else { break };
-            after = *last;
-            for (_, key) in &page {
-                arrived += usize::from(backends.source.exists(key).await?);
-            }
-        }
+        let arrived = still_missing(gens, serving, building, &backends.source).await?;
         if arrived == 0 {
             break;
         }
@@ -286,7 +265,18 @@ impl EmbedArgs {
         let args = &self.run;
         let DataPlaneArgs { backend, model, src, .. } = &args.data;
         let model = Arc::new(model.load()?);
-        let index = backend.connect(model.id()).await?;
+        // The generation the plan was made for (a new one, while the index is rebuilt for this
+        // model); without a plan, the one this model's vectors go to.
+        let gens = Generations::connect(&backend.milvus()?, backend.mysql_url()?.expose()).await?;
+        let planned = match self.plan {
+            Some(plan) => gens.of_plan(plan).await?,
+            None => None,
+        };
+        let generation = match planned {
+            Some(g) => g,
+            None => target(&gens, model.id(), args.data.model.allow_mixed_precision).await?,
+        };
+        let index = gens.index(&generation, model.id());
         let backends = Backends { source: src.open(self.source.clone())?, index };
         let opts = args.options(shard, shards, DeletionGuard::default(), false);
         let summary = carry_out(&backends, model, &opts, self.plan).await.context("sync failed")?;

@@ -10,6 +10,7 @@
 //! written stays written, and the next run picks up where this one stopped.
 
 pub mod cli;
+pub mod generation;
 mod pipeline;
 pub mod plan;
 pub mod planner;

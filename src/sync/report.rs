@@ -26,9 +26,12 @@ pub enum Report {
         pending: u64,
         /// Why the deletions the listing implies are refused (see `DeletionGuard`), if they are.
         refused: Option<String>,
-        /// The catalog's counts.
+        /// The catalog's counts (of the serving generation).
         indexed: u64,
         failed: u64,
+        /// The index's generations, once it has more than its first collection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        generations: Option<GenerationsReport>,
     },
     /// It stopped at `at`; `message` says why.
     Stopped { at: Stop, message: String },
@@ -38,6 +41,32 @@ pub enum Report {
     Kept { why: String },
     /// `Retain`: the collection's claim is let go; everything is kept.
     Released,
+}
+
+/// The index's generations as a plan left them (see `store::generations`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationsReport {
+    /// What search reads.
+    pub serving: Option<GenerationReport>,
+    /// What is being built for the model the spec asks for (the plan's work is for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub building: Option<GenerationReport>,
+    /// This plan moved search to the generation that was being built.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub swapped: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationReport {
+    pub number: u32,
+    pub collection: String,
+    /// The model its vectors come from (`resnet50.onnx@fp32`), once recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub indexed: u64,
+    pub failed: u64,
 }
 
 /// Where a plan or cleanup stopped. The controller turns each into a condition and a reason.
@@ -112,6 +141,23 @@ mod tests {
                 refused: Some(long.clone()),
                 indexed: 2,
                 failed: 0,
+                generations: Some(GenerationsReport {
+                    serving: Some(GenerationReport {
+                        number: 1,
+                        collection: "c".repeat(255),
+                        model: Some("m".repeat(255)),
+                        indexed: 2,
+                        failed: 0,
+                    }),
+                    building: Some(GenerationReport {
+                        number: 2,
+                        collection: "c".repeat(255),
+                        model: Some("m".repeat(255)),
+                        indexed: 1,
+                        failed: 0,
+                    }),
+                    swapped: false,
+                }),
             },
             Report::Kept { why: long.clone() },
             Report::Dropped,
@@ -120,8 +166,15 @@ mod tests {
             assert!(json.len() <= MAX_BYTES, "{} bytes", json.len());
             assert!(Report::parse(&json).is_some(), "{json}");
         }
-        let planned =
-            Report::Planned { plan: Some(5), discovered: 3, pending: 1, refused: None, indexed: 2, failed: 0 };
+        let planned = Report::Planned {
+            plan: Some(5),
+            discovered: 3,
+            pending: 1,
+            refused: None,
+            indexed: 2,
+            failed: 0,
+            generations: None,
+        };
         assert_eq!(Report::parse(&planned.to_json()), Some(planned));
         assert_eq!(
             Report::parse(r#"{"outcome":"stopped","at":"modelMismatch","message":"holds fp16"}"#),

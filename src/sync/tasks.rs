@@ -16,14 +16,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::generation::still_missing;
 use super::plan::DeletionGuard;
-use super::report::{Report, Stop};
+use super::report::{GenerationReport, GenerationsReport, Report, Stop};
 use super::{Error, Reconcile, planner};
 use crate::config::{BackendArgs, SourceArgs};
 use crate::core::{ModelId, Precision, Preprocess};
 use crate::embed::describe_file;
 use crate::env;
-use crate::store::{self, Catalog, Index, VectorStore};
+use crate::store::{self, Catalog, Generation, Generations, Index, Source, VectorStore, generations};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -49,6 +50,13 @@ pub struct PlanArgs {
     max_delete_percent: f64,
     #[arg(long, env = env::ALLOW_MASS_DELETE)]
     allow_mass_delete: bool,
+    /// Seconds a retired generation is kept, for search pods to move off it, before a plan
+    /// drops it (see `index --new-generation`).
+    #[arg(long, env = env::GENERATION_GRACE, default_value_t = 60)]
+    grace: u64,
+    /// Keep retired generations instead of dropping them.
+    #[arg(long, env = env::GENERATION_KEEP)]
+    keep_generations: bool,
     #[command(flatten)]
     out: Out,
 }
@@ -142,14 +150,28 @@ impl PlanArgs {
             Ok(c) => c,
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };
-        let index = Index { vectors, catalog };
-        let limit = Duration::from_secs(out.io_timeout);
-        let ensured = tokio::time::timeout(limit, index.ensure(width, &model, false, &self.backend.owner)).await;
-        match ensured {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Report::stopped(stop_of(&e), e),
-            Err(_) => return Report::stopped(Stop::CollectionUnavailable, format!("no answer in {limit:?}")),
+        let gens = Generations::new(&vectors, &catalog, &milvus.collection);
+        if !self.keep_generations {
+            match out.within(gens.collect(Duration::from_secs(self.grace))).await {
+                Ok(dropped) => {
+                    for g in dropped {
+                        tracing::info!(
+                            "dropped generation {} ({}), retired since {:?}",
+                            g.number,
+                            g.collection,
+                            g.retired_at
+                        );
+                    }
+                }
+                // Tried again by the next plan; nothing serves from them.
+                Err(e) => tracing::warn!("dropping retired generations: {e}"),
+            }
         }
+        let limit = Duration::from_secs(out.io_timeout);
+        let (serving, building, index) = match self.choose(&gens, &model, width, limit).await {
+            Ok(chosen) => chosen,
+            Err(stopped) => return stopped,
+        };
         // Milvus and the catalog agreeing first, so that the plan embeds what lost its vector.
         let repaired = tokio::time::timeout(limit, planner::repair(&index, Reconcile::IfCountsDiffer)).await;
         match repaired {
@@ -173,19 +195,147 @@ impl PlanArgs {
             }
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };
-        let counts = match out.within(index.catalog.counts()).await {
-            Ok(c) => c,
-            Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
-        };
         let c = planned.record.counts;
+        let refused = planned.refused.map(|r| r.to_string());
+        let (mut serving, mut building, mut swapped) = (serving, building, false);
+        // A new generation with nothing left to do takes over once it holds all the serving one holds.
+        if let (Some(s), Some(b)) = (&serving, &building)
+            && c.pending() == 0
+            && refused.is_none()
+        {
+            match self.swap_if_caught_up(&gens, s, b, &index, &source).await {
+                Ok(false) => {}
+                Ok(true) => (serving, building, swapped) = (Some(b.clone()), None, true),
+                Err(stopped) => return stopped,
+            }
+        }
+        let describe = |g: Generation| {
+            let index = gens.index(&g, &model);
+            async move {
+                let counts = index.catalog.counts().await?;
+                let model = g.model.or_else(|| Some(index.catalog.model().to_string()));
+                let (indexed, failed) = (counts.indexed, counts.failed);
+                Ok::<_, store::Error>(GenerationReport {
+                    number: g.number,
+                    collection: g.collection,
+                    model,
+                    indexed,
+                    failed,
+                })
+            }
+        };
+        let serving_report = match &serving {
+            Some(s) => match out.within(describe(s.clone())).await {
+                Ok(r) => Some(r),
+                Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+            },
+            None => None,
+        };
+        let building_report = match building {
+            Some(b) => match out.within(describe(b)).await {
+                Ok(r) => Some(r),
+                Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+            },
+            None => None,
+        };
+        // What search has: the serving generation's counts (the plain collection's, before any).
+        let (indexed, failed) = match &serving_report {
+            Some(s) => (s.indexed, s.failed),
+            None => match out.within(index.catalog.counts()).await {
+                Ok(c) => (c.indexed, c.failed),
+                Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+            },
+        };
+        let plain = serving.as_ref().is_none_or(|s| s.is_plain(gens.name()));
+        let generations = (!plain || building_report.is_some()).then_some(GenerationsReport {
+            serving: serving_report,
+            building: building_report,
+            swapped,
+        });
         Report::Planned {
             plan: Some(planned.record.id),
             discovered: c.discovered,
             pending: c.pending(),
-            refused: planned.refused.map(|r| r.to_string()),
-            indexed: counts.indexed,
-            failed: counts.failed,
+            refused,
+            indexed,
+            failed,
+            generations,
         }
+    }
+
+    /// The generation to plan for, with the one serving, made or checked for `model`: the serving
+    /// one, or a new generation beside it when the serving one cannot hold this model's vectors
+    /// (another model, width or index type: the spec changed). Its `Index` comes with it.
+    async fn choose(
+        &self,
+        gens: &Generations,
+        model: &ModelId,
+        width: usize,
+        limit: Duration,
+    ) -> Result<(Option<Generation>, Option<Generation>, Index), Report> {
+        let owner = &self.backend.owner;
+        let serving = match tokio::time::timeout(limit, gens.serving()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(Report::stopped(Stop::MilvusUnavailable, format!("reading the index's alias: {e}")));
+            }
+            Err(_) => return Err(Report::stopped(Stop::MilvusUnavailable, format!("no answer in {limit:?}"))),
+        };
+        let ensure = |index: Index| async move {
+            match tokio::time::timeout(limit, index.ensure(width, model, false, owner)).await {
+                Ok(Ok(_)) => Ok(index),
+                Ok(Err(e)) => Err(e),
+                Err(_) => {
+                    Err(store::Error::backend("making or checking the collection", format!("no answer in {limit:?}")))
+                }
+            }
+        };
+        let target = serving.clone().unwrap_or_else(|| Generation::plain(gens.name()));
+        match ensure(gens.index(&target, model)).await {
+            Ok(index) => return Ok((serving, None, index)),
+            Err(store::Error::ModelMismatch(_) | store::Error::IndexMismatch(_)) if serving.is_some() => {}
+            Err(e) => return Err(Report::stopped(stop_of(&e), e)),
+        }
+        let (serving, building) = match tokio::time::timeout(limit, gens.begin(model, owner)).await {
+            Ok(Ok(begun)) => begun,
+            Ok(Err(e)) => return Err(Report::stopped(stop_of(&e), format!("beginning a new generation: {e}"))),
+            Err(_) => return Err(Report::stopped(Stop::CollectionUnavailable, format!("no answer in {limit:?}"))),
+        };
+        match ensure(gens.index(&building, model)).await {
+            Ok(index) => Ok((serving, Some(building), index)),
+            Err(e) => Err(Report::stopped(stop_of(&e), e)),
+        }
+    }
+
+    /// Moves search to `building` when it holds every object `serving` holds that the bucket
+    /// still has; retires `serving` (kept when asked). Says whether it moved.
+    async fn swap_if_caught_up(
+        &self,
+        gens: &Generations,
+        serving: &Generation,
+        building: &Generation,
+        index: &Index,
+        source: &Source,
+    ) -> Result<bool, Report> {
+        let out = &self.out;
+        match out.within(still_missing(gens, serving, building, source)).await {
+            Ok(0) => {}
+            Ok(_) => return Ok(false), // arrived since the listing: the next plan has them
+            Err(e) => return Err(Report::stopped(Stop::SourceUnavailable, format!("comparing generations: {e}"))),
+        }
+        if let Err(e) = out.within(index.wait_searchable()).await {
+            return Err(Report::stopped(Stop::MilvusUnavailable, e));
+        }
+        let retired = match out.within(gens.swap(Some(serving), building)).await {
+            Ok(r) => r,
+            Err(e) => return Err(Report::stopped(Stop::MilvusUnavailable, format!("moving the alias: {e}"))),
+        };
+        if let Some(old) = retired.filter(|_| self.keep_generations)
+            && let Err(e) = out.within(gens.keep(&old, true)).await
+        {
+            tracing::warn!("keeping generation {}: {e}", old.number);
+        }
+        Ok(true)
     }
 }
 
@@ -220,6 +370,11 @@ impl CleanupArgs {
             Ok(c) => c,
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };
+        // The claim is the serving generation's (the name's own before there were generations).
+        let catalog = match out.within(generations::serving_catalog(&catalog, collection)).await {
+            Ok(key) => catalog.scoped(&key, ""),
+            Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
+        };
         if self.retain {
             return match out.within(catalog.release(owner)).await {
                 Ok(()) => Report::Released,
@@ -237,12 +392,15 @@ impl CleanupArgs {
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         }
         if !self.catalog_only {
-            let dropped = out.within(async { VectorStore::connect(&milvus).await?.drop_collection().await }).await;
-            if let Err(e) = dropped {
-                return Report::stopped(Stop::MilvusUnavailable, format!("dropping {collection}: {e}"));
-            }
+            // Every generation, the alias, and their catalog rows.
+            let dropped =
+                out.within(async { Generations::connect(&milvus, mysql_url.expose()).await?.drop_all().await });
+            return match dropped.await {
+                Ok(()) => Report::Dropped,
+                Err(e) => Report::stopped(Stop::MilvusUnavailable, format!("dropping {collection}: {e}")),
+            };
         }
-        match out.within(catalog.drop_collection()).await {
+        match out.within(generations::forget_all(&catalog, collection)).await {
             Ok(()) => Report::Dropped,
             Err(e) => Report::stopped(Stop::MysqlUnavailable, e),
         }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use imageindex::core::IndexKind;
 use imageindex::store::generations::State;
 use imageindex::store::{Generation, Generations, VectorStore};
+use imageindex::sync::report::Report;
 
 use super::serve::TOKEN;
 use super::support::*;
@@ -83,7 +84,7 @@ fn search_continuously(base: String, image: Bytes, stop: Arc<AtomicBool>) -> tok
     })
 }
 
-async fn generations(fx: &Fixture) -> Generations {
+async fn generations_of(fx: &Fixture) -> Generations {
     Generations::connect(&fx.milvus(IndexKind::Hnsw), &env("IMAGEINDEX_MYSQL_URL")).await.unwrap()
 }
 
@@ -148,7 +149,7 @@ async fn the_model_changes_under_live_search_without_a_failed_query() {
 
     // The alias points at generation 1 (B); generation 0 (A, renamed when the alias took its name)
     // was dropped after the grace period.
-    let gens = generations(&fx).await;
+    let gens = generations_of(&fx).await;
     let all = gens.list().await.unwrap();
     let states: Vec<(u32, State)> = all.iter().map(|g| (g.number, g.state)).collect();
     assert_eq!(states, [(0, State::Dropped), (1, State::Serving)], "{all:#?}");
@@ -186,7 +187,7 @@ async fn a_failed_or_cancelled_rebuild_leaves_search_where_it_was() {
     // Model B's file missing: refused before anything is built (a configuration error).
     let missing = cli(&fx, "/nonexistent/resnet18.onnx").args(["index", &fx.source_url, "--new-generation"]).output();
     assert_eq!(missing.unwrap().status.code(), Some(78));
-    let all = generations(&fx).await.list().await.unwrap();
+    let all = generations_of(&fx).await.list().await.unwrap();
     assert_eq!(all.iter().map(|g| (g.number, g.state)).collect::<Vec<_>>(), [(0, State::Serving)], "nothing begun");
     on_a().await;
 
@@ -199,7 +200,7 @@ async fn a_failed_or_cancelled_rebuild_leaves_search_where_it_was() {
         .output()
         .unwrap();
     assert_eq!(down.status.code(), Some(1), "{}", String::from_utf8_lossy(&down.stderr));
-    let gens = generations(&fx).await;
+    let gens = generations_of(&fx).await;
     let all = gens.list().await.unwrap();
     let failed: Vec<&Generation> = all.iter().filter(|g| g.state == State::Failed).collect();
     assert_eq!(failed.len(), 1, "{all:#?}");
@@ -242,4 +243,107 @@ async fn a_failed_or_cancelled_rebuild_leaves_search_where_it_was() {
     let all = gens.list().await.unwrap();
     assert!(all.iter().any(|g| g.number == 0 && g.state == State::Retired && g.keep), "{all:#?}");
     gens.drop_all().await.unwrap();
+}
+
+/// Runs a task as the operator's Job pod would (see tasks.rs); (exit code, report).
+fn job(fx: &Fixture, model: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, Report) {
+    let report = std::env::temp_dir().join(format!("{}-{}.report", fx.name, nanos()));
+    let out = cli(fx, model)
+        .args(args)
+        .env("IMAGEINDEX_SOURCE", &fx.source_url)
+        .env("IMAGEINDEX_OWNER", "ImageIndex shop/photos uid-1")
+        .env("IMAGEINDEX_REPORT", &report)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let written = std::fs::read_to_string(&report).unwrap_or_default();
+    let _ = std::fs::remove_file(&report);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let parsed = Report::parse(&written).unwrap_or_else(|| panic!("no report ({:?}): {stderr}", out.status));
+    (out.status.code().unwrap_or(-1), parsed)
+}
+
+/// An embedding Job's one shard, carrying out `plan`.
+fn embed_shard(fx: &Fixture, model: &str, plan: i64) {
+    let out = cli(fx, model)
+        .args(["embed", "--plan", &plan.to_string(), "--source", &fx.source_url])
+        .env("IMAGEINDEX_OWNER", "ImageIndex shop/photos uid-1")
+        .output()
+        .unwrap();
+    check(out, "the embedding shard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operators_jobs_rebuild_the_index_for_a_new_model_and_swap_when_it_is_complete() {
+    let fx = Fixture::new("generations_jobs");
+    let (a, b) = (env("IMAGEINDEX_MODEL"), env("IMAGEINDEX_MODEL_RESNET18"));
+    let photos = upload_photos(&fx, 12).await;
+    let planned = |report: &Report| match report {
+        Report::Planned { plan: Some(plan), pending, generations, .. } => (*plan, *pending, generations.clone()),
+        other => panic!("{other:?}"),
+    };
+
+    // Model A, as the operator indexes it: a plan, then its embedding Job.
+    let (code, report) = job(&fx, &a, &["plan"], &[]);
+    let (plan, pending, generations) = planned(&report);
+    assert_eq!((code, pending, generations), (0, 12, None));
+    embed_shard(&fx, &a, plan);
+
+    // The spec moves to model B (another width): the plan begins generation 1 beside the serving
+    // one, and plans all of the bucket (two images added since) into it.
+    let mut rng = Rng(7);
+    for i in 0..2 {
+        fx.source.put(&format!("added/{i}.jpg"), jpeg(&synthetic(&mut rng, 300, 200), 90)).await.unwrap();
+    }
+    let (code, report) = job(&fx, &b, &["plan"], &[]);
+    let (plan, pending, generations) = planned(&report);
+    let g = generations.expect("generations reported");
+    assert_eq!((code, pending), (0, 14));
+    let serving = g.serving.as_ref().unwrap();
+    assert_eq!(
+        (serving.number, serving.indexed, serving.model.as_deref()),
+        (0, 12, Some(&*format!("{}@fp32", model_name(&a))))
+    );
+    let building = g.building.as_ref().unwrap();
+    assert_eq!((building.number, building.indexed, g.swapped), (1, 0, false));
+    let Report::Planned { indexed: 12, .. } = report else { panic!("the counts are what search has: {report:?}") };
+
+    // Search through the index's name still reads A's vectors.
+    let by_name = VectorStore::connect(&fx.milvus(IndexKind::Hnsw)).await.unwrap();
+    let hits = by_name.search(embed(&photos[4].1), 1, None).await.unwrap();
+    assert_eq!(hits[0].key, photos[4].0);
+
+    // The embedding Job fills generation 1; an image arrives before the next plan, which plans
+    // it instead of swapping; once that is embedded, the plan after swaps.
+    embed_shard(&fx, &b, plan);
+    fx.source.put("added/late.jpg", jpeg(&synthetic(&mut rng, 300, 200), 90)).await.unwrap();
+    let (_, report) = job(&fx, &b, &["plan"], &[]);
+    let (plan, pending, generations) = planned(&report);
+    let g = generations.unwrap();
+    assert_eq!((pending, g.swapped, g.building.map(|b| b.indexed)), (1, false, Some(14)));
+    embed_shard(&fx, &b, plan);
+    let (code, report) = job(&fx, &b, &["plan"], &[]);
+    let (_, pending, generations) = planned(&report);
+    let g = generations.unwrap();
+    assert_eq!((code, pending, g.swapped, g.building), (0, 0, true, None));
+    let serving = g.serving.unwrap();
+    assert_eq!((serving.number, serving.indexed), (1, 15));
+    let gens = generations_of(&fx).await;
+    assert_eq!(gens.serving().await.unwrap().unwrap().collection, format!("{}_g1", fx.name));
+    let small = imageindex::embed::Model::load(b.as_ref(), &Default::default()).unwrap();
+    let query = small.embed_image(&photos[4].1, Default::default()).unwrap();
+    assert_eq!(by_name.search(query, 1, None).await.unwrap()[0].key, photos[4].0, "the name now reads B");
+
+    // Generation 0 is kept through the grace period, then a plan drops it.
+    let (_, report) = job(&fx, &b, &["plan"], &[]);
+    let Report::Planned { generations: Some(g), .. } = &report else { panic!("{report:?}") };
+    assert!(!g.swapped);
+    assert_eq!(gens.list().await.unwrap()[0].state, State::Retired);
+    job(&fx, &b, &["plan"], &[("IMAGEINDEX_GENERATION_GRACE", "0")]);
+    assert_eq!(gens.list().await.unwrap()[0].state, State::Dropped);
+
+    // Deleting the index drops every generation and the alias.
+    assert_eq!(job(&fx, &b, &["cleanup"], &[]), (0, Report::Dropped));
+    assert!(gens.serving().await.unwrap().is_none());
+    assert!(by_name.scoped(&format!("{}_g1", fx.name)).ready().await.is_err());
 }

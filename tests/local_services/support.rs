@@ -7,7 +7,7 @@ use bytes::Bytes;
 use image::{RgbImage, imageops::FilterType};
 use imageindex::core::IndexKind;
 use imageindex::embed::{DecodeLimits, Model, ModelOptions};
-use imageindex::store::{Index, MilvusConfig, Source, SourceConfig};
+use imageindex::store::{Generations, Index, MilvusConfig, Source, SourceConfig};
 use imageindex::sync::{Backends, Summary, SyncOptions, sync};
 
 pub fn env(name: &str) -> String {
@@ -66,9 +66,10 @@ impl Fixture {
         Index::connect(&self.milvus(index), &env("IMAGEINDEX_MYSQL_URL"), &model).await.unwrap()
     }
 
-    /// Drops the test's collection and catalog rows.
+    /// Drops the test's collection and catalog rows (every generation, where it has more).
     pub async fn cleanup(&self) {
-        self.index(IndexKind::Hnsw).await.drop().await.unwrap();
+        let gens = Generations::connect(&self.milvus(IndexKind::Hnsw), &env("IMAGEINDEX_MYSQL_URL")).await.unwrap();
+        gens.drop_all().await.unwrap();
     }
 
     pub async fn sync(&self, b: &Backends) -> Summary {

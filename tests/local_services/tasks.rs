@@ -42,7 +42,15 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
     let Report::Planned { plan: Some(plan), .. } = report else { panic!("no plan id: {report:?}") };
     assert_eq!(
         report,
-        Report::Planned { plan: Some(plan), discovered: 30, pending: 30, refused: None, indexed: 0, failed: 0 }
+        Report::Planned {
+            plan: Some(plan),
+            discovered: 30,
+            pending: 30,
+            refused: None,
+            indexed: 0,
+            failed: 0,
+            generations: None
+        }
     );
     assert!(fx.index(IndexKind::Hnsw).await.vectors.ready().await.is_ok(), "the plan made and loaded the collection");
 
@@ -61,7 +69,18 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
     assert!(second > Some(plan), "a new plan each time");
     assert_eq!(
         (code, report),
-        (0, Report::Planned { plan: second, discovered: 30, pending: 0, refused: None, indexed: 30, failed: 0 })
+        (
+            0,
+            Report::Planned {
+                plan: second,
+                discovered: 30,
+                pending: 0,
+                refused: None,
+                indexed: 30,
+                failed: 0,
+                generations: None
+            }
+        )
     );
 
     // Most of the bucket gone: the plan says the deletions would be refused, and why.
@@ -73,10 +92,13 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
     assert!(why.contains("20 of the 30"), "{why}");
     assert_eq!(code, 0);
 
-    // Configuration errors exit 78 (the Job fails at once); a backend down exits 1.
+    // Another index type is a new generation, built beside the serving one (see generations.rs).
     let (code, report) = task(&fx, &["plan"], &[("IMAGEINDEX_INDEX_TYPE", "IVF_FLAT")]);
-    assert!(matches!(report, Report::Stopped { at: Stop::IndexMismatch, .. }), "{report:?}");
-    assert_eq!(code, 78);
+    let Report::Planned { generations: Some(g), .. } = &report else { panic!("{report:?}") };
+    assert_eq!((g.serving.as_ref().map(|s| s.number), g.building.as_ref().map(|b| b.number)), (Some(0), Some(1)));
+    assert_eq!(code, 0);
+
+    // Configuration errors exit 78 (the Job fails at once); a backend down exits 1.
     let (code, report) = task(&fx, &["plan"], &[("IMAGEINDEX_OWNER", "ImageIndex other/photos uid-2")]);
     assert!(matches!(report, Report::Stopped { at: Stop::Claimed, .. }), "{report:?}");
     assert_eq!(code, 78);
@@ -135,14 +157,13 @@ async fn the_plan_takes_the_vector_width_and_preprocessing_from_the_model_file()
     let query = small.embed_image(&photos[3].1, DecodeLimits::default()).unwrap();
     assert_eq!(index.vectors.search(query, 1, None).await.unwrap()[0].key, photos[3].0);
 
-    // Another model on this collection, a preprocessing the file contradicts, or no file at all:
-    // configuration errors, which no retry mends (exit 78).
+    // Another model (2048-d) is a new generation beside this one (see generations.rs).
     let (code, report) = task(&fx, &["plan"], &[]);
-    assert!(
-        matches!(&report, Report::Stopped { at: Stop::ModelMismatch, message } if message.contains("512-d")),
-        "{report:?}"
-    );
-    assert_eq!(code, 78);
+    let Report::Planned { generations: Some(g), .. } = &report else { panic!("{report:?}") };
+    assert_eq!(g.building.as_ref().map(|b| (b.number, b.model.clone())), Some((1, Some(resnet50.id().to_string()))));
+    assert_eq!(code, 0);
+    // A preprocessing the file contradicts, or no file at all: configuration errors, which no
+    // retry mends (exit 78).
     let (code, report) = task(&fx, &["plan"], &[with_resnet18[0], ("IMAGEINDEX_PREPROCESS", "clip")]);
     assert!(
         matches!(&report, Report::Stopped { at: Stop::ModelUnusable, message } if message.contains("prepared with torchvision")),

@@ -180,9 +180,11 @@ async fn steps(
     let planned = plans.iter().filter(|t| t.job.state == JobState::Succeeded && t.report.is_some());
     if let Some(p) = planned.max_by_key(|t| t.job.created) {
         status.collection = Some(resolved.collection.clone());
-        if let Some(Report::Planned { discovered, pending, indexed, failed, .. }) = &p.report {
+        if let Some(Report::Planned { discovered, pending, indexed, failed, generations, .. }) = &p.report {
             (status.images.discovered, status.images.pending) = (*discovered, *pending);
             (status.images.indexed, status.images.failed) = (*indexed, *failed);
+            status.generations = generations.as_ref().map(tasks::generations_status);
+            observed.extend(tasks::rebuilding(generations.as_ref()));
         }
     }
     // The search objects once a plan has made the collection they serve; then always, so that

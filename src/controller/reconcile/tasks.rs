@@ -11,9 +11,9 @@ use kube::ResourceExt;
 
 use super::jobs::{Diff, JobState, JobView, age};
 use crate::controller::builders::{AFTER_JOB, RESYNC_FOR};
-use crate::controller::status::{COLLECTION_READY, INDEXED, MILVUS_READY, Observed, reason};
-use crate::crd::ImageIndex;
-use crate::sync::report::{Report, Stop};
+use crate::controller::status::{COLLECTION_READY, INDEXED, MILVUS_READY, Observed, REBUILDING, reason};
+use crate::crd::{GenerationStatus, GenerationsStatus, ImageIndex};
+use crate::sync::report::{GenerationReport, GenerationsReport, Report, Stop};
 
 /// A plan or cleanup Job with what its pod said.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +88,42 @@ pub fn blocked(pod: &Pod) -> Option<Blocked> {
 /// The newest of `tasks`.
 pub fn latest(tasks: &[Task]) -> Option<&Task> {
     tasks.iter().max_by_key(|t| t.job.created)
+}
+
+/// The generations a plan reported, as the status shows them.
+pub fn generations_status(report: &GenerationsReport) -> GenerationsStatus {
+    let one = |g: &GenerationReport| GenerationStatus {
+        number: g.number,
+        collection: g.collection.clone(),
+        model: g.model.clone(),
+        indexed: g.indexed,
+        failed: g.failed,
+    };
+    GenerationsStatus { serving: report.serving.as_ref().map(one), building: report.building.as_ref().map(one) }
+}
+
+/// The Rebuilding condition: True while a generation is built for a new model (search reads the
+/// old one meanwhile), False once search reads the newest; nothing for an index that never had
+/// more than its first collection.
+pub fn rebuilding(report: Option<&GenerationsReport>) -> Option<Observed> {
+    let report = report?;
+    let name =
+        |g: &GenerationReport| format!("generation {} ({})", g.number, g.model.as_deref().unwrap_or("no model yet"));
+    let serving = report.serving.as_ref().map_or("nothing yet".to_string(), name);
+    Some(match &report.building {
+        Some(b) => Observed::yes(
+            REBUILDING,
+            reason::BUILDING,
+            format!(
+                "building {}: {} objects indexed, {} failed; search reads {serving} until it is complete",
+                name(b),
+                b.indexed,
+                b.failed
+            ),
+        ),
+        None if report.swapped => Observed::no(REBUILDING, reason::SWAPPED, format!("search moved to {serving}")),
+        None => Observed::no(REBUILDING, reason::SERVING, format!("search reads {serving}")),
+    })
 }
 
 /// The diff a plan that succeeded found, for the Job decision.
@@ -236,6 +272,39 @@ mod tests {
         .unwrap()
     }
 
+    #[test]
+    fn the_rebuilding_condition_says_which_generation_serves_and_which_is_built() {
+        let g = |number, model: &str, indexed| GenerationReport {
+            number,
+            collection: format!("photos_g{number}"),
+            model: Some(model.into()),
+            indexed,
+            failed: 1,
+        };
+        assert_eq!(rebuilding(None), None, "an index that never had more than its first collection");
+        let building = GenerationsReport {
+            serving: Some(g(1, "resnet50.onnx@fp32", 200)),
+            building: Some(g(2, "resnet18.onnx@fp32", 120)),
+            swapped: false,
+        };
+        let c = rebuilding(Some(&building)).unwrap();
+        assert_eq!((c.type_, c.ok, c.reason), (REBUILDING, Some(true), reason::BUILDING));
+        assert!(c.message.contains("generation 2 (resnet18.onnx@fp32): 120 objects indexed"), "{}", c.message);
+        assert!(c.message.contains("search reads generation 1 (resnet50.onnx@fp32)"), "{}", c.message);
+        let status = generations_status(&building);
+        assert_eq!(status.building.as_ref().map(|b| (b.number, b.indexed)), Some((2, 120)));
+        assert_eq!(status.serving.as_ref().map(|s| s.collection.as_str()), Some("photos_g1"));
+
+        let swapped =
+            GenerationsReport { serving: Some(g(2, "resnet18.onnx@fp32", 201)), building: None, swapped: true };
+        let c = rebuilding(Some(&swapped)).unwrap();
+        assert_eq!((c.ok, c.reason), (Some(false), reason::SWAPPED));
+        assert_eq!(c.message, "search moved to generation 2 (resnet18.onnx@fp32)");
+        let settled = GenerationsReport { swapped: false, ..swapped };
+        assert_eq!(rebuilding(Some(&settled)).unwrap().reason, reason::SERVING);
+        assert_eq!(generations_status(&settled).building, None);
+    }
+
     fn terminated(report: &Report) -> serde_json::Value {
         serde_json::json!({"containerStatuses": [{"name": "plan", "image": "i", "imageID": "", "ready": false,
             "restartCount": 0, "state": {"terminated": {"exitCode": 0, "message": report.to_json()}}}]})
@@ -243,8 +312,15 @@ mod tests {
 
     #[test]
     fn a_plan_reads_back_as_its_report_and_its_diff() {
-        let planned =
-            Report::Planned { plan: Some(12), discovered: 9, pending: 2, refused: None, indexed: 7, failed: 0 };
+        let planned = Report::Planned {
+            plan: Some(12),
+            discovered: 9,
+            pending: 2,
+            refused: None,
+            indexed: 7,
+            failed: 0,
+            generations: None,
+        };
         let pods = [pod("photos-plan-1", terminated(&planned)), pod("other", terminated(&Report::Dropped))];
         let t = Task::of(&job("photos-plan-1", 60, "Complete", 30), &pods);
         assert_eq!(t.report.as_ref(), Some(&planned));
