@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use crate::core::{IndexKind, Precision};
+use crate::sync::report::GenerationReport;
 
 /// Set to `"true"` on an ImageIndex, its deletion keeps the collection and catalog rows as they
 /// are and finishes at once, whatever `deletionPolicy` says (a Milvus or MySQL gone for good).
@@ -521,23 +522,10 @@ pub struct ImageIndexStatus {
 pub struct GenerationsStatus {
     /// What search reads (the Milvus alias points at its collection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serving: Option<GenerationStatus>,
+    pub serving: Option<GenerationReport>,
     /// Being built for the model the spec asks for; search moves to it once it holds every object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub building: Option<GenerationStatus>,
-}
-
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub struct GenerationStatus {
-    pub number: u32,
-    /// Its Milvus collection.
-    pub collection: String,
-    /// The model its vectors come from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    /// Objects with a vector in it.
-    pub indexed: u64,
-    pub failed: u64,
+    pub building: Option<GenerationReport>,
 }
 
 /// Objects in the bucket and in the index.

@@ -57,14 +57,17 @@ pub struct GenerationsReport {
     pub swapped: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One generation: also what `status.generations` shows of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GenerationReport {
     pub number: u32,
+    /// Its Milvus collection.
     pub collection: String,
     /// The model its vectors come from (`resnet50.onnx@fp32`), once recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Objects with a vector in it.
     pub indexed: u64,
     pub failed: u64,
 }

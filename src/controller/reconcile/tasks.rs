@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use super::jobs::{Diff, JobState, JobView, age};
 use crate::controller::builders::{AFTER_JOB, RESYNC_FOR};
 use crate::controller::status::{COLLECTION_READY, INDEXED, MILVUS_READY, Observed, REBUILDING, reason};
-use crate::crd::{GenerationStatus, GenerationsStatus, ImageIndex};
+use crate::crd::{GenerationsStatus, ImageIndex};
 use crate::sync::report::{GenerationReport, GenerationsReport, Report, Stop};
 
 /// A plan or cleanup Job with what its pod said.
@@ -92,14 +92,7 @@ pub fn latest(tasks: &[Task]) -> Option<&Task> {
 
 /// The generations a plan reported, as the status shows them.
 pub fn generations_status(report: &GenerationsReport) -> GenerationsStatus {
-    let one = |g: &GenerationReport| GenerationStatus {
-        number: g.number,
-        collection: g.collection.clone(),
-        model: g.model.clone(),
-        indexed: g.indexed,
-        failed: g.failed,
-    };
-    GenerationsStatus { serving: report.serving.as_ref().map(one), building: report.building.as_ref().map(one) }
+    GenerationsStatus { serving: report.serving.clone(), building: report.building.clone() }
 }
 
 /// The Rebuilding condition: True while a generation is built for a new model (search reads the
