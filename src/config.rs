@@ -293,6 +293,24 @@ mod tests {
         backend: BackendArgs,
     }
 
+    #[derive(Parser)]
+    struct ModelCli {
+        #[command(flatten)]
+        model: ModelArgs,
+    }
+
+    /// A generation's model is named by the catalog, which is input like any other: only a file
+    /// beside `--model` is ever loaded for it.
+    #[test]
+    fn a_generations_model_is_only_a_file_beside_the_model() {
+        let cli = ModelCli::parse_from(["x", "--model", "/models/resnet50.onnx"]);
+        for name in ["../etc/secret.onnx", "sub/model.onnx", "..\\model.onnx", "..", ""] {
+            let id = ModelId { model: name.into(), .."resnet18.onnx@fp32".parse::<ModelId>().unwrap() };
+            let err = cli.model.load_for(&id).err().unwrap_or_else(|| panic!("{name:?} was loaded"));
+            assert!(err.to_string().contains("which is not a file name"), "{name:?}: {err:#}");
+        }
+    }
+
     #[test]
     fn credentials_never_show_in_debug_output() {
         let cli = Cli::parse_from(["x", "--mysql-url", "mysql://u:hunter2@db/x", "--milvus-token", "root:hunter3"]);
