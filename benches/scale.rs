@@ -85,6 +85,7 @@ async fn write_catalog(index: &Index, n: usize, etag: &Option<String>, size: u64
                 content_hash: None,
                 error: None,
                 retry: false,
+                skipped: false,
             })
             .collect();
         index.write(WriteBatch { vectors: vec![], remove: vec![], records }).await?;

@@ -109,8 +109,16 @@ async fn fill(index: &Index, vectors: &Vectors, n: usize) -> Result<()> {
             .map(|i| {
                 let key = vectors.key(i);
                 let id = key_id(&key);
-                let record =
-                    Record { id, key: key.clone(), etag: None, size: 0, content_hash: None, error: None, retry: false };
+                let record = Record {
+                    id,
+                    key: key.clone(),
+                    etag: None,
+                    size: 0,
+                    content_hash: None,
+                    error: None,
+                    retry: false,
+                    skipped: false,
+                };
                 (Vector { id, key, embedding: vectors.get(i) }, record)
             })
             .unzip();

@@ -266,19 +266,26 @@ fn pod_security() -> PodSecurityContext {
     }
 }
 
+/// `/tmp`'s limit for every pod but the plan's.
+const TMP_LIMIT: &str = "1Gi";
+/// The plan's `/tmp`: it sorts the listing there (`sync::sorted`), about 100 bytes an object
+/// beyond the first 100,000, so 10Gi holds a bucket of about 100 million objects. A limit, not a
+/// reservation: a small bucket uses none of it.
+const PLAN_TMP_LIMIT: &str = "10Gi";
+
 /// `/tmp`, writable under a read-only root.
-fn tmp() -> (Volume, VolumeMount) {
+fn tmp(limit: &str) -> (Volume, VolumeMount) {
     let volume = Volume {
         name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("1Gi".into())), ..Default::default() }),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity(limit.into())), ..Default::default() }),
         ..Default::default()
     };
     (volume, VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() })
 }
 
-/// `/tmp` and the model's PVC, if any.
-fn volumes(image_index: &ImageIndex) -> (Vec<Volume>, Vec<VolumeMount>) {
-    let (tmp, tmp_mount) = tmp();
+/// `/tmp` (of `tmp_limit`) and the model's PVC, if any.
+fn volumes(image_index: &ImageIndex, tmp_limit: &str) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let (tmp, tmp_mount) = tmp(tmp_limit);
     let (mut vols, mut mounts) = (vec![tmp], vec![tmp_mount]);
     if let (_, Some((claim, _))) = model_location(&image_index.spec.embedding.model_uri) {
         vols.push(Volume {
@@ -377,7 +384,7 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan
     let features = resolved.features;
     let shards = if features.indexed { spec.parallelism as i32 } else { 1 };
     let gpu = wants_gpu(spec.resources.as_ref());
-    let (mut volumes, mut mounts) = volumes(image_index);
+    let (mut volumes, mut mounts) = volumes(image_index, TMP_LIMIT);
     let mut env = common_env(image_index, resolved);
     env.extend([
         var(env::SHARDS, shards.to_string()),
@@ -451,7 +458,7 @@ fn task_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, component
     let mut env = common_env(image_index, resolved);
     env.push(var(env::REPORT, TERMINATION_LOG));
     // No model volume here: the cleanup never reads the model; the plan Job adds it.
-    let (tmp, tmp_mount) = tmp();
+    let (tmp, tmp_mount) = tmp(TMP_LIMIT);
     let container = Container {
         name: component.into(),
         args: Some(args),
@@ -488,7 +495,7 @@ pub fn plan_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan:
     spec.active_deadline_seconds = Some(plan.deadline);
     let pod = spec.template.spec.as_mut().expect("pod_template sets a spec");
     // The plan reads the model file's header (its width and preprocessing), not its weights.
-    let (volumes, mounts) = volumes(image_index);
+    let (volumes, mounts) = volumes(image_index, PLAN_TMP_LIMIT);
     pod.volumes = Some(volumes);
     pod.containers[0].volume_mounts = Some(mounts);
     let env = pod.containers[0].env.as_mut().expect("task_job sets env");
@@ -538,7 +545,7 @@ pub fn cleanup_job(image_index: &ImageIndex, resolved: &Resolved, catalog_only: 
 /// The search Deployment `<name>-search`: `imageindex serve` behind readiness and liveness probes.
 pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deployment {
     let search = &image_index.spec.search;
-    let (mut volumes, mut mounts) = volumes(image_index);
+    let (mut volumes, mut mounts) = volumes(image_index, TMP_LIMIT);
     let mut env = common_env(image_index, resolved);
     let gpu = wants_gpu(search.resources.as_ref());
     let precision = search.precision.unwrap_or(image_index.spec.embedding.precision);
@@ -857,6 +864,13 @@ mod tests {
         assert_eq!((mount.mount_path.as_str(), mount.read_only), (PVC_MOUNT, Some(true)));
         assert!(pod.volumes.unwrap().iter().any(|v| v.name == "model" && v.persistent_volume_claim.is_some()));
         assert!(c.volume_mounts.as_ref().unwrap().iter().any(|m| m.mount_path == "/tmp"), "and its /tmp still");
+        // Its /tmp holds the sort of a large listing; the others' stay small.
+        let tmp_limit = |pod: &k8s_openapi::api::core::v1::PodSpec| {
+            let tmp = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "tmp").unwrap();
+            tmp.empty_dir.as_ref().unwrap().size_limit.clone().unwrap().0
+        };
+        let pod = plan_job(&image_index, &resolved(true), "p", &for_).spec.unwrap().template.spec.unwrap();
+        assert_eq!(tmp_limit(&pod), PLAN_TMP_LIMIT);
         assert_eq!(env_of(c)["IMAGEINDEX_PREPROCESS"].value.as_deref(), Some("clip"));
         assert_eq!(env_of(c)["IMAGEINDEX_MODEL"].value.as_deref(), Some("/models/pvc/m.onnx"));
     }

@@ -55,6 +55,14 @@ impl From<store::Error> for ApiError {
                     "the bucket refused the object; see the server's log",
                 )
             }
+            store::Error::Archived(msg) => {
+                tracing::warn!("archived: {msg}");
+                Self::new(
+                    StatusCode::CONFLICT,
+                    "object_archived",
+                    "the object is in an archive storage class; restore it to read it",
+                )
+            }
             // Milvus, MySQL or the bucket failed: 503 (retry), saying which call; the cause is logged.
             store::Error::Backend { what, error } => {
                 tracing::warn!("backend error: {what}: {error}");

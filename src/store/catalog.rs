@@ -24,6 +24,8 @@ pub struct Entry {
     pub indexed: bool,
     /// Failed for a reason outside the bytes (see `Record::retry`): tried again next run.
     pub retry: bool,
+    /// Skipped: archived when it was listed (see `Record::skipped`).
+    pub skipped: bool,
 }
 
 /// A finished object, to be recorded.
@@ -39,6 +41,9 @@ pub struct Record {
     /// The failure is not about the bytes (the bucket refused or failed the GET): the next run
     /// tries again, though the etag is the same.
     pub retry: bool,
+    /// Not fetched at all, for `error`'s reason (an archive storage class): `skipped`, not
+    /// `failed`, and fetched once it changes or leaves the archive tier.
+    pub skipped: bool,
 }
 
 /// Counts for one collection.
@@ -46,6 +51,8 @@ pub struct Record {
 pub struct Counts {
     pub indexed: u64,
     pub failed: u64,
+    /// Not fetched: in an archive storage class.
+    pub skipped: u64,
 }
 
 /// Progress of one run.
@@ -65,6 +72,9 @@ pub struct Progress {
     pub discovered: u64,
     pub indexed: u64,
     pub failed: u64,
+    /// Not fetched: in an archive storage class until restored or moved.
+    #[serde(default)]
+    pub skipped: u64,
     /// The latest run (its shards summed), if there was one.
     pub run: Option<RunStatus>,
 }
@@ -123,13 +133,15 @@ fn etag_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Option<String>> {
 }
 
 fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
+    let state: String = r.try_get("state")?;
     Ok(Entry {
         id: r.try_get("id")?,
         key: key_from_row(r, "object_key")?,
         etag: etag_from_row(r)?,
         size: r.try_get::<i64, _>("size")? as u64,
-        indexed: r.try_get::<String, _>("state")? == "indexed",
+        indexed: state == "indexed",
         retry: r.try_get("retry")?,
+        skipped: state == "skipped",
     })
 }
 
@@ -222,7 +234,11 @@ impl Catalog {
                 .push_bind(&r.etag)
                 .push_bind(r.size as i64)
                 .push_bind(&r.content_hash)
-                .push_bind(if ok { "indexed" } else { "failed" })
+                .push_bind(match (ok, r.skipped) {
+                    (true, _) => "indexed",
+                    (false, true) => "skipped",
+                    (false, false) => "failed",
+                })
                 .push_bind(&r.error)
                 .push_bind(r.retry)
                 .push_bind(&self.model)
@@ -306,6 +322,7 @@ impl Catalog {
             let n = r.try_get::<i64, _>("n")? as u64;
             match r.try_get::<String, _>("state")?.as_str() {
                 "indexed" => c.indexed = n,
+                "skipped" => c.skipped = n,
                 _ => c.failed = n,
             }
         }
@@ -363,8 +380,9 @@ impl Catalog {
             p.failed += get("failed")?;
             p.deleted += get("deleted")?;
         }
-        let discovered = run.as_ref().map_or(counts.indexed + counts.failed, |r| r.progress.discovered);
-        Ok(Progress { discovered, indexed: counts.indexed, failed: counts.failed, run })
+        let discovered =
+            run.as_ref().map_or(counts.indexed + counts.failed + counts.skipped, |r| r.progress.discovered);
+        Ok(Progress { discovered, indexed: counts.indexed, failed: counts.failed, skipped: counts.skipped, run })
     }
 
     /// The catalog entry of a key, if any.

@@ -46,10 +46,14 @@ pub enum Error {
     /// The object is larger than the limit (found when fetched, before its bytes are read).
     #[error("{0}")]
     TooLarge(String),
-    /// The bucket answered but refused this object (access denied, archived, a key it cannot
-    /// address): about the object, not a bucket that is down.
+    /// The bucket answered but refused this object (access denied, a customer key it needs, a
+    /// key it cannot address): about the object, not a bucket that is down.
     #[error("the bucket refused it: {0}")]
     Refused(String),
+    /// The object is in an archive tier (S3's 403 InvalidObjectState, Azure's 409 BlobArchived):
+    /// readable only once restored.
+    #[error("the object is archived: {0}")]
+    Archived(String),
     /// Another index owns the collection (their names collide): the message names it.
     #[error("{0}")]
     Claimed(String),

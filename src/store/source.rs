@@ -36,6 +36,9 @@ pub struct Object {
     pub key: String,
     pub etag: Option<String>,
     pub size: u64,
+    /// In an archive tier (S3 `GLACIER` and `DEEP_ARCHIVE`, Azure `Archive`): a GET is refused
+    /// until it is restored, so it is recorded as skipped, never fetched.
+    pub archived: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -147,13 +150,14 @@ impl Source {
     /// the bucket has them, including ones that cannot be fetched (see the module comment).
     pub async fn list(&self) -> Result<Vec<Object>> {
         let pages: Vec<Vec<Object>> = self.pages().try_collect().await?;
-        Ok(pages.into_iter().flatten().collect())
+        let mut all: Vec<Object> = pages.into_iter().flatten().collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(all)
     }
 
-    /// The same listing a page at a time, in key order (the UTF-8 bytes of the key, the order
-    /// in which S3, Google Cloud Storage and Azure list): a bucket's listing is never held whole.
-    /// A folder is listed whole and sorted (folders are laptop-sized; object_store lists them
-    /// in no particular order).
+    /// The same listing a page at a time, in the order the store sends it, which is not
+    /// trusted to be any order (the planner sorts it: `sync::sorted`): a bucket's listing is never
+    /// held whole. A folder is listed whole and sorted (folders are laptop-sized).
     pub fn pages(&self) -> BoxStream<'static, Result<Vec<Object>>> {
         let under = self.prefix_dir();
         let include = self.include.clone();
@@ -200,7 +204,7 @@ impl Source {
         let mut out = Vec::new();
         while let Some(entry) = entries.next().await {
             match entry {
-                Ok(m) => out.push(Object { key: m.location.to_string(), etag: m.e_tag, size: m.size }),
+                Ok(m) => out.push(Object { key: m.location.to_string(), etag: m.e_tag, size: m.size, archived: false }),
                 Err(e @ object_store::Error::InvalidPath { .. }) => tracing::warn!("skipping a file: {e}"),
                 Err(e) => return Err(Error::backend("listing the source", e)),
             }
@@ -355,10 +359,19 @@ fn url_prefix(url: &Url) -> Result<Path> {
 }
 
 /// NotFound is its own case (the sync skips an object deleted since the listing), and so is a
-/// bucket that answered but refused this object (403, 401, a failed precondition): that is about
-/// the object, not a bucket that is down. What is left failed after object_store's retries.
+/// bucket that answered but refused this object (any 4xx but 408 and 429, which object_store
+/// retries: 403, 401, 400 for an SSE-C object read without its key, a failed precondition):
+/// that is about the object, not a bucket that is down. An archived object says so in its error
+/// body. What is left failed after object_store's retries.
 fn bucket_error(key: &str, doing: &str, e: object_store::Error) -> Error {
     use object_store::Error as E;
+    let text = error_chain(&e);
+    if text.contains("InvalidObjectState") || text.contains("BlobArchived") {
+        return Error::Archived(format!("{doing} {key:?}: {e}"));
+    }
+    if matches!(e, E::Generic { .. }) && client_error(&text) {
+        return Error::Refused(format!("{doing} {key:?}: {e}"));
+    }
     match e {
         E::NotFound { .. } => Error::NotFound(format!("object {key:?}")),
         e @ (E::PermissionDenied { .. }
@@ -370,6 +383,28 @@ fn bucket_error(key: &str, doing: &str, e: object_store::Error) -> Error {
         | E::InvalidPath { .. }) => Error::Refused(format!("{doing} {key:?}: {e}")),
         e => Error::backend(format!("{doing} {key:?}"), e),
     }
+}
+
+/// An error and its sources, as one line: object_store keeps the server's status and body in
+/// a source whose type it does not export.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Whether object_store's text names a 4xx status the server answered, other than the 408 and
+/// 429 it retries (`Server returned non-2xx status code: 400 Bad Request: ...`).
+fn client_error(text: &str) -> bool {
+    text.match_indices("status code: ").any(|(i, m)| {
+        let code = text[i + m.len()..].get(..3).and_then(|c| c.parse::<u16>().ok());
+        matches!(code, Some(c) if (400..500).contains(&c) && c != 408 && c != 429)
+    })
 }
 
 fn parse_url(s: &str) -> Result<Url> {
@@ -388,6 +423,19 @@ fn parse_url(s: &str) -> Result<Url> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_errors_are_told_from_servers_that_are_down() {
+        assert!(client_error(
+            "Error performing GET x in 2ms - Server returned non-2xx status code: 400 Bad Request: <Error>"
+        ));
+        assert!(client_error("a: b: Server returned non-2xx status code: 403 Forbidden: "));
+        for down in
+            ["status code: 500 Internal", "status code: 429 Too Many", "status code: 408 R", "status code: 4", "reset"]
+        {
+            assert!(!client_error(down), "{down}");
+        }
+    }
 
     #[test]
     fn azure_endpoints_name_their_account() {

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod planner;
 pub mod report;
 mod run;
+pub mod sorted;
 pub mod tasks;
 
 pub use plan::{DeletionGuard, MassDeletion, Work, shard_of};
@@ -36,7 +37,7 @@ pub enum Error {
     Panicked(#[from] tokio::task::JoinError),
     #[error(transparent)]
     MassDeletion(#[from] MassDeletion),
-    /// The source could not be listed (or listed out of key order): nothing was planned.
+    /// The source could not be listed (or listed a key twice): nothing was planned.
     #[error("listing the source: {0}")]
     Listing(store::Error),
     /// No complete plan to carry out (an embedding shard runs after `imageindex plan`).

@@ -30,18 +30,19 @@ const WRITE_BATCH: usize = 32;
 const BUCKET_DOWN_AFTER: usize = 16;
 
 enum Decoded {
-    Ready {
-        work: Work,
-        hash: String,
-        tensor: Vec<f32>,
-    },
-    /// `retry`: not about the bytes (see `Record::retry`).
-    Failed {
-        work: Work,
-        hash: Option<String>,
-        error: String,
-        retry: bool,
-    },
+    Ready { work: Work, hash: String, tensor: Vec<f32> },
+    Failed { work: Work, hash: Option<String>, error: String, why: Why },
+}
+
+/// What a failure says about the object, and so what the next run does with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    /// The bytes (corrupt, too large, not an image): failed until the object changes.
+    Bytes,
+    /// The read (the bucket refused or kept failing the GET; see `Record::retry`): tried again.
+    Read,
+    /// An archive storage class: skipped, never fetched, until it changes or is restored.
+    Archived,
 }
 
 /// What fetching one object came to.
@@ -51,16 +52,21 @@ enum Fetch {
     /// Deleted since the listing: the next run removes it.
     Gone,
     /// About this object: recorded, and the run goes on.
-    Failed { work: Work, error: String, retry: bool },
+    Failed { work: Work, error: String, why: Why },
     /// The bucket failed (after retries): recorded too, unless it keeps happening.
     Down { work: Work, error: store::Error },
 }
 
 async fn fetch(source: &Source, mut work: Work, max_bytes: u64, budget: &MemoryBudget) -> Fetch {
-    let failed = |work, error: String, retry| Fetch::Failed { work, error, retry };
+    let failed = |work, error: String, why| Fetch::Failed { work, error, why };
+    if work.object.archived {
+        let error = "in an archive storage class (S3 Glacier Flexible Retrieval or Deep Archive, Azure Archive): \
+                     not read until it is restored to another class";
+        return failed(work, error.into(), Why::Archived);
+    }
     if work.object.size > max_bytes {
         let error = format!("object is {} bytes, more than the limit of {max_bytes}", work.object.size);
-        return failed(work, error, false);
+        return failed(work, error, Why::Bytes);
     }
     // Fetched bytes wait for a decoder: at most the fetch budget of them (one object always fits).
     let held = budget.reserve(work.object.size.min(budget.bytes())).await.expect("clamped to the budget");
@@ -72,9 +78,10 @@ async fn fetch(source: &Source, mut work: Work, max_bytes: u64, budget: &MemoryB
         }
         Err(store::Error::NotFound(_)) => Fetch::Gone,
         // The key cannot be addressed, or the object grew past the limit: about these bytes/name.
-        Err(e @ (store::Error::Invalid(_) | store::Error::TooLarge(_))) => failed(work, e.to_string(), false),
+        Err(e @ (store::Error::Invalid(_) | store::Error::TooLarge(_))) => failed(work, e.to_string(), Why::Bytes),
+        Err(e @ store::Error::Archived(_)) => failed(work, e.to_string(), Why::Archived),
         Err(e @ store::Error::Backend { .. }) => Fetch::Down { work, error: e },
-        Err(e) => failed(work, e.to_string(), true),
+        Err(e) => failed(work, e.to_string(), Why::Read),
     }
 }
 
@@ -108,12 +115,12 @@ fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits, pool: &TensorPo
         Ok(()) => Decoded::Ready { work, hash, tensor },
         Err(e) => {
             pool.give(tensor);
-            Decoded::Failed { work, hash: Some(hash), error: e.to_string(), retry: false }
+            Decoded::Failed { work, hash: Some(hash), error: e.to_string(), why: Why::Bytes }
         }
     }
 }
 
-fn record(work: &Work, hash: Option<String>, error: Option<String>, retry: bool) -> Record {
+fn record(work: &Work, hash: Option<String>, error: Option<String>, why: Option<Why>) -> Record {
     Record {
         id: work.id,
         key: work.object.key.clone(),
@@ -121,7 +128,8 @@ fn record(work: &Work, hash: Option<String>, error: Option<String>, retry: bool)
         size: work.object.size,
         content_hash: hash,
         error,
-        retry,
+        retry: why == Some(Why::Read),
+        skipped: why == Some(Why::Archived),
     }
 }
 
@@ -153,9 +161,9 @@ fn fetch_and_decode(
                     Fetch::Gone => None,
                     Fetch::Down { error, .. } if bucket_down => return Err(Error::Store(error)),
                     Fetch::Down { work, error } => {
-                        Some(Decoded::Failed { work, hash: None, error: error.to_string(), retry: true })
+                        Some(Decoded::Failed { work, hash: None, error: error.to_string(), why: Why::Read })
                     }
-                    Fetch::Failed { work, error, retry } => Some(Decoded::Failed { work, hash: None, error, retry }),
+                    Fetch::Failed { work, error, why } => Some(Decoded::Failed { work, hash: None, error, why }),
                     Fetch::Got(work, bytes, held) => {
                         // The decode's peak, reserved from the header before anything is allocated.
                         let reserved = match decode_cost(&bytes, limits, &pool.preprocess) {
@@ -172,7 +180,7 @@ fn fetch_and_decode(
                             ),
                             Err(e) => {
                                 let hash = Some(content_hash(&bytes));
-                                Some(Decoded::Failed { work, hash, error: e.to_string(), retry: false })
+                                Some(Decoded::Failed { work, hash, error: e.to_string(), why: Why::Bytes })
                             }
                         }
                     }
@@ -223,11 +231,11 @@ pub(super) async fn produce(
     while !done {
         match ready.recv().await {
             None => done = true,
-            Some(Decoded::Failed { work, hash, error, retry }) => {
+            Some(Decoded::Failed { work, hash, error, why }) => {
                 if work.was_indexed {
                     pending.remove.push(work.id);
                 }
-                pending.records.push(record(&work, hash, Some(error), retry));
+                pending.records.push(record(&work, hash, Some(error), Some(why)));
             }
             Some(Decoded::Ready { work, hash, tensor }) => {
                 tensors.extend_from_slice(&tensor);
@@ -252,7 +260,7 @@ pub(super) async fn produce(
             input.clear();
             spare_inputs.push(input);
             for ((work, hash), embedding) in items.into_iter().zip(embedded?) {
-                pending.records.push(record(&work, Some(hash), None, false));
+                pending.records.push(record(&work, Some(hash), None, None));
                 pending.vectors.push(Vector { id: work.id, key: work.object.key, embedding });
             }
         }

@@ -24,7 +24,7 @@ impl Work {
 
 impl From<WorkItem> for Work {
     fn from(w: WorkItem) -> Self {
-        let object = Object { key: w.key, etag: w.etag, size: w.size };
+        let object = Object { key: w.key, etag: w.etag, size: w.size, archived: w.archived };
         Self { object, id: w.id, was_indexed: w.indexed }
     }
 }
@@ -42,13 +42,25 @@ pub enum Step {
     Done,
 }
 
-/// A page out of key order: merging it would call objects new or deleted that are not.
+/// A page out of key order: merging it would call objects new or deleted that are not. The
+/// planner sorts the listing (`sorted`), so from the listing this is a key listed twice: a
+/// page the server repeated.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the {what} is not in key order ({before:?} came before {key:?}); nothing was planned")]
 pub struct OutOfOrder {
     pub what: &'static str,
     pub before: String,
     pub key: String,
+}
+
+impl std::fmt::Display for OutOfOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self { what, before, key } = self;
+        if before == key {
+            write!(f, "the {what} listed {key:?} twice (a repeated page?); nothing was planned")
+        } else {
+            write!(f, "the {what} is not in key order ({before:?} came before {key:?}); nothing was planned")
+        }
+    }
 }
 
 /// The merge of a listing and a catalog, both in key order (UTF-8 bytes), a page at a time.
@@ -128,12 +140,13 @@ impl Merge {
             (Some(o), None) => (o, WorkKind::New, false),
             (None, Some(e)) => {
                 c.deleted += 1;
-                let object = Object { key: e.key, etag: e.etag, size: e.size };
+                let object = Object { key: e.key, etag: e.etag, size: e.size, archived: false };
                 return Some(WorkItem::of(object, WorkKind::Deleted, e.indexed));
             }
             // Same etag and size: the bytes are the ones we saw (a failed object stays failed
-            // until it changes, unless its bytes were never seen).
-            (Some(o), Some(e)) if !e.retry && e.etag == o.etag && e.size == o.size => {
+            // until it changes, unless its bytes were never seen). A skipped archived object
+            // stays skipped until it changes or leaves the archive tier.
+            (Some(o), Some(e)) if !e.retry && e.etag == o.etag && e.size == o.size && (!e.skipped || o.archived) => {
                 c.unchanged += 1;
                 return None;
             }
@@ -221,11 +234,19 @@ mod tests {
     use std::collections::HashSet;
 
     fn obj(key: &str, etag: &str) -> Object {
-        Object { key: key.into(), etag: Some(etag.into()), size: 10 }
+        Object { key: key.into(), etag: Some(etag.into()), size: 10, archived: false }
     }
 
     fn entry(key: &str, etag: &str, indexed: bool) -> Entry {
-        Entry { id: key_id(key), key: key.into(), etag: Some(etag.into()), size: 10, indexed, retry: false }
+        Entry {
+            id: key_id(key),
+            key: key.into(),
+            etag: Some(etag.into()),
+            size: 10,
+            indexed,
+            retry: false,
+            skipped: false,
+        }
     }
 
     /// Runs the merge as the planner does, `page` objects and entries a page; returns the work
@@ -331,6 +352,21 @@ mod tests {
         refused.retry = true;
         let (work, c) = merge(vec![obj("a.jpg", "1")], vec![refused], 10);
         assert_eq!((keys(&work, WorkKind::Changed), c.unchanged), (vec!["a.jpg"], 0));
+    }
+
+    #[test]
+    fn a_skipped_archived_object_waits_until_it_leaves_the_archive() {
+        let archived = |a| Object { archived: a, ..obj("a.jpg", "1") };
+        let skipped = Entry { indexed: false, skipped: true, ..entry("a.jpg", "1", false) };
+        let (work, c) = merge(vec![archived(true)], vec![skipped.clone()], 10);
+        assert_eq!((work.len(), c.unchanged), (0, 1), "still archived: not fetched again");
+        let (work, _) = merge(vec![archived(false)], vec![skipped], 10);
+        assert_eq!(keys(&work, WorkKind::Changed), ["a.jpg"], "restored: fetched");
+        // An indexed object moved to an archive tier keeps its vector: its bytes are the same.
+        let (work, c) = merge(vec![archived(true)], vec![entry("a.jpg", "1", true)], 10);
+        assert_eq!((work.len(), c.unchanged), (0, 1));
+        let (work, _) = merge(vec![archived(true)], vec![], 10);
+        assert!(work[0].archived && work[0].kind == WorkKind::New, "new and archived: recorded, not fetched");
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! One plan: the bucket listed once and merged with the catalog in key order (`plan::Merge`),
-//! what it found recorded as the plan's work in the catalog, for the shards to read. Listing
-//! pages and catalog pages are read ahead on tasks of their own, and the work is written in
-//! batches on a third, so the three overlap; each holds a page or two, whatever the bucket's size.
+//! One plan: the bucket listed once, put in key order whatever order the store sent it in
+//! (`sorted`), and merged with the catalog in key order (`plan::Merge`); what it found recorded
+//! as the plan's work in the catalog, for the shards to read. The sorted listing and catalog
+//! pages are read ahead on tasks of their own, and the work is written in batches on a third, so
+//! the three overlap; each holds a page or two, and the sort a segment, whatever the bucket's size.
 
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::plan::{DeletionGuard, MassDeletion, Merge, Step};
+use super::sorted::{self, SortError};
 use super::{Error, Reconcile};
 use crate::store::{self, Entry, Index, Object, PlanRecord, Repair, Source, WorkItem};
 
@@ -17,6 +18,8 @@ const CATALOG_PAGE: u32 = 5000;
 const WORK_BATCH: usize = 2000;
 /// Pages of each side read ahead of the merge.
 const AHEAD: usize = 4;
+/// Sorted listing objects handed to the merge at once.
+const LISTING_PAGE: usize = 1000;
 
 /// What a plan found.
 #[derive(Debug)]
@@ -67,7 +70,7 @@ async fn merge(source: &Source, index: &Index, plan: i64) -> Result<store::PlanC
         loop {
             match m.step() {
                 Step::Listing => match listing.recv().await {
-                    Some(page) => m.listing(page.map_err(Error::Listing)?).map_err(out_of_order)?,
+                    Some(page) => m.listing(page.map_err(listing_error)?).map_err(out_of_order)?,
                     None => m.listing_ended(),
                 },
                 Step::Catalog => match entries.recv().await {
@@ -105,19 +108,29 @@ fn out_of_order(e: super::plan::OutOfOrder) -> Error {
     Error::Listing(store::Error::Invalid(e.to_string()))
 }
 
-/// The listing's pages, read ahead.
-fn read_listing(source: &Source) -> (mpsc::Receiver<store::Result<Vec<Object>>>, JoinHandle<()>) {
+/// The listing whole and sorted, then read back a page at a time, ahead of the merge.
+fn read_listing(source: &Source) -> (mpsc::Receiver<Result<Vec<Object>, SortError>>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(AHEAD);
-    let mut pages = source.pages();
+    let pages = source.pages();
     let task = tokio::spawn(async move {
-        while let Some(page) = pages.next().await {
-            let failed = page.is_err();
-            if tx.send(page).await.is_err() || failed {
-                return;
+        match sorted::sort(pages, sorted::SEGMENT).await {
+            Ok(objects) => {
+                // Segments are read from disk: on a blocking thread.
+                let _ = tokio::task::spawn_blocking(move || sorted::send_pages(objects, LISTING_PAGE, &tx)).await;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
             }
         }
     });
     (rx, task)
+}
+
+fn listing_error(e: SortError) -> Error {
+    match e {
+        SortError::Listing(e) => Error::Listing(e),
+        e => Error::Listing(store::Error::backend("sorting the listing", e)),
+    }
 }
 
 /// The catalog's entries in key order, a page at a time, read ahead; each page says whether it is

@@ -160,6 +160,7 @@ async fn writes_during_a_listing_survive_the_sync() {
         content_hash: None,
         error: None,
         retry: false,
+        skipped: false,
     };
     let vectors = vec![imageindex::store::Vector { id, key: key.into(), embedding: embed(&img) }];
     writer.write(imageindex::store::WriteBatch { vectors, records: vec![record], remove: vec![] }).await.unwrap();

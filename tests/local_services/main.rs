@@ -3,9 +3,11 @@
 //! them and sets the environment; without it these tests fail and say so (they never skip).
 //! `cargo test --lib` runs the unit tests alone, with no services.
 
+mod bucket_behaviours;
 mod consistency;
 mod generations;
 mod hostile;
+mod layouts;
 mod mock_api;
 mod operator;
 mod precision;

@@ -38,6 +38,21 @@ pub struct Faults {
     pub hold_listing: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Receiver<()>)>>,
     pub object_gets: AtomicUsize,
     pub injected_500s: AtomicUsize,
+    /// Keys listed with `StorageClass` GLACIER whose GETs answer 403 InvalidObjectState.
+    pub glacier: Mutex<HashSet<String>>,
+    /// Keys whose GETs answer 403 InvalidObjectState though listed STANDARD (Intelligent-Tiering's
+    /// archive tiers).
+    pub archived_tier: Mutex<HashSet<String>>,
+    /// Keys whose GETs answer 400, as an SSE-C object read without its customer key.
+    pub customer_key: Mutex<HashSet<String>>,
+    /// Every listing page says it is truncated with one and the same continuation token.
+    pub token_loop: AtomicBool,
+    /// The first listing page is sent twice: truncated, then again as the page after it.
+    pub repeat_page: AtomicBool,
+    /// The keys of every object GET, in order.
+    pub gets: Mutex<Vec<String>>,
+    /// The latest first page of a listing, as sent (before `token_loop` or `repeat_page`).
+    pub first_page: Mutex<Option<String>>,
 }
 
 pub struct S3Proxy {
@@ -85,6 +100,13 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     }
     if on_object && parts.method == "GET" {
         let key = relative_key(parts.uri.path());
+        f.gets.lock().unwrap().push(key.clone());
+        if f.glacier.lock().unwrap().contains(&key) || f.archived_tier.lock().unwrap().contains(&key) {
+            return s3_error(StatusCode::FORBIDDEN, "InvalidObjectState");
+        }
+        if f.customer_key.lock().unwrap().contains(&key) {
+            return s3_error(StatusCode::BAD_REQUEST, "InvalidRequest");
+        }
         if f.vanish.lock().unwrap().contains(&key) {
             let bucket = f.bucket.lock().unwrap().clone();
             if let Some(bucket) = bucket {
@@ -97,6 +119,13 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
             f.injected_500s.fetch_add(1, Ordering::SeqCst);
             return s3_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError");
         }
+    }
+    // A looping or repeating listing: a token we made up is answered with the first page again.
+    let made_up = query_param(&query, "continuation-token").filter(|t| t == LOOP || t == AGAIN);
+    if listing && let Some(token) = made_up {
+        let first = f.first_page.lock().unwrap().clone().unwrap_or_default();
+        let xml = if token == LOOP { truncated(&first, LOOP) } else { first };
+        return (StatusCode::OK, [("content-type", "application/xml")], xml).into_response();
     }
     let url = format!("{}{}", st.upstream, parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
@@ -122,9 +151,55 @@ async fn handle(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     out
 }
 
-/// Adds the injected keys to a listing page and shrinks the listed sizes of `shrink`'s keys.
-fn rewrite_listing(f: &Faults, query: &str, mut xml: String) -> String {
+const LOOP: &str = "loop";
+const AGAIN: &str = "again";
+
+/// Marks a page truncated, with `token` as the next page's.
+fn truncated(xml: &str, token: &str) -> String {
+    let xml = xml.replace("<IsTruncated>false</IsTruncated>", "<IsTruncated>true</IsTruncated>");
+    xml.replace(
+        "</ListBucketResult>",
+        &format!("<NextContinuationToken>{token}</NextContinuationToken></ListBucketResult>"),
+    )
+}
+
+/// Adds the injected keys to a listing page and shrinks the listed sizes of `shrink`'s keys;
+/// marks `glacier`'s keys archived; loops or repeats pages.
+fn rewrite_listing(f: &Faults, query: &str, xml: String) -> String {
     let prefix = query_param(query, "prefix").unwrap_or_default();
+    let mut xml = rewrite_keys(f, query, &prefix, xml);
+    for key in f.glacier.lock().unwrap().iter() {
+        let encoded =
+            percent_encoding::utf8_percent_encode(&format!("{prefix}{key}"), percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        for tag in [format!("<Key>{encoded}</Key>"), format!("<Key>{prefix}{key}</Key>")] {
+            if let Some(at) = xml.find(&tag) {
+                let end = xml[at..].find("</Contents>").unwrap() + at;
+                let class = xml[at..end].find("<StorageClass>").map(|i| i + at);
+                match class {
+                    Some(i) => {
+                        let j = xml[i..].find("</StorageClass>").unwrap() + i;
+                        xml.replace_range(i..j, "<StorageClass>GLACIER");
+                    }
+                    None => xml.insert_str(end, "<StorageClass>GLACIER</StorageClass>"),
+                }
+                break;
+            }
+        }
+    }
+    let token = query_param(query, "continuation-token");
+    if token.is_none() {
+        *f.first_page.lock().unwrap() = Some(xml.clone());
+    }
+    if f.token_loop.load(Ordering::SeqCst) {
+        xml = truncated(&xml, LOOP);
+    } else if f.repeat_page.load(Ordering::SeqCst) && token.is_none() {
+        xml = truncated(&xml, AGAIN);
+    }
+    xml
+}
+
+fn rewrite_keys(f: &Faults, query: &str, prefix: &str, mut xml: String) -> String {
     let encoded = query_param(query, "encoding-type").as_deref() == Some("url");
     let encode = |k: &str| -> String {
         if encoded {

@@ -9,7 +9,7 @@ use object_store::client::{HttpRequest, HttpRequestBody};
 
 use super::support::*;
 
-const CONTAINER: &str = "imageindex-test";
+pub const CONTAINER: &str = "imageindex-test";
 
 /// A request to Azurite signed with the account key: what object_store cannot send (it makes no
 /// containers, and its paths cannot hold `a//b.jpg`).
@@ -31,6 +31,12 @@ async fn azure(method: Method, path_and_query: &str, body: &'static [u8]) -> req
     out.send().await.unwrap().status()
 }
 
+/// The test container, made if it is not there.
+pub async fn create_container() {
+    let created = azure(Method::PUT, &format!("{CONTAINER}?restype=container"), b"").await;
+    assert!(created.is_success() || created == reqwest::StatusCode::CONFLICT, "creating the container: {created}");
+}
+
 /// An az:// source indexes, syncs and deletes as an s3:// one does. Keys object_store's paths
 /// cannot hold (`a//b.jpg`, a control character) are listed, fail alone with a reason and stop
 /// nothing; an unchanged container re-embeds nothing (Azure lists etags bare and sends them
@@ -39,8 +45,7 @@ async fn azure(method: Method, path_and_query: &str, body: &'static [u8]) -> req
 /// covers those; DEL is a control character XML can carry.
 #[tokio::test(flavor = "multi_thread")]
 async fn azure_container_indexes_syncs_and_survives_odd_names() {
-    let created = azure(Method::PUT, &format!("{CONTAINER}?restype=container"), b"").await;
-    assert!(created.is_success() || created == reqwest::StatusCode::CONFLICT, "creating the container: {created}");
+    create_container().await;
     let fx = Fixture::at("azure", &format!("az://{CONTAINER}"), "IMAGEINDEX_AZURE_ENDPOINT");
     let photos = photo_set(3);
     for (key, img) in &photos {

@@ -46,12 +46,15 @@ pub struct WorkItem {
     pub kind: WorkKind,
     /// The object has a vector now.
     pub indexed: bool,
+    /// Listed in an archive storage class: recorded as skipped, not fetched.
+    pub archived: bool,
 }
 
 impl WorkItem {
     pub fn of(object: crate::store::Object, kind: WorkKind, indexed: bool) -> Self {
         let id = crate::store::key_id(&object.key);
-        Self { id, key: object.key, etag: object.etag, size: object.size, kind, indexed }
+        let archived = object.archived;
+        Self { id, key: object.key, etag: object.etag, size: object.size, kind, indexed, archived }
     }
 }
 
@@ -136,7 +139,7 @@ macro_rules! select_plan {
 macro_rules! select_work {
     ($kind:literal) => {
         concat!(
-            "SELECT id, object_key, etag, size, kind, indexed FROM work ",
+            "SELECT id, object_key, etag, size, kind, indexed, archived FROM work ",
             "WHERE plan = ? AND id BETWEEN ? AND ? AND ",
             $kind,
             " ORDER BY id LIMIT ?"
@@ -182,7 +185,7 @@ impl Catalog {
         if items.is_empty() {
             return Ok(());
         }
-        let mut qb = QueryBuilder::new("INSERT INTO work (plan, id, object_key, etag, size, kind, indexed) ");
+        let mut qb = QueryBuilder::new("INSERT INTO work (plan, id, object_key, etag, size, kind, indexed, archived) ");
         qb.push_values(items, |mut b, w| {
             b.push_bind(plan)
                 .push_bind(w.id)
@@ -190,7 +193,8 @@ impl Catalog {
                 .push_bind(&w.etag)
                 .push_bind(w.size as i64)
                 .push_bind(w.kind.as_str())
-                .push_bind(w.indexed);
+                .push_bind(w.indexed)
+                .push_bind(w.archived);
         });
         qb.build().execute(&self.pool).await.ctx("recording a plan's work")?;
         Ok(())
@@ -281,6 +285,7 @@ impl Catalog {
                     size: r.try_get::<i64, _>("size")? as u64,
                     kind: WorkKind::parse(&r.try_get::<String, _>("kind")?)?,
                     indexed: r.try_get("indexed")?,
+                    archived: r.try_get("archived")?,
                 })
             })
             .collect()

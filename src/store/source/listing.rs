@@ -7,6 +7,8 @@
 //! - Google Cloud Storage: ListObjectsV2 of its XML API, with the OAuth bearer token.
 //! - Azure Blob Storage: List Blobs, signed by object_store's `AzureAuthorizer`.
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -80,9 +82,11 @@ impl Lister {
     /// has been taken, so a listing of any size holds one page.
     pub(super) fn pages(&self, prefix: &str) -> BoxStream<'static, Result<Vec<Object>>> {
         let (lister, prefix) = (self.clone(), prefix.to_string());
-        // The state: the next page's token, or None once the last page was read.
-        let first: Option<Option<String>> = Some(None);
-        stream::try_unfold(first, move |state| {
+        // The state: the next page's token (None once the last page was read), and the hashes of
+        // the tokens seen so far: a server whose tokens loop would otherwise list forever (8
+        // bytes a page, 800 KB at 100 million objects).
+        let first: (Option<Option<String>>, HashSet<u64>) = (Some(None), HashSet::new());
+        stream::try_unfold(first, move |(state, mut seen)| {
             let (lister, prefix) = (lister.clone(), prefix.clone());
             async move {
                 let Some(token) = state else { return Ok(None) };
@@ -92,7 +96,16 @@ impl Lister {
                     Store::Azure { .. } => parse_azure(&body),
                 }
                 .ctx("parsing the listing")?;
-                Ok(Some((page.objects, page.next.map(Some))))
+                if let Some(next) = &page.next
+                    && !seen.insert(token_hash(next))
+                {
+                    return Err(Error::Invalid(format!(
+                        "the listing loops: after {} pages the server sent a continuation token it had sent \
+                         before; nothing was planned",
+                        seen.len() + 1
+                    )));
+                }
+                Ok(Some((page.objects, (page.next.map(Some), seen))))
             }
         })
         .boxed()
@@ -183,6 +196,18 @@ impl Lister {
     }
 }
 
+fn token_hash(token: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    token.hash(&mut h);
+    h.finish()
+}
+
+/// S3's archive classes: a GET answers 403 InvalidObjectState until the object is restored.
+/// (`GLACIER_IR`, instant retrieval, reads like any other.)
+fn s3_archived(class: Option<&str>) -> bool {
+    matches!(class, Some("GLACIER" | "DEEP_ARCHIVE"))
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase")]
 struct StoreError {
@@ -209,6 +234,7 @@ struct S3Contents {
     size: u64,
     #[serde(rename = "ETag")]
     e_tag: Option<String>,
+    storage_class: Option<String>,
 }
 
 fn parse_s3(body: &str) -> std::result::Result<Page, quick_xml::DeError> {
@@ -222,6 +248,7 @@ fn parse_s3(body: &str) -> std::result::Result<Page, quick_xml::DeError> {
             key: if encoded { decode(&c.key.replace('+', " ")) } else { c.key },
             etag: c.e_tag,
             size: c.size,
+            archived: s3_archived(c.storage_class.as_deref()),
         })
         .collect();
     let next = page.next_continuation_token.filter(|_| page.is_truncated);
@@ -266,6 +293,9 @@ struct AzureProperties {
     size: u64,
     #[serde(rename = "Etag")]
     etag: Option<String>,
+    /// `Archive`: a GET answers 409 BlobArchived until the blob is rehydrated.
+    #[serde(rename = "AccessTier")]
+    access_tier: Option<String>,
 }
 
 fn parse_azure(body: &str) -> std::result::Result<Page, quick_xml::DeError> {
@@ -280,6 +310,7 @@ fn parse_azure(body: &str) -> std::result::Result<Page, quick_xml::DeError> {
             // with the one it fetched.
             etag: b.properties.etag.map(|e| if e.starts_with('"') { e } else { format!("\"{e}\"") }),
             size: b.properties.size,
+            archived: b.properties.access_tier.as_deref() == Some("Archive"),
         })
         .collect();
     Ok(Page { objects, next: page.next_marker.filter(|m| !m.is_empty()) })
@@ -306,12 +337,17 @@ mod tests {
               <Contents><Key>p%2Fa%2F%2Fb.jpg</Key><LastModified>2026-01-01T00:00:00Z</LastModified>
                 <ETag>&quot;abc&quot;</ETag><Size>12</Size><StorageClass>STANDARD</StorageClass></Contents>
               <Contents><Key>p%2Fmy+photo%01%2B.jpg</Key><ETag>&quot;d&quot;</ETag><Size>3</Size></Contents>
+              <Contents><Key>p%2Fg.jpg</Key><Size>3</Size><StorageClass>GLACIER</StorageClass></Contents>
+              <Contents><Key>p%2Fd.jpg</Key><Size>3</Size><StorageClass>DEEP_ARCHIVE</StorageClass></Contents>
+              <Contents><Key>p%2Fi.jpg</Key><Size>3</Size><StorageClass>GLACIER_IR</StorageClass></Contents>
               <NextContinuationToken>tok</NextContinuationToken>
             </ListBucketResult>"#;
         let page = parse_s3(xml).unwrap();
         assert_eq!(page.next.as_deref(), Some("tok"));
-        assert_eq!(keys(&page), ["p/a//b.jpg", "p/my photo\u{1}+.jpg"]);
+        assert_eq!(keys(&page), ["p/a//b.jpg", "p/my photo\u{1}+.jpg", "p/g.jpg", "p/d.jpg", "p/i.jpg"]);
         assert_eq!((page.objects[0].etag.as_deref(), page.objects[0].size), (Some("\"abc\""), 12));
+        let archived: Vec<bool> = page.objects.iter().map(|o| o.archived).collect();
+        assert_eq!(archived, [false, false, true, true, false], "GLACIER and DEEP_ARCHIVE; instant retrieval reads");
         let last = parse_s3(
             "<ListBucketResult><IsTruncated>false</IsTruncated><NextContinuationToken>x</NextContinuationToken>\
              </ListBucketResult>",
@@ -330,7 +366,7 @@ mod tests {
                   <Content-Length>12</Content-Length><Content-Type>image/jpeg</Content-Type>
                   <Etag>0x8DB1</Etag><BlobType>BlockBlob</BlobType></Properties><OrMetadata /></Blob>
                 <Blob><Name Encoded="true">p%2Fctl%01%2B%25.jpg</Name><Properties><Content-Length>3</Content-Length>
-                  <Etag>"0x8DB2"</Etag></Properties></Blob>
+                  <Etag>"0x8DB2"</Etag><AccessTier>Archive</AccessTier></Properties></Blob>
               </Blobs>
               <NextMarker>m2</NextMarker>
             </EnumerationResults>"#;
@@ -338,6 +374,7 @@ mod tests {
         assert_eq!(keys(&page), ["p/a//b.jpg", "p/ctl\u{1}+%.jpg"]);
         let etags: Vec<_> = page.objects.iter().map(|o| o.etag.as_deref().unwrap()).collect();
         assert_eq!(etags, ["\"0x8DB1\"", "\"0x8DB2\""]);
+        assert_eq!((page.objects[0].archived, page.objects[1].archived), (false, true), "the Archive tier");
         assert_eq!(page.objects[0].size, 12);
         assert_eq!(page.next.as_deref(), Some("m2"));
         let last = parse_azure("<EnumerationResults><Blobs /><NextMarker /></EnumerationResults>").unwrap();

@@ -1,0 +1,93 @@
+//! What real buckets do that the local server does not, through the S3 proxy in front of it:
+//! archive storage classes, customer-key encryption, keys at S3's length limit, and listings that
+//! loop or repeat a page. Each is an outcome for one object, or a plan stopped with a clear
+//! error; never a run that stops halfway or deletes.
+
+use std::sync::atomic::Ordering;
+
+use imageindex::core::IndexKind;
+use imageindex::store::Counts;
+use imageindex::sync::{Backends, SyncOptions, sync};
+
+use super::s3_proxy::S3Proxy;
+use super::support::*;
+
+/// How many GETs of `key` the proxy saw.
+fn gets(proxy: &S3Proxy, key: &str) -> usize {
+    proxy.faults.gets.lock().unwrap().iter().filter(|k| *k == key).count()
+}
+
+/// Archived objects are skipped with their reason and never fetched again while the listing says
+/// archived; an SSE-C object is recorded failed with the bucket's reason; a key of S3's 1024 bytes
+/// is indexed and searchable; none of them stops the run. Restored, an archived object is indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn archived_encrypted_and_longest_keys_are_outcomes_of_their_own() {
+    let fx = Fixture::new("behaviours");
+    let photos = upload_photos(&fx, 6).await;
+    // S3's limit counts the whole key: the fixture's prefix, then folders of at most 255 bytes.
+    let room = 1024 - fx.name.len() - 1 - "/x.jpg".len();
+    let long = format!("{}/{}/x.jpg", "l".repeat(255), "m".repeat(room - 256));
+    assert_eq!(fx.name.len() + 1 + long.len(), 1024);
+    fx.source.put(&long, photos[0].1.clone()).await.unwrap();
+    let proxy = S3Proxy::start().await;
+    let (glacier, tiered, sse_c) = (&photos[1].0, &photos[2].0, &photos[3].0);
+    proxy.faults.glacier.lock().unwrap().insert(glacier.clone());
+    proxy.faults.archived_tier.lock().unwrap().insert(tiered.clone());
+    proxy.faults.customer_key.lock().unwrap().insert(sse_c.clone());
+    let b = Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+
+    let first = sync(&b, model(), &SyncOptions::default()).await.expect("one run for all of them");
+    assert_eq!((first.new, first.indexed, first.failed), (7, 4, 3), "{:?}", first.failures);
+    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 4, failed: 1, skipped: 2 });
+    let why = |key: &str| first.failures.iter().find(|(k, _)| k == key).map(|(_, e)| e.clone()).unwrap();
+    assert!(why(glacier).contains("archive storage class"), "{}", why(glacier));
+    assert!(why(tiered).contains("archived") && why(tiered).contains("InvalidObjectState"), "{}", why(tiered));
+    assert!(why(sse_c).contains("refused") && why(sse_c).contains("400"), "{}", why(sse_c));
+    assert_eq!((gets(&proxy, glacier), gets(&proxy, tiered)), (0, 1), "a listed GLACIER object is never fetched");
+    let hits = b.index.vectors.search(embed(&photos[0].1), 10, None).await.unwrap();
+    assert!(hits.iter().any(|h| h.key == long), "the 1024-byte key is searchable: {hits:?}");
+
+    // A listed GLACIER object is not fetched again. An archived one its listing does not show
+    // (an Intelligent-Tiering archive tier) is, since no listing would show its restore; so is
+    // the refused read.
+    let again = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((again.unchanged, again.changed), (5, 2), "{again:?}");
+    assert_eq!((gets(&proxy, glacier), gets(&proxy, tiered), gets(&proxy, sse_c)), (0, 2, 2));
+
+    // Restored to STANDARD (the same bytes and etag): fetched and indexed.
+    proxy.faults.glacier.lock().unwrap().clear();
+    let restored = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((restored.changed, restored.indexed), (3, 1), "{restored:?}");
+    assert_eq!(gets(&proxy, glacier), 1);
+    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 5, failed: 1, skipped: 1 });
+    fx.cleanup().await;
+}
+
+/// A listing whose continuation token comes back, or that sends a page twice, stops the plan
+/// with an error that says so; nothing is indexed or deleted on its word.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_looping_or_repeating_listing_stops_the_plan() {
+    let fx = Fixture::new("listing_loops");
+    upload_photos(&fx, 3).await;
+    let proxy = S3Proxy::start().await;
+    let b = Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+    let first = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!(first.indexed, 3);
+
+    proxy.faults.token_loop.store(true, Ordering::SeqCst);
+    let looped = tokio::time::timeout(std::time::Duration::from_secs(60), sync(&b, model(), &SyncOptions::default()))
+        .await
+        .expect("the listing must not go on forever")
+        .unwrap_err();
+    assert!(looped.to_string().contains("the listing loops"), "{looped}");
+    proxy.faults.token_loop.store(false, Ordering::SeqCst);
+
+    proxy.faults.repeat_page.store(true, Ordering::SeqCst);
+    let repeated = sync(&b, model(), &SyncOptions::default()).await.unwrap_err();
+    assert!(repeated.to_string().contains("twice"), "{repeated}");
+    proxy.faults.repeat_page.store(false, Ordering::SeqCst);
+
+    assert_eq!(b.index.catalog.counts().await.unwrap().indexed, 3);
+    assert_eq!(b.index.vectors.count().await.unwrap(), 3);
+    fx.cleanup().await;
+}
