@@ -157,7 +157,7 @@ impl Source {
 
     /// The same listing a page at a time, in the order the store sends it, which is not
     /// trusted to be any order (the planner sorts it: `sync::sorted`): a bucket's listing is never
-    /// held whole. A folder is listed whole and sorted (folders are laptop-sized).
+    /// held whole. A folder is listed whole (folders are laptop-sized).
     pub fn pages(&self) -> BoxStream<'static, Result<Vec<Object>>> {
         let under = self.prefix_dir();
         let include = self.include.clone();
@@ -173,12 +173,7 @@ impl Source {
             Some(lister) => lister.pages(&self.prefix_dir()).map_ok(keep).boxed(),
             None => {
                 let this = self.clone();
-                stream::once(async move {
-                    let mut all = keep(this.list_folder().await?);
-                    all.sort_by(|a, b| a.key.cmp(&b.key));
-                    Ok(all)
-                })
-                .boxed()
+                stream::once(async move { Ok(keep(this.list_folder().await?)) }).boxed()
             }
         }
     }

@@ -120,14 +120,16 @@ fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits, pool: &TensorPo
     }
 }
 
-fn record(work: &Work, hash: Option<String>, error: Option<String>, why: Option<Why>) -> Record {
+/// `failed`: why the object failed, if it did.
+fn record(work: &Work, hash: Option<String>, failed: Option<(String, Why)>) -> Record {
+    let why = failed.as_ref().map(|(_, why)| *why);
     Record {
         id: work.id,
         key: work.object.key.clone(),
         etag: work.object.etag.clone(),
         size: work.object.size,
         content_hash: hash,
-        error,
+        error: failed.map(|(error, _)| error),
         retry: why == Some(Why::Read),
         skipped: why == Some(Why::Archived),
     }
@@ -235,7 +237,7 @@ pub(super) async fn produce(
                 if work.was_indexed {
                     pending.remove.push(work.id);
                 }
-                pending.records.push(record(&work, hash, Some(error), Some(why)));
+                pending.records.push(record(&work, hash, Some((error, why))));
             }
             Some(Decoded::Ready { work, hash, tensor }) => {
                 tensors.extend_from_slice(&tensor);
@@ -260,7 +262,7 @@ pub(super) async fn produce(
             input.clear();
             spare_inputs.push(input);
             for ((work, hash), embedding) in items.into_iter().zip(embedded?) {
-                pending.records.push(record(&work, Some(hash), None, None));
+                pending.records.push(record(&work, Some(hash), None));
                 pending.vectors.push(Vector { id: work.id, key: work.object.key, embedding });
             }
         }
