@@ -26,15 +26,26 @@ baseline=${BASELINE-3a653b8}
 bucket=imageindex-scale
 curl -fsS -o /dev/null -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" \
   "$IMAGEINDEX_S3_ENDPOINT/$bucket" || true # already there
-scale() { cargo bench --locked --quiet --bench scale -- "$@"; }
+# The benchmark binary, built once: editing the tree while it runs changes nothing it measures.
+# (copied: a later build would replace it in place).
+bench_bin() {
+  local built
+  built=$(cargo bench --locked --no-run --bench scale 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -n1)
+  [[ -x $built ]] && cp "$built" "$STATE/scale/$1" && echo "$STATE/scale/$1"
+}
+mkdir -p "$STATE/scale"
+scale_bin=$(bench_bin scale)
+[[ -x $scale_bin ]] || { log "building benches/scale.rs failed"; exit 1; }
+scale() { "$scale_bin" --bench "$@"; }
 # The baseline's tree, unpacked outside the clone; it shares the cargo target dir (a path
 # package's artifacts are keyed by its path, so the two builds do not evict each other).
 if [[ -n $baseline ]]; then
   base_dir=$CACHE/baseline/$(git rev-parse --short "$baseline")
   [[ -f $base_dir/Cargo.toml ]] || { mkdir -p "$base_dir" && git archive "$baseline" | tar -x -C "$base_dir"; }
-  base_scale() { (cd "$base_dir" && cargo bench --locked --quiet --bench scale -- "$@"); }
   log "building the baseline $baseline"
-  base_scale 2>&1 | tail -n1 || true # usage: the build is what this is for
+  base_bin=$(cd "$base_dir" && bench_bin "scale-$(basename "$base_dir")")
+  [[ -x $base_bin ]] || { log "building the baseline's benches/scale.rs failed"; exit 1; }
+  base_scale() { "$base_bin" --bench "$@"; }
 fi
 # A fresh database for one measure: the catalog's size on disk is then that bucket's alone.
 fresh_db() {
