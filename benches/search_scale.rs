@@ -118,6 +118,7 @@ async fn fill(index: &Index, vectors: &Vectors, n: usize) -> Result<()> {
                     error: None,
                     retry: false,
                     skipped: false,
+                    stale: false,
                 };
                 (Vector { id, key, embedding: vectors.get(i) }, record)
             })

@@ -229,6 +229,7 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
         error: None,
         retry: false,
         skipped: false,
+        stale: false,
     };
     let vectors = vec![Vector { id, key: key.clone(), embedding: vector }];
     clients.index.write(WriteBatch { vectors, records: vec![record], remove: vec![] }).await?;

@@ -44,15 +44,22 @@ pub struct Record {
     /// Not fetched at all, for `error`'s reason (an archive storage class): `skipped`, not
     /// `failed`, and fetched once it changes or leaves the archive tier.
     pub skipped: bool,
+    /// The object was indexed, and this (changed) version could not be read, for `error`'s
+    /// reason: the older row and vector stand, marked `stale`, and the next run tries again. A
+    /// failed read proves nothing about the object.
+    pub stale: bool,
 }
 
 /// Counts for one collection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {
+    /// Objects with a vector, the stale ones among them.
     pub indexed: u64,
     pub failed: u64,
     /// Not fetched: in an archive storage class.
     pub skipped: u64,
+    /// Indexed, but their newer version could not be read: search has the older one.
+    pub stale: u64,
 }
 
 /// Progress of one run.
@@ -75,6 +82,10 @@ pub struct Progress {
     /// Not fetched: in an archive storage class until restored or moved.
     #[serde(default)]
     pub skipped: u64,
+    /// Of `indexed`, those whose newer version could not be read (the bucket refused the GET):
+    /// search still has the older one, and every run tries again.
+    #[serde(default)]
+    pub stale: u64,
     /// The latest run (its shards summed), if there was one.
     pub run: Option<RunStatus>,
 }
@@ -98,6 +109,8 @@ pub struct CatalogTime(chrono::NaiveDateTime);
 pub struct Failure {
     pub key: String,
     pub error: String,
+    /// Its newer version failed; an older one is still indexed.
+    pub stale: bool,
 }
 
 /// A static SELECT of the columns an `Entry` is read from, with the given WHERE clause.
@@ -139,7 +152,8 @@ fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
         key: key_from_row(r, "object_key")?,
         etag: etag_from_row(r)?,
         size: r.try_get::<i64, _>("size")? as u64,
-        indexed: state == "indexed",
+        // A stale row holds a vector too (of an older version).
+        indexed: state == "indexed" || state == "stale",
         retry: r.try_get("retry")?,
         skipped: state == "skipped",
     })
@@ -220,6 +234,8 @@ impl Catalog {
 
     /// Upserts finished objects (indexed or failed) in one statement (through `Index::write`).
     pub(crate) async fn record(&self, records: &[Record]) -> Result<()> {
+        let (stale, records): (Vec<&Record>, Vec<&Record>) = records.iter().partition(|r| r.stale);
+        self.record_stale(&stale).await?;
         if records.is_empty() {
             return Ok(());
         }
@@ -248,6 +264,33 @@ impl Catalog {
             " ON DUPLICATE KEY UPDATE object_key = VALUES(object_key), etag = VALUES(etag), size = VALUES(size), \
              content_hash = VALUES(content_hash), state = VALUES(state), error = VALUES(error), retry = VALUES(retry), \
              model = VALUES(model), indexed_at = VALUES(indexed_at)",
+        );
+        qb.build().execute(&self.pool).await.ctx("writing the catalog")?;
+        Ok(())
+    }
+
+    /// Notes that the newer version of indexed objects could not be read: the row keeps its
+    /// etag, size, hash and model (those of the vector Milvus holds) and becomes `stale` with the
+    /// reason. A row that holds no vector (any more) is recorded as a failed read instead.
+    async fn record_stale(&self, records: &[&Record]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut qb =
+            QueryBuilder::new("INSERT INTO images (collection, id, object_key, etag, size, state, error, retry) ");
+        qb.push_values(records, |mut b, r| {
+            b.push_bind(&self.collection)
+                .push_bind(r.id)
+                .push_bind(&r.key)
+                .push_bind(&r.etag)
+                .push_bind(r.size as i64)
+                .push_bind("failed")
+                .push_bind(&r.error)
+                .push_bind(true);
+        });
+        qb.push(
+            " ON DUPLICATE KEY UPDATE state = IF(state IN ('indexed', 'stale'), 'stale', 'failed'), \
+             error = VALUES(error), retry = TRUE",
         );
         qb.build().execute(&self.pool).await.ctx("writing the catalog")?;
         Ok(())
@@ -321,7 +364,8 @@ impl Catalog {
         for r in rows {
             let n = r.try_get::<i64, _>("n")? as u64;
             match r.try_get::<String, _>("state")?.as_str() {
-                "indexed" => c.indexed = n,
+                "indexed" => c.indexed += n,
+                "stale" => (c.indexed, c.stale) = (c.indexed + n, n),
                 "skipped" => c.skipped = n,
                 _ => c.failed = n,
             }
@@ -331,7 +375,8 @@ impl Catalog {
 
     pub async fn failures(&self, limit: u32) -> Result<Vec<Failure>> {
         let rows = sqlx::query(
-            "SELECT object_key, error FROM images WHERE collection = ? AND state = 'failed' ORDER BY object_key LIMIT ?",
+            "SELECT object_key, error, state FROM images WHERE collection = ? AND state IN ('failed', 'stale') \
+             ORDER BY object_key LIMIT ?",
         )
         .bind(&self.collection)
         .bind(limit)
@@ -342,6 +387,7 @@ impl Catalog {
                 Ok(Failure {
                     key: key_from_row(&r, "object_key")?,
                     error: r.try_get::<Option<String>, _>("error")?.unwrap_or_default(),
+                    stale: r.try_get::<String, _>("state")? == "stale",
                 })
             })
             .collect()
@@ -382,7 +428,8 @@ impl Catalog {
         }
         let discovered =
             run.as_ref().map_or(counts.indexed + counts.failed + counts.skipped, |r| r.progress.discovered);
-        Ok(Progress { discovered, indexed: counts.indexed, failed: counts.failed, skipped: counts.skipped, run })
+        let Counts { indexed, failed, skipped, stale } = counts;
+        Ok(Progress { discovered, indexed, failed, skipped, stale, run })
     }
 
     /// The catalog entry of a key, if any.
@@ -520,20 +567,23 @@ impl Catalog {
     /// Ids of the indexed rows in `shard` of `shards` (see `shard_ids`).
     pub async fn indexed_ids(&self, shard: u32, shards: u32) -> Result<Vec<i64>> {
         let ids = super::shard_ids(shard, shards);
-        sqlx::query_scalar("SELECT id FROM images WHERE collection = ? AND state = 'indexed' AND id BETWEEN ? AND ?")
-            .bind(&self.collection)
-            .bind(ids.start())
-            .bind(ids.end())
-            .fetch_all(&self.pool)
-            .await
-            .ctx("reading the catalog's indexed ids")
+        sqlx::query_scalar(
+            "SELECT id FROM images WHERE collection = ? AND state IN ('indexed', 'stale') AND id BETWEEN ? AND ?",
+        )
+        .bind(&self.collection)
+        .bind(ids.start())
+        .bind(ids.end())
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading the catalog's indexed ids")
     }
 
     /// Those of `ids` whose rows say indexed.
     pub(crate) async fn indexed_among(&self, ids: &[i64]) -> Result<Vec<i64>> {
         let mut out = Vec::new();
         for chunk in ids.chunks(1000) {
-            let mut qb = QueryBuilder::new("SELECT id FROM images WHERE state = 'indexed' AND collection = ");
+            let mut qb =
+                QueryBuilder::new("SELECT id FROM images WHERE state IN ('indexed', 'stale') AND collection = ");
             qb.push_bind(&self.collection).push(" AND id IN ");
             push_ids(&mut qb, chunk);
             let rows = qb.build().fetch_all(&self.pool).await.ctx("reading the catalog")?;

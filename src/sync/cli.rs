@@ -147,7 +147,7 @@ impl IndexArgs {
         let opts = args.options(0, 1, deletion, true);
         let gens = Generations::connect(&backend.milvus()?, backend.mysql_url()?.expose()).await?;
         let grace = Duration::from_secs(self.generation.grace);
-        drop_retired(&gens, grace).await?;
+        drop_retired(&gens, grace, &opts.owner).await?;
         if self.generation.new_generation {
             return rebuild(&gens, source, model, &opts, &self.generation).await;
         }
@@ -165,9 +165,9 @@ impl IndexArgs {
 }
 
 /// Drops the generations retired more than `grace` ago (a run that waited out its grace period
-/// was interrupted) and not kept.
-async fn drop_retired(gens: &Generations, grace: Duration) -> Result<()> {
-    for g in gens.collect(grace).await? {
+/// was interrupted), not kept, and held by `owner`.
+async fn drop_retired(gens: &Generations, grace: Duration, owner: &str) -> Result<()> {
+    for g in gens.collect(grace, owner).await? {
         eprintln!(
             "dropped generation {} of {} ({}), retired since {:?}",
             g.number,
@@ -226,7 +226,7 @@ async fn rebuild(
         old.number, old.collection
     );
     tokio::time::sleep(grace).await;
-    drop_retired(gens, grace).await
+    drop_retired(gens, grace, &opts.owner).await
 }
 
 /// Syncs the new generation until it holds every object the serving one holds, or the object is
@@ -336,6 +336,14 @@ fn print_summary(s: &Summary) {
             _ => String::new(),
         }
     );
+    if s.stale > 0 {
+        eprintln!(
+            "  {} of the {} changed objects could not be read (the bucket refused or failed the GET): search keeps \
+             their older versions, and the next run tries again. Many at once usually means the bucket's \
+             credentials, policy or encryption keys changed.",
+            s.stale, s.changed
+        );
+    }
     for (key, err) in &s.failures {
         eprintln!("  failed {key}: {err}");
     }

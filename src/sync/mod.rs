@@ -121,6 +121,9 @@ pub struct Summary {
     pub kept: usize,
     pub indexed: usize,
     pub failed: usize,
+    /// Of `failed`, indexed objects whose changed version could not be read (refused, failing,
+    /// archived): search keeps their older vectors, and the next run tries again.
+    pub stale: usize,
     /// Objects that failed in this run, with the reason.
     pub failures: Vec<(String, String)>,
     /// Vectors in the collection after the run (all shards).

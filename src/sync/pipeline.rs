@@ -7,7 +7,8 @@
 //! waits for fetching or decoding, and memory stays flat however much work there is. A bad
 //! object becomes a failed record, and so does one the bucket refuses or keeps failing (after
 //! object_store's retries); only a bucket that fails `BUCKET_DOWN_AFTER` fetches in a row, with
-//! none succeeding, or the model, stops it.
+//! none succeeding, or the model, stops it. An object indexed before whose new version cannot be
+//! read keeps its older vector (`stale`): only bad bytes take a vector out of search.
 
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +44,17 @@ enum Why {
     Read,
     /// An archive storage class: skipped, never fetched, until it changes or is restored.
     Archived,
+    /// The key cannot be addressed by the client: failed until renamed.
+    Key,
+}
+
+impl Why {
+    /// Whether the failure says something about the object's new version (its bytes, or its
+    /// size as listed). Those that do not (a refused or failing GET, an archive tier, a key the
+    /// client cannot address) prove nothing, so an object indexed before keeps its older vector.
+    fn judges_the_object(self) -> bool {
+        self == Why::Bytes
+    }
 }
 
 /// What fetching one object came to.
@@ -77,8 +89,9 @@ async fn fetch(source: &Source, mut work: Work, max_bytes: u64, budget: &MemoryB
             Fetch::Got(work, f.bytes, held)
         }
         Err(store::Error::NotFound(_)) => Fetch::Gone,
-        // The key cannot be addressed, or the object grew past the limit: about these bytes/name.
-        Err(e @ (store::Error::Invalid(_) | store::Error::TooLarge(_))) => failed(work, e.to_string(), Why::Bytes),
+        Err(e @ store::Error::Invalid(_)) => failed(work, e.to_string(), Why::Key),
+        // It grew past the limit: about the new version.
+        Err(e @ store::Error::TooLarge(_)) => failed(work, e.to_string(), Why::Bytes),
         Err(e @ store::Error::Archived(_)) => failed(work, e.to_string(), Why::Archived),
         Err(e @ store::Error::Backend { .. }) => Fetch::Down { work, error: e },
         Err(e) => failed(work, e.to_string(), Why::Read),
@@ -123,6 +136,7 @@ fn decode(work: Work, bytes: bytes::Bytes, limits: DecodeLimits, pool: &TensorPo
 /// `failed`: why the object failed, if it did.
 fn record(work: &Work, hash: Option<String>, failed: Option<(String, Why)>) -> Record {
     let why = failed.as_ref().map(|(_, why)| *why);
+    let stale = work.was_indexed && why.is_some_and(|why| !why.judges_the_object());
     Record {
         id: work.id,
         key: work.object.key.clone(),
@@ -130,8 +144,10 @@ fn record(work: &Work, hash: Option<String>, failed: Option<(String, Why)>) -> R
         size: work.object.size,
         content_hash: hash,
         error: failed.map(|(error, _)| error),
-        retry: why == Some(Why::Read),
-        skipped: why == Some(Why::Archived),
+        // A stale row is tried again too: its older version is what search has.
+        retry: why == Some(Why::Read) || stale,
+        skipped: why == Some(Why::Archived) && !stale,
+        stale,
     }
 }
 
@@ -234,7 +250,9 @@ pub(super) async fn produce(
         match ready.recv().await {
             None => done = true,
             Some(Decoded::Failed { work, hash, error, why }) => {
-                if work.was_indexed {
+                // The new version is known to be bad: the older vector is of bytes no longer
+                // there. Any other failure keeps it (see `record`).
+                if work.was_indexed && why.judges_the_object() {
                     pending.remove.push(work.id);
                 }
                 pending.records.push(record(&work, hash, Some((error, why))));

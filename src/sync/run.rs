@@ -131,7 +131,8 @@ async fn run_shard(
 
     let started = Instant::now();
     let to_embed = (left.new + left.changed) as usize;
-    summary.failures = embed_and_write(backends, model, plan.id, &ids, to_embed, opts, run, progress).await?;
+    (summary.failures, summary.stale) =
+        embed_and_write(backends, model, plan.id, &ids, to_embed, opts, run, progress).await?;
     // Searches right after the run see all of it. No flush: an upsert is durable once
     // acknowledged, and sealing segments is Milvus's own business (a flush per run costs seconds).
     summary.vectors = index.wait_searchable().await?;
@@ -197,7 +198,7 @@ async fn proven_gone(source: &Source, deleted: Vec<WorkItem>) -> Vec<i64> {
 
 /// Runs the pipeline over the plan's objects to embed in `ids` (`count` of them), read from the
 /// catalog a page at a time, and writes what it produces, marking each done; returns the
-/// objects that failed.
+/// objects that failed, and how many of them are stale (an older version still indexed).
 #[allow(clippy::too_many_arguments)]
 async fn embed_and_write(
     backends: &Backends,
@@ -208,7 +209,7 @@ async fn embed_and_write(
     opts: &SyncOptions,
     run: i64,
     progress: &mut RunProgress,
-) -> Result<Vec<(String, String)>, Error> {
+) -> Result<(Vec<(String, String)>, usize), Error> {
     let bar = if opts.progress_bar { ProgressBar::new(count as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta} {msg}")
@@ -217,12 +218,13 @@ async fn embed_and_write(
     let (work, reader) = read_work(&backends.index, plan, ids.clone());
     let (writes_tx, mut writes_rx) = mpsc::channel::<WriteBatch>(2);
     let pipeline = tokio::spawn(produce(backends.source.clone(), model, work, opts.clone(), writes_tx));
-    let mut failures = Vec::new();
+    let (mut failures, mut stale) = (Vec::new(), 0);
     let mut last_report = Instant::now();
     while let Some(batch) = writes_rx.recv().await {
         let failed: Vec<(String, String)> =
             batch.records.iter().filter_map(|r| Some((r.key.clone(), r.error.clone()?))).collect();
         let indexed = batch.records.len() - failed.len();
+        stale += batch.records.iter().filter(|r| r.stale).count();
         let done: Vec<i64> = batch.records.iter().map(|r| r.id).collect();
         // Counted once written: the run's record never claims more than the index holds.
         backends.index.write(batch).await?;
@@ -242,7 +244,7 @@ async fn embed_and_write(
     pipeline.await??;
     reader.await??;
     bar.finish_and_clear();
-    Ok(failures)
+    Ok((failures, stale))
 }
 
 /// The plan's objects to embed in `ids`, read a page at a time on a task of its own (a page

@@ -86,6 +86,38 @@ async fn a_misbehaving_bucket_loses_nothing_and_stops_nothing() {
     fx.cleanup().await;
 }
 
+/// The bucket re-encrypted with a key the pods cannot use: every changed object's GET is refused
+/// (400). Search keeps every older vector (stale, with the reason); once readable, every new
+/// version replaces its old one, each exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_that_refuses_every_changed_object_keeps_search_as_it_was() {
+    let _serial = SERIAL.lock().await;
+    reset_peak_rss();
+    let fx = Fixture::new("faults_reencrypted");
+    let photos = upload_photos(&fx, 20).await;
+    let proxy = S3Proxy::start().await;
+    let backends = imageindex::sync::Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+    assert_eq!(sync(&backends, model(), &SyncOptions::default()).await.unwrap().indexed, 20);
+    for (i, (key, _)) in photos.iter().enumerate() {
+        fx.source.put(key, photos[(i + 7) % photos.len()].1.clone()).await.unwrap();
+        proxy.faults.customer_key.lock().unwrap().insert(key.clone());
+    }
+    let s = sync(&backends, model(), &SyncOptions::default()).await.expect("refusals are outcomes, not a stop");
+    assert_eq!((s.changed, s.failed, s.stale), (20, 20, 20), "{s:?}");
+    let c = consistency(&fx, &backends.index, &[]).await;
+    add_row("bucket: every changed object's GET refused (re-encrypted, SSE-C 400)", &c);
+    assert_eq!(c, Consistency { expected: 20, indexed: 20, ..Default::default() });
+    assert_eq!(backends.index.catalog.counts().await.unwrap().stale, 20);
+
+    proxy.faults.customer_key.lock().unwrap().clear();
+    let s = sync(&backends, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((s.changed, s.indexed, s.stale), (20, 20, 0), "{s:?}");
+    let c = consistency(&fx, &backends.index, &[]).await;
+    assert_eq!(c, Consistency { expected: 20, indexed: 20, ..Default::default() });
+    assert_eq!(backends.index.catalog.counts().await.unwrap().stale, 0);
+    fx.cleanup().await;
+}
+
 /// A typo'd prefix or an empty listing would have deleted the whole collection; it refuses, says
 /// why, deletes nothing, and deletes when allowed.
 #[tokio::test(flavor = "multi_thread")]
@@ -161,6 +193,7 @@ async fn writes_during_a_listing_survive_the_sync() {
         error: None,
         retry: false,
         skipped: false,
+        stale: false,
     };
     let vectors = vec![imageindex::store::Vector { id, key: key.into(), embedding: embed(&img) }];
     writer.write(imageindex::store::WriteBatch { vectors, records: vec![record], remove: vec![] }).await.unwrap();

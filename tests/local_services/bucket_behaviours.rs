@@ -38,7 +38,7 @@ async fn archived_encrypted_and_longest_keys_are_outcomes_of_their_own() {
 
     let first = sync(&b, model(), &SyncOptions::default()).await.expect("one run for all of them");
     assert_eq!((first.new, first.indexed, first.failed), (7, 4, 3), "{:?}", first.failures);
-    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 4, failed: 1, skipped: 2 });
+    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 4, failed: 1, skipped: 2, stale: 0 });
     let why = |key: &str| first.failures.iter().find(|(k, _)| k == key).map(|(_, e)| e.clone()).unwrap();
     assert!(why(glacier).contains("archive storage class"), "{}", why(glacier));
     assert!(why(tiered).contains("archived") && why(tiered).contains("InvalidObjectState"), "{}", why(tiered));
@@ -59,7 +59,7 @@ async fn archived_encrypted_and_longest_keys_are_outcomes_of_their_own() {
     let restored = sync(&b, model(), &SyncOptions::default()).await.unwrap();
     assert_eq!((restored.changed, restored.indexed), (3, 1), "{restored:?}");
     assert_eq!(gets(&proxy, glacier), 1);
-    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 5, failed: 1, skipped: 1 });
+    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 5, failed: 1, skipped: 1, stale: 0 });
     fx.cleanup().await;
 }
 
@@ -89,5 +89,46 @@ async fn a_looping_or_repeating_listing_stops_the_plan() {
 
     assert_eq!(b.index.catalog.counts().await.unwrap().indexed, 3);
     assert_eq!(b.index.vectors.count().await.unwrap(), 3);
+    fx.cleanup().await;
+}
+
+/// A bucket re-encrypted with a key the pods cannot use (every changed object's GET answers 400)
+/// leaves search as it was: each object keeps its older vector and row, marked stale with the
+/// bucket's reason, counted on /progress and in the run's summary; once readable, the new
+/// version replaces the old.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_object_that_cannot_be_read_keeps_its_older_vector() {
+    let fx = Fixture::new("refused_change");
+    let photos = upload_photos(&fx, 4).await;
+    let proxy = S3Proxy::start().await;
+    let b = Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+    assert_eq!(sync(&b, model(), &SyncOptions::default()).await.unwrap().indexed, 4);
+
+    // Every object rewritten (new bytes, new etag) under a customer key: no GET can read them.
+    for (i, (key, _)) in photos.iter().enumerate() {
+        fx.source.put(key, photos[(i + 1) % photos.len()].1.clone()).await.unwrap();
+        proxy.faults.customer_key.lock().unwrap().insert(key.clone());
+    }
+    let refused = sync(&b, model(), &SyncOptions::default()).await.expect("refused reads are outcomes, not a stop");
+    assert_eq!((refused.changed, refused.indexed, refused.failed, refused.stale), (4, 0, 4, 4), "{refused:?}");
+    assert_eq!(b.index.vectors.count().await.unwrap(), 4, "no refused read takes a vector out of search");
+    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 4, failed: 0, skipped: 0, stale: 4 });
+    let progress = b.index.catalog.progress().await.unwrap();
+    assert_eq!((progress.indexed, progress.stale), (4, 4), "{progress:?}");
+    let failures = b.index.catalog.failures(10).await.unwrap();
+    assert!(failures.iter().all(|f| f.stale && f.error.contains("400")), "{failures:?}");
+    let hits = b.index.vectors.search(embed(&photos[0].1), 1, None).await.unwrap();
+    assert_eq!(hits[0].key, photos[0].0, "the older version still answers");
+    assert!(b.index.counts_agree().await.unwrap());
+
+    // The key is given to the pods: every object is read again and its new version indexed.
+    proxy.faults.customer_key.lock().unwrap().clear();
+    let readable = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((readable.changed, readable.indexed, readable.stale), (4, 4, 0), "{readable:?}");
+    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 4, failed: 0, skipped: 0, stale: 0 });
+    let hits = b.index.vectors.search(embed(&photos[1].1), 1, None).await.unwrap();
+    assert_eq!(hits[0].key, photos[0].0, "photos[0]'s key now holds photos[1]'s bytes");
+    let again = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((again.unchanged, again.changed), (4, 0), "{again:?}");
     fx.cleanup().await;
 }

@@ -56,6 +56,7 @@ async fn orphans_and_lost_vectors_are_repaired() {
             error: None,
             retry: false,
             skipped: false,
+            stale: false,
         };
         WriteBatch { vectors, records: vec![record], remove: vec![] }
     };
