@@ -290,6 +290,52 @@ impl IndexKind {
     }
 }
 
+/// `text` with the query string and any password of every URL in it replaced by `<redacted>`:
+/// HTTP clients put the URL in their errors, and a presigned S3 URL's query holds the access key
+/// id, the signature and the session token, an Azure SAS its signature. For every error text
+/// that leaves the process (status, events, the catalog, logs).
+pub fn without_secrets(text: &str) -> String {
+    // Where a URL ends in an error text: whitespace, quotes, brackets.
+    let ends = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ')' | '(' | '<' | '>' | '[' | ']' | '`');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        // The scheme: the letters (and + - .) right before "://".
+        let scheme = rest[..at]
+            .char_indices()
+            .rev()
+            .take_while(|(_, c)| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            .last()
+            .map_or(at, |(i, _)| i);
+        let after = at + 3;
+        let len = rest[after..].find(ends).unwrap_or(rest.len() - after);
+        let url = &rest[after..after + len];
+        out.push_str(&rest[..after]);
+        if scheme == at {
+            out.push_str(url); // no scheme: not a URL
+        } else {
+            let (mut base, query) = match url.find('?') {
+                Some(q) => (url[..q].to_string(), Some(())),
+                None => (url.to_string(), None),
+            };
+            // user:password@host: keep the user.
+            let authority_end = base.find('/').unwrap_or(base.len());
+            if let Some(at_sign) = base[..authority_end].rfind('@')
+                && let Some(colon) = base[..at_sign].find(':')
+            {
+                base.replace_range(colon + 1..at_sign, "<redacted>");
+            }
+            out.push_str(&base);
+            if query.is_some() {
+                out.push_str("?<redacted>");
+            }
+        }
+        rest = &rest[after + len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A credential (a MySQL URL with its password, a token): `Debug` prints `<redacted>`, so no
 /// log line, panic message or `{:?}` of a config shows it. `expose` is the one way to read it.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -332,6 +378,27 @@ impl From<&str> for Redacted {
 
 #[cfg(test)]
 mod tests {
+    use super::without_secrets;
+
+    #[test]
+    fn urls_lose_their_queries_and_passwords_in_error_text() {
+        let presigned = "error sending request for url (http://127.0.0.1:1/b?list-type=2&X-Amz-Algorithm=AWS4-HMAC-SHA256\
+                         &X-Amz-Credential=AKIAEXAMPLE%2F20261207&X-Amz-Signature=abc123&X-Amz-Security-Token=tok)";
+        assert_eq!(without_secrets(presigned), "error sending request for url (http://127.0.0.1:1/b?<redacted>)");
+        let sas = "Error performing GET https://acct.blob.core.windows.net/c/a.jpg?sv=2022&sig=SECRET in 2ms";
+        assert_eq!(
+            without_secrets(sas),
+            "Error performing GET https://acct.blob.core.windows.net/c/a.jpg?<redacted> in 2ms"
+        );
+        let mysql = "connecting to mysql://imageindex:hunter2@db:3306/catalog: refused";
+        assert_eq!(without_secrets(mysql), "connecting to mysql://imageindex:<redacted>@db:3306/catalog: refused");
+        for plain in ["no URL here", "a ratio 3://4 is odd", "", "ends with http://", "key \"a?b.jpg\" refused"] {
+            assert_eq!(without_secrets(plain), plain);
+        }
+        let two = "GET http://a/x?sig=1 then \"https://b/y?sig=2\"";
+        assert_eq!(without_secrets(two), "GET http://a/x?<redacted> then \"https://b/y?<redacted>\"");
+    }
+
     use super::*;
 
     #[test]

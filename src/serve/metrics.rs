@@ -85,13 +85,32 @@ impl Default for Metrics {
 /// Records every request under its route pattern (not the raw path, which would explode the labels).
 pub async fn track(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
     let started = Instant::now();
     let resp = next.run(req).await;
     let m = &st.metrics;
     m.latency.get_or_create(&RouteLabels { route: route.clone() }).observe(started.elapsed().as_secs_f64());
     m.requests.get_or_create(&RequestLabels { route, method, status: resp.status().as_u16() }).inc();
     resp
+}
+
+/// A request's method as a label: hyper accepts any extension method, and the label is written
+/// before auth, so a client could otherwise make a new time series per request.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::TRACE,
+        Method::CONNECT,
+    ];
+    const NAMES: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"];
+    KNOWN.iter().position(|m| m == method).map_or("other", |i| NAMES[i])
 }
 
 pub async fn render(State(st): State<Arc<AppState>>) -> Response {

@@ -19,7 +19,7 @@ use std::collections::HashSet;
 
 use sha2::{Digest, Sha256};
 
-use crate::core::{ModelId, ModelMismatch};
+use crate::core::{ModelId, ModelMismatch, without_secrets};
 
 /// The owner a run or server claims a collection for when it is given none: every CLI run on
 /// every machine, as one. The operator claims for its ImageIndex by UID.
@@ -65,8 +65,36 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The error's text (and its sources') loses the query strings and passwords of the URLs in
+    /// it (see `core::without_secrets`): a store's error ends up in status, events and logs.
     pub(crate) fn backend(what: impl Into<String>, error: impl Into<BoxError>) -> Self {
-        Self::Backend { what: what.into(), error: error.into() }
+        let error: BoxError = error.into();
+        Self::Backend { what: without_secrets(&what.into()), error: Box::new(Scrubbed::of(&*error)) }
+    }
+}
+
+/// An error's text and its sources', without secrets.
+#[derive(Debug)]
+struct Scrubbed {
+    text: String,
+    source: Option<Box<Scrubbed>>,
+}
+
+impl Scrubbed {
+    fn of(e: &(dyn std::error::Error + 'static)) -> Self {
+        Self { text: without_secrets(&e.to_string()), source: e.source().map(|s| Box::new(Self::of(s))) }
+    }
+}
+
+impl std::fmt::Display for Scrubbed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for Scrubbed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as _)
     }
 }
 

@@ -25,7 +25,7 @@ use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
 
 use super::{Error, Result};
-use crate::core::Redacted;
+use crate::core::{Redacted, without_secrets};
 
 /// Default include patterns: the formats we decode.
 pub const DEFAULT_INCLUDE: &[&str] = &["**/*.jpg", "**/*.jpeg", "**/*.png", "**/*.webp"];
@@ -361,11 +361,13 @@ fn url_prefix(url: &Url) -> Result<Path> {
 fn bucket_error(key: &str, doing: &str, e: object_store::Error) -> Error {
     use object_store::Error as E;
     let text = error_chain(&e);
+    // The message keeps no URL's query (an Azure SAS travels in it).
+    let said = |e: &E| without_secrets(&format!("{doing} {key:?}: {e}"));
     if text.contains("InvalidObjectState") || text.contains("BlobArchived") {
-        return Error::Archived(format!("{doing} {key:?}: {e}"));
+        return Error::Archived(said(&e));
     }
     if matches!(e, E::Generic { .. }) && client_error(&text) {
-        return Error::Refused(format!("{doing} {key:?}: {e}"));
+        return Error::Refused(said(&e));
     }
     match e {
         E::NotFound { .. } => Error::NotFound(format!("object {key:?}")),
@@ -375,7 +377,7 @@ fn bucket_error(key: &str, doing: &str, e: object_store::Error) -> Error {
         | E::NotModified { .. }
         | E::NotSupported { .. }
         | E::NotImplemented { .. }
-        | E::InvalidPath { .. }) => Error::Refused(format!("{doing} {key:?}: {e}")),
+        | E::InvalidPath { .. }) => Error::Refused(said(&e)),
         e => Error::backend(format!("{doing} {key:?}"), e),
     }
 }

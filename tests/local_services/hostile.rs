@@ -121,3 +121,102 @@ async fn slow_clients_and_connection_floods_are_cut_off() {
     assert_eq!(srv.http.get(srv.url("healthz")).send().await.unwrap().status(), 200);
     fx.cleanup().await;
 }
+
+/// Connections that send nothing (not a byte, or only part of the HTTP/2 preface, or the preface
+/// and then no request) held a slot for ever: hyper's header timeout starts with a request, and
+/// the version sniffing before it has none. With every slot taken, probes still answer (a probe
+/// connection of its own), anything else there is a 503, and the idle ones are cut off.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_send_nothing_are_cut_off_and_probes_answer_meanwhile() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fx = Fixture::new("hostile_idle");
+    let connections =
+        imageindex::serve::ConnectionLimits { header_timeout: Duration::from_secs(1), max_connections: 8 };
+    let srv =
+        Server::start(&fx, fx.backends(IndexKind::Hnsw).await, ServeConfig { connections, ..Default::default() }).await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // What readiness says with slots to spare (this fixture has no collection yet: a 503 of its own).
+    let ready = srv.http.get(srv.url("readyz")).send().await.unwrap().status().as_u16();
+    let mut idle = Vec::new();
+    for i in 0..8 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        match i % 4 {
+            0 => {}                                                                             // nothing at all
+            1 => c.write_all(&PREFACE[..10]).await.unwrap(),                                    // part of the preface
+            2 => c.write_all(&[PREFACE, &[0, 0, 0, 4, 0, 0, 0, 0, 0]].concat()).await.unwrap(), // preface + SETTINGS
+            _ => c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap(), // one request, then idle
+        }
+        idle.push(c);
+    }
+    let opened = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Every slot is taken: a probe still answers, and search is told to come back.
+    let fresh = || reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    for (probe, answer) in [("healthz", 200), ("readyz", ready)] {
+        let r = fresh().get(srv.url(probe)).send().await.expect("a probe while every slot is taken");
+        assert_eq!(r.status(), answer, "{probe}: {}", r.text().await.unwrap());
+    }
+    let busy = fresh().get(srv.url("openapi.json")).send().await.unwrap();
+    assert_eq!(busy.status(), 503);
+
+    // Each idle connection is closed after the header timeout (1 s), well within 5 s.
+    for (i, c) in idle.iter_mut().enumerate() {
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // a response, a SETTINGS frame, a GOAWAY: then the close
+                }
+            }
+        });
+        assert!(closed.await.is_ok(), "idle connection {i} still open after 5 s");
+    }
+    assert!(opened.elapsed() >= Duration::from_millis(900), "closed before the timeout: {:?}", opened.elapsed());
+    assert_eq!(fresh().get(srv.url("openapi.json")).send().await.unwrap().status(), 200, "the slots are free again");
+    fx.cleanup().await;
+}
+
+/// Every request was counted under its HTTP method, before auth, and hyper accepts any extension
+/// method: a client could add a time series to /metrics per request. Unknown ones are `other`.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_methods_a_client_makes_up_are_not_metric_labels() {
+    let fx = Fixture::new("hostile_methods");
+    let srv = Server::start(&fx, fx.backends(IndexKind::Hnsw).await, ServeConfig::default()).await;
+    for i in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        let r = srv.http.request(method, srv.url("img/count")).send().await.unwrap();
+        assert_eq!(r.status(), 405);
+    }
+    let metrics = srv.http.get(srv.url("metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("MADEUP"), "a client's method became a label:\n{metrics}");
+    let other = metrics.lines().find(|l| l.contains(r#"method="other""#));
+    assert!(other.is_some_and(|l| l.ends_with(" 20")), "{metrics}");
+    fx.cleanup().await;
+}
+
+/// reqwest puts the URL in its errors, and a listing's URL is presigned: its query holds the
+/// access key id, the signature and any session token. A listing that cannot reach the bucket
+/// carried all three into the sync's error, and from there into the plan's report and status.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_listing_does_not_carry_its_signature() {
+    use imageindex::sync::{Backends, SyncOptions, sync};
+    let fx = Fixture::new("listing_secrets");
+    // A port nothing listens on: every attempt is a transport error that names the URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = Some(format!("http://127.0.0.1:{port}"));
+    let source = Source::open(&SourceConfig { url: fx.source_url.clone(), endpoint, ..Default::default() }).unwrap();
+    let b = Backends { source, index: fx.index(IndexKind::Hnsw).await };
+    let err = sync(&b, model(), &SyncOptions::default()).await.unwrap_err();
+    let told = format!("{err} | {err:?}");
+    let told = format!("{told} | {:#}", anyhow::Error::from(err));
+    assert!(told.contains("listing the source") && told.contains(&format!("127.0.0.1:{port}")), "{told}");
+    // (The local access key id is also the bucket's name: the credential parameter is what names it.)
+    for secret in ["X-Amz-Credential", "X-Amz-Signature", "X-Amz-Algorithm"] {
+        assert!(!told.contains(secret), "{secret} in {told}");
+    }
+    fx.cleanup().await;
+}

@@ -184,7 +184,8 @@ impl Lister {
                     let what = [e.code, e.message].into_iter().flatten().collect::<Vec<_>>().join(": ");
                     return Err(Error::backend("listing the source", format!("HTTP {status} {what}")));
                 }
-                Err(e) => e.to_string(),
+                // reqwest's text has the URL, whose query is a presigned signature.
+                Err(e) => crate::core::without_secrets(&e.to_string()),
             };
             attempt += 1;
             if attempt == ATTEMPTS {
