@@ -280,6 +280,9 @@ impl Generations {
             }
         }
         if let Some(u) = self.unfinished().await? {
+            // Another index of the same name may be building it (nothing served yet, so no
+            // serving generation said whose the name is): neither resumed nor dropped, then.
+            self.catalog.scoped(&u.catalog, "").claim_owner(owner).await?;
             if u.fits(model, false) {
                 self.set_state(&u, State::Building, None).await?;
                 return Ok((serving, Generation { state: State::Building, reason: None, ..u }));
@@ -290,12 +293,15 @@ impl Generations {
                 self.name,
                 u.model.as_deref().unwrap_or("no model yet")
             );
-            self.drop_generation(&u).await?;
+            self.drop_generation(&u, owner).await?;
         }
         let used =
             self.rows().await?.iter().map(|g| g.number).chain(serving.as_ref().map(|s| s.number)).collect::<Vec<_>>();
         let number = next_number(used);
         let collection = collection_of(&self.name, number);
+        // Claimed before it is recorded: a generation row always names a collection its owner
+        // holds, and nothing drops one it does not hold.
+        self.catalog.scoped(&collection, "").claim_owner(owner).await?;
         sqlx::query(
             "INSERT INTO generations (name, number, collection, catalog, state) VALUES (?, ?, ?, ?, 'building')",
         )
@@ -420,8 +426,9 @@ impl Generations {
         Ok(())
     }
 
-    /// Drops the retired generations whose grace period is over and that are not kept; returns them.
-    pub async fn collect(&self, grace: Duration) -> Result<Vec<Generation>> {
+    /// Drops the retired generations whose grace period is over, not kept, and held by `owner`;
+    /// returns them. One another index holds is left (with a warning), never dropped.
+    pub async fn collect(&self, grace: Duration, owner: &str) -> Result<Vec<Generation>> {
         let due = sqlx::query(select_generations!(
             "AND g.state = 'retired' AND NOT g.keep AND g.retired_at <= NOW(3) - INTERVAL ? MICROSECOND \
              ORDER BY g.number"
@@ -434,26 +441,38 @@ impl Generations {
         let due = due.iter().map(generation_from_row).collect::<Result<Vec<_>>>()?;
         let mut dropped = Vec::new();
         for g in due {
-            self.drop_generation(&g).await?;
-            dropped.push(g);
+            match self.drop_generation(&g, owner).await {
+                Ok(()) => dropped.push(g),
+                Err(Error::Claimed(why)) => tracing::warn!("keeping retired generation {}: {why}", g.number),
+                Err(e) => return Err(e),
+            }
         }
         Ok(dropped)
     }
 
     /// Drops every generation, the alias and a plain collection, with their catalog rows (the
-    /// index deleted).
-    pub async fn drop_all(&self) -> Result<()> {
-        if self.alias.alias_target().await?.is_some() {
-            let req = DropAliasRequest::builder().alias(&self.name).build()?;
-            self.alias.client().drop_alias(req).await.ctx(format!("dropping the alias {}", self.name))?;
-        } else if self.alias.exists().await? {
-            self.alias.drop_collection().await?;
+    /// index deleted), when `owner` holds what serves; of the others, only those it holds. What
+    /// another index holds is left, rows and all.
+    pub async fn drop_all(&self, owner: &str) -> Result<()> {
+        if let Some(serving) = self.serving().await? {
+            self.must_hold(&serving, owner).await?;
+            if serving.is_plain(&self.name) {
+                self.alias.drop_collection().await?;
+            } else {
+                let req = DropAliasRequest::builder().alias(&self.name).build()?;
+                self.alias.client().drop_alias(req).await.ctx(format!("dropping the alias {}", self.name))?;
+            }
         }
-        self.catalog.scoped(&self.name, "").drop_collection().await?;
+        if self.holds(&self.name, owner).await? {
+            self.catalog.scoped(&self.name, "").drop_collection().await?;
+        }
         for g in self.rows().await?.into_iter().filter(|g| g.state != State::Dropped) {
-            self.drop_generation(&g).await?;
+            match self.drop_generation(&g, owner).await {
+                Ok(()) | Err(Error::Claimed(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
-        sqlx::query("DELETE FROM generations WHERE name = ?")
+        sqlx::query("DELETE FROM generations WHERE name = ? AND state = 'dropped'")
             .bind(&self.name)
             .execute(self.catalog.pool())
             .await
@@ -461,11 +480,31 @@ impl Generations {
         Ok(())
     }
 
-    /// Drops a generation's collection and catalog rows; never the one the alias points at.
-    async fn drop_generation(&self, g: &Generation) -> Result<()> {
+    /// Whether the catalog says `owner` holds the collection whose rows are under `catalog`.
+    async fn holds(&self, catalog: &str, owner: &str) -> Result<bool> {
+        Ok(self.catalog.scoped(catalog, "").owner().await?.as_deref() == Some(owner))
+    }
+
+    /// Refuses, with whose it is, unless `owner` holds `g`.
+    async fn must_hold(&self, g: &Generation, owner: &str) -> Result<()> {
+        match self.catalog.scoped(&g.catalog, "").owner().await? {
+            Some(held) if held == owner => Ok(()),
+            held => Err(Error::Claimed(format!(
+                "generation {} of {} belongs to {}, not {owner}: not dropped",
+                g.number,
+                self.name,
+                held.as_deref().unwrap_or("no one it can be shown to be (no owner recorded)")
+            ))),
+        }
+    }
+
+    /// Drops a generation's collection and catalog rows, if `owner` holds it; never the one the
+    /// alias points at.
+    async fn drop_generation(&self, g: &Generation, owner: &str) -> Result<()> {
         if self.alias.alias_target().await?.as_deref() == Some(g.collection.as_str()) || g.is_plain(&self.name) {
             return Err(Error::Invalid(format!("generation {} of {} serves search: not dropped", g.number, self.name)));
         }
+        self.must_hold(g, owner).await?;
         let vectors = self.alias.scoped(&g.collection);
         if vectors.exists().await? {
             vectors.drop_collection().await?;
@@ -487,21 +526,27 @@ pub async fn serving_catalog(catalog: &Catalog, name: &str) -> Result<String> {
     Ok(key.unwrap_or_else(|| name.to_string()))
 }
 
-/// Forgets the catalog rows of every generation of `name` (its Milvus is gone).
-pub async fn forget_all(catalog: &Catalog, name: &str) -> Result<()> {
+/// Forgets the catalog rows of every generation of `name` that `owner` holds (its Milvus is
+/// gone); another index's are left.
+pub async fn forget_all(catalog: &Catalog, name: &str, owner: &str) -> Result<()> {
     let keys: Vec<String> = sqlx::query_scalar("SELECT catalog FROM generations WHERE name = ?")
         .bind(name)
         .fetch_all(catalog.pool())
         .await
         .ctx("reading the generations")?;
     for key in keys.iter().map(String::as_str).chain([name]) {
-        catalog.scoped(key, "").drop_collection().await?;
+        let scoped = catalog.scoped(key, "");
+        if scoped.owner().await?.as_deref() != Some(owner) {
+            continue;
+        }
+        scoped.drop_collection().await?;
+        sqlx::query("DELETE FROM generations WHERE name = ? AND catalog = ?")
+            .bind(name)
+            .bind(key)
+            .execute(catalog.pool())
+            .await
+            .ctx("forgetting the generations")?;
     }
-    sqlx::query("DELETE FROM generations WHERE name = ?")
-        .bind(name)
-        .execute(catalog.pool())
-        .await
-        .ctx("forgetting the generations")?;
     Ok(())
 }
 

@@ -152,7 +152,7 @@ impl PlanArgs {
         };
         let gens = Generations::new(&vectors, &catalog, &milvus.collection);
         if !self.keep_generations {
-            match out.within(gens.collect(Duration::from_secs(self.grace))).await {
+            match out.within(gens.collect(Duration::from_secs(self.grace), &self.backend.owner)).await {
                 Ok(dropped) => {
                     for g in dropped {
                         tracing::info!(
@@ -394,13 +394,13 @@ impl CleanupArgs {
         if !self.catalog_only {
             // Every generation, the alias, and their catalog rows.
             let dropped =
-                out.within(async { Generations::connect(&milvus, mysql_url.expose()).await?.drop_all().await });
+                out.within(async { Generations::connect(&milvus, mysql_url.expose()).await?.drop_all(owner).await });
             return match dropped.await {
                 Ok(()) => Report::Dropped,
                 Err(e) => Report::stopped(Stop::MilvusUnavailable, format!("dropping {collection}: {e}")),
             };
         }
-        match out.within(generations::forget_all(&catalog, collection)).await {
+        match out.within(generations::forget_all(&catalog, collection, owner)).await {
             Ok(()) => Report::Dropped,
             Err(e) => Report::stopped(Stop::MysqlUnavailable, e),
         }

@@ -166,7 +166,7 @@ async fn the_model_changes_under_live_search_without_a_failed_query() {
     for key in &uploaded {
         assert!(index.catalog.entry(key).await.unwrap().is_some_and(|e| e.indexed), "{key} is not in B");
     }
-    gens.drop_all().await.unwrap();
+    fx.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -242,7 +242,7 @@ async fn a_failed_or_cancelled_rebuild_leaves_search_where_it_was() {
     assert_eq!(index.catalog.counts().await.unwrap().indexed, 60);
     let all = gens.list().await.unwrap();
     assert!(all.iter().any(|g| g.number == 0 && g.state == State::Retired && g.keep), "{all:#?}");
-    gens.drop_all().await.unwrap();
+    fx.cleanup().await;
 }
 
 /// Runs a task as the operator's Job pod would (see tasks.rs); (exit code, report).
@@ -346,4 +346,48 @@ async fn the_operators_jobs_rebuild_the_index_for_a_new_model_and_swap_when_it_i
     assert_eq!(job(&fx, &b, &["cleanup"], &[]), (0, Report::Dropped));
     assert!(gens.serving().await.unwrap().is_none());
     assert!(by_name.scoped(&format!("{}_g1", fx.name)).ready().await.is_err());
+}
+
+/// Two indexes whose names resolve to one Milvus name, on one catalog. Before anything serves,
+/// nothing said whose the name was: the second index's build of another model dropped the first
+/// one's unfinished generation, and its deletion dropped and forgot every generation of the name.
+/// A generation is claimed before it is recorded now, and only its holder drops or forgets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_never_drops_or_forgets_a_generation_another_index_holds() {
+    use imageindex::store::{Catalog, Error, generations};
+    use imageindex::sync::{Backends, SyncOptions, sync};
+    let fx = Fixture::new("generations_owners");
+    upload_photos(&fx, 3).await;
+    let gens = generations_of(&fx).await;
+    let (ours, theirs) = ("ImageIndex shop/photos uid-a", "ImageIndex other/photos uid-b");
+    let model_a = model().id().clone();
+    let model_b: imageindex::core::ModelId = "resnet18.onnx@fp32".parse().unwrap();
+
+    // A's first build, before anything serves: three vectors in its generation.
+    let (_, building) = gens.begin(&model_a, ours).await.unwrap();
+    let a = Backends { source: fx.source.clone(), index: gens.index(&building, &model_a) };
+    let opts = SyncOptions { owner: ours.into(), ..Default::default() };
+    assert_eq!(sync(&a, model(), &opts).await.unwrap().indexed, 3);
+
+    // B, another model: neither resumes nor drops A's build.
+    let refused = gens.begin(&model_b, theirs).await.unwrap_err();
+    assert!(matches!(&refused, Error::Claimed(why) if why.contains(ours)), "{refused}");
+    // B deleted (Delete policy, or its catalog alone): A's build, rows and all, stays.
+    gens.drop_all(theirs).await.unwrap();
+    let catalog = Catalog::connect(&env("IMAGEINDEX_MYSQL_URL"), &fx.name, "").await.unwrap();
+    generations::forget_all(&catalog, &fx.name, theirs).await.unwrap();
+    assert!(gens.collect(Duration::ZERO, theirs).await.unwrap().is_empty());
+    assert_eq!(a.index.vectors.count().await.unwrap(), 3, "A's vectors");
+    assert_eq!(a.index.catalog.counts().await.unwrap().indexed, 3, "A's catalog rows");
+    let all = gens.list().await.unwrap();
+    assert_eq!(all.iter().map(|g| (g.number, g.state)).collect::<Vec<_>>(), [(building.number, State::Building)]);
+
+    // Serving, A's generation is dropped by A alone.
+    gens.swap(None, &building).await.unwrap();
+    assert!(matches!(gens.drop_all(theirs).await, Err(Error::Claimed(_))));
+    assert_eq!(gens.serving().await.unwrap().unwrap().number, building.number);
+    assert_eq!(a.index.vectors.count().await.unwrap(), 3);
+    gens.drop_all(ours).await.unwrap();
+    assert!(gens.serving().await.unwrap().is_none() && gens.list().await.unwrap().is_empty());
+    fx.cleanup().await;
 }

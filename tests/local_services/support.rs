@@ -66,10 +66,24 @@ impl Fixture {
         Index::connect(&self.milvus(index), &env("IMAGEINDEX_MYSQL_URL"), &model).await.unwrap()
     }
 
-    /// Drops the test's collection and catalog rows (every generation, where it has more).
+    /// Drops the test's collection and catalog rows (every generation, where it has more), as
+    /// each of the owners that hold them.
     pub async fn cleanup(&self) {
-        let gens = Generations::connect(&self.milvus(IndexKind::Hnsw), &env("IMAGEINDEX_MYSQL_URL")).await.unwrap();
-        gens.drop_all().await.unwrap();
+        let url = env("IMAGEINDEX_MYSQL_URL");
+        let gens = Generations::connect(&self.milvus(IndexKind::Hnsw), &url).await.unwrap();
+        let mut owners = vec![imageindex::store::LOCAL_OWNER.to_string()];
+        let catalogs = gens.list().await.unwrap().into_iter().map(|g| g.catalog).chain([self.name.clone()]);
+        for catalog in catalogs {
+            let held = imageindex::store::Catalog::connect(&url, &catalog, "").await.unwrap().owner().await.unwrap();
+            owners.extend(held.filter(|o| !owners.contains(o)));
+        }
+        // Twice: what serves is dropped by its owner only, and the others' generations after it.
+        for owner in owners.iter().chain(&owners) {
+            match gens.drop_all(owner).await {
+                Ok(()) | Err(imageindex::store::Error::Claimed(_)) => {}
+                Err(e) => panic!("cleaning up {}: {e}", self.name),
+            }
+        }
     }
 
     pub async fn sync(&self, b: &Backends) -> Summary {
