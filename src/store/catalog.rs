@@ -104,6 +104,10 @@ pub struct RunStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CatalogTime(chrono::NaiveDateTime);
 
+/// Runs kept per collection: the latest of each shard is what `/progress` shows; the rest is a
+/// short history, not a log that grows with every sync.
+pub const RUNS_KEPT: u32 = 200;
+
 /// A failed object and why.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Failure {
@@ -443,6 +447,7 @@ impl Catalog {
         row.as_ref().map(entry_from_row).transpose()
     }
 
+    /// Records a run, and forgets this collection's runs older than its newest `RUNS_KEPT`.
     pub async fn start_run(&self, shard: u32, shards: u32) -> Result<i64> {
         let res = sqlx::query("INSERT INTO runs (collection, shard, shards, status) VALUES (?, ?, ?, 'running')")
             .bind(&self.collection)
@@ -450,6 +455,20 @@ impl Catalog {
             .bind(shards)
             .execute(&self.pool)
             .await?;
+        let oldest_kept: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM runs WHERE collection = ? ORDER BY id DESC LIMIT 1 OFFSET ?")
+                .bind(&self.collection)
+                .bind(RUNS_KEPT - 1)
+                .fetch_optional(&self.pool)
+                .await?;
+        if let Some(oldest) = oldest_kept {
+            sqlx::query("DELETE FROM runs WHERE collection = ? AND id < ?")
+                .bind(&self.collection)
+                .bind(oldest)
+                .execute(&self.pool)
+                .await
+                .ctx("forgetting old runs")?;
+        }
         Ok(res.last_insert_id() as i64)
     }
 

@@ -251,3 +251,28 @@ async fn the_catalog_queries_use_their_indexes() {
     assert_eq!(key, "PRIMARY");
     assert!(!extra.contains("filesort"), "{extra}");
 }
+
+/// Every run added a row that was never deleted, and `/progress` (polled every 5 s by the page)
+/// read them all. A collection keeps its newest `RUNS_KEPT`, and progress still shows the latest.
+#[tokio::test(flavor = "multi_thread")]
+async fn old_runs_are_forgotten_and_progress_shows_the_latest() {
+    use imageindex::store::catalog::{RUNS_KEPT, RunProgress};
+    let fx = Fixture::new("runs_kept");
+    let index = fx.index(IndexKind::Hnsw).await;
+    let extra = 30;
+    for i in 0..RUNS_KEPT + extra {
+        let run = index.catalog.start_run(0, 1).await.unwrap();
+        let p = RunProgress { discovered: i as u64, indexed: i as u64, ..Default::default() };
+        index.catalog.finish_run(run, &p, None).await.unwrap();
+    }
+    let pool = sqlx::MySqlPool::connect(&env("IMAGEINDEX_MYSQL_URL")).await.unwrap();
+    let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE collection = ?")
+        .bind(&fx.name)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, RUNS_KEPT as i64);
+    let run = index.catalog.progress().await.unwrap().run.unwrap();
+    assert_eq!((run.status.as_str(), run.progress.indexed), ("succeeded", (RUNS_KEPT + extra - 1) as u64));
+    fx.cleanup().await;
+}
