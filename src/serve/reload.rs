@@ -3,7 +3,8 @@
 //! operator gives search pods their credentials as files, and this loop reads them again. When
 //! they change it connects anew and swaps the clients in; requests in flight finish on the old
 //! ones. New credentials that do not work leave the old clients serving (they may well still
-//! work), and the failure is logged and counted, then tried again.
+//! work), and the failure is logged and counted, then tried again. The API token is read and
+//! applied on its own, first: a revoked token stops working at once, whatever the backends do.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,19 +62,27 @@ impl Watch {
     }
 
     pub fn read(&self) -> Result<Credentials> {
-        let token = match &self.token_file {
+        Ok(Credentials { token: self.read_token()?, ..self.read_backends()? })
+    }
+
+    fn read_token(&self) -> Result<Option<Redacted>> {
+        Ok(match &self.token_file {
             Some(f) => {
                 let text =
                     std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?;
                 Some(Redacted::new(text.trim()))
             }
             None => self.token.clone(),
-        };
+        })
+    }
+
+    /// Every credential but the API token (None here).
+    fn read_backends(&self) -> Result<Credentials> {
         Ok(Credentials {
             mysql_url: self.backend.mysql_url()?,
             milvus_token: self.backend.milvus_token()?,
             source: self.src.settings()?,
-            token,
+            token: None,
         })
     }
 
@@ -96,8 +105,22 @@ impl Watch {
         tick.tick().await; // the first tick is now
         loop {
             tick.tick().await;
-            let next = match self.read() {
-                Ok(c) => c,
+            match self.read_token() {
+                Ok(token) if token != current.token => {
+                    state.token.set(token.clone());
+                    tracing::info!("the API token changed: now in use");
+                    state.metrics.credential_reload(true);
+                    current.token = token;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // A file mid-update: the token in use stays (a removed file is no revocation).
+                    tracing::warn!("reading the API token: {e:#}; keeping the current one");
+                    state.metrics.credential_reload(false);
+                }
+            }
+            let next = match self.read_backends() {
+                Ok(c) => Credentials { token: current.token.clone(), ..c },
                 Err(e) => {
                     // A file mid-update, or a Secret key removed: keep what works.
                     tracing::warn!("reading the credentials: {e:#}; keeping the current ones");
@@ -105,22 +128,19 @@ impl Watch {
                     continue;
                 }
             };
-            if next == current {
+            if next.same_backends(&current) {
                 continue;
             }
-            if !next.same_backends(&current) {
-                // No generation switch meanwhile: the new connections are for the generation served.
-                let _one = state.switching.lock().await;
-                match self.checked(&next, &state).await {
-                    Ok((index, source)) => state.replace_backends(index, source),
-                    Err(e) => {
-                        tracing::warn!("the new credentials do not work ({e:#}); still serving with the old ones");
-                        state.metrics.credential_reload(false);
-                        continue;
-                    }
+            // No generation switch meanwhile: the new connections are for the generation served.
+            let _one = state.switching.lock().await;
+            match self.checked(&next, &state).await {
+                Ok((index, source)) => state.replace_backends(index, source),
+                Err(e) => {
+                    tracing::warn!("the new credentials do not work ({e:#}); still serving with the old ones");
+                    state.metrics.credential_reload(false);
+                    continue;
                 }
             }
-            state.token.set(next.token.clone());
             tracing::info!("credentials changed: now in use");
             state.metrics.credential_reload(true);
             current = next;

@@ -441,6 +441,20 @@ async fn rotated_credentials_are_put_to_use_without_a_restart() {
     let (status, body) = srv.search(near_duplicate(&photos[0].1), "3").await;
     assert_eq!(status, 200, "{body}");
 
+    // The token rotated while the new bucket keys do not work, then while the catalog URL's file
+    // cannot be read: each applied at once, on its own (it waited for every backend check).
+    write("token", "third-token");
+    settle().await;
+    assert_eq!(delete("second-token").await.unwrap().status(), 401, "a revoked token stayed valid");
+    assert_eq!(delete("third-token").await.unwrap().status(), 404);
+    std::fs::remove_file(dir.join("url")).unwrap();
+    write("token", "fourth-token");
+    settle().await;
+    assert_eq!(delete("third-token").await.unwrap().status(), 401, "a revoked token stayed valid");
+    assert_eq!(delete("fourth-token").await.unwrap().status(), 404);
+    assert_eq!(reloads("applied").await, 3, "each token change counted");
+    write("url", &mysql_url);
+
     // Credentials that work (the same user by another host name, the right key): swapped in.
     let mut by_name = url::Url::parse(&mysql_url).unwrap();
     by_name.set_host(Some("localhost")).unwrap();
@@ -448,7 +462,7 @@ async fn rotated_credentials_are_put_to_use_without_a_restart() {
     write("bucket/AWS_SECRET_ACCESS_KEY", &env("AWS_SECRET_ACCESS_KEY"));
     settle().await;
     assert!(!Arc::ptr_eq(&before, &state.clients()), "the working credentials are in use");
-    assert_eq!(reloads("applied").await, 2);
+    assert_eq!(reloads("applied").await, 4);
     assert_eq!(srv.http.get(&object).send().await.unwrap().status(), 200);
     let (status, body) = srv.search(near_duplicate(&photos[0].1), "3").await;
     assert_eq!((status, body["results"][0]["key"].as_str()), (200, Some(photos[0].0.as_str())), "{body}");
