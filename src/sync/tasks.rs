@@ -318,7 +318,8 @@ impl PlanArgs {
         source: &Source,
     ) -> Result<bool, Report> {
         let out = &self.out;
-        match out.within(still_missing(gens, serving, building, source)).await {
+        // Bounded per HEAD inside (thousands of deletions are not one limit's worth of HEADs).
+        match still_missing(gens, serving, building, source).await {
             Ok(0) => {}
             Ok(_) => return Ok(false), // arrived since the listing: the next plan has them
             Err(e) => return Err(Report::stopped(Stop::SourceUnavailable, format!("comparing generations: {e}"))),

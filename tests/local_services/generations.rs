@@ -391,3 +391,47 @@ async fn an_index_never_drops_or_forgets_a_generation_another_index_holds() {
     assert!(gens.serving().await.unwrap().is_none() && gens.list().await.unwrap().is_empty());
     fx.cleanup().await;
 }
+
+/// Before a swap the build HEADs what the serving generation holds and it lacks. One HEAD at a
+/// time inside one 30 s limit, aborting on any error: thousands of deletions, or one key the
+/// client cannot address, blocked the swap for ever. Now the HEADs run side by side, each bounded,
+/// and what is gone, refused or unaddressable (the build's own listing did not have it) is not
+/// waited for; what is still there is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_swap_waits_only_for_objects_still_in_the_bucket() {
+    use imageindex::store::{Catalog, LOCAL_OWNER, Record, WriteBatch, key_id};
+    use imageindex::sync::generation::still_missing;
+    let fx = Fixture::new("generations_missing");
+    let photos = upload_photos(&fx, 1).await;
+    let gens = generations_of(&fx).await;
+    let catalog = Catalog::connect(&env("IMAGEINDEX_MYSQL_URL"), &fx.name, "").await.unwrap();
+    catalog.claim_owner(LOCAL_OWNER).await.unwrap();
+    let serving = Generation::plain(&fx.name);
+    let building = Generation { number: 1, collection: format!("{}_g1", fx.name), ..serving.clone() };
+    let building = Generation { catalog: building.collection.clone(), ..building };
+    // The serving generation's rows: 2,000 objects deleted since, a key the client cannot
+    // address (not in the bucket either), and one photo that is still there.
+    let keys: Vec<String> =
+        (0..2000).map(|i| format!("gone/{i}.jpg")).chain(["a//b.jpg".to_string(), photos[0].0.clone()]).collect();
+    let record = |key: &String| Record {
+        id: key_id(key),
+        key: key.clone(),
+        etag: Some("e".into()),
+        size: 1,
+        content_hash: None,
+        error: None,
+        retry: false,
+        skipped: false,
+        stale: false,
+    };
+    let index = gens.index(&serving, &"test-model".parse().unwrap());
+    for chunk in keys.chunks(500) {
+        let records = chunk.iter().map(record).collect();
+        index.write(WriteBatch { vectors: vec![], remove: vec![], records }).await.unwrap();
+    }
+    let missing = still_missing(&gens, &serving, &building, &fx.source).await.expect("no HEAD stops the comparison");
+    assert_eq!(missing, 1, "only the photo still in the bucket is waited for");
+    fx.source.delete(&photos[0].0).await.unwrap();
+    assert_eq!(still_missing(&gens, &serving, &building, &fx.source).await.unwrap(), 0);
+    fx.cleanup().await;
+}
