@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use imageindex::core::IndexKind;
-use imageindex::store::{Index, MilvusConfig, Record, Source, SourceConfig, WriteBatch, key_id, shard_ids};
+use imageindex::store::{Index, MilvusConfig, Record, Source, SourceConfig, WriteBatch, shard_ids};
 use imageindex::sync::{DeletionGuard, plan};
 
 const BUCKET: &str = "imageindex-scale";
@@ -140,20 +140,7 @@ async fn fill(n: usize, layout: Layout) -> Result<()> {
 async fn write_catalog(index: &Index, n: usize, layout: Layout, etag: &Option<String>, size: u64) -> Result<f64> {
     let t = Instant::now();
     for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        let records = chunk
-            .iter()
-            .map(|&i| Record {
-                id: key_id(&layout.key(i)),
-                key: layout.key(i),
-                etag: etag.clone(),
-                size,
-                content_hash: None,
-                error: None,
-                retry: false,
-                skipped: false,
-                stale: false,
-            })
-            .collect();
+        let records = chunk.iter().map(|&i| Record::indexed(&layout.key(i), etag.clone(), size, None)).collect();
         index.write(WriteBatch { vectors: vec![], remove: vec![], records }).await?;
     }
     Ok(t.elapsed().as_secs_f64())

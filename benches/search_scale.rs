@@ -109,17 +109,7 @@ async fn fill(index: &Index, vectors: &Vectors, n: usize) -> Result<()> {
             .map(|i| {
                 let key = vectors.key(i);
                 let id = key_id(&key);
-                let record = Record {
-                    id,
-                    key: key.clone(),
-                    etag: None,
-                    size: 0,
-                    content_hash: None,
-                    error: None,
-                    retry: false,
-                    skipped: false,
-                    stale: false,
-                };
+                let record = Record::indexed(&key, None, 0, None);
                 (Vector { id, key, embedding: vectors.get(i) }, record)
             })
             .unzip();

@@ -220,17 +220,7 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
     let vector = embed(&state, &clients, slot, input.image.clone()).await?;
     let size = input.image.len() as u64;
     let etag = source.put(&key, input.image).await?;
-    let record = Record {
-        id,
-        key: key.clone(),
-        etag,
-        size,
-        content_hash: Some(hash),
-        error: None,
-        retry: false,
-        skipped: false,
-        stale: false,
-    };
+    let record = Record::indexed(&key, etag, size, Some(hash));
     let vectors = vec![Vector { id, key: key.clone(), embedding: vector }];
     clients.index.write(WriteBatch { vectors, records: vec![record], remove: vec![] }).await?;
     // Answer once the image is searchable: a search right after an upload must find it.

@@ -50,6 +50,24 @@ pub struct Record {
     pub stale: bool,
 }
 
+impl Record {
+    /// An object indexed as it is (`etag`, `size`, the hash of its bytes where known), its vector
+    /// written in the same batch.
+    pub fn indexed(key: &str, etag: Option<String>, size: u64, content_hash: Option<String>) -> Self {
+        Self {
+            id: super::key_id(key),
+            key: key.to_string(),
+            etag,
+            size,
+            content_hash,
+            error: None,
+            retry: false,
+            skipped: false,
+            stale: false,
+        }
+    }
+}
+
 /// Counts for one collection.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counts {

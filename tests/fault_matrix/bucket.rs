@@ -184,17 +184,7 @@ async fn writes_during_a_listing_survive_the_sync() {
     let key = "uploads/fresh.jpg";
     fx.source.put(key, img.clone()).await.unwrap();
     let id = imageindex::store::key_id(key);
-    let record = imageindex::store::Record {
-        id,
-        key: key.into(),
-        etag: None,
-        size: img.len() as u64,
-        content_hash: None,
-        error: None,
-        retry: false,
-        skipped: false,
-        stale: false,
-    };
+    let record = imageindex::store::Record::indexed(key, None, img.len() as u64, None);
     let vectors = vec![imageindex::store::Vector { id, key: key.into(), embedding: embed(&img) }];
     writer.write(imageindex::store::WriteBatch { vectors, records: vec![record], remove: vec![] }).await.unwrap();
     release_tx.send(()).unwrap();

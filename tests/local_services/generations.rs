@@ -399,7 +399,7 @@ async fn an_index_never_drops_or_forgets_a_generation_another_index_holds() {
 /// waited for; what is still there is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_swap_waits_only_for_objects_still_in_the_bucket() {
-    use imageindex::store::{Catalog, LOCAL_OWNER, Record, WriteBatch, key_id};
+    use imageindex::store::{Catalog, LOCAL_OWNER, Record, WriteBatch};
     use imageindex::sync::generation::still_missing;
     let fx = Fixture::new("generations_missing");
     let photos = upload_photos(&fx, 1).await;
@@ -413,17 +413,7 @@ async fn a_swap_waits_only_for_objects_still_in_the_bucket() {
     // address (not in the bucket either), and one photo that is still there.
     let keys: Vec<String> =
         (0..2000).map(|i| format!("gone/{i}.jpg")).chain(["a//b.jpg".to_string(), photos[0].0.clone()]).collect();
-    let record = |key: &String| Record {
-        id: key_id(key),
-        key: key.clone(),
-        etag: Some("e".into()),
-        size: 1,
-        content_hash: None,
-        error: None,
-        retry: false,
-        skipped: false,
-        stale: false,
-    };
+    let record = |key: &String| Record::indexed(key, Some("e".into()), 1, None);
     let index = gens.index(&serving, &"test-model".parse().unwrap());
     for chunk in keys.chunks(500) {
         let records = chunk.iter().map(record).collect();

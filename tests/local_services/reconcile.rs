@@ -47,17 +47,7 @@ async fn orphans_and_lost_vectors_are_repaired() {
     let id = key_id(ghost);
     let orphan = || {
         let vectors = vec![Vector { id, key: ghost.into(), embedding: embed(&photos[0].1) }];
-        let record = Record {
-            id,
-            key: ghost.into(),
-            etag: None,
-            size: 1,
-            content_hash: None,
-            error: None,
-            retry: false,
-            skipped: false,
-            stale: false,
-        };
+        let record = Record::indexed(ghost, None, 1, None);
         WriteBatch { vectors, records: vec![record], remove: vec![] }
     };
     let forget = |id: i64| {
