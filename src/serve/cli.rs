@@ -88,23 +88,39 @@ impl ServeArgs {
         let (gens, source) = watch.connect(&credentials).await?;
         // The generation that serves, and the model its vectors came from: --model where it fits
         // them, else that generation's own file beside it. A new --model (an index being rebuilt
-        // for it) is not even needed until search moves to it.
+        // for it) is not even needed until search moves to it. A generation dropped while its
+        // model loaded (a server that outlived its grace period) is not made again: the alias
+        // is read again, a few times.
         let mixed = model.allow_mixed_precision;
-        let generation = gens.serving().await?.unwrap_or_else(|| Generation::plain(gens.name()));
-        let recorded = generation.model.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
-        let loaded = match recorded {
-            Some(id) if !model.describe().is_ok_and(|wanted| generation.fits(&wanted, mixed)) => {
-                eprintln!(
-                    "generation {} of {} holds vectors of {id}: searching with that model",
-                    generation.number,
-                    gens.name()
-                );
-                model.load_for(&id)?
+        let mut attempts = 0;
+        let (generation, loaded, index) = loop {
+            let generation = gens.serving().await?.unwrap_or_else(|| Generation::plain(gens.name()));
+            let recorded = generation.model.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+            let loaded = match recorded {
+                Some(id) if !model.describe().is_ok_and(|wanted| generation.fits(&wanted, mixed)) => {
+                    eprintln!(
+                        "generation {} of {} holds vectors of {id}: searching with that model",
+                        generation.number,
+                        gens.name()
+                    );
+                    model.load_for(&id)?
+                }
+                _ => model.load()?,
+            };
+            let index = gens.index(&generation, loaded.id());
+            match index.ensure(loaded.dim(), loaded.id(), mixed, &backend.owner).await {
+                Ok(_) => break (generation, loaded, index),
+                Err(e @ crate::store::Error::NotFound(_)) if attempts < 3 => {
+                    attempts += 1;
+                    eprintln!(
+                        "generation {} of {} is gone ({e}): reading the alias again",
+                        generation.number,
+                        gens.name()
+                    );
+                }
+                Err(e) => return Err(e.into()),
             }
-            _ => model.load()?,
         };
-        let index = gens.index(&generation, loaded.id());
-        index.ensure(loaded.dim(), loaded.id(), mixed, &backend.owner).await?;
         let token = credentials.token();
         let defaults = ServeConfig::default();
         let config = ServeConfig {

@@ -170,12 +170,21 @@ impl Generations {
         &self.name
     }
 
-    /// The index of generation `g`, on these connections, for vectors of `model`.
+    /// The index of generation `g`, on these connections, for vectors of `model`. Its
+    /// collection is made by `Index::ensure` only where it is the plain one (nothing served yet):
+    /// a generation's collection is made by its build alone (`to_build`), so a search pod or a
+    /// Job that outlived a generation never brings a dropped one back.
     pub fn index(&self, g: &Generation, model: &ModelId) -> Index {
         Index {
             vectors: self.alias.scoped(&g.collection),
             catalog: self.catalog.scoped(&g.catalog, &model.to_string()),
+            may_create: g.is_plain(&self.name),
         }
+    }
+
+    /// The index of `building`, which `begin` returned: its build makes its collection.
+    pub fn to_build(&self, building: &Generation, model: &ModelId) -> Index {
+        Index { may_create: true, ..self.index(building, model) }
     }
 
     async fn rows(&self) -> Result<Vec<Generation>> {
@@ -197,30 +206,84 @@ impl Generations {
     }
 
     /// The generation search reads now; None when the name has no collection yet. The alias is
-    /// the truth: a row that disagrees (a swap cut short between Milvus and the catalog) is
-    /// read as what the alias says.
+    /// the truth, and the table is made to agree with it first (see `settle`): a swap cut short
+    /// between Milvus and the catalog is finished, and a plain collection's move behind the alias
+    /// cut short (renamed, no alias yet) is completed, so that nobody reads the missing name as
+    /// "no collection yet" and makes an empty one.
     pub async fn serving(&self) -> Result<Option<Generation>> {
-        match self.alias.alias_target().await? {
-            Some(collection) => {
-                let rows = self.rows().await?;
-                let mut g = match rows.into_iter().find(|g| g.collection == collection) {
-                    Some(g) => g,
-                    // An alias made outside imageindex: its catalog rows are under its collection's name.
-                    None => Generation { collection: collection.clone(), catalog: collection, ..Generation::plain("") },
-                };
-                g.state = State::Serving;
-                if g.model.is_none() {
-                    g.model = self.model_of(&g.catalog).await?;
-                }
-                Ok(Some(g))
-            }
+        let target = match self.alias.alias_target().await? {
+            Some(collection) => collection,
             None if self.alias.exists().await? => {
                 let mut g = Generation::plain(&self.name);
                 g.model = self.model_of(&self.name).await?;
-                Ok(Some(g))
+                return Ok(Some(g));
             }
-            None => Ok(None),
+            None => match self.restore_alias().await? {
+                Some(collection) => collection,
+                None => return Ok(None),
+            },
+        };
+        let mut rows = self.rows().await?;
+        let fixes = settle(&self.name, &rows, &target);
+        if !fixes.is_empty() {
+            tracing::warn!("the generations of {} disagreed with the alias (a step cut short): {fixes:?}", self.name);
+            self.apply(&fixes).await?;
+            rows = self.rows().await?;
         }
+        let mut g = match rows.into_iter().find(|g| g.collection == target) {
+            Some(g) => g,
+            // An alias made outside imageindex: its catalog rows are under its collection's name.
+            None => Generation { collection: target.clone(), catalog: target, ..Generation::plain("") },
+        };
+        g.state = State::Serving;
+        if g.model.is_none() {
+            g.model = self.model_of(&g.catalog).await?;
+        }
+        Ok(Some(g))
+    }
+
+    /// With neither the alias nor a plain collection in Milvus: points the alias back at the
+    /// generation that served, where one is still there (a step cut short after the rename of a
+    /// plain collection, or after the alias was dropped). Returns its collection.
+    async fn restore_alias(&self) -> Result<Option<String>> {
+        for collection in lost_alias_candidates(&self.name, &self.rows().await?) {
+            if self.alias.scoped(&collection).exists().await? {
+                tracing::warn!("{} has no alias but {collection} served it: pointing the alias at it", self.name);
+                self.alias.point_alias_at(&collection).await?;
+                return Ok(Some(collection));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Applies what `settle` found, in one transaction.
+    async fn apply(&self, fixes: &[Fix]) -> Result<()> {
+        let mut tx = self.catalog.pool().begin().await.ctx("beginning a transaction")?;
+        for fix in fixes {
+            let q = match *fix {
+                Fix::RecordAdopted => sqlx::query(
+                    "INSERT INTO generations (name, number, collection, catalog, state, swapped_at) \
+                     VALUES (?, 0, ?, ?, 'serving', NOW(3)) ON DUPLICATE KEY UPDATE state = 'serving'",
+                )
+                .bind(&self.name)
+                .bind(collection_of(&self.name, 0))
+                .bind(&self.name),
+                Fix::Serve(n) => sqlx::query(
+                    "UPDATE generations SET state = 'serving', reason = NULL, swapped_at = NOW(3) \
+                     WHERE name = ? AND number = ? AND state NOT IN ('serving', 'dropped')",
+                )
+                .bind(&self.name)
+                .bind(n as i32),
+                Fix::Retire(n) => sqlx::query(
+                    "UPDATE generations SET state = 'retired', retired_at = NOW(3) \
+                     WHERE name = ? AND number = ? AND state = 'serving'",
+                )
+                .bind(&self.name)
+                .bind(n as i32),
+            };
+            q.execute(&mut *tx).await.ctx("recording the generations' states")?;
+        }
+        tx.commit().await.ctx("recording the generations' states")
     }
 
     /// Every generation, oldest first, the serving one as the alias says.
@@ -379,7 +442,7 @@ impl Generations {
         }
         sqlx::query(
             "INSERT INTO generations (name, number, collection, catalog, state, swapped_at) \
-             VALUES (?, 0, ?, ?, 'serving', NOW(3))",
+             VALUES (?, 0, ?, ?, 'serving', NOW(3)) ON DUPLICATE KEY UPDATE state = 'serving'",
         )
         .bind(&self.name)
         .bind(&renamed)
@@ -392,25 +455,11 @@ impl Generations {
     }
 
     /// Moves search from `from` (None: nothing served yet) to `to` in one step of the alias, and
-    /// retires `from`; returns it.
+    /// retires `from`; returns it. The table follows the alias (`serving` settles it), so a swap
+    /// cut after the alias moved is finished by whoever reads the generations next.
     pub async fn swap(&self, from: Option<&Generation>, to: &Generation) -> Result<Option<Generation>> {
         self.alias.point_alias_at(&to.collection).await?;
-        if let Some(old) = from {
-            sqlx::query("UPDATE generations SET state = 'retired', retired_at = NOW(3) WHERE name = ? AND number = ?")
-                .bind(&self.name)
-                .bind(old.number as i32)
-                .execute(self.catalog.pool())
-                .await
-                .ctx("recording the retired generation")?;
-        }
-        sqlx::query(
-            "UPDATE generations SET state = 'serving', reason = NULL, swapped_at = NOW(3) WHERE name = ? AND number = ?",
-        )
-        .bind(&self.name)
-        .bind(to.number as i32)
-        .execute(self.catalog.pool())
-        .await
-        .ctx("recording the serving generation")?;
+        self.serving().await?;
         Ok(from.map(|old| Generation { state: State::Retired, ..old.clone() }))
     }
 
@@ -429,6 +478,7 @@ impl Generations {
     /// Drops the retired generations whose grace period is over, not kept, and held by `owner`;
     /// returns them. One another index holds is left (with a warning), never dropped.
     pub async fn collect(&self, grace: Duration, owner: &str) -> Result<Vec<Generation>> {
+        self.serving().await?; // a swap cut short retires its old generation, from now
         let due = sqlx::query(select_generations!(
             "AND g.state = 'retired' AND NOT g.keep AND g.retired_at <= NOW(3) - INTERVAL ? MICROSECOND \
              ORDER BY g.number"
@@ -550,9 +600,78 @@ pub async fn forget_all(catalog: &Catalog, name: &str, owner: &str) -> Result<()
     Ok(())
 }
 
+/// A change to the generations table that makes it agree with the alias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fix {
+    /// The alias points at `<name>_g0` with no row: the move of a plain collection behind the
+    /// alias was cut before it was recorded (its rows are under the name).
+    RecordAdopted,
+    /// The alias points at this generation, which the table says is not serving.
+    Serve(u32),
+    /// The table says this generation serves, and the alias points elsewhere.
+    Retire(u32),
+}
+
+/// What the table of `name`'s generations (`rows`) must change to agree with its alias, which
+/// points at `target`.
+fn settle(name: &str, rows: &[Generation], target: &str) -> Vec<Fix> {
+    let mut fixes = Vec::new();
+    if target == collection_of(name, 0) && !rows.iter().any(|g| g.collection == target) {
+        fixes.push(Fix::RecordAdopted);
+    }
+    for g in rows.iter().filter(|g| g.state != State::Dropped) {
+        if g.collection == target && g.state != State::Serving {
+            fixes.push(Fix::Serve(g.number));
+        } else if g.collection != target && g.state == State::Serving {
+            fixes.push(Fix::Retire(g.number));
+        }
+    }
+    fixes
+}
+
+/// The collections that may have served `name` before its alias went missing, the likeliest
+/// first: the newest the table says serves, then `<name>_g0` unless the table says it is gone
+/// (only the move of a plain collection behind the alias makes it).
+fn lost_alias_candidates(name: &str, rows: &[Generation]) -> Vec<String> {
+    let serving = rows.iter().rev().filter(|g| g.state == State::Serving).map(|g| g.collection.clone());
+    let g0 = collection_of(name, 0);
+    let adopted = (!rows.iter().any(|g| g.number == 0 && g.state != State::Serving)).then_some(g0);
+    let mut all: Vec<String> = serving.chain(adopted).collect();
+    all.dedup();
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(number: u32, state: State) -> Generation {
+        let collection = collection_of("photos", number);
+        Generation { number, catalog: collection.clone(), collection, state, ..Generation::plain("photos") }
+    }
+
+    #[test]
+    fn the_table_is_settled_by_the_alias() {
+        let agreed = [row(1, State::Retired), row(2, State::Serving), row(3, State::Building)];
+        assert_eq!(settle("photos", &agreed, "photos_g2"), []);
+        // A swap cut after the alias moved: 3 serves, 2 is retired from now.
+        assert_eq!(settle("photos", &agreed, "photos_g3"), [Fix::Retire(2), Fix::Serve(3)]);
+        // Generation 0 behind the alias with no row (the move of a plain collection cut short).
+        assert_eq!(settle("photos", &[], "photos_g0"), [Fix::RecordAdopted]);
+        assert_eq!(settle("photos", &[row(1, State::Building)], "photos_g0"), [Fix::RecordAdopted]);
+        // A dropped generation is never brought back.
+        assert_eq!(settle("photos", &[row(1, State::Dropped)], "photos_g2"), []);
+    }
+
+    #[test]
+    fn a_lost_alias_goes_back_to_what_served() {
+        assert_eq!(lost_alias_candidates("photos", &[]), ["photos_g0"], "a plain collection renamed, then cut");
+        let swapped = [row(0, State::Retired), row(1, State::Serving), row(2, State::Building)];
+        assert_eq!(lost_alias_candidates("photos", &swapped), ["photos_g1"]);
+        let adopted = [row(0, State::Serving), row(1, State::Building)];
+        assert_eq!(lost_alias_candidates("photos", &adopted), ["photos_g0"]);
+        assert!(lost_alias_candidates("photos", &[row(0, State::Dropped)]).is_empty());
+    }
 
     #[test]
     fn numbers_go_up_and_start_at_one() {

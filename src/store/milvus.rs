@@ -154,7 +154,7 @@ impl VectorStore {
 
     /// Points this name, an alias, at `collection`: created, or moved in one step (searches
     /// through it go to one collection or the other, never to none).
-    pub(crate) async fn point_alias_at(&self, collection: &str) -> Result<()> {
+    pub async fn point_alias_at(&self, collection: &str) -> Result<()> {
         let (alias, what) = (&self.collection, format!("pointing the alias {} at {collection}", self.collection));
         if self.alias_target().await?.is_some() {
             let req = AlterAliasRequest::builder().alias(alias).collection_name(collection).build()?;
@@ -166,7 +166,7 @@ impl VectorStore {
     }
 
     /// Renames the collection (its vectors, index and load state stay).
-    pub(crate) async fn rename(&self, to: &str) -> Result<()> {
+    pub async fn rename(&self, to: &str) -> Result<()> {
         let req =
             RenameCollectionRequest::builder().collection_name(&self.collection).new_collection_name(to).build()?;
         self.client.rename_collection(req).await.ctx(format!("renaming collection {} to {to}", self.collection))
@@ -180,7 +180,14 @@ impl VectorStore {
     /// same vector width and vectors of the same model and precision (recorded in the collection's
     /// description when it is created; collections made before that record nothing to check).
     /// Says whether this call created it: a new collection holds nothing the catalog may claim.
-    pub async fn ensure_collection(&self, dim: usize, model: &ModelId, mixed_precision: bool) -> Result<Ensured> {
+    /// Without `may_create`, a collection that is not there is `NotFound`.
+    pub async fn ensure_collection(
+        &self,
+        dim: usize,
+        model: &ModelId,
+        mixed_precision: bool,
+        may_create: bool,
+    ) -> Result<Ensured> {
         let name = self.collection.as_str();
         let check = |recorded: Option<ModelId>| match recorded {
             Some(theirs) => Ok(model.check(&theirs, mixed_precision, &format!("Milvus collection {name}"))?),
@@ -189,6 +196,8 @@ impl VectorStore {
         let mut ensured = Ensured::Existed;
         if self.exists().await? {
             check(self.check_schema(dim).await?)?;
+        } else if !may_create {
+            return Err(Error::NotFound(format!("Milvus collection {name}")));
         } else {
             let schema = sdk::CollectionSchema::new()
                 .description(format!("{DESCRIPTION}; {MODEL_TAG}{model}"))

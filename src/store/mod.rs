@@ -150,6 +150,9 @@ impl WriteBatch {
 pub struct Index {
     pub vectors: VectorStore,
     pub catalog: Catalog,
+    /// Whether `ensure` may make the collection: a plain one, or a generation by its own build
+    /// (see `Generations::index`). Otherwise a collection that is not there is an error.
+    pub may_create: bool,
 }
 
 impl Index {
@@ -157,19 +160,48 @@ impl Index {
     pub async fn connect(milvus: &MilvusConfig, mysql_url: &str, model: &ModelId) -> Result<Self> {
         let vectors = VectorStore::connect(milvus).await?;
         let catalog = Catalog::connect(mysql_url, &milvus.collection, &model.to_string()).await?;
-        Ok(Self { vectors, catalog })
+        Ok(Self { vectors, catalog, may_create: true })
     }
 
     /// The collection ready for `dim`-wide vectors of `model`, held by `owner`: claimed in the
-    /// catalog (refused when another owns it), created or checked in Milvus, and its model
-    /// recorded or checked (see `ModelId::check`). A collection made here is empty, so catalog
-    /// rows from before it describe vectors that are gone (dropped outside, or a drop cut short):
-    /// they are forgotten, and the objects embedded again.
+    /// catalog (refused when another owns it), created (where `may_create`) or checked in Milvus,
+    /// and its model recorded or checked (see `ModelId::check`). A collection made here is empty,
+    /// so catalog rows from before it describe vectors that are gone (dropped outside, or a drop
+    /// cut short): they are forgotten, and the objects embedded again. Not so while its
+    /// generation 0 is in Milvus: the collection was moved behind its alias meanwhile (see
+    /// `Generations::serving`), and its rows are that generation's.
     pub async fn ensure(&self, dim: usize, model: &ModelId, mixed_precision: bool, owner: &str) -> Result<Ensured> {
+        let moved = || async {
+            let g0 = self.vectors.scoped(&generations::collection_of(self.vectors.collection(), 0));
+            match g0.exists().await? {
+                true => Err(Error::backend(
+                    format!("making collection {}", self.vectors.collection()),
+                    format!("it was moved behind its alias as {} meanwhile; read the alias again", g0.collection()),
+                )),
+                false => Ok(()),
+            }
+        };
+        if !self.vectors.exists().await? {
+            if !self.may_create {
+                return Err(Error::NotFound(format!(
+                    "collection {} (a generation is made by its build alone, and one dropped stays dropped)",
+                    self.vectors.collection()
+                )));
+            }
+            moved().await?;
+        }
         let before = self.catalog.clock().await?;
         self.catalog.claim_owner(owner).await?;
-        let ensured = self.vectors.ensure_collection(dim, model, mixed_precision).await?;
+        let ensured = self.vectors.ensure_collection(dim, model, mixed_precision, self.may_create).await?;
         if ensured == Ensured::Created {
+            if let Err(e) = moved().await {
+                // Made in the moment between the rename and the alias: empty, so nothing is lost
+                // by dropping it, and the alias can take the name.
+                if self.vectors.count().await? == 0 {
+                    self.vectors.drop_collection().await?;
+                }
+                return Err(e);
+            }
             let forgotten = self.catalog.forget_written_before(before).await?;
             if forgotten > 0 {
                 tracing::warn!(

@@ -204,7 +204,7 @@ async fn rebuild(
         ),
         None => eprintln!("building generation {} of {} for {}", building.number, gens.name(), model.id()),
     }
-    let backends = Backends { source, index: gens.index(&building, model.id()) };
+    let backends = Backends { source, index: gens.to_build(&building, model.id()) };
     if let Err(e) = build(gens, serving.as_ref(), &building, &backends, model, opts).await {
         if let Err(also) = gens.fail(&building, &format!("{e:#}")).await {
             tracing::warn!("recording the failed build: {also}");

@@ -301,7 +301,7 @@ impl PlanArgs {
             Ok(Err(e)) => return Err(Report::stopped(stop_of(&e), format!("beginning a new generation: {e}"))),
             Err(_) => return Err(Report::stopped(Stop::CollectionUnavailable, format!("no answer in {limit:?}"))),
         };
-        match ensure(gens.index(&building, model)).await {
+        match ensure(gens.to_build(&building, model)).await {
             Ok(index) => Ok((serving, Some(building), index)),
             Err(e) => Err(Report::stopped(stop_of(&e), e)),
         }

@@ -18,5 +18,6 @@ mod support;
 
 mod bucket;
 mod crashes;
+mod generations;
 mod hostile;
 mod matrix;

@@ -365,7 +365,7 @@ async fn an_index_never_drops_or_forgets_a_generation_another_index_holds() {
 
     // A's first build, before anything serves: three vectors in its generation.
     let (_, building) = gens.begin(&model_a, ours).await.unwrap();
-    let a = Backends { source: fx.source.clone(), index: gens.index(&building, &model_a) };
+    let a = Backends { source: fx.source.clone(), index: gens.to_build(&building, &model_a) };
     let opts = SyncOptions { owner: ours.into(), ..Default::default() };
     assert_eq!(sync(&a, model(), &opts).await.unwrap().indexed, 3);
 
@@ -423,5 +423,100 @@ async fn a_swap_waits_only_for_objects_still_in_the_bucket() {
     assert_eq!(missing, 1, "only the photo still in the bucket is waited for");
     fx.source.delete(&photos[0].0).await.unwrap();
     assert_eq!(still_missing(&gens, &serving, &building, &fx.source).await.unwrap(), 0);
+    fx.cleanup().await;
+}
+
+/// A plain index with `n` photos, synced; its Milvus handle.
+async fn plain_index(fx: &Fixture, n: usize) -> VectorStore {
+    upload_photos(fx, n).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    assert_eq!(fx.sync(&b).await.indexed, n);
+    b.index.vectors
+}
+
+/// What a plan (or a search pod) does first: the generation to sync, and the sync.
+async fn plan_again(fx: &Fixture, gens: &Generations) -> imageindex::sync::Summary {
+    use imageindex::sync::{Backends, generation::target};
+    let target = target(gens, model().id(), false).await.unwrap();
+    fx.sync(&Backends { source: fx.source.clone(), index: gens.index(&target, model().id()) }).await
+}
+
+/// The first rebuild of a plain index renames it `<name>_g0`, then points the alias at it, then
+/// records it; a rebuild cut after the rename left neither the name nor the alias, and the next
+/// plan or search pod made an empty plain collection and forgot the whole catalog (every object
+/// embedded again beside the orphaned generation 0). A swap cut after the alias moved left the
+/// table saying the old generation serves: never collected, and the new one "building" for ever.
+/// Each cut is the state a crash between the two calls leaves, made here with the same calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_cut_at_any_step_is_finished_by_the_next_reader() {
+    use imageindex::store::LOCAL_OWNER;
+    let fx = Fixture::new("generations_cut");
+    let plain = plain_index(&fx, 3).await;
+    let gens = generations_of(&fx).await;
+    let g0 = format!("{}_g0", fx.name);
+
+    // Cut between the rename and the alias.
+    plain.rename(&g0).await.unwrap();
+    let err = fx.index(IndexKind::Hnsw).await.ensure(2048, model().id(), false, LOCAL_OWNER).await.unwrap_err();
+    assert!(err.to_string().contains("moved behind its alias"), "a plain collection is not made: {err}");
+    assert_eq!(fx.index(IndexKind::Hnsw).await.catalog.counts().await.unwrap().indexed, 3, "rows kept");
+    let again = plan_again(&fx, &gens).await;
+    assert_eq!((again.indexed, again.vectors), (0, 3), "nothing embedded again: {again:?}");
+    let serving = gens.serving().await.unwrap().unwrap();
+    assert_eq!((serving.number, serving.collection.as_str(), serving.catalog.as_str()), (0, g0.as_str(), &*fx.name));
+    assert_eq!(plain.alias_target().await.unwrap().as_deref(), Some(g0.as_str()), "the alias is back");
+
+    // Cut between the alias and the table, in a swap: generation 1 built, the alias moved to it.
+    let (_, building) = gens.begin(model().id(), LOCAL_OWNER).await.unwrap();
+    let b = imageindex::sync::Backends { source: fx.source.clone(), index: gens.to_build(&building, model().id()) };
+    assert_eq!(fx.sync(&b).await.indexed, 3);
+    plain.point_alias_at(&building.collection).await.unwrap();
+    let dropped = gens.collect(Duration::ZERO, LOCAL_OWNER).await.unwrap();
+    assert_eq!(dropped.iter().map(|g| g.number).collect::<Vec<_>>(), [0], "the old generation is collected");
+    assert!(gens.unfinished().await.unwrap().is_none(), "nothing left building");
+    let states: Vec<_> = gens.list().await.unwrap().iter().map(|g| (g.number, g.state)).collect();
+    assert_eq!(states, [(0, State::Dropped), (1, State::Serving)]);
+    assert_eq!(plan_again(&fx, &gens).await.vectors, 3);
+    fx.cleanup().await;
+
+    // Cut between the alias and the row of generation 0: its rows are the name's.
+    let fx = Fixture::new("generations_cut_row");
+    let plain = plain_index(&fx, 2).await;
+    let g0 = format!("{}_g0", fx.name);
+    plain.rename(&g0).await.unwrap();
+    plain.point_alias_at(&g0).await.unwrap();
+    let gens = generations_of(&fx).await;
+    let again = plan_again(&fx, &gens).await;
+    assert_eq!((again.indexed, again.unchanged, again.vectors), (0, 2, 2), "{again:?}");
+    let all = gens.list().await.unwrap();
+    assert_eq!(
+        all.iter().map(|g| (g.number, g.state, g.catalog.as_str())).collect::<Vec<_>>(),
+        [(0, State::Serving, &*fx.name)]
+    );
+    fx.cleanup().await;
+}
+
+/// A search pod or Job that outlived a generation's grace period (a long model load) opened its
+/// collection with `ensure`, which made it again, empty: a dropped generation came back, with a
+/// catalog claim and, after an upload, vectors nobody would ever collect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_generation_is_never_made_again() {
+    use imageindex::store::{Error, LOCAL_OWNER};
+    let fx = Fixture::new("generations_resurrect");
+    let plain = plain_index(&fx, 2).await;
+    let gens = generations_of(&fx).await;
+    let (serving, building) = gens.begin(model().id(), LOCAL_OWNER).await.unwrap();
+    let old = serving.unwrap();
+    let b = imageindex::sync::Backends { source: fx.source.clone(), index: gens.to_build(&building, model().id()) };
+    fx.sync(&b).await;
+    gens.swap(Some(&old), &building).await.unwrap();
+    assert_eq!(gens.collect(Duration::ZERO, LOCAL_OWNER).await.unwrap().len(), 1);
+
+    let late = gens.index(&old, model().id());
+    let err = late.ensure(2048, model().id(), false, LOCAL_OWNER).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert!(plain.scoped(&old.collection).ready().await.is_err(), "{} is not in Milvus", old.collection);
+    let states: Vec<_> = gens.list().await.unwrap().iter().map(|g| (g.number, g.state)).collect();
+    assert_eq!(states, [(0, State::Dropped), (1, State::Serving)]);
     fx.cleanup().await;
 }

@@ -145,17 +145,17 @@ async fn ivf_flat_l2_collections_work_too() {
     // A collection with another vector width is refused, not silently mixed.
     let other = VectorStore::connect(&fx.milvus(IndexKind::IvfFlat)).await.unwrap();
     let fp32 = model().id().clone();
-    let err = other.ensure_collection(512, &fp32, false).await.unwrap_err();
+    let err = other.ensure_collection(512, &fp32, false, true).await.unwrap_err();
     assert!(format!("{err:#}").contains("2048-d"), "{err:#}");
     // So are vectors of another precision or model, in Milvus and in the catalog alike.
     let int8 = ModelId { precision: Precision::Int8, ..fp32.clone() };
-    let err = other.ensure_collection(2048, &int8, false).await.unwrap_err();
+    let err = other.ensure_collection(2048, &int8, false, true).await.unwrap_err();
     assert!(format!("{err:#}").contains("holds fp32 vectors"), "{err:#}");
-    other.ensure_collection(2048, &int8, true).await.expect("mixing when asked for");
+    other.ensure_collection(2048, &int8, true, true).await.expect("mixing when asked for");
     let err = b.index.catalog.claim_model(&int8, false, false).await.unwrap_err();
     assert!(format!("{err:#}").contains("the catalog of"), "{err:#}");
     let clip = ModelId { model: "clip.onnx".into(), ..fp32 };
-    let err = other.ensure_collection(2048, &clip, true).await.unwrap_err();
+    let err = other.ensure_collection(2048, &clip, true, true).await.unwrap_err();
     assert!(format!("{err:#}").contains("different models"), "{err:#}");
     fx.cleanup().await;
 }

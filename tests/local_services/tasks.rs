@@ -138,7 +138,7 @@ async fn the_plan_takes_the_vector_width_and_preprocessing_from_the_model_file()
     assert_eq!(code, 0);
     let index = fx.index(IndexKind::Hnsw).await;
     let resnet50 = model();
-    let err = index.vectors.ensure_collection(resnet50.dim(), resnet50.id(), false).await.unwrap_err();
+    let err = index.vectors.ensure_collection(resnet50.dim(), resnet50.id(), false, true).await.unwrap_err();
     assert!(err.to_string().contains("holds 512-d vectors"), "the plan made a 512-d collection: {err}");
 
     // The embedding shard loads the same file and fills it; search finds a photo by itself.
