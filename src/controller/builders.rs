@@ -26,6 +26,9 @@ use crate::env;
 /// Set on everything the operator creates; `INSTANCE` names the ImageIndex.
 pub const INSTANCE: &str = "app.kubernetes.io/instance";
 pub const COMPONENT: &str = "app.kubernetes.io/component";
+/// The UID of the ImageIndex a cleanup Job is for: that Job has no owner reference (see
+/// `cleanup_job`), and this label is what says it is this ImageIndex's.
+pub const OWNER_UID: &str = "imageindex.dev/owner-uid";
 /// The spec generation a Job was created for.
 pub const GENERATION: &str = "imageindex.dev/generation";
 /// The `embedding_hash` a Job was created for.
@@ -150,6 +153,15 @@ fn meta(image_index: &ImageIndex, name: String, component: &str) -> ObjectMeta {
         owner_references: image_index.controller_owner_ref(&()).map(|o| vec![o]),
         ..Default::default()
     }
+}
+
+/// Whether an object in the namespace is this ImageIndex's: its controller owner reference names
+/// this ImageIndex's UID, or (a cleanup Job, which has none) its `OWNER_UID` label does. An
+/// object of the same name that is not is never applied over or deleted: it belongs to someone.
+pub fn is_ours(object: &ObjectMeta, image_index: &ImageIndex) -> bool {
+    let Some(uid) = image_index.metadata.uid.as_deref() else { return false };
+    let owned = object.owner_references.iter().flatten().any(|o| o.uid == uid && o.controller == Some(true));
+    owned || object.labels.as_ref().and_then(|l| l.get(OWNER_UID)).is_some_and(|u| u == uid)
 }
 
 fn var(name: &str, value: impl Into<String>) -> EnvVar {
@@ -538,6 +550,9 @@ pub fn cleanup_job(image_index: &ImageIndex, resolved: &Resolved, catalog_only: 
     }
     let mut job = task_job(image_index, resolved, &cleanup_name(image_index), CLEANUP, args);
     job.metadata.owner_references = None;
+    if let Some(uid) = &image_index.metadata.uid {
+        job.metadata.labels.get_or_insert_default().insert(OWNER_UID.into(), uid.clone());
+    }
     job.spec.as_mut().expect("task_job sets a spec").active_deadline_seconds = Some(600);
     job
 }
@@ -1104,6 +1119,29 @@ mod tests {
             .args
             .clone();
         assert_eq!(args.unwrap(), ["cleanup", "--retain"]);
+    }
+
+    #[test]
+    fn only_what_names_this_imageindex_is_ours() {
+        let image_index = sample("");
+        let resolved = resolved(true);
+        // What the builders make is ours: by owner reference, or (the cleanup Job) by label.
+        assert!(is_ours(&search_deployment(&image_index, &resolved).metadata, &image_index));
+        assert!(is_ours(&search_service(&image_index).metadata, &image_index));
+        assert!(is_ours(&cleanup_job(&image_index, &resolved, false).metadata, &image_index));
+        // Someone else's `photos-search`, with our labels even, is not.
+        let mut theirs = search_deployment(&image_index, &resolved).metadata;
+        theirs.owner_references = None;
+        assert!(!is_ours(&theirs, &image_index));
+        // Nor what an ImageIndex of the same name made before (another UID), nor a reference
+        // that is not the controller's.
+        let mut other = image_index.clone();
+        other.metadata.uid = Some("5678-ef01".into());
+        assert!(!is_ours(&search_service(&other).metadata, &image_index));
+        assert!(!is_ours(&cleanup_job(&other, &resolved, false).metadata, &image_index));
+        let mut shared = search_service(&image_index).metadata;
+        shared.owner_references.as_mut().unwrap()[0].controller = None;
+        assert!(!is_ours(&shared, &image_index));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub mod reason {
     pub const AVAILABLE: &str = "Available";
     pub const UNAVAILABLE: &str = "Unavailable";
     pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+    /// An object of the search's name is in the namespace and is not this ImageIndex's.
+    pub const NOT_OWNED: &str = "NotOwned";
     /// The Kubernetes API refused or failed a call the reconcile needed (RBAC, a 5xx, a timeout).
     pub const KUBERNETES_API_ERROR: &str = "KubernetesAPIError";
     /// `spec.suspend` is set: no listing, no new Job.

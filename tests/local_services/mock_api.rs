@@ -91,12 +91,17 @@ impl Cluster {
                 let items: Vec<&Value> = self.jobs.iter().filter(|j| selects(query, j)).collect();
                 (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": items}))
             }
+            ("GET", p) if p.contains("/jobs/") => self
+                .jobs
+                .iter()
+                .find(|j| j["metadata"]["name"] == last)
+                .cloned()
+                .map(|j| (200, j))
+                .unwrap_or_else(|| not_found(p)),
+            ("GET", p) if p.contains("/services/") || p.contains("/poddisruptionbudgets/") => not_found(p),
             ("GET", p) if p.ends_with("/pods") => {
                 let items: Vec<&Value> = self.pods.iter().filter(|j| selects(query, j)).collect();
                 (200, json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}))
-            }
-            ("DELETE", p) if p.ends_with("/jobs") => {
-                (200, json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
             }
             ("DELETE", p) if p.contains("/jobs/") => {
                 self.jobs.retain(|j| j["metadata"]["name"] != last);
@@ -466,6 +471,12 @@ fn embedding_of(spec: &Value) -> String {
     embedding_hash(&ii, &resolved)
 }
 
+/// The controller owner reference of the ImageIndex `photos` (uid 6f1c-0001).
+static OWNED_BY_PHOTOS: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| {
+    json!({"apiVersion": "imageindex.dev/v1alpha1", "kind": "ImageIndex", "name": "photos", "uid": "6f1c-0001",
+        "controller": true, "blockOwnerDeletion": true})
+});
+
 /// An embedding Job of `photos` for `generation`, running or ended with `condition`.
 fn job(name: &str, generation: i64, condition: Option<(&str, &str)>) -> Value {
     let conditions: Vec<Value> = condition
@@ -474,6 +485,7 @@ fn job(name: &str, generation: i64, condition: Option<(&str, &str)>) -> Value {
         .collect();
     json!({"apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": "shop", "annotations": {"imageindex.dev/generation": generation.to_string()},
+            "ownerReferences": [OWNED_BY_PHOTOS.clone()],
             "labels": {"app.kubernetes.io/instance": "photos", "app.kubernetes.io/component": "embed"},
             "creationTimestamp": "2026-11-24T00:00:00Z"},
         "spec": {"completions": 1, "template": {"spec": {"containers": []}}},
@@ -687,7 +699,8 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
     // A Job and the Deployment still going away: foreground deletions, nothing dropped, Deleting.
     let mut going = job("photos-embed-1", 2, None);
     going["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
-    let search = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "photos-search"}});
+    let search = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "photos-search", "uid": "d-1", "ownerReferences": [OWNED_BY_PHOTOS.clone()]}});
     let cluster = Cluster { jobs: vec![going], search: Some(search.clone()), ..live_cluster() };
     let (ctx, log) = controller(cluster);
     let ii = Arc::new(deleted_now(spec.clone()));
@@ -699,7 +712,7 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
         Action::requeue(Duration::from_secs(5))
     );
     let calls = log.lock().unwrap().clone();
-    for what in ["/jobs", "/deployments/photos-search"] {
+    for what in ["/jobs/photos-embed-1", "/deployments/photos-search"] {
         let delete = calls.iter().find(|c| c.method == Method::DELETE && c.path.ends_with(what)).expect(what);
         assert_eq!(delete.body["propagationPolicy"], "Foreground", "{what}");
     }
@@ -762,10 +775,12 @@ async fn deletion_waits_for_its_workloads_and_never_hangs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deletion_retain_keeps_data_and_delete_tolerates_what_is_gone() {
-    let cluster =
-        Cluster { kubelet: true, ..Default::default() }.secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")}));
-    let (_, calls) = settle(deleted_now(sample_spec()), cluster, 2).await;
-    assert!(calls.iter().any(|c| c.method == Method::DELETE && c.path.ends_with("/jobs")), "running Jobs are stopped");
+    let running = vec![job("photos-embed-1", 2, None)];
+    let cluster = Cluster { kubelet: true, jobs: running, ..Default::default() }
+        .secret("catalog", json!({"url": env("IMAGEINDEX_MYSQL_URL")}));
+    let (_, calls) = settle(deleted_now(sample_spec()), cluster, 3).await;
+    let stopped = |c: &&Call| c.method == Method::DELETE && c.path.ends_with("/jobs/photos-embed-1");
+    assert!(calls.iter().any(|c| stopped(&c)), "running Jobs are stopped");
     let cleanup = applied_job(&calls, "photos-cleanup").expect("a cleanup Job");
     assert!(cleanup.body["spec"]["template"]["spec"]["containers"][0]["args"].to_string().contains("--retain"));
     assert!(event(&calls, "Retained").is_some(), "the claim is released");
@@ -808,4 +823,33 @@ async fn deletion_drops_only_what_this_imageindex_owns() {
     assert!(event(&calls, "Deleted").is_some());
     assert!(b.index.vectors.ready().await.is_err(), "the collection is still there");
     assert_eq!(b.index.catalog.counts().await.unwrap().indexed, 0);
+}
+
+/// Objects of this ImageIndex's names or labels that are someone else's (no owner reference to
+/// it, no label of its UID) are never deleted or applied over. Before, `Delete` deleted another
+/// `photos-search` Deployment by name and every Job with the labels, and force-applied over
+/// another `photos-cleanup` Job.
+#[tokio::test(flavor = "multi_thread")]
+async fn deletion_leaves_what_is_not_this_imageindexs() {
+    let mut spec = sample_spec();
+    spec["deletionPolicy"] = json!("Delete");
+    let theirs =
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "photos-search", "uid": "x-1"}});
+    let mut their_job = job("photos-embed-9", 2, None);
+    their_job["metadata"]["ownerReferences"] = json!([]);
+    let mut their_cleanup = job("photos-cleanup", 2, None);
+    their_cleanup["metadata"]["ownerReferences"] = json!([]);
+    their_cleanup["metadata"]["labels"]["app.kubernetes.io/component"] = json!("cleanup");
+    let cluster = Cluster { jobs: vec![their_job, their_cleanup], search: Some(theirs), ..Default::default() };
+    let (result, calls) = settle(deleted_now(spec), cluster, 2).await;
+    assert!(result.is_err(), "not done: the cleanup cannot run");
+    assert!(
+        !calls.iter().any(|c| c.method == Method::DELETE),
+        "deleted: {:?}",
+        calls.iter().filter(|c| c.method == Method::DELETE).map(|c| &c.path).collect::<Vec<_>>()
+    );
+    assert!(applied_job(&calls, "photos-cleanup").is_none(), "applied over their Job");
+    let msg = written(&calls).conditions.iter().find(|c| c.type_ == "Ready").unwrap().message.clone();
+    assert!(msg.contains("Job photos-cleanup is in the way"), "{msg}");
+    assert!(!finalizer_removed(&calls));
 }

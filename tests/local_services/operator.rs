@@ -68,6 +68,10 @@ fn condition<'a>(ii: &'a ImageIndex, t: &str) -> (&'a str, &'a str) {
     (c.status.as_str(), c.reason.as_str())
 }
 
+fn reason_of<'a>(ii: &'a ImageIndex, t: &str) -> Option<&'a str> {
+    ii.status.as_ref()?.conditions.iter().find(|c| c.type_ == t).map(|c| c.reason.as_str())
+}
+
 /// The pod's environment as the kubelet builds it: plain values, `secretKeyRef`s and `envFrom`
 /// Secrets; or the kubelet's message when one is missing (`CreateContainerConfigError`).
 async fn pod_env(secrets: &Api<Secret>, c: &Container) -> Result<BTreeMap<String, String>, String> {
@@ -328,6 +332,12 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
 
     // Pending: the catalog Secret does not exist yet, so the plan Job's pod cannot start (the
     // controller reads no Secret: the pod's status says which one is missing).
+    // Someone's own `photos-search` Deployment, with the labels of ours even: never taken over.
+    let deployments = Api::<Deployment>::namespaced(admin.clone(), &ns);
+    let theirs = json!({"metadata": {"name": "photos-search", "labels": {"app.kubernetes.io/instance": "photos"}},
+        "spec": {"selector": {"matchLabels": {"app": "theirs"}}, "template": {"metadata": {"labels": {"app": "theirs"}},
+            "spec": {"containers": [{"name": "theirs", "image": "registry.invalid/theirs:1"}]}}}});
+    deployments.create(&PostParams::default(), &serde_json::from_value(theirs).unwrap()).await.unwrap();
     indexes.create(&PostParams::default(), &manifest(&fx.source_url)).await.unwrap();
     let ii = wait_for(&indexes, "photos", "Pending on the missing Secret", |ii| {
         ii.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Pending))
@@ -349,6 +359,24 @@ async fn operator_reconciles_on_a_real_apiserver_with_only_the_charts_rbac() {
     .await;
     let status = ii.status.clone().unwrap();
     assert_eq!((status.images.discovered, status.images.pending), (all, all));
+    // Indexing goes on; search waits, and says which object is in the way.
+    let ii =
+        wait_for(&indexes, "photos", "SearchReady NotOwned", |ii| reason_of(ii, "SearchReady") == Some("NotOwned"))
+            .await;
+    let msg = &ii.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "SearchReady").unwrap().message;
+    assert!(msg.contains("Deployment photos-search"), "{msg}");
+    assert_eq!(ii.status.as_ref().unwrap().endpoint, None);
+    let still = deployments.get("photos-search").await.unwrap();
+    assert!(still.metadata.owner_references.is_none(), "taken over: {:?}", still.metadata.owner_references);
+    let image = still.spec.unwrap().template.spec.unwrap().containers[0].image.clone();
+    assert_eq!(image.as_deref(), Some("registry.invalid/theirs:1"));
+    // Once it is gone, search is deployed.
+    deployments.delete("photos-search", &DeleteParams::default()).await.unwrap();
+    let ii = wait_for(&indexes, "photos", "search deployed", |ii| {
+        ii.status.as_ref().is_some_and(|s| s.endpoint.is_some()) && reason_of(ii, "SearchReady") != Some("NotOwned")
+    })
+    .await;
+    let status = ii.status.clone().unwrap();
     assert_eq!(status.endpoint.as_deref(), Some(format!("http://photos-search.{ns}.svc:80").as_str()));
 
     let job = Api::<Job>::namespaced(admin.clone(), &ns).get(status.current_job.as_ref().unwrap()).await.unwrap();

@@ -20,11 +20,25 @@ use crate::crd::ImageIndex;
 #[error("Kubernetes API: {0}")]
 pub struct Error(#[from] kube::Error);
 
-/// The search Deployment and Service, and whether search answers.
+/// The search Deployment and Service, and whether search answers. None of them is applied while
+/// an object of their name is there that is not this ImageIndex's (a force-apply would take it
+/// over, and a deletion delete it): the condition names it.
 pub async fn search(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved) -> Result<Observed, Error> {
     let ns = image_index.namespace().unwrap_or_default();
     let pp = PatchParams::apply(MANAGER).force();
     let name = builders::search_name(image_index);
+    let in_the_way = not_ours(image_index, ctx, &name).await?;
+    if !in_the_way.is_empty() {
+        let msg = format!(
+            "{} {} not this ImageIndex's (no owner reference to it): search is not deployed until {} renamed, \
+             deleted, or this ImageIndex is",
+            in_the_way.join(" and "),
+            if in_the_way.len() == 1 { "is" } else { "are" },
+            if in_the_way.len() == 1 { "it is" } else { "they are" },
+        );
+        publish(ctx, image_index, EventType::Warning, reason::NOT_OWNED, msg.clone()).await;
+        return Ok(Observed::no(SEARCH_READY, reason::NOT_OWNED, msg));
+    }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let d = deployments.patch(&name, &pp, &Patch::Apply(builders::search_deployment(image_index, resolved))).await?;
     Api::<Service>::namespaced(ctx.client.clone(), &ns)
@@ -50,6 +64,28 @@ pub async fn search(image_index: &ImageIndex, ctx: &Context, resolved: &Resolved
     } else {
         Observed::no(SEARCH_READY, reason::UNAVAILABLE, format!("0/{want} replicas available"))
     })
+}
+
+/// The search objects of `name` that are there and not this ImageIndex's, as "Kind name".
+async fn not_ours(image_index: &ImageIndex, ctx: &Context, name: &str) -> Result<Vec<String>, Error> {
+    let ns = image_index.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    let mut found = vec![
+        (
+            "Deployment",
+            Api::<Deployment>::namespaced(client.clone(), &ns).get_metadata_opt(name).await?.map(|o| o.metadata),
+        ),
+        ("Service", Api::<Service>::namespaced(client.clone(), &ns).get_metadata_opt(name).await?.map(|o| o.metadata)),
+    ];
+    if ctx.settings.features.pdb {
+        let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
+        found.push(("PodDisruptionBudget", pdbs.get_metadata_opt(name).await?.map(|o| o.metadata)));
+    }
+    Ok(found
+        .into_iter()
+        .filter(|(_, meta)| meta.as_ref().is_some_and(|m| !builders::is_ours(m, image_index)))
+        .map(|(kind, _)| format!("{kind} {name}"))
+        .collect())
 }
 
 /// Creates an embedding Job (`<name>-embed-<unix seconds>`); returns its name.
@@ -92,7 +128,11 @@ pub async fn plan(
     info!(job = %name, "created plan Job");
     let mut old =
         api.list(&ListParams::default().labels(&builders::selector(image_index, builders::PLAN))).await?.items;
-    old.retain(|j| j.status.as_ref().is_some_and(|s| s.active.unwrap_or(0) == 0) && j.name_any() != name);
+    old.retain(|j| {
+        j.status.as_ref().is_some_and(|s| s.active.unwrap_or(0) == 0)
+            && j.name_any() != name
+            && builders::is_ours(&j.metadata, image_index)
+    });
     old.sort_by_key(|j| std::cmp::Reverse(j.metadata.creation_timestamp.clone()));
     let background = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
     for j in old.iter().skip(PLANS_KEPT - 1) {

@@ -21,7 +21,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, Preconditions, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
@@ -111,31 +111,51 @@ fn deleting_for(image_index: &ImageIndex) -> Duration {
 }
 
 /// Deletes the embedding and plan Jobs, and (unless retaining) the search Deployment, in the
-/// foreground (each object stays until its pods are gone), and says which are still there.
+/// foreground (each object stays until its pods are gone), and says which are still there. Only
+/// this ImageIndex's: an object of the same name or labels that is not is left alone (nothing of
+/// this ImageIndex runs in it).
 async fn stop_workloads(image_index: &ImageIndex, ctx: &Context, retain: bool) -> Result<Vec<String>, Error> {
     let ns = image_index.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let foreground = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
     let mut left = vec![];
     for component in [builders::EMBED, builders::PLAN] {
         let selector = ListParams::default().labels(&builders::selector(image_index, component));
-        jobs.delete_collection(&foreground, &selector).await?;
-        left.extend(jobs.list(&selector).await?.items.iter().map(|j| format!("Job {}", j.name_any())));
+        for job in jobs.list(&selector).await?.items.iter().filter(|j| builders::is_ours(&j.metadata, image_index)) {
+            delete_exactly(&jobs, &job.metadata, PropagationPolicy::Foreground).await?;
+            left.push(format!("Job {}", job.name_any()));
+        }
     }
     if retain {
         return Ok(left);
     }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let search = builders::search_name(image_index);
-    match deployments.delete(&search, &foreground).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
-    if deployments.get_opt(&search).await?.is_some() {
+    if let Some(d) =
+        deployments.get_metadata_opt(&search).await?.filter(|d| builders::is_ours(&d.metadata, image_index))
+    {
+        delete_exactly(&deployments, &d.metadata, PropagationPolicy::Foreground).await?;
         left.push(format!("Deployment {search}"));
     }
     Ok(left)
+}
+
+/// Deletes the object `meta` describes and no other (the UID as a precondition: one made again
+/// under its name meanwhile is not this one); gone already is fine.
+async fn delete_exactly<K>(api: &Api<K>, meta: &ObjectMeta, policy: PropagationPolicy) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let exactly = DeleteParams {
+        propagation_policy: Some(policy),
+        preconditions: Some(Preconditions { uid: meta.uid.clone(), resource_version: None }),
+        ..Default::default()
+    };
+    match api.delete(meta.name.as_deref().unwrap_or_default(), &exactly).await {
+        Ok(_) => Ok(()),
+        // 404: gone; 409: a precondition failed (another object of the name now).
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The cleanup Job: started if there is none, waited for while it runs, and read when done.
@@ -220,6 +240,16 @@ async fn start_cleanup(image_index: &ImageIndex, ctx: &Context) -> Result<Action
     };
     let job = builders::cleanup_job(image_index, &resolved, catalog_only);
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
+    let name = builders::cleanup_name(image_index);
+    if api.get_metadata_opt(&name).await?.is_some_and(|j| !builders::is_ours(&j.metadata, image_index)) {
+        return Err(Error::Failed(
+            format!("collection {}", resolved.collection),
+            format!(
+                "Job {name} is in the way and is not this ImageIndex's cleanup (no {} label of its UID)",
+                builders::OWNER_UID
+            ),
+        ));
+    }
     match api
         .patch(&builders::cleanup_name(image_index), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&job))
         .await
@@ -245,14 +275,15 @@ fn kept_reason(image_index: &ImageIndex) -> &'static str {
     if image_index.spec.deletion_policy == DeletionPolicy::Retain { "Retained" } else { "NotDropped" }
 }
 
-/// The cleanup Job is not owned (see `builders::cleanup_job`): it goes once read.
+/// The cleanup Job is not owned (see `builders::cleanup_job`): it goes once read. One of its
+/// name that is not this ImageIndex's stays.
 async fn delete_cleanup_job(image_index: &ImageIndex, ctx: &Context) -> Result<(), Error> {
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &image_index.namespace().unwrap_or_default());
-    let background = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
-    match api.delete(&builders::cleanup_name(image_index), &background).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
+    match api.get_metadata_opt(&builders::cleanup_name(image_index)).await? {
+        Some(j) if builders::is_ours(&j.metadata, image_index) => {
+            delete_exactly(&api, &j.metadata, PropagationPolicy::Background).await
+        }
+        _ => Ok(()),
     }
 }
 

@@ -50,7 +50,9 @@ pub async fn pods(image_index: &ImageIndex, client: &Client, component: &str) ->
 /// The ImageIndex's plan or cleanup Jobs, with their reports.
 pub async fn tasks(image_index: &ImageIndex, client: &Client, component: &str) -> Result<Vec<Task>, Error> {
     let api: Api<Job> = Api::namespaced(client.clone(), &image_index.namespace().unwrap_or_default());
-    let jobs = api.list(&ListParams::default().labels(&builders::selector(image_index, component))).await?.items;
+    let mut jobs = api.list(&ListParams::default().labels(&builders::selector(image_index, component))).await?.items;
+    // Labels anyone can set: only this ImageIndex's own Jobs say anything about it.
+    jobs.retain(|j| builders::is_ours(&j.metadata, image_index));
     if jobs.is_empty() {
         return Ok(vec![]);
     }

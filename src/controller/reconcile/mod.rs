@@ -190,8 +190,10 @@ async fn steps(
     // The search objects once a plan has made the collection they serve; then always, so that
     // search answers while indexing runs and while a backend is down.
     if status.collection.as_deref() == Some(resolved.collection.as_str()) {
-        observed.push(apply::search(image_index, ctx, &resolved).await?);
-        status.endpoint = Some(builders::endpoint(image_index));
+        let search = apply::search(image_index, ctx, &resolved).await?;
+        // Not an endpoint of ours while another's Service has the name.
+        status.endpoint = (search.reason != reason::NOT_OWNED).then(|| builders::endpoint(image_index));
+        observed.push(search);
     } else {
         observed.push(Observed::unknown(
             SEARCH_READY,
