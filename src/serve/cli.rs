@@ -32,6 +32,11 @@ pub struct ServeArgs {
     /// Requests that may wait for an embedding; more get 503 + Retry-After at once.
     #[arg(long, env = env::MAX_QUEUED_EMBEDDINGS, default_value_t = 32)]
     max_queued_embeddings: usize,
+    /// MiB the request bodies and fetched images being read may take at once (each reserves its
+    /// Content-Length, or --max-upload-bytes); beyond it, 503 + Retry-After. Reading holds no
+    /// embedding slot.
+    #[arg(long, env = env::BODY_MEMORY_MIB, default_value_t = 256)]
+    body_memory_mib: u64,
     /// Milliseconds a request waits for an embedding before it gets 503 + Retry-After.
     #[arg(long, env = env::QUEUE_TIMEOUT_MS, default_value_t = 5000)]
     queue_timeout_ms: u64,
@@ -136,6 +141,7 @@ impl ServeArgs {
             max_batch: self.max_batch.into(),
             batch_window: Duration::from_millis(self.batch_window_ms),
             decode_memory: limits.decode_memory_mib << 20,
+            body_memory: self.body_memory_mib << 20,
             token,
             protect_search: self.protect_search,
             allow_drop: self.allow_drop,

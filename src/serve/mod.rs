@@ -54,6 +54,10 @@ pub struct ServeConfig {
     pub batch_window: Duration,
     /// Memory the decodes in flight may take at once (see `MemoryBudget`); beyond it, 503.
     pub decode_memory: u64,
+    /// Memory the request bodies and fetched images being read may take at once: each reserves
+    /// its Content-Length (or the upload limit) before a byte is read; beyond it, 503. Reading
+    /// holds no embedding slot, so slow clients wait here and never hold the model up.
+    pub body_memory: u64,
     /// Bearer token for upload, delete and drop (and for search when `protect_search`).
     /// Without one, the mutating routes are disabled.
     pub token: Option<crate::core::Redacted>,
@@ -79,6 +83,7 @@ impl Default for ServeConfig {
             max_batch: 8,
             batch_window: Duration::from_millis(2),
             decode_memory: 512 << 20,
+            body_memory: 256 << 20,
             token: None,
             protect_search: false,
             allow_drop: false,
@@ -103,6 +108,7 @@ pub struct AppState {
     /// Requests waiting for a slot.
     queue: Queue,
     decode_memory: MemoryBudget,
+    body_memory: MemoryBudget,
     fetcher: fetch::UrlFetcher,
     metrics: metrics::Metrics,
 }
@@ -144,6 +150,7 @@ impl AppState {
             embed_slots,
             queue: Queue { waiting: Default::default(), max: config.max_queued_embeddings },
             decode_memory: MemoryBudget::new(config.decode_memory),
+            body_memory: MemoryBudget::new(config.body_memory),
             fetcher: fetch::UrlFetcher::new(config.max_upload_bytes, config.allow_private_urls),
             metrics,
             token: auth::Token::new(config.token.clone()),

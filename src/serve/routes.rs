@@ -24,11 +24,13 @@ pub async fn page() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
 
-/// A query or upload: an image from a multipart field, or fetched from `{"url": ...}`.
+/// A query or upload: an image from a multipart field, or fetched from `{"url": ...}`, and the
+/// body memory it was read in (held until it is embedded).
 struct Input {
     image: Bytes,
     topk: Option<usize>,
     prefix: Option<String>,
+    _read_in: crate::embed::Reservation,
 }
 
 #[derive(Deserialize)]
@@ -44,8 +46,18 @@ pub struct Params {
     prefix: Option<String>,
 }
 
+/// Reads the request's image, in body memory reserved first: its Content-Length, or the upload
+/// limit where it has none or fetches a URL (the fetch is bounded by the same limit). No
+/// embedding slot is held meanwhile: a slow body or a slow URL waits on its own budget.
 async fn read_input(state: &AppState, req: Request) -> Result<Input, ApiError> {
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let max = state.config.max_upload_bytes as u64;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let reserve = match declared {
+        Some(n) if !ctype.starts_with("application/json") => n.min(max),
+        _ => max,
+    };
+    let _read_in = state.body_memory.try_reserve(reserve.max(1))?.ok_or_else(overloaded)?;
     if ctype.starts_with("multipart/form-data") {
         let mut form = Multipart::from_request(req, &()).await.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let (mut image, mut topk, mut prefix) = (None, None, None);
@@ -65,12 +77,12 @@ async fn read_input(state: &AppState, req: Request) -> Result<Input, ApiError> {
             }
         }
         let image = image.ok_or_else(|| ApiError::bad_request("multipart field `image` is missing"))?;
-        Ok(Input { image, topk, prefix })
+        Ok(Input { image, topk, prefix, _read_in })
     } else if ctype.starts_with("application/json") {
         let axum::Json(j) = axum::Json::<JsonInput>::from_request(req, &())
             .await
             .map_err(|e| ApiError::bad_request(format!("expected {{\"url\": ...}}: {}", e.body_text())))?;
-        Ok(Input { image: state.fetcher.fetch(&j.url).await?, topk: j.topk, prefix: j.prefix })
+        Ok(Input { image: state.fetcher.fetch(&j.url).await?, topk: j.topk, prefix: j.prefix, _read_in })
     } else {
         Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -84,9 +96,8 @@ fn overloaded() -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many images are being embedded; retry shortly")
 }
 
-/// A slot to embed one image, taken before the body is read or the URL fetched: at most
-/// `max_concurrent_embeddings` at once. Beyond that a request waits, with nothing buffered or
-/// fetched for it, in a queue of at most `max_queued_embeddings` for at most `queue_timeout`: a
+/// A slot to embed one image, taken once the image is read (see `read_input`): at most
+/// `max_concurrent_embeddings` at once. Beyond that a request waits in a queue of at most `max_queued_embeddings` for at most `queue_timeout`: a
 /// burst of a few users is served. A fuller queue, or a wait that runs out, is 503 + Retry-After.
 async fn embed_slot(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     if let Ok(permit) = state.embed_slots.clone().try_acquire_owned() {
@@ -152,8 +163,8 @@ pub async fn search(
     req: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let started = Instant::now();
-    let slot = embed_slot(&state).await?;
     let input = read_input(&state, req).await?;
+    let slot = embed_slot(&state).await?;
     let topk = input.topk.or(q.topk).unwrap_or(10);
     if !(1..=MAX_TOPK).contains(&topk) {
         return Err(ApiError::bad_request(format!("topk must be 1..={MAX_TOPK}")));
@@ -201,8 +212,8 @@ pub async fn search(
 pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
     let clients = state.clients();
     let source = bucket(&clients)?;
-    let slot = embed_slot(&state).await?;
     let input = read_input(&state, req).await?;
+    let slot = embed_slot(&state).await?;
     let ext = match sniff(&input.image) {
         Some(image::ImageFormat::Png) => "png",
         Some(image::ImageFormat::WebP) => "webp",

@@ -220,3 +220,45 @@ async fn a_failed_listing_does_not_carry_its_signature() {
     }
     fx.cleanup().await;
 }
+
+/// A query took its embedding slot before its body was read, so a few slow clients (2 x cores +
+/// the queue's 32 by default) held every slot while they trickled their bodies in, and real
+/// searches got 503. Bodies are read on a memory budget of their own now; the slot is taken once
+/// there is an image to embed.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_bodies_do_not_hold_the_embedding_slots() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    let fx = Fixture::new("hostile_slow_bodies");
+    let photos = upload_photos(&fx, 2).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    let config = ServeConfig {
+        max_concurrent_embeddings: 2,
+        max_queued_embeddings: 2,
+        queue_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let srv = Server::start(&fx, b, config).await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    // 20 clients announce a 100 kB query and send 100 bytes of it.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = "POST /img/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n\
+                    Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n";
+        c.write_all(head.as_bytes()).await.unwrap();
+        c.write_all(&[0u8; 100]).await.unwrap();
+        slow.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, (_, photo)) in photos.iter().enumerate() {
+        let t = Instant::now();
+        let (status, body) = srv.search(photo.to_vec(), "1").await;
+        assert_eq!(status, 200, "search {i} beside 20 slow bodies: {body}");
+        eprintln!("search {i} beside 20 slow bodies: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(slow);
+    fx.cleanup().await;
+}
