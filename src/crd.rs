@@ -378,9 +378,13 @@ pub struct SearchSpec {
     /// otherwise they run on the CPU, whatever the Jobs use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Secret key holding the bearer token for upload and delete; without one they are off.
+    /// Secret key holding the bearer token for upload and delete (the write token, which admits
+    /// every route); without one they are off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_ref: Option<SecretKeyRef>,
+    /// Who may search, count, read progress and fetch images.
+    #[serde(default, skip_serializing_if = "SearchAuth::is_default")]
+    pub auth: SearchAuth,
     /// The image for the search pods; `embedding.image` (then the operator's own) when unset. Set
     /// it to the CPU image when the Jobs use the CUDA one, which is much larger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,6 +414,7 @@ impl Default for SearchSpec {
             service: ServiceSpec::default(),
             resources: None,
             token_secret_ref: None,
+            auth: SearchAuth::default(),
             image: None,
             precision: None,
             scheduling: Scheduling::default(),
@@ -417,6 +422,40 @@ impl Default for SearchSpec {
             autoscaled: false,
         }
     }
+}
+
+/// Who may use the read routes: search, count, progress and the images themselves (every indexed
+/// image, and URL fetches from the pods' network).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchAuth {
+    /// `open`: anyone who reaches the Service (a `LoadBalancer` makes that the internet). `token`:
+    /// a bearer token, the read token or the write token. Set when `readTokenSecretRef` is.
+    #[serde(default)]
+    pub reads: ReadAccess,
+    /// Secret key holding the read token: it admits the read routes and never upload, delete or
+    /// drop (the token to give a page or an app). Without it, `reads: token` takes the write token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_token_secret_ref: Option<SecretKeyRef>,
+}
+
+impl SearchAuth {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether the read routes need a token.
+    pub fn protects_reads(&self) -> bool {
+        self.reads == ReadAccess::Token || self.read_token_secret_ref.is_some()
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ReadAccess {
+    #[default]
+    Open,
+    Token,
 }
 
 fn default_replicas() -> i32 {

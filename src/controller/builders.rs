@@ -616,6 +616,13 @@ pub fn search_deployment(image_index: &ImageIndex, resolved: &Resolved) -> Deplo
         let dir = secret_files("api-token", &t.name, Some(&t.key));
         env.push(var(env::TOKEN_FILE, format!("{dir}/{}", t.key)));
     }
+    if let Some(t) = &search.auth.read_token_secret_ref {
+        let dir = secret_files("read-token", &t.name, Some(&t.key));
+        env.push(var(env::READ_TOKEN_FILE, format!("{dir}/{}", t.key)));
+    }
+    if search.auth.protects_reads() {
+        env.push(var(env::PROTECT_SEARCH, "true"));
+    }
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -888,6 +895,26 @@ mod tests {
         assert_eq!(tmp_limit(&pod), PLAN_TMP_LIMIT);
         assert_eq!(env_of(c)["IMAGEINDEX_PREPROCESS"].value.as_deref(), Some("clip"));
         assert_eq!(env_of(c)["IMAGEINDEX_MODEL"].value.as_deref(), Some("/models/pvc/m.onnx"));
+    }
+
+    #[test]
+    fn search_auth_mounts_the_read_token_and_protects_reads() {
+        let open = search_deployment(&sample(""), &resolved(true));
+        let env = env_of(&open.spec.unwrap().template.spec.unwrap().containers[0]);
+        assert!(!env.contains_key(env::PROTECT_SEARCH) && !env.contains_key(env::READ_TOKEN_FILE), "open by default");
+        let spec = "  search:\n    tokenSecretRef: {name: api, key: write}\n    auth: {readTokenSecretRef: {name: api, key: read}}\n";
+        let d = search_deployment(&sample(spec), &resolved(true));
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let env = env_of(&pod.containers[0]);
+        assert_eq!(env[env::PROTECT_SEARCH].value.as_deref(), Some("true"), "a read token protects the reads");
+        assert_eq!(env[env::READ_TOKEN_FILE].value.as_deref(), Some("/var/run/secrets/imageindex/read-token/read"));
+        assert_eq!(env[env::TOKEN_FILE].value.as_deref(), Some("/var/run/secrets/imageindex/api-token/write"));
+        let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "read-token").unwrap().secret.unwrap();
+        assert_eq!((volume.secret_name.as_deref(), volume.items.unwrap()[0].key.as_str()), (Some("api"), "read"));
+        // `reads: token` alone: the write token admits them.
+        let d = search_deployment(&sample("  search: {auth: {reads: token}}\n"), &resolved(true));
+        let env = env_of(&d.spec.unwrap().template.spec.unwrap().containers[0]);
+        assert_eq!(env[env::PROTECT_SEARCH].value.as_deref(), Some("true"));
     }
 
     #[test]

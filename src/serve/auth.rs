@@ -1,5 +1,7 @@
-//! Bearer-token auth for mutating routes (and search, when asked). The token comes from a file
-//! (a mounted Secret) or the environment; without one, protected routes are disabled, not open.
+//! Bearer-token auth for mutating routes (and search, when asked). The tokens come from files
+//! (mounted Secrets) or the environment; without one, protected routes are disabled, not open.
+//! Two tokens: the write token admits everything; the read token admits search, count, progress
+//! and images only, so the one a page or an app is given cannot upload, delete or drop.
 
 use std::sync::{Arc, RwLock};
 
@@ -43,20 +45,41 @@ impl Token {
 }
 
 pub async fn require(State(token): State<Token>, req: Request, next: Next) -> Response {
-    if token.expected().is_none() {
-        return ApiError::new(
+    match check(&[&token], &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The tokens that admit the read routes: either.
+#[derive(Clone)]
+pub struct Either {
+    pub read: Token,
+    pub write: Token,
+}
+
+pub async fn require_read(State(tokens): State<Either>, req: Request, next: Next) -> Response {
+    match check(&[&tokens.read, &tokens.write], &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Whether the request's bearer token is one of `tokens`.
+fn check(tokens: &[&Token], req: &Request) -> Result<(), ApiError> {
+    if tokens.iter().all(|t| t.expected().is_none()) {
+        return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "disabled",
             "this route needs a token and none is configured (IMAGEINDEX_TOKEN or --token-file)",
-        )
-        .into_response();
-    };
+        ));
+    }
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "));
     match given {
-        Some(t) if token.admits(t.trim()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response(),
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token>")
-            .into_response(),
+        // Every token looked at, whichever admits: the time says nothing about which.
+        Some(t) if tokens.iter().map(|k| k.admits(t.trim())).fold(false, |a, b| a | b) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token")),
+        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token>")),
     }
 }
 

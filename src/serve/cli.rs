@@ -58,7 +58,15 @@ pub struct ServeArgs {
     /// The token itself (prefer --token-file). Without a token the mutating routes are disabled.
     #[arg(long, env = env::TOKEN, hide_env_values = true)]
     token: Option<Redacted>,
-    /// Require the token for search, count, progress and images too.
+    /// File holding the read token (a mounted Secret): it admits search, count, progress and
+    /// images, never upload, delete or drop. Giving one protects them (--protect-search).
+    #[arg(long, env = env::READ_TOKEN_FILE)]
+    read_token_file: Option<PathBuf>,
+    /// The read token itself (prefer --read-token-file).
+    #[arg(long, env = env::READ_TOKEN, hide_env_values = true)]
+    read_token: Option<Redacted>,
+    /// Require a token for search, count, progress and images too: the read token, or the write
+    /// token (which admits everything).
     #[arg(long, env = env::PROTECT_SEARCH)]
     protect_search: bool,
     /// Enable POST /img/drop (drops the collection and the catalog).
@@ -88,6 +96,8 @@ impl ServeArgs {
             source_url: self.source.clone(),
             token_file: self.token_file.clone(),
             token: self.token.clone(),
+            read_token_file: self.read_token_file.clone(),
+            read_token: self.read_token.clone(),
         };
         let credentials = watch.read()?;
         let (gens, source) = watch.connect(&credentials).await?;
@@ -143,7 +153,8 @@ impl ServeArgs {
             decode_memory: limits.decode_memory_mib << 20,
             body_memory: self.body_memory_mib << 20,
             token,
-            protect_search: self.protect_search,
+            read_token: credentials.read_token(),
+            protect_search: self.protect_search || self.read_token.is_some() || self.read_token_file.is_some(),
             allow_drop: self.allow_drop,
             allow_private_urls: self.allow_private_urls,
             owner: backend.owner.clone(),

@@ -61,6 +61,9 @@ pub struct ServeConfig {
     /// Bearer token for upload, delete and drop (and for search when `protect_search`).
     /// Without one, the mutating routes are disabled.
     pub token: Option<crate::core::Redacted>,
+    /// Bearer token that admits search, count, progress and images (when `protect_search`), and
+    /// nothing else; the write token admits them too.
+    pub read_token: Option<crate::core::Redacted>,
     pub protect_search: bool,
     /// `POST /img/drop` is refused unless this is set.
     pub allow_drop: bool,
@@ -85,6 +88,7 @@ impl Default for ServeConfig {
             decode_memory: 512 << 20,
             body_memory: 256 << 20,
             token: None,
+            read_token: None,
             protect_search: false,
             allow_drop: false,
             allow_private_urls: false,
@@ -103,6 +107,7 @@ pub struct AppState {
     /// How the server moves to another generation, when it follows the index's (see `follow`).
     follow: std::sync::OnceLock<follow::Follow>,
     token: auth::Token,
+    read_token: auth::Token,
     config: ServeConfig,
     embed_slots: Arc<Semaphore>,
     /// Requests waiting for a slot.
@@ -154,6 +159,7 @@ impl AppState {
             fetcher: fetch::UrlFetcher::new(config.max_upload_bytes, config.allow_private_urls),
             metrics,
             token: auth::Token::new(config.token.clone()),
+            read_token: auth::Token::new(config.read_token.clone()),
             clients: RwLock::new(Arc::new(Clients { index, source, generation, model, batcher })),
             switching: Default::default(),
             follow: Default::default(),
@@ -240,7 +246,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/progress", get(routes::progress))
         .route("/img/object/{*key}", get(routes::object));
     if cfg.protect_search {
-        reads = reads.route_layer(axum::middleware::from_fn_with_state(token.clone(), auth::require));
+        let either = auth::Either { read: state.read_token.clone(), write: token.clone() };
+        reads = reads.route_layer(axum::middleware::from_fn_with_state(either, auth::require_read));
     }
     let writes = Router::new()
         .route("/img/upload", post(routes::upload))

@@ -28,12 +28,18 @@ pub struct Credentials {
     milvus_token: Option<Redacted>,
     source: Vec<(String, Redacted)>,
     token: Option<Redacted>,
+    read_token: Option<Redacted>,
 }
 
 impl Credentials {
     /// The API token (for upload, delete and drop).
     pub fn token(&self) -> Option<Redacted> {
         self.token.clone()
+    }
+
+    /// The read token (for search, count, progress and images, where they are protected).
+    pub fn read_token(&self) -> Option<Redacted> {
+        self.read_token.clone()
     }
 
     fn same_backends(&self, other: &Self) -> bool {
@@ -50,6 +56,8 @@ pub struct Watch {
     pub token_file: Option<PathBuf>,
     /// The token given as a flag or in the environment (when there is no file).
     pub token: Option<Redacted>,
+    pub read_token_file: Option<PathBuf>,
+    pub read_token: Option<Redacted>,
 }
 
 impl Watch {
@@ -59,21 +67,27 @@ impl Watch {
             || self.backend.milvus_token_file.is_some()
             || self.src.credentials_dir.is_some()
             || self.token_file.is_some()
+            || self.read_token_file.is_some()
     }
 
     pub fn read(&self) -> Result<Credentials> {
-        Ok(Credentials { token: self.read_token()?, ..self.read_backends()? })
+        let (token, read_token) = self.read_tokens()?;
+        Ok(Credentials { token, read_token, ..self.read_backends()? })
     }
 
-    fn read_token(&self) -> Result<Option<Redacted>> {
-        Ok(match &self.token_file {
-            Some(f) => {
-                let text =
-                    std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?;
-                Some(Redacted::new(text.trim()))
-            }
-            None => self.token.clone(),
-        })
+    /// The write token and the read token.
+    fn read_tokens(&self) -> Result<(Option<Redacted>, Option<Redacted>)> {
+        let one = |file: &Option<PathBuf>, given: &Option<Redacted>| -> Result<Option<Redacted>> {
+            Ok(match file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("reading the token file {}", f.display()))?;
+                    Some(Redacted::new(text.trim()))
+                }
+                None => given.clone(),
+            })
+        };
+        Ok((one(&self.token_file, &self.token)?, one(&self.read_token_file, &self.read_token)?))
     }
 
     /// Every credential but the API token (None here).
@@ -83,6 +97,7 @@ impl Watch {
             milvus_token: self.backend.milvus_token()?,
             source: self.src.settings()?,
             token: None,
+            read_token: None,
         })
     }
 
@@ -105,12 +120,13 @@ impl Watch {
         tick.tick().await; // the first tick is now
         loop {
             tick.tick().await;
-            match self.read_token() {
-                Ok(token) if token != current.token => {
+            match self.read_tokens() {
+                Ok((token, read_token)) if (&token, &read_token) != (&current.token, &current.read_token) => {
                     state.token.set(token.clone());
-                    tracing::info!("the API token changed: now in use");
+                    state.read_token.set(read_token.clone());
+                    tracing::info!("the API tokens changed: now in use");
                     state.metrics.credential_reload(true);
-                    current.token = token;
+                    (current.token, current.read_token) = (token, read_token);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -120,7 +136,7 @@ impl Watch {
                 }
             }
             let next = match self.read_backends() {
-                Ok(c) => Credentials { token: current.token.clone(), ..c },
+                Ok(c) => Credentials { token: current.token.clone(), read_token: current.read_token.clone(), ..c },
                 Err(e) => {
                     // A file mid-update, or a Secret key removed: keep what works.
                     tracing::warn!("reading the credentials: {e:#}; keeping the current ones");

@@ -398,6 +398,8 @@ async fn rotated_credentials_are_put_to_use_without_a_restart() {
         source_url: Some(fx.source_url.clone()),
         token_file: Some(dir.join("token")),
         token: None,
+        read_token_file: None,
+        read_token: None,
     };
     let credentials = watch.read().unwrap();
     let (gens, source) = watch.connect(&credentials).await.unwrap();
@@ -502,5 +504,48 @@ async fn bursts_queue_and_concurrent_queries_share_model_calls() {
     let srv = Server::start(&fx, b, batched).await;
     let calls = searches(&srv).await;
     assert!(calls < 6, "{calls} model calls for six concurrent queries");
+    fx.cleanup().await;
+}
+
+/// One token admitted everything: the token a page or an app needed to search could also upload,
+/// delete and drop. The read token admits search, count, progress and images, and nothing that
+/// writes; the write token admits both.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_read_token_searches_and_never_writes() {
+    const READ: &str = "read-only-token";
+    let fx = Fixture::new("read_token");
+    let photos = upload_photos(&fx, 1).await;
+    let b = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&b).await;
+    let config = ServeConfig {
+        token: Some(TOKEN.into()),
+        read_token: Some(READ.into()),
+        protect_search: true,
+        ..Default::default()
+    };
+    let srv = Server::start(&fx, b, config).await;
+    let http = &srv.http;
+    let search = |token: &str| {
+        http.post(srv.url("img/search")).bearer_auth(token).multipart(Server::form(photos[0].1.to_vec(), "1"))
+    };
+    let object = format!("img/object/{}", photos[0].0);
+    for token in [READ, TOKEN] {
+        assert_eq!(Server::json(search(token)).await.0, 200, "search with {token}");
+        assert_eq!(Server::json(http.get(srv.url("progress")).bearer_auth(token)).await.0, 200);
+        assert_eq!(http.get(srv.url(&object)).bearer_auth(token).send().await.unwrap().status(), 200);
+    }
+    assert_error(Server::json(search("wrong")).await, 401, "unauthorized");
+    assert_error(srv.search(photos[0].1.to_vec(), "1").await, 401, "unauthorized");
+    // Writes: the read token is not enough.
+    let upload = |token: &str| {
+        http.post(srv.url("img/upload")).bearer_auth(token).multipart(Server::form(photos[0].1.to_vec(), "1"))
+    };
+    assert_error(Server::json(upload(READ)).await, 401, "unauthorized");
+    assert_error(
+        Server::json(http.delete(srv.url(&format!("img/{}", photos[0].0))).bearer_auth(READ)).await,
+        401,
+        "unauthorized",
+    );
+    assert!(matches!(Server::json(upload(TOKEN)).await.0, 200 | 201));
     fx.cleanup().await;
 }

@@ -65,6 +65,15 @@ pub fn validate(image_index: &ImageIndex) -> Result<ValidSpec, String> {
     if image_index.spec.source.include.is_empty() {
         return Err("spec.source.include: give at least one glob".into());
     }
+    let search = &image_index.spec.search;
+    if search.auth.protects_reads() && search.auth.read_token_secret_ref.is_none() && search.token_secret_ref.is_none()
+    {
+        return Err(
+            "spec.search.auth.reads is `token`, but no token is given: set spec.search.auth.readTokenSecretRef \
+                    (a token for search only), spec.search.tokenSecretRef (the write token), or both"
+                .into(),
+        );
+    }
     if let Some(p) = &image_index.spec.embedding.preprocess {
         p.parse::<crate::core::Preprocess>().map_err(|e| format!("spec.embedding.preprocess: {e}"))?;
     }
@@ -145,6 +154,18 @@ mod tests {
         let invalid = invalid("x");
         assert_eq!(invalid.len(), 4);
         assert!(invalid.iter().all(|o| o.ok.is_none() && o.reason == reason::INVALID_SPEC));
+    }
+
+    #[test]
+    fn protected_reads_need_a_token() {
+        let search = |s: serde_json::Value| image_index(serde_json::json!({"milvus": {"address": "m"}, "search": s}));
+        let err = validate(&search(serde_json::json!({"auth": {"reads": "token"}}))).unwrap_err();
+        assert!(err.starts_with("spec.search.auth.reads"), "{err}");
+        let read = serde_json::json!({"name": "api", "key": "read"});
+        assert!(validate(&search(serde_json::json!({"auth": {"reads": "token", "readTokenSecretRef": read}}))).is_ok());
+        let write = serde_json::json!({"auth": {"reads": "token"}, "tokenSecretRef": {"name": "api", "key": "w"}});
+        assert!(validate(&search(write)).is_ok());
+        assert!(validate(&search(serde_json::json!({"auth": {"reads": "open"}}))).is_ok());
     }
 
     #[test]
