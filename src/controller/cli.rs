@@ -38,6 +38,13 @@ pub struct ControllerArgs {
     /// then the data is kept, with a Warning, and the ImageIndex goes.
     #[arg(long, env = env::CLEANUP_TIMEOUT, default_value_t = 600)]
     cleanup_timeout: u64,
+    /// Images an ImageIndex may name for its pods, comma-separated: exact, or a prefix ending in
+    /// `*`. Empty: any image. The operator's own image is always allowed.
+    #[arg(long, env = env::ALLOWED_IMAGES, value_delimiter = ',', num_args = 0..)]
+    allowed_images: Vec<String>,
+    /// ServiceAccounts an ImageIndex may name for its pods, comma-separated. Empty: any.
+    #[arg(long, env = env::ALLOWED_SERVICE_ACCOUNTS, value_delimiter = ',', num_args = 0..)]
+    allowed_service_accounts: Vec<String>,
 }
 
 /// The namespace to watch: none, or an empty one (the chart's default `""`), is every namespace.
@@ -62,6 +69,20 @@ impl ControllerArgs {
                 features,
                 plan_timeout: Duration::from_secs(self.plan_timeout),
                 cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
+                policy: super::reconcile::validate::Policy {
+                    images: self
+                        .allowed_images
+                        .iter()
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                    service_accounts: self
+                        .allowed_service_accounts
+                        .iter()
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                },
             },
             namespace: watch_namespace(self.namespace),
             listen: self.metrics_listen,

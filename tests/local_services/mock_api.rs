@@ -308,6 +308,7 @@ fn controller(cluster: Cluster) -> (Arc<Context>, Arc<Mutex<Vec<Call>>>) {
         features: imageindex::controller::builders::ServerFeatures::ALL,
         plan_timeout: Duration::from_secs(300),
         cleanup_timeout: Duration::from_secs(600),
+        policy: Default::default(),
     };
     let recorder = Recorder::new(client.clone(), Reporter { controller: "test".into(), instance: None });
     (Arc::new(Context::new(client, settings, recorder, Arc::new(Metrics::default()))), calls)

@@ -745,3 +745,29 @@ async fn single_namespace_mode_follows_a_milvus_installed_later() {
     assert_eq!(holder, None, "the stopped controller still holds the Lease");
     Api::<Namespace>::all(admin).delete(&ns, &DeleteParams::default()).await.unwrap();
 }
+
+/// The chart's `policy` reaches the controller: what ImageIndexes may choose for their pods (see
+/// `validate::Policy`, whose unit test checks the refusals).
+#[test]
+fn the_charts_pod_policy_reaches_the_controller() {
+    let render = |sets: &[&str]| {
+        let mut cmd = Command::new(env("HELM"));
+        cmd.args(["template", "imageindex", concat!(env!("CARGO_MANIFEST_DIR"), "/charts/imageindex")]);
+        cmd.args(["-s", "templates/deployment.yaml"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+        let d: Deployment = serde_yaml::from_slice(&out.stdout).unwrap();
+        let env = d.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+        let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone()).unwrap();
+        (value("IMAGEINDEX_ALLOWED_IMAGES"), value("IMAGEINDEX_ALLOWED_SERVICE_ACCOUNTS"))
+    };
+    assert_eq!(render(&[]), (String::new(), String::new()), "anything, by default");
+    let set = render(&[
+        "policy.allowedImages={registry.example/ml/*,ghcr.io/x/y:1}",
+        "policy.allowedServiceAccounts={reader}",
+    ]);
+    assert_eq!(set, ("registry.example/ml/*,ghcr.io/x/y:1".to_string(), "reader".to_string()));
+}

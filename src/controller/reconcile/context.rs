@@ -23,6 +23,8 @@ pub struct Settings {
     pub plan_timeout: Duration,
     /// How long a `Delete` cleanup retries before it keeps the data and lets the ImageIndex go.
     pub cleanup_timeout: Duration,
+    /// What ImageIndexes may choose for their pods (see `validate::Policy`).
+    pub policy: super::validate::Policy,
 }
 
 pub struct Context {

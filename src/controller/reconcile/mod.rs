@@ -161,6 +161,10 @@ async fn steps(
     status: &mut ImageIndexStatus,
 ) -> Result<(Vec<Observed>, Action), Halt> {
     let spec = validate::validate(image_index).map_err(|msg| Halt::Invalid(validate::invalid(&msg)))?;
+    ctx.settings
+        .policy
+        .check(image_index, &ctx.settings.default_image)
+        .map_err(|m| Halt::Invalid(validate::invalid(&m)))?;
     let credentials = image_index.spec.milvus.credentials_secret_ref.is_some();
     let milvus = dereference::milvus(&ctx.client, &spec.milvus, credentials).await?;
     let milvus_url = validate::ready(&milvus).map_err(Halt::Blocked)?;

@@ -80,6 +80,54 @@ pub fn validate(image_index: &ImageIndex) -> Result<ValidSpec, String> {
     Ok(ValidSpec { milvus, resync })
 }
 
+/// What an ImageIndex's author may choose for its pods, as the operator's installer allows: an
+/// ImageIndex makes pods (plan, embedding, cleanup, search) with the image, ServiceAccount and
+/// Secrets its spec names, so whoever may create one may run that image as that account. Empty
+/// lists allow anything (the default); the operator's own image is always allowed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Images, exactly, or every image under a prefix ending in `*` (`registry.example/ml/*`).
+    pub images: Vec<String>,
+    /// ServiceAccount names; an index that names none runs as the namespace's `default`.
+    pub service_accounts: Vec<String>,
+}
+
+impl Policy {
+    /// Refuses, saying which field and what is allowed, a spec that names what the policy does not
+    /// allow.
+    pub fn check(&self, image_index: &ImageIndex, default_image: &str) -> Result<(), String> {
+        let spec = &image_index.spec;
+        let image_ok = |image: &str| {
+            image == default_image
+                || self.images.is_empty()
+                || self.images.iter().any(|a| match a.strip_suffix('*') {
+                    Some(prefix) => image.starts_with(prefix),
+                    None => image == a,
+                })
+        };
+        for (field, image) in
+            [("spec.embedding.image", &spec.embedding.image), ("spec.search.image", &spec.search.image)]
+        {
+            if let Some(image) = image.as_deref().filter(|i| !image_ok(i)) {
+                return Err(format!(
+                    "{field} {image:?} is not allowed by this operator (allowed: {}, and its own image)",
+                    self.images.join(", ")
+                ));
+            }
+        }
+        if let Some(sa) = spec.service_account_name.as_deref()
+            && !self.service_accounts.is_empty()
+            && !self.service_accounts.iter().any(|a| a == sa)
+        {
+            return Err(format!(
+                "spec.serviceAccountName {sa:?} is not allowed by this operator (allowed: {})",
+                self.service_accounts.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Every condition Unknown with the reason: the spec cannot work as written.
 pub fn invalid(message: &str) -> Vec<Observed> {
     status::ALL.iter().map(|&t| Observed::unknown(t, reason::INVALID_SPEC, message)).collect()
@@ -154,6 +202,44 @@ mod tests {
         let invalid = invalid("x");
         assert_eq!(invalid.len(), 4);
         assert!(invalid.iter().all(|o| o.ok.is_none() && o.reason == reason::INVALID_SPEC));
+    }
+
+    #[test]
+    fn the_policy_allows_only_its_images_and_service_accounts() {
+        let ii = |s: serde_json::Value| {
+            image_index(
+                serde_json::json!({"milvus": {"address": "m"}})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+                    .into_iter()
+                    .chain(s.as_object().unwrap().clone())
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            )
+        };
+        let own = "ghcr.io/imageindex/imageindex:0.1.0";
+        let anything = Policy::default();
+        let custom =
+            ii(serde_json::json!({"embedding": {"image": "evil.example/miner:1"}, "serviceAccountName": "admin"}));
+        assert!(anything.check(&custom, own).is_ok(), "no policy: anything, as before");
+        let policy = Policy {
+            images: vec!["registry.example/ml/*".into(), "ghcr.io/imageindex/imageindex:0.2.0".into()],
+            service_accounts: vec!["bucket-reader".into()],
+        };
+        let err = policy.check(&custom, own).unwrap_err();
+        assert!(err.starts_with("spec.embedding.image \"evil.example/miner:1\" is not allowed"), "{err}");
+        let search = ii(serde_json::json!({"search": {"image": "registry.example/other/x:1"}}));
+        assert!(policy.check(&search, own).unwrap_err().starts_with("spec.search.image"));
+        let fine = ii(
+            serde_json::json!({"embedding": {"image": "registry.example/ml/clip:2"}, "search": {"image": own}, "serviceAccountName": "bucket-reader"}),
+        );
+        assert_eq!(policy.check(&fine, own), Ok(()));
+        let exact = ii(serde_json::json!({"embedding": {"image": "ghcr.io/imageindex/imageindex:0.2.0"}}));
+        assert_eq!(policy.check(&exact, own), Ok(()));
+        let admin = ii(serde_json::json!({"serviceAccountName": "admin"}));
+        assert!(policy.check(&admin, own).unwrap_err().starts_with("spec.serviceAccountName \"admin\""));
+        assert_eq!(policy.check(&ii(serde_json::json!({})), own), Ok(()), "the namespace's default account");
     }
 
     #[test]
