@@ -458,6 +458,10 @@ pub enum ReadAccess {
     Token,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn default_replicas() -> i32 {
     1
 }
@@ -576,6 +580,10 @@ pub struct ImageCounts {
     pub indexed: u64,
     /// Objects that could not be embedded (reasons are in the catalog and `/progress`).
     pub failed: u64,
+    /// Indexed objects whose newer version could not be read (the bucket refused or kept failing
+    /// the GET): search answers with the older version, and every sync tries again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stale: u64,
     /// New, changed and deleted objects not yet synced.
     pub pending: u64,
 }

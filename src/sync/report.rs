@@ -11,6 +11,8 @@ pub const MAX_BYTES: usize = 4096;
 /// A message longer than this is cut, so that the document always fits.
 const MAX_MESSAGE: usize = 1500;
 
+// One report per Job, written once and read once: its size in memory does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "camelCase")]
 pub enum Report {
@@ -29,6 +31,10 @@ pub enum Report {
         /// The catalog's counts (of the serving generation).
         indexed: u64,
         failed: u64,
+        /// Indexed objects whose newer version could not be read: the bucket refused or kept
+        /// failing the GET (search keeps the older version).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        stale: u64,
         /// The index's generations, once it has more than its first collection.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         generations: Option<GenerationsReport>,
@@ -70,6 +76,13 @@ pub struct GenerationReport {
     /// Objects with a vector in it.
     pub indexed: u64,
     pub failed: u64,
+    /// Indexed objects whose newer version could not be read (search has the older one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stale: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Where a plan or cleanup stopped. The controller turns each into a condition and a reason.
@@ -144,6 +157,7 @@ mod tests {
                 refused: Some(long.clone()),
                 indexed: 2,
                 failed: 0,
+                stale: 0,
                 generations: Some(GenerationsReport {
                     serving: Some(GenerationReport {
                         number: 1,
@@ -151,6 +165,7 @@ mod tests {
                         model: Some("m".repeat(255)),
                         indexed: 2,
                         failed: 0,
+                        stale: 0,
                     }),
                     building: Some(GenerationReport {
                         number: 2,
@@ -158,6 +173,7 @@ mod tests {
                         model: Some("m".repeat(255)),
                         indexed: 1,
                         failed: 0,
+                        stale: 0,
                     }),
                     swapped: false,
                 }),
@@ -176,6 +192,7 @@ mod tests {
             refused: None,
             indexed: 2,
             failed: 0,
+            stale: 0,
             generations: None,
         };
         assert_eq!(Report::parse(&planned.to_json()), Some(planned));

@@ -214,13 +214,14 @@ impl PlanArgs {
             async move {
                 let counts = index.catalog.counts().await?;
                 let model = g.model.or_else(|| Some(index.catalog.model().to_string()));
-                let (indexed, failed) = (counts.indexed, counts.failed);
+                let (indexed, failed, stale) = (counts.indexed, counts.failed, counts.stale);
                 Ok::<_, store::Error>(GenerationReport {
                     number: g.number,
                     collection: g.collection,
                     model,
                     indexed,
                     failed,
+                    stale,
                 })
             }
         };
@@ -239,10 +240,10 @@ impl PlanArgs {
             None => None,
         };
         // What search has: the serving generation's counts (the plain collection's, before any).
-        let (indexed, failed) = match &serving_report {
-            Some(s) => (s.indexed, s.failed),
+        let (indexed, failed, stale) = match &serving_report {
+            Some(s) => (s.indexed, s.failed, s.stale),
             None => match out.within(index.catalog.counts()).await {
-                Ok(c) => (c.indexed, c.failed),
+                Ok(c) => (c.indexed, c.failed, c.stale),
                 Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
             },
         };
@@ -259,6 +260,7 @@ impl PlanArgs {
             refused,
             indexed,
             failed,
+            stale,
             generations,
         }
     }

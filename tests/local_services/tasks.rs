@@ -49,6 +49,7 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
             refused: None,
             indexed: 0,
             failed: 0,
+            stale: 0,
             generations: None
         }
     );
@@ -78,6 +79,7 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
                 refused: None,
                 indexed: 30,
                 failed: 0,
+                stale: 0,
                 generations: None
             }
         )

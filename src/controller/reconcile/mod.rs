@@ -184,8 +184,9 @@ async fn steps(
     let planned = plans.iter().filter(|t| t.job.state == JobState::Succeeded && t.report.is_some());
     if let Some(p) = planned.max_by_key(|t| t.job.created) {
         status.collection = Some(resolved.collection.clone());
-        if let Some(Report::Planned { discovered, pending, indexed, failed, generations, .. }) = &p.report {
+        if let Some(Report::Planned { discovered, pending, indexed, failed, stale, generations, .. }) = &p.report {
             (status.images.discovered, status.images.pending) = (*discovered, *pending);
+            status.images.stale = *stale;
             (status.images.indexed, status.images.failed) = (*indexed, *failed);
             status.generations = generations.as_ref().map(tasks::generations_status);
             observed.extend(tasks::rebuilding(generations.as_ref()));
@@ -311,7 +312,7 @@ async fn embedding(
             (Observed::no(INDEXED, reason::SUSPENDED, msg), Action::await_change())
         }
     };
-    observed.push(indexed);
+    observed.push(tasks::with_stale(indexed, status.images.stale, status.images.indexed));
     Ok(action)
 }
 

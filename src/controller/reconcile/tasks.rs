@@ -230,6 +230,26 @@ pub fn blocked_condition(image_index: &ImageIndex, what: &str, b: &Blocked) -> O
     Observed::no(INDEXED, why, message)
 }
 
+/// The Indexed condition, saying how many indexed objects could not be read again, where any
+/// could not: search keeps their older versions. When they are half of what is indexed or more
+/// (a bucket re-encrypted with a key the pods lack, a policy that denies them), it says that is
+/// the likely cause.
+pub fn with_stale(mut indexed: Observed, stale: u64, of: u64) -> Observed {
+    if stale == 0 {
+        return indexed;
+    }
+    indexed.message.push_str(&format!(
+        "; {stale} of the {of} indexed objects changed but could not be read (the bucket refused or kept failing \
+         the GET): search keeps their older versions, and each sync tries again"
+    ));
+    if stale * 2 >= of {
+        indexed
+            .message
+            .push_str(". Most reads are refused: the bucket's credentials, policy or encryption keys likely changed");
+    }
+    indexed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +286,17 @@ mod tests {
     }
 
     #[test]
+    fn stale_objects_are_told_in_the_indexed_condition() {
+        let up = Observed::yes(INDEXED, reason::UP_TO_DATE, "40 objects in sync");
+        assert_eq!(with_stale(up.clone(), 0, 40), up);
+        let few = with_stale(up.clone(), 3, 40);
+        assert!(few.message.contains("3 of the 40 indexed objects changed but could not be read"), "{}", few.message);
+        assert!(!few.message.contains("Most reads"));
+        let most = with_stale(up, 40, 40);
+        assert!(most.message.contains("encryption keys likely changed"), "{}", most.message);
+    }
+
+    #[test]
     fn the_rebuilding_condition_says_which_generation_serves_and_which_is_built() {
         let g = |number, model: &str, indexed| GenerationReport {
             number,
@@ -273,6 +304,7 @@ mod tests {
             model: Some(model.into()),
             indexed,
             failed: 1,
+            stale: 0,
         };
         assert_eq!(rebuilding(None), None, "an index that never had more than its first collection");
         let building = GenerationsReport {
@@ -312,6 +344,7 @@ mod tests {
             refused: None,
             indexed: 7,
             failed: 0,
+            stale: 0,
             generations: None,
         };
         let pods = [pod("photos-plan-1", terminated(&planned)), pod("other", terminated(&Report::Dropped))];
