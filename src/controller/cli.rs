@@ -47,6 +47,11 @@ pub struct ControllerArgs {
     allowed_service_accounts: Vec<String>,
 }
 
+/// A comma-separated flag's entries, trimmed; empty ones (the chart's default `""`) are none.
+fn listed(values: &[String]) -> Vec<String> {
+    values.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
 /// The namespace to watch: none, or an empty one (the chart's default `""`), is every namespace.
 fn watch_namespace(arg: Option<String>) -> Option<String> {
     arg.map(|n| n.trim().to_string()).filter(|n| !n.is_empty())
@@ -70,18 +75,8 @@ impl ControllerArgs {
                 plan_timeout: Duration::from_secs(self.plan_timeout),
                 cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
                 policy: super::reconcile::validate::Policy {
-                    images: self
-                        .allowed_images
-                        .iter()
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect(),
-                    service_accounts: self
-                        .allowed_service_accounts
-                        .iter()
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect(),
+                    images: listed(&self.allowed_images),
+                    service_accounts: listed(&self.allowed_service_accounts),
                 },
             },
             namespace: watch_namespace(self.namespace),

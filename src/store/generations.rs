@@ -440,16 +440,8 @@ impl Generations {
             }
             return Err(e);
         }
-        sqlx::query(
-            "INSERT INTO generations (name, number, collection, catalog, state, swapped_at) \
-             VALUES (?, 0, ?, ?, 'serving', NOW(3)) ON DUPLICATE KEY UPDATE state = 'serving'",
-        )
-        .bind(&self.name)
-        .bind(&renamed)
-        .bind(&plain.catalog)
-        .execute(self.catalog.pool())
-        .await
-        .ctx("recording generation 0")?;
+        // Its rows are the name's: the plain collection's catalog.
+        self.apply(&[Fix::RecordAdopted]).await?;
         tracing::info!("collection {} is now generation 0 ({renamed}) behind the alias {}", self.name, self.name);
         Ok(Generation { collection: renamed, ..plain.clone() })
     }
