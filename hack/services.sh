@@ -47,12 +47,10 @@ up_mysql() {
   if [[ -n $(running_pid mysql) ]]; then return; fi
   port_free "$MYSQL_PORT" mariadb MYSQL_PORT || exit 1
   local dir=$STATE/mysql
-  local fresh=0
   if [[ ! -d $dir/data/mysql ]]; then
     mkdir -p "$dir/data"
     mariadb-install-db --no-defaults --datadir="$dir/data" --auth-root-authentication-method=socket \
       --user="$(id -un)" >"$dir/install.log" 2>&1
-    fresh=1
   fi
   log "starting mariadb (:$MYSQL_PORT)"
   start_daemon mysql "$dir" "$dir/stdout.log" mariadbd --no-defaults --datadir="$dir/data" --port="$MYSQL_PORT" \
@@ -60,16 +58,17 @@ up_mysql() {
     --log-error="$dir/error.log" --skip-name-resolve --character-set-server=utf8mb4 \
     --innodb-buffer-pool-size=256M --max-connections=500
   wait_for mariadb 60 mysql_ready
-  if ((fresh)); then
-    mariadb --protocol=socket -S "$dir/mysqld.sock" -uroot <<SQL
+  # Every start (all of it is idempotent): the catalog's database, and databases named
+  # <db>_<anything> that tests make fresh (the migrations applied to an empty catalog).
+  mariadb --protocol=socket -S "$dir/mysqld.sock" -uroot <<SQL
 CREATE DATABASE IF NOT EXISTS $MYSQL_DB CHARACTER SET utf8mb4;
 CREATE USER IF NOT EXISTS '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASSWORD';
 CREATE USER IF NOT EXISTS '$MYSQL_USER'@'localhost' IDENTIFIED BY '$MYSQL_PASSWORD';
 GRANT ALL PRIVILEGES ON \`$MYSQL_DB\`.* TO '$MYSQL_USER'@'127.0.0.1';
 GRANT ALL PRIVILEGES ON \`$MYSQL_DB\`.* TO '$MYSQL_USER'@'localhost';
+GRANT ALL PRIVILEGES ON \`${MYSQL_DB}\\_%\`.* TO '$MYSQL_USER'@'127.0.0.1';
 FLUSH PRIVILEGES;
 SQL
-  fi
 }
 
 up_s3() {

@@ -584,6 +584,11 @@ pub struct ImageCounts {
     /// the GET): search answers with the older version, and every sync tries again.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stale: u64,
+    /// Objects gone from the listing whose deletion is held back: so many objects could not be
+    /// read that the listing proves nothing gone. Deleted once they are read again, or with
+    /// `spec.source.allowMassDeletion`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held: u64,
     /// New, changed and deleted objects not yet synced.
     pub pending: u64,
 }

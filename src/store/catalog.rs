@@ -26,6 +26,8 @@ pub struct Entry {
     pub retry: bool,
     /// Skipped: archived when it was listed (see `Record::skipped`).
     pub skipped: bool,
+    /// Its newer version could not be read (see `Record::stale`): its older vector stands.
+    pub stale: bool,
 }
 
 /// A finished object, to be recorded.
@@ -178,7 +180,39 @@ fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
         indexed: state == "indexed" || state == "stale",
         retry: r.try_get("retry")?,
         skipped: state == "skipped",
+        stale: state == "stale",
     })
+}
+
+/// How long a process waits for another to finish the migrations (a large ALTER takes minutes).
+const MIGRATION_WAIT_SECS: u32 = 600;
+
+/// Applies the migrations under a lock of our own: sqlx's is `GET_LOCK(name, -1)`, which MariaDB
+/// answers with NULL at once (it takes no negative timeout), so two processes starting together
+/// (the controller and a plan Job, a fleet of shards after an upgrade) would apply one migration
+/// twice, or read another's half-applied one as "partially applied".
+async fn migrate(pool: &MySqlPool) -> Result<()> {
+    let mut conn = pool.acquire().await.ctx("connecting to MySQL")?;
+    let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('imageindex.migrations', ?)")
+        .bind(MIGRATION_WAIT_SECS)
+        .fetch_one(&mut *conn)
+        .await
+        .ctx("waiting for the catalog migrations")?;
+    if locked != Some(1) {
+        return Err(Error::Invalid(format!(
+            "another process held the catalog's migration lock for {MIGRATION_WAIT_SECS} s; try again"
+        )));
+    }
+    let mut migrator = sqlx::migrate!();
+    migrator.set_locking(false);
+    // `run_direct` is `run` on a connection of our own (`run(&mut conn)` is not Send: sqlx's note).
+    let applied = migrator.run_direct(None, &mut *conn, false).await.ctx("applying catalog migrations");
+    // A connection that fails to release the lock releases it as it closes.
+    let released = sqlx::query("SELECT RELEASE_LOCK('imageindex.migrations')").execute(&mut *conn).await;
+    if released.is_err() {
+        conn.close_on_drop();
+    }
+    applied
 }
 
 #[derive(Clone)]
@@ -199,7 +233,7 @@ impl Catalog {
             .connect_with(opts)
             .await
             .ctx("connecting to MySQL")?;
-        sqlx::migrate!().run(&pool).await.ctx("applying catalog migrations")?;
+        migrate(&pool).await?;
         Ok(Self { pool, collection: collection.to_string(), model: model.to_string() })
     }
 

@@ -344,6 +344,14 @@ fn print_summary(s: &Summary) {
             s.stale, s.changed
         );
     }
+    if s.held > 0 {
+        eprintln!(
+            "  {} deletions the listing implies are held back: too many objects could not be read when last \
+             tried for the listing to prove anything gone. They are made once the objects can be read again, \
+             or with --allow-mass-delete.",
+            s.held
+        );
+    }
     for (key, err) in &s.failures {
         eprintln!("  failed {key}: {err}");
     }

@@ -124,6 +124,9 @@ pub struct Summary {
     /// Of `failed`, indexed objects whose changed version could not be read (refused, failing,
     /// archived): search keeps their older vectors, and the next run tries again.
     pub stale: usize,
+    /// Deletions the listing implies that were held back: many objects could not be read when
+    /// last tried, so the listing proves nothing gone (`DeletionGuard::holds`).
+    pub held: usize,
     /// Objects that failed in this run, with the reason.
     pub failures: Vec<(String, String)>,
     /// Vectors in the collection after the run (all shards).

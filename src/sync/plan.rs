@@ -96,6 +96,7 @@ impl Merge {
             check_order("catalog", &mut self.last_entry, &e.key)?;
         }
         self.counts.catalog += page.len() as u64;
+        self.counts.stale += page.iter().filter(|e| e.stale).count() as u64;
         self.entries.extend(page);
         self.catalog_done |= last;
         Ok(())
@@ -223,6 +224,19 @@ impl DeletionGuard {
     }
 }
 
+impl DeletionGuard {
+    /// Whether the deletions of a plan that `check` passes are to be held back, its other work
+    /// done: many of the catalog's objects could not be read when last tried (more than the free
+    /// deletions, and more than the share one run may delete), so the bucket's credentials,
+    /// policy or keys likely changed, and a listing made with them proves nothing gone. Once the
+    /// objects are read again (the plan's work retries them), a later plan makes the deletions.
+    pub fn holds(&self, plan: &PlanCounts) -> bool {
+        let refusal_heavy =
+            plan.stale > FREE_DELETIONS && plan.stale as f64 / plan.catalog.max(1) as f64 > self.max_share;
+        !self.allow && plan.deleted > 0 && refusal_heavy
+    }
+}
+
 /// The shard an object key belongs to: the id range its id falls in (see `store::shard_ids`).
 pub fn shard_of(key: &str, shards: u32) -> u32 {
     shard_of_id(key_id(key), shards)
@@ -246,6 +260,7 @@ mod tests {
             indexed,
             retry: false,
             skipped: false,
+            stale: false,
         }
     }
 
@@ -344,6 +359,31 @@ mod tests {
         let small: Vec<Entry> = catalog[..5].to_vec();
         assert_eq!(guard.check(&merge(listing(2), small.clone(), 64).1), Ok(()));
         assert!(guard.check(&merge(vec![], small, 64).1).is_err());
+    }
+
+    #[test]
+    fn deletions_are_held_while_many_objects_cannot_be_read() {
+        // 200 indexed, of which `stale` could not be read last time; the listing lacks 5.
+        let catalog = |stale: usize| -> Vec<Entry> {
+            (0..200)
+                .map(|i| Entry { stale: i < stale, retry: i < stale, ..entry(&format!("{i:03}.jpg"), "e", true) })
+                .collect()
+        };
+        let listing: Vec<Object> = (5..200).map(|i| obj(&format!("{i:03}.jpg"), "e")).collect();
+        let guard = DeletionGuard::default();
+        let holds = |stale, g: DeletionGuard| {
+            let (_, counts) = merge(listing.clone(), catalog(stale), 64);
+            assert_eq!((counts.stale, counts.deleted), (stale as u64, 5));
+            assert_eq!(g.check(&counts), Ok(()), "5 deletions of 200 pass the share");
+            g.holds(&counts)
+        };
+        assert!(!holds(0, guard));
+        assert!(!holds(20, guard), "a tenth that cannot be read is not yet a pattern");
+        assert!(holds(21, guard));
+        assert!(holds(120, guard));
+        assert!(!holds(120, DeletionGuard { allow: true, ..guard }));
+        let nothing_gone = merge(listing[..].to_vec(), catalog(120)[5..].to_vec(), 64).1;
+        assert!(!guard.holds(&nothing_gone), "nothing to hold");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub async fn plan(source: &Source, index: &Index, guard: DeletionGuard) -> Resul
     // Before the listing: a row written from now on is newer than the listing, and never deleted.
     let listing_began = catalog.clock().await?;
     let id = catalog.start_plan(listing_began).await?;
-    let counts = match merge(source, index, id).await {
+    let mut counts = match merge(source, index, id).await {
         Ok(counts) => counts,
         Err(e) => {
             // Best effort: when the catalog is what failed, the plan stays `planning`, which no
@@ -54,6 +54,10 @@ pub async fn plan(source: &Source, index: &Index, guard: DeletionGuard) -> Resul
         }
     };
     let refused = guard.check(&counts).err();
+    if refused.is_none() && guard.holds(&counts) {
+        catalog.hold_deletions(id).await?;
+        (counts.held, counts.deleted) = (counts.deleted, 0);
+    }
     catalog.finish_plan(id, &counts, refused.as_ref().map(ToString::to_string).as_deref()).await?;
     let record = catalog.plan(id).await?.ok_or_else(|| store::Error::Invalid(format!("plan {id} vanished")))?;
     Ok(Planned { record, refused })

@@ -35,6 +35,10 @@ pub enum Report {
         /// failing the GET (search keeps the older version).
         #[serde(default, skip_serializing_if = "is_zero")]
         stale: u64,
+        /// Deletions the listing implies, held back because many objects could not be read
+        /// (see `DeletionGuard::holds`); a later plan makes them once the objects are read again.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        held: u64,
         /// The index's generations, once it has more than its first collection.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         generations: Option<GenerationsReport>,
@@ -158,6 +162,7 @@ mod tests {
                 indexed: 2,
                 failed: 0,
                 stale: 0,
+                held: u64::MAX,
                 generations: Some(GenerationsReport {
                     serving: Some(GenerationReport {
                         number: 1,
@@ -193,6 +198,7 @@ mod tests {
             indexed: 2,
             failed: 0,
             stale: 0,
+            held: 0,
             generations: None,
         };
         assert_eq!(Report::parse(&planned.to_json()), Some(planned));

@@ -51,8 +51,8 @@ pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) ->
     } else {
         carry_out_ensured(backends, model, opts, &record).await?
     };
-    (summary.discovered, summary.new, summary.changed, summary.unchanged) =
-        (c.discovered as usize, c.new as usize, c.changed as usize, c.unchanged as usize);
+    (summary.discovered, summary.new, summary.changed, summary.unchanged, summary.held) =
+        (c.discovered as usize, c.new as usize, c.changed as usize, c.unchanged as usize, c.held as usize);
     summary.repaired.orphans += repaired.orphans;
     summary.repaired.missing += repaired.missing;
     Ok(summary)

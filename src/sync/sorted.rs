@@ -149,6 +149,7 @@ mod tests {
             indexed: true,
             retry: false,
             skipped: false,
+            stale: false,
         }
     }
 

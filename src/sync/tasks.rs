@@ -261,6 +261,7 @@ impl PlanArgs {
             indexed,
             failed,
             stale,
+            held: c.held,
             generations,
         }
     }

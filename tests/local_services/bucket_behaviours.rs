@@ -132,3 +132,42 @@ async fn a_changed_object_that_cannot_be_read_keeps_its_older_vector() {
     assert_eq!((again.unchanged, again.changed), (4, 0), "{again:?}");
     fx.cleanup().await;
 }
+
+/// A bucket whose objects the pods can no longer read (re-encrypted with a key they lack) and
+/// whose listing lacks a few: the listing proves nothing gone while so many reads are refused,
+/// so those deletions are held and search keeps everything; once the objects are read again,
+/// the next plan makes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn deletions_wait_while_the_bucket_refuses_most_reads() {
+    let fx = Fixture::new("refused_deletes");
+    let photos = upload_photos(&fx, 14).await;
+    let proxy = S3Proxy::start().await;
+    let b = Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
+    assert_eq!(sync(&b, model(), &SyncOptions::default()).await.unwrap().indexed, 14);
+    for (i, (key, _)) in photos.iter().enumerate() {
+        fx.source.put(key, photos[(i + 1) % photos.len()].1.clone()).await.unwrap();
+        proxy.faults.customer_key.lock().unwrap().insert(key.clone());
+    }
+    let refused = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((refused.stale, refused.held), (14, 0), "{refused:?}");
+
+    // Two gone from the listing meanwhile: 2 of 14 is within the share one run may delete.
+    for (key, _) in &photos[..2] {
+        fx.source.delete(key).await.unwrap();
+    }
+    let held = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((held.held, held.deleted, held.stale), (2, 0, 12), "{held:?}");
+    assert_eq!(b.index.vectors.count().await.unwrap(), 14, "nothing leaves search on a refused bucket's word");
+    let plan = b.index.catalog.latest_plan().await.unwrap().unwrap();
+    assert_eq!((plan.counts.held, plan.counts.deleted, plan.counts.stale), (2, 0, 14), "{plan:?}");
+
+    // The key is given to the pods: the objects are read again, then the deletions are made.
+    proxy.faults.customer_key.lock().unwrap().clear();
+    let readable = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((readable.indexed, readable.stale, readable.held), (12, 0, 2), "{readable:?}");
+    let deleted = sync(&b, model(), &SyncOptions::default()).await.unwrap();
+    assert_eq!((deleted.deleted, deleted.held), (2, 0), "{deleted:?}");
+    assert_eq!(b.index.vectors.count().await.unwrap(), 12);
+    assert_eq!(b.index.catalog.counts().await.unwrap(), Counts { indexed: 12, failed: 0, skipped: 0, stale: 0 });
+    fx.cleanup().await;
+}

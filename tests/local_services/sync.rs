@@ -276,3 +276,33 @@ async fn old_runs_are_forgotten_and_progress_shows_the_latest() {
     assert_eq!((run.status.as_str(), run.progress.indexed), ("succeeded", (RUNS_KEPT + extra - 1) as u64));
     fx.cleanup().await;
 }
+
+/// Processes that start together on an empty catalog (the controller and a plan Job, shards
+/// after an upgrade) apply each migration once and all come up: MariaDB answers sqlx's own
+/// migration lock (`GET_LOCK(name, -1)`) with NULL at once, so without a lock of our own one
+/// of them read another's migration half applied, or applied it twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_starting_together_migrate_an_empty_catalog_once() {
+    use sqlx::Connection;
+    let base = env("IMAGEINDEX_MYSQL_URL");
+    let (server, db) = base.rsplit_once('/').unwrap();
+    let fresh = format!("{db}_migrate_{}", std::process::id());
+    let mut admin = sqlx::MySqlConnection::connect(&base).await.unwrap();
+    // The name is ours: a number on the catalog's database name.
+    let sql = |s: String| sqlx::raw_sql(sqlx::AssertSqlSafe(s));
+    sql(format!("DROP DATABASE IF EXISTS `{fresh}`; CREATE DATABASE `{fresh}`")).execute(&mut admin).await.unwrap();
+    let url = format!("{server}/{fresh}");
+    let starts = (0..8).map(|_| store::Catalog::connect(&url, "c", "m"));
+    let started = futures::future::join_all(starts).await;
+    let failed: Vec<String> = started.iter().filter_map(|r| r.as_ref().err().map(ToString::to_string)).collect();
+    let mut conn = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    let (applied, dirty): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), CAST(COALESCE(SUM(NOT success), 0) AS SIGNED) FROM _sqlx_migrations")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    sql(format!("DROP DATABASE `{fresh}`")).execute(&mut admin).await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    let migrations = std::fs::read_dir("migrations").unwrap().count() as i64;
+    assert_eq!((applied, dirty), (migrations, 0));
+}

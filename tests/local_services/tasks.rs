@@ -50,6 +50,7 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
             indexed: 0,
             failed: 0,
             stale: 0,
+            held: 0,
             generations: None
         }
     );
@@ -80,6 +81,7 @@ async fn plan_reports_the_work_and_cleanup_drops_only_its_own() {
                 indexed: 30,
                 failed: 0,
                 stale: 0,
+                held: 0,
                 generations: None
             }
         )

@@ -184,9 +184,10 @@ async fn steps(
     let planned = plans.iter().filter(|t| t.job.state == JobState::Succeeded && t.report.is_some());
     if let Some(p) = planned.max_by_key(|t| t.job.created) {
         status.collection = Some(resolved.collection.clone());
-        if let Some(Report::Planned { discovered, pending, indexed, failed, stale, generations, .. }) = &p.report {
+        if let Some(Report::Planned { discovered, pending, indexed, failed, stale, held, generations, .. }) = &p.report
+        {
             (status.images.discovered, status.images.pending) = (*discovered, *pending);
-            status.images.stale = *stale;
+            (status.images.stale, status.images.held) = (*stale, *held);
             (status.images.indexed, status.images.failed) = (*indexed, *failed);
             status.generations = generations.as_ref().map(tasks::generations_status);
             observed.extend(tasks::rebuilding(generations.as_ref()));
@@ -312,7 +313,7 @@ async fn embedding(
             (Observed::no(INDEXED, reason::SUSPENDED, msg), Action::await_change())
         }
     };
-    observed.push(tasks::with_stale(indexed, status.images.stale, status.images.indexed));
+    observed.push(tasks::with_stale(indexed, &status.images));
     Ok(action)
 }
 

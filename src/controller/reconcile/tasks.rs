@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use super::jobs::{Diff, JobState, JobView, age};
 use crate::controller::builders::{AFTER_JOB, RESYNC_FOR};
 use crate::controller::status::{COLLECTION_READY, INDEXED, MILVUS_READY, Observed, REBUILDING, reason};
-use crate::crd::{GenerationsStatus, ImageIndex};
+use crate::crd::{GenerationsStatus, ImageCounts, ImageIndex};
 use crate::sync::report::{GenerationReport, GenerationsReport, Report, Stop};
 
 /// A plan or cleanup Job with what its pod said.
@@ -233,19 +233,26 @@ pub fn blocked_condition(image_index: &ImageIndex, what: &str, b: &Blocked) -> O
 /// The Indexed condition, saying how many indexed objects could not be read again, where any
 /// could not: search keeps their older versions. When they are half of what is indexed or more
 /// (a bucket re-encrypted with a key the pods lack, a policy that denies them), it says that is
-/// the likely cause.
-pub fn with_stale(mut indexed: Observed, stale: u64, of: u64) -> Observed {
-    if stale == 0 {
-        return indexed;
+/// the likely cause; and it says how many deletions are held back meanwhile.
+pub fn with_stale(mut indexed: Observed, images: &ImageCounts) -> Observed {
+    let ImageCounts { stale, held, indexed: of, .. } = *images;
+    if stale > 0 {
+        indexed.message.push_str(&format!(
+            "; {stale} of the {of} indexed objects changed but could not be read (the bucket refused or kept \
+             failing the GET): search keeps their older versions, and each sync tries again"
+        ));
+        if stale * 2 >= of {
+            indexed.message.push_str(
+                ". Most reads are refused: the bucket's credentials, policy or encryption keys likely changed",
+            );
+        }
     }
-    indexed.message.push_str(&format!(
-        "; {stale} of the {of} indexed objects changed but could not be read (the bucket refused or kept failing \
-         the GET): search keeps their older versions, and each sync tries again"
-    ));
-    if stale * 2 >= of {
-        indexed
-            .message
-            .push_str(". Most reads are refused: the bucket's credentials, policy or encryption keys likely changed");
+    if held > 0 {
+        indexed.message.push_str(&format!(
+            "; {held} objects gone from the listing are not deleted from the index: with so many reads refused, \
+             the listing proves nothing gone. They are deleted once the objects can be read again, or with \
+             spec.source.allowMassDeletion"
+        ));
     }
     indexed
 }
@@ -288,12 +295,15 @@ mod tests {
     #[test]
     fn stale_objects_are_told_in_the_indexed_condition() {
         let up = Observed::yes(INDEXED, reason::UP_TO_DATE, "40 objects in sync");
-        assert_eq!(with_stale(up.clone(), 0, 40), up);
-        let few = with_stale(up.clone(), 3, 40);
+        let images = |stale, held| ImageCounts { indexed: 40, stale, held, ..Default::default() };
+        assert_eq!(with_stale(up.clone(), &images(0, 0)), up);
+        let few = with_stale(up.clone(), &images(3, 0));
         assert!(few.message.contains("3 of the 40 indexed objects changed but could not be read"), "{}", few.message);
         assert!(!few.message.contains("Most reads"));
-        let most = with_stale(up, 40, 40);
+        assert!(!few.message.contains("not deleted"));
+        let most = with_stale(up, &images(40, 5));
         assert!(most.message.contains("encryption keys likely changed"), "{}", most.message);
+        assert!(most.message.contains("5 objects gone from the listing are not deleted"), "{}", most.message);
     }
 
     #[test]
@@ -345,6 +355,7 @@ mod tests {
             indexed: 7,
             failed: 0,
             stale: 0,
+            held: 0,
             generations: None,
         };
         let pods = [pod("photos-plan-1", terminated(&planned)), pod("other", terminated(&Report::Dropped))];

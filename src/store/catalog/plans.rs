@@ -69,6 +69,11 @@ pub struct PlanCounts {
     pub changed: u64,
     pub deleted: u64,
     pub unchanged: u64,
+    /// Catalog entries whose newer version could not be read when last tried (the bucket
+    /// refused or kept failing the GET): a listing made with the same access may be wrong too.
+    pub stale: u64,
+    /// Deletions the listing implies that are held back, not in the work (`DeletionGuard::holds`).
+    pub held: u64,
 }
 
 impl PlanCounts {
@@ -128,7 +133,7 @@ const DELETE_CHUNK: u32 = 10_000;
 macro_rules! select_plan {
     ($filter:literal) => {
         concat!(
-            "SELECT id, status, listing_began, discovered, catalog, new, changed, deleted, unchanged, refused ",
+            "SELECT id, status, listing_began, discovered, catalog, new, changed, deleted, unchanged, stale, held, refused ",
             "FROM plans WHERE ",
             $filter
         )
@@ -160,6 +165,8 @@ fn plan_from_row(r: &sqlx::mysql::MySqlRow) -> Result<PlanRecord> {
             changed: get("changed")?,
             deleted: get("deleted")?,
             unchanged: get("unchanged")?,
+            stale: get("stale")?,
+            held: get("held")?,
         },
         refused: r.try_get("refused")?,
     })
@@ -204,7 +211,7 @@ impl Catalog {
     pub async fn finish_plan(&self, plan: i64, c: &PlanCounts, refused: Option<&str>) -> Result<()> {
         sqlx::query(
             "UPDATE plans SET status = ?, discovered = ?, catalog = ?, new = ?, changed = ?, deleted = ?, \
-             unchanged = ?, refused = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?",
+             unchanged = ?, stale = ?, held = ?, refused = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?",
         )
         .bind(if refused.is_some() { PlanStatus::Refused } else { PlanStatus::Ready }.as_str())
         .bind(c.discovered as i64)
@@ -213,6 +220,8 @@ impl Catalog {
         .bind(c.changed as i64)
         .bind(c.deleted as i64)
         .bind(c.unchanged as i64)
+        .bind(c.stale as i64)
+        .bind(c.held as i64)
         .bind(refused)
         .bind(plan)
         .execute(&self.pool)
@@ -222,6 +231,21 @@ impl Catalog {
             self.delete_work(plan).await?;
         }
         Ok(())
+    }
+
+    /// Takes a plan's deletions out of its work, before it is complete (see `DeletionGuard::holds`).
+    pub async fn hold_deletions(&self, plan: i64) -> Result<()> {
+        loop {
+            let done = sqlx::query("DELETE FROM work WHERE plan = ? AND kind = 'deleted' LIMIT ?")
+                .bind(plan)
+                .bind(DELETE_CHUNK)
+                .execute(&self.pool)
+                .await
+                .ctx("holding a plan's deletions back")?;
+            if done.rows_affected() < u64::from(DELETE_CHUNK) {
+                return Ok(());
+            }
+        }
     }
 
     /// A plan that stopped before it was complete: its work is forgotten, never done.
