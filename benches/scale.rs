@@ -187,13 +187,12 @@ async fn measure(n: usize, layout: Layout, shards: u32) -> Result<()> {
     let write_s = write_catalog(&index, n, layout, &first.etag, first.size).await?;
     // The catalog alone, in key order, a page at a time (as the plan reads it).
     let t = Instant::now();
-    let (mut after, mut read) = (None::<String>, 0);
+    let (mut cursor, mut read) = (imageindex::store::KeyCursor::default(), 0);
     loop {
-        let page = index.catalog.entries_after(after.as_deref(), 5000).await?;
+        let (page, last) = index.catalog.entries_page(&mut cursor, 5000).await?;
         read += page.len();
-        match page.last() {
-            Some(e) if page.len() == 5000 => after = Some(e.key.clone()),
-            _ => break,
+        if last {
+            break;
         }
     }
     let read_s = t.elapsed().as_secs_f64();

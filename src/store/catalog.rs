@@ -138,6 +138,13 @@ pub struct Failure {
 }
 
 /// A static SELECT of the columns an `Entry` is read from, with the given WHERE clause.
+/// The entries' columns as the `by_key` index holds them: the key's head, not the key.
+macro_rules! select_heads {
+    ($filter:literal) => {
+        concat!("SELECT id, key_head, etag, size, state, retry FROM images WHERE ", $filter)
+    };
+}
+
 macro_rules! select_entries {
     ($filter:literal) => {
         concat!("SELECT id, object_key, etag, size, state, retry FROM images WHERE ", $filter)
@@ -170,10 +177,15 @@ fn etag_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Option<String>> {
 }
 
 fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
+    entry_of(r, r.try_get("id")?, key_from_row(r, "object_key")?)
+}
+
+/// An entry of a row whose id and key are read already.
+fn entry_of(r: &sqlx::mysql::MySqlRow, id: i64, key: String) -> Result<Entry> {
     let state: String = r.try_get("state")?;
     Ok(Entry {
-        id: r.try_get("id")?,
-        key: key_from_row(r, "object_key")?,
+        id,
+        key,
         etag: etag_from_row(r)?,
         size: r.try_get::<i64, _>("size")? as u64,
         // A stale row holds a vector too (of an older version).
@@ -182,6 +194,24 @@ fn entry_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Entry> {
         skipped: state == "skipped",
         stale: state == "stale",
     })
+}
+
+/// The longest key the catalog holds: Azure's 1024 characters, in UTF-8 (S3 and GCS take 1024
+/// bytes). Longer keys are counted by the plan, never recorded.
+pub const MAX_KEY_BYTES: usize = 4096;
+/// Every connection sorts by whole keys (`MAX_KEY_BYTES`).
+const SORT_WHOLE_KEYS: &str = "SET SESSION max_sort_length = 4096";
+/// The bytes of a key in the `by_key` index (`images.key_head`).
+const KEY_HEAD: usize = 1024;
+
+/// Where a read of the catalog in key order stands (`Catalog::entries_page`); a new one starts
+/// at the first key.
+#[derive(Clone, Debug, Default)]
+pub struct KeyCursor {
+    /// The next page starts after this head; every key with it has been read.
+    after_head: Option<Vec<u8>>,
+    /// Inside a group of keys that share a whole `KEY_HEAD`: its head, and its last key read.
+    group: Option<(Vec<u8>, Option<String>)>,
 }
 
 /// How long a process waits for another to finish the migrations (a large ALTER takes minutes).
@@ -230,6 +260,14 @@ impl Catalog {
         let pool = MySqlPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
+            // A sort compares the first max_sort_length bytes (1024 by default): longer keys
+            // would tie, and a page of them come back in any order.
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query(SORT_WHOLE_KEYS).execute(conn).await?;
+                    Ok(())
+                })
+            })
             .connect_with(opts)
             .await
             .ctx("connecting to MySQL")?;
@@ -269,23 +307,108 @@ impl Catalog {
         rows.iter().map(|r| entry_from_row(r).map(|e| (e.key.clone(), e))).collect()
     }
 
-    /// Up to `limit` entries of this collection in key order, from the first key after `after`
-    /// (from the start without it): the diff reads the catalog a page at a time, along the
-    /// `by_key` index.
-    pub async fn entries_after(&self, after: Option<&str>, limit: u32) -> Result<Vec<Entry>> {
-        let rows = match after {
-            None => sqlx::query(select_entries!("collection = ? ORDER BY object_key LIMIT ?"))
+    /// The next page of this collection's entries in key order (the keys' UTF-8 bytes), about
+    /// `limit` of them, from where `cursor` stands; the diff reads the catalog this way, page by
+    /// page, along the `by_key` index, which holds each key's first `KEY_HEAD` bytes. Keys that
+    /// long may share a head: their whole keys are read by id and the page put in key order; a
+    /// group of them cut by the page's end is read on its own, in pages too. Says whether the
+    /// catalog is read to its end.
+    pub async fn entries_page(&self, cursor: &mut KeyCursor, limit: u32) -> Result<(Vec<Entry>, bool)> {
+        if let Some((head, after)) = cursor.group.take() {
+            return self.group_page(cursor, head, after, limit).await;
+        }
+        let rows = match &cursor.after_head {
+            None => sqlx::query(select_heads!("collection = ? ORDER BY key_head LIMIT ?"))
                 .bind(&self.collection)
                 .bind(limit),
-            Some(key) => sqlx::query(select_entries!("collection = ? AND object_key > ? ORDER BY object_key LIMIT ?"))
+            Some(head) => sqlx::query(select_heads!("collection = ? AND key_head > ? ORDER BY key_head LIMIT ?"))
                 .bind(&self.collection)
-                .bind(key.as_bytes())
+                .bind(head.as_slice())
                 .bind(limit),
         }
         .fetch_all(&self.pool)
         .await
         .ctx("reading the catalog")?;
-        rows.iter().map(entry_from_row).collect()
+        let full = rows.len() == limit as usize;
+        let mut heads =
+            rows.iter().map(|r| Ok((r.try_get::<Vec<u8>, _>("key_head")?, r))).collect::<Result<Vec<_>>>()?;
+        let Some(last) = heads.last().map(|(h, _)| h.clone()) else { return Ok((vec![], true)) };
+        if full && last.len() == KEY_HEAD {
+            // The last head may have more keys than this page holds: that group is read whole.
+            heads.retain(|(h, _)| *h != last);
+            cursor.group = Some((last, None));
+        } else {
+            cursor.after_head = Some(last);
+        }
+        let long: Vec<i64> = heads
+            .iter()
+            .filter(|(h, _)| h.len() == KEY_HEAD)
+            .map(|(_, r)| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let mut whole = self.keys_of(&long).await?;
+        let mut entries = heads
+            .into_iter()
+            .map(|(head, r)| {
+                let id: i64 = r.try_get("id")?;
+                let key = match whole.remove(&id) {
+                    Some(key) => key,
+                    None if head.len() < KEY_HEAD => String::from_utf8(head)
+                        .map_err(|e| Error::Invalid(format!("a catalog key is not UTF-8: {e}")))?,
+                    None => return Err(Error::Invalid(format!("catalog row {id} vanished while it was read"))),
+                };
+                entry_of(r, id, key)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !long.is_empty() {
+            // Heads are in order; keys sharing a head are put in order by the rest.
+            entries.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
+        }
+        Ok((entries, !full && cursor.group.is_none()))
+    }
+
+    /// A page of the keys that share `head`, in key order, after `after`: a filesort of that
+    /// group alone (keys of more than `KEY_HEAD` bytes, which only Azure allows).
+    async fn group_page(
+        &self,
+        cursor: &mut KeyCursor,
+        head: Vec<u8>,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<(Vec<Entry>, bool)> {
+        let rows = match &after {
+            None => sqlx::query(select_entries!("collection = ? AND key_head = ? ORDER BY object_key LIMIT ?"))
+                .bind(&self.collection)
+                .bind(head.as_slice())
+                .bind(limit),
+            Some(key) => sqlx::query(select_entries!(
+                "collection = ? AND key_head = ? AND object_key > ? ORDER BY object_key LIMIT ?"
+            ))
+            .bind(&self.collection)
+            .bind(head.as_slice())
+            .bind(key.as_bytes())
+            .bind(limit),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading the catalog")?;
+        let entries = rows.iter().map(entry_from_row).collect::<Result<Vec<_>>>()?;
+        match entries.last() {
+            Some(e) if entries.len() == limit as usize => cursor.group = Some((head, Some(e.key.clone()))),
+            _ => cursor.after_head = Some(head),
+        }
+        Ok((entries, false))
+    }
+
+    /// The whole keys of these rows.
+    async fn keys_of(&self, ids: &[i64]) -> Result<HashMap<i64, String>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut qb = QueryBuilder::new("SELECT id, object_key FROM images WHERE collection = ");
+        qb.push_bind(&self.collection).push(" AND id IN ");
+        push_ids(&mut qb, ids);
+        let rows = qb.build().fetch_all(&self.pool).await.ctx("reading the catalog's long keys")?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, key_from_row(r, "object_key")?))).collect()
     }
 
     /// Upserts finished objects (indexed or failed) in one statement (through `Index::write`).

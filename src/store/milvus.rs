@@ -5,6 +5,8 @@
 //! accessors instead) and no get/delete by `Ids` (an `id in [..]` filter instead).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use milvus::v2::prelude::*;
 use milvus::v2::{self as sdk};
@@ -15,8 +17,13 @@ use crate::core::{IndexKind, ModelId};
 pub const ID: &str = "id";
 pub const KEY: &str = "key";
 pub const VECTOR: &str = "embedding";
-/// Longest object key we store (S3 allows 1024 bytes).
-pub const MAX_KEY_LEN: usize = 1024;
+/// Longest object key a new collection stores: the catalog's (Azure's 1024 characters in UTF-8).
+/// Collections made before hold 1024 bytes (`VectorStore::key_limit`).
+pub const MAX_KEY_LEN: usize = super::MAX_KEY_BYTES;
+fn key_limit() -> Arc<AtomicUsize> {
+    Arc::new(AtomicUsize::new(MAX_KEY_LEN))
+}
+
 const DESCRIPTION: &str = "imageindex: one row per image object";
 /// Precedes the model id (`resnet50.onnx@int8`) in the collection's description.
 const MODEL_TAG: &str = "model=";
@@ -116,6 +123,8 @@ pub struct VectorStore {
     client: ClientV2,
     collection: String,
     index: IndexKind,
+    /// The longest key the collection's key field takes, as read when it was ensured.
+    key_limit: Arc<AtomicUsize>,
 }
 
 impl VectorStore {
@@ -125,7 +134,7 @@ impl VectorStore {
             conn = conn.token(t.expose().to_string());
         }
         let client = ClientV2::new(&conn).await.ctx(format!("connecting to Milvus at {}", cfg.url))?;
-        Ok(Self { client, collection: cfg.collection.clone(), index: cfg.index })
+        Ok(Self { client, collection: cfg.collection.clone(), index: cfg.index, key_limit: key_limit() })
     }
 
     pub fn collection(&self) -> &str {
@@ -138,7 +147,18 @@ impl VectorStore {
 
     /// The same connection, for another collection (or alias) of the same index type.
     pub fn scoped(&self, collection: &str) -> Self {
-        Self { client: self.client.clone(), collection: collection.to_string(), index: self.index }
+        Self {
+            client: self.client.clone(),
+            collection: collection.to_string(),
+            index: self.index,
+            key_limit: key_limit(),
+        }
+    }
+
+    /// The longest key (bytes) the collection takes: `MAX_KEY_LEN`, or less for one made before
+    /// keys that long were held. Known once `ensure_collection` has run.
+    pub fn key_limit(&self) -> usize {
+        self.key_limit.load(Ordering::Relaxed)
     }
 
     /// The collection this name is an alias of; None when it is not an alias (a collection, or
@@ -284,12 +304,13 @@ impl VectorStore {
                 )));
             }
         }
-        if !fields.iter().any(|f| f.get_name() == KEY) {
+        let Some(key) = fields.iter().find(|f| f.get_name() == KEY) else {
             return Err(Error::Invalid(format!(
                 "collection {} exists but was not made by imageindex (no {KEY} field)",
                 self.collection
             )));
-        }
+        };
+        self.key_limit.store((key.get_max_length() as usize).min(MAX_KEY_LEN), Ordering::Relaxed);
         Ok(recorded)
     }
 

@@ -352,6 +352,14 @@ fn print_summary(s: &Summary) {
             s.held
         );
     }
+    if s.too_long > 0 {
+        eprintln!(
+            "  {} objects were left out: their keys are longer than the {} bytes the catalog holds (no supported \
+             store makes such keys)",
+            s.too_long,
+            crate::store::MAX_KEY_BYTES
+        );
+    }
     for (key, err) in &s.failures {
         eprintln!("  failed {key}: {err}");
     }

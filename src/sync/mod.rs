@@ -127,6 +127,8 @@ pub struct Summary {
     /// Deletions the listing implies that were held back: many objects could not be read when
     /// last tried, so the listing proves nothing gone (`DeletionGuard::holds`).
     pub held: usize,
+    /// Objects listed whose key is longer than the catalog holds (`store::MAX_KEY_BYTES`): left out.
+    pub too_long: usize,
     /// Objects that failed in this run, with the reason.
     pub failures: Vec<(String, String)>,
     /// Vectors in the collection after the run (all shards).

@@ -69,8 +69,18 @@ enum Fetch {
     Down { work: Work, error: store::Error },
 }
 
-async fn fetch(source: &Source, mut work: Work, max_bytes: u64, budget: &MemoryBudget) -> Fetch {
+/// `key_limit`: the longest key the collection takes (`VectorStore::key_limit`).
+async fn fetch(source: &Source, mut work: Work, max_bytes: u64, key_limit: usize, budget: &MemoryBudget) -> Fetch {
     let failed = |work, error: String, why| Fetch::Failed { work, error, why };
+    if work.object.key.len() > key_limit {
+        let error = format!(
+            "the key is {} bytes, longer than the {key_limit} this index's Milvus collection takes (it was made \
+             before keys that long were held; a rebuild into a new generation takes {} bytes)",
+            work.object.key.len(),
+            crate::store::MAX_KEY_BYTES
+        );
+        return failed(work, error, Why::Key);
+    }
     if work.object.archived {
         let error = "in an archive storage class (S3 Glacier Flexible Retrieval or Deep Archive, Azure Archive): \
                      not read until it is restored to another class";
@@ -157,6 +167,7 @@ fn fetch_and_decode(
     source: Source,
     work: BoxStream<'static, Work>,
     opts: &SyncOptions,
+    key_limit: usize,
     pool: TensorPool,
 ) -> (mpsc::Receiver<Decoded>, tokio::task::JoinHandle<Result<(), Error>>) {
     let decoders = if opts.decode_workers == 0 { available_cores() } else { opts.decode_workers };
@@ -167,7 +178,7 @@ fn fetch_and_decode(
     let decoded = work
         .map(move |w| {
             let (source, budget) = (source.clone(), fetched_bytes.clone());
-            async move { fetch(&source, w, max_bytes, &budget).await }
+            async move { fetch(&source, w, max_bytes, key_limit, &budget).await }
         })
         .buffer_unordered(opts.fetch_concurrency.max(1))
         .map(move |fetched| {
@@ -228,12 +239,13 @@ pub(super) async fn produce(
     model: Arc<Model>,
     work: BoxStream<'static, Work>,
     opts: SyncOptions,
+    key_limit: usize,
     writes: mpsc::Sender<WriteBatch>,
 ) -> Result<(), Error> {
     let batch_size = opts.batch_size.max(1);
     let pool = TensorPool::new(*model.preprocess());
     let tensor_len = model.preprocess().tensor_len();
-    let (mut ready, feeder) = fetch_and_decode(source, work, &opts, pool.clone());
+    let (mut ready, feeder) = fetch_and_decode(source, work, &opts, key_limit, pool.clone());
 
     let write_batch = batch_size.max(WRITE_BATCH);
     let mut pending = WriteBatch::default();

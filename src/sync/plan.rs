@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use crate::store::{Entry, Object, PlanCounts, WorkItem, WorkKind, key_id, shard_of_id};
+use crate::store::{Entry, MAX_KEY_BYTES, Object, PlanCounts, WorkItem, WorkKind, key_id, shard_of_id};
 
 /// An object to embed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,13 +76,16 @@ pub struct Merge {
 }
 
 impl Merge {
-    /// Takes the next page of the listing.
+    /// Takes the next page of the listing. Keys longer than the catalog holds are counted
+    /// (`too_long`) and left out.
     pub fn listing(&mut self, page: Vec<Object>) -> Result<(), OutOfOrder> {
         for o in &page {
             check_order("listing", &mut self.last_listed, &o.key)?;
         }
         self.counts.discovered += page.len() as u64;
-        self.listed.extend(page);
+        let (fits, too_long): (Vec<_>, Vec<_>) = page.into_iter().partition(|o| o.key.len() <= MAX_KEY_BYTES);
+        self.counts.too_long += too_long.len() as u64;
+        self.listed.extend(fits);
         Ok(())
     }
 
@@ -384,6 +387,17 @@ mod tests {
         assert!(!holds(120, DeletionGuard { allow: true, ..guard }));
         let nothing_gone = merge(listing[..].to_vec(), catalog(120)[5..].to_vec(), 64).1;
         assert!(!guard.holds(&nothing_gone), "nothing to hold");
+    }
+
+    #[test]
+    fn keys_longer_than_the_catalog_holds_are_counted_and_left_out() {
+        // Azure's longest name: 1024 characters of 4 bytes each.
+        let longest = "\u{1F600}".repeat(1024);
+        let longer = format!("{longest}x");
+        let listing = vec![obj(&longest, "e"), obj(&longer, "e"), obj("a.jpg", "e")];
+        let (work, c) = merge(listing, vec![], 10);
+        assert_eq!((c.discovered, c.new, c.too_long), (3, 2, 1));
+        assert_eq!(keys(&work, WorkKind::New), vec!["a.jpg", longest.as_str()]);
     }
 
     #[test]

@@ -145,17 +145,10 @@ fn read_catalog(index: &Index) -> (mpsc::Receiver<CatalogPage>, JoinHandle<()>) 
     let (tx, rx) = mpsc::channel(AHEAD);
     let catalog = index.catalog.clone();
     let task = tokio::spawn(async move {
-        let mut after: Option<String> = None;
+        let mut cursor = store::KeyCursor::default();
         loop {
-            let page = catalog.entries_after(after.as_deref(), CATALOG_PAGE).await;
-            let (page, last) = match page {
-                Ok(p) => {
-                    let last = p.len() < CATALOG_PAGE as usize;
-                    after = p.last().map(|e| e.key.clone());
-                    (Ok((p, last)), last)
-                }
-                Err(e) => (Err(e), true),
-            };
+            let page = catalog.entries_page(&mut cursor, CATALOG_PAGE).await;
+            let last = page.as_ref().map_or(true, |(_, last)| *last);
             if tx.send(page).await.is_err() || last {
                 return;
             }

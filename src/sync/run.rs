@@ -51,8 +51,9 @@ pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) ->
     } else {
         carry_out_ensured(backends, model, opts, &record).await?
     };
-    (summary.discovered, summary.new, summary.changed, summary.unchanged, summary.held) =
-        (c.discovered as usize, c.new as usize, c.changed as usize, c.unchanged as usize, c.held as usize);
+    (summary.discovered, summary.new, summary.changed, summary.unchanged) =
+        (c.discovered as usize, c.new as usize, c.changed as usize, c.unchanged as usize);
+    (summary.held, summary.too_long) = (c.held as usize, c.too_long as usize);
     summary.repaired.orphans += repaired.orphans;
     summary.repaired.missing += repaired.missing;
     Ok(summary)
@@ -217,7 +218,8 @@ async fn embed_and_write(
     );
     let (work, reader) = read_work(&backends.index, plan, ids.clone());
     let (writes_tx, mut writes_rx) = mpsc::channel::<WriteBatch>(2);
-    let pipeline = tokio::spawn(produce(backends.source.clone(), model, work, opts.clone(), writes_tx));
+    let key_limit = backends.index.vectors.key_limit();
+    let pipeline = tokio::spawn(produce(backends.source.clone(), model, work, opts.clone(), key_limit, writes_tx));
     let (mut failures, mut stale) = (Vec::new(), 0);
     let mut last_report = Instant::now();
     while let Some(batch) = writes_rx.recv().await {
@@ -280,7 +282,8 @@ pub async fn embed_only(source: &Source, model: Arc<Model>, opts: &SyncOptions) 
     // Everything is new against an empty catalog.
     let work: Vec<Work> = source.list().await?.into_iter().map(Work::new).collect();
     let (tx, mut rx) = mpsc::channel::<WriteBatch>(2);
-    let pipeline = tokio::spawn(produce(source.clone(), model, stream::iter(work).boxed(), opts.clone(), tx));
+    let work = stream::iter(work).boxed();
+    let pipeline = tokio::spawn(produce(source.clone(), model, work, opts.clone(), crate::store::MAX_KEY_BYTES, tx));
     let (mut embedded, mut failed) = (0, 0);
     while let Some(w) = rx.recv().await {
         embedded += w.vectors.len();

@@ -74,6 +74,9 @@ pub struct PlanCounts {
     pub stale: u64,
     /// Deletions the listing implies that are held back, not in the work (`DeletionGuard::holds`).
     pub held: u64,
+    /// Objects listed whose key is longer than the catalog holds (`MAX_KEY_BYTES`; no supported
+    /// store makes one): counted, never planned.
+    pub too_long: u64,
 }
 
 impl PlanCounts {
@@ -133,7 +136,7 @@ const DELETE_CHUNK: u32 = 10_000;
 macro_rules! select_plan {
     ($filter:literal) => {
         concat!(
-            "SELECT id, status, listing_began, discovered, catalog, new, changed, deleted, unchanged, stale, held, refused ",
+            "SELECT id, status, listing_began, discovered, catalog, new, changed, deleted, unchanged, stale, held, too_long, refused ",
             "FROM plans WHERE ",
             $filter
         )
@@ -167,6 +170,7 @@ fn plan_from_row(r: &sqlx::mysql::MySqlRow) -> Result<PlanRecord> {
             unchanged: get("unchanged")?,
             stale: get("stale")?,
             held: get("held")?,
+            too_long: get("too_long")?,
         },
         refused: r.try_get("refused")?,
     })
@@ -211,7 +215,7 @@ impl Catalog {
     pub async fn finish_plan(&self, plan: i64, c: &PlanCounts, refused: Option<&str>) -> Result<()> {
         sqlx::query(
             "UPDATE plans SET status = ?, discovered = ?, catalog = ?, new = ?, changed = ?, deleted = ?, \
-             unchanged = ?, stale = ?, held = ?, refused = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?",
+             unchanged = ?, stale = ?, held = ?, too_long = ?, refused = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?",
         )
         .bind(if refused.is_some() { PlanStatus::Refused } else { PlanStatus::Ready }.as_str())
         .bind(c.discovered as i64)
@@ -222,6 +226,7 @@ impl Catalog {
         .bind(c.unchanged as i64)
         .bind(c.stale as i64)
         .bind(c.held as i64)
+        .bind(c.too_long as i64)
         .bind(refused)
         .bind(plan)
         .execute(&self.pool)
