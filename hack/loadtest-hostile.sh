@@ -6,13 +6,18 @@
 # server: the baseline, from the same run. Prints p50/p99 and the statuses of each.
 #   IDLE=2000 SLOW=200 SECONDS_UNDER_LOAD=8 hack/loadtest-hostile.sh   (idle ones are cut after
 # the 10 s header timeout: the window under load is shorter than that)
+#   hack/loadtest-hostile.sh --check   the test command's run: the dev build (the one the tests
+# built), the table kept in .state/artifacts/loadtest-hostile.txt, and a failure when any search
+# or probe under load got anything but a 200. Latencies are printed, never judged.
 source "$(dirname "$0")/lib.sh"
 "$ROOT/hack/install.sh"
 "$ROOT/hack/services.sh" up
 source "$STATE/env"
 export IMAGEINDEX_MODEL=${IMAGEINDEX_MODEL:-$("$ROOT/hack/model.sh")} IMAGEINDEX_COLLECTION=loadtest_hostile RUST_LOG=warn
-(cd "$ROOT" && cargo build --locked --release --quiet --bin imageindex)
-bin=$CARGO_TARGET_DIR/release/imageindex
+profile=release
+[[ ${1:-} == --check ]] && profile=dev
+(cd "$ROOT" && cargo build --locked --profile "$profile" --quiet --bin imageindex)
+bin=$CARGO_TARGET_DIR/$([[ $profile == dev ]] && echo debug || echo release)/imageindex
 samples=$STATE/samples
 [[ -d $samples ]] || "$PY" "$ROOT/hack/make-sample-images.py" "$samples"
 "$bin" index "$samples" >/dev/null
@@ -25,7 +30,8 @@ server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 query=$(find "$samples" -name '*.jpg' | sort | sed -n 1p)
-"$PY" - "$port" "$query" "${IDLE:-2000}" "${SLOW:-200}" "${SECONDS_UNDER_LOAD:-8}" <<'PYEOF'
+mkdir -p "$STATE/artifacts"
+"$PY" - "$port" "$query" "${IDLE:-2000}" "${SLOW:-200}" "${SECONDS_UNDER_LOAD:-8}" <<'PYEOF' | tee "$STATE/artifacts/loadtest-hostile.txt"
 import asyncio, statistics, sys, time
 port, query, idle_n, slow_n, seconds = int(sys.argv[1]), open(sys.argv[2], "rb").read(), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 B = "hostileloadtest"
@@ -108,6 +114,11 @@ async def main():
     opened = [await t for t in hostile]
     line(f"search beside {opened[0]} idle connections and {opened[1]} slow bodies", s)
     line(f"/healthz beside {opened[0]} idle connections and {opened[1]} slow bodies", h)
+    unanswered = [st for st, _ in s + h if st != "200"]
+    if unanswered or min(len(s), len(h)) == 0 or opened[0] < idle_n or opened[1] < slow_n:
+        print(f"under load: {len(unanswered)} requests not answered 200 ({unanswered[:10]}), "
+              f"{opened[0]}/{idle_n} idle and {opened[1]}/{slow_n} slow connections opened")
+        sys.exit(1)
 
 asyncio.run(main())
 PYEOF

@@ -208,7 +208,7 @@ pub async fn search(
     request_body(content((ImageForm = "multipart/form-data"), (UrlForm = "application/json"))),
     responses((status = 201, description = "Stored and indexed", body = UploadResponse),
               (status = 200, description = "The same bytes were already there", body = UploadResponse),
-              (status = 401, body = ErrorBody), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
+              (status = 401, body = ErrorBody), (status = 400, description = "Bad request or image", body = ErrorBody), (status = 409, description = "Another key holds the id of the upload's key (a hash collision)", body = ErrorBody), (status = 413, description = "Too large", body = ErrorBody), (status = 415, description = "Not a JPEG, PNG or WebP", body = ErrorBody), (status = 503, description = "Backend down or overloaded", body = ErrorBody)))]
 pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
     let clients = state.clients();
     let source = bucket(&clients)?;
@@ -224,8 +224,15 @@ pub async fn upload(State(state): State<Arc<AppState>>, req: Request) -> Result<
     let key = format!("uploads/{hash}.{ext}");
     let id = key_id(&key);
     let url = object_url(&key);
-    if clients.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) {
-        return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
+    match clients.index.catalog.key_at(id).await? {
+        Some(held) if held != key => {
+            let collision = store::Collision { key, id, held_by: held };
+            return Err(ApiError::new(StatusCode::CONFLICT, "key_collision", collision.to_string()));
+        }
+        Some(_) if clients.index.catalog.entry(&key).await?.is_some_and(|e| e.indexed) => {
+            return Ok((StatusCode::OK, Json(UploadResponse { key, id, url, created: false })).into_response());
+        }
+        _ => {}
     }
     // Embed first: a file that is not a usable image is refused before anything is stored.
     let vector = embed(&state, &clients, slot, input.image.clone()).await?;

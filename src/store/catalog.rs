@@ -12,7 +12,7 @@ use super::{Context, Error, Result};
 use crate::core::ModelId;
 
 mod plans;
-pub use plans::{PlanCounts, PlanRecord, PlanStatus, WorkItem, WorkKind};
+pub use plans::{Collision, PlanCounts, PlanRecord, PlanStatus, WorkItem, WorkKind};
 
 /// What the catalog knows of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -199,8 +199,6 @@ fn entry_of(r: &sqlx::mysql::MySqlRow, id: i64, key: String) -> Result<Entry> {
 /// The longest key the catalog holds: Azure's 1024 characters, in UTF-8 (S3 and GCS take 1024
 /// bytes). Longer keys are counted by the plan, never recorded.
 pub const MAX_KEY_BYTES: usize = 4096;
-/// Every connection sorts by whole keys (`MAX_KEY_BYTES`).
-const SORT_WHOLE_KEYS: &str = "SET SESSION max_sort_length = 4096";
 /// The bytes of a key in the `by_key` index (`images.key_head`).
 const KEY_HEAD: usize = 1024;
 
@@ -264,7 +262,7 @@ impl Catalog {
             // would tie, and a page of them come back in any order.
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::query(SORT_WHOLE_KEYS).execute(conn).await?;
+                    sqlx::query("SET SESSION max_sort_length = ?").bind(MAX_KEY_BYTES as u64).execute(conn).await?;
                     Ok(())
                 })
             })
@@ -400,14 +398,19 @@ impl Catalog {
     }
 
     /// The whole keys of these rows.
-    async fn keys_of(&self, ids: &[i64]) -> Result<HashMap<i64, String>> {
+    /// The key whose row holds `id`, if any.
+    pub async fn key_at(&self, id: i64) -> Result<Option<String>> {
+        Ok(self.keys_of(&[id]).await?.remove(&id))
+    }
+
+    pub(super) async fn keys_of(&self, ids: &[i64]) -> Result<HashMap<i64, String>> {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
         let mut qb = QueryBuilder::new("SELECT id, object_key FROM images WHERE collection = ");
         qb.push_bind(&self.collection).push(" AND id IN ");
         push_ids(&mut qb, ids);
-        let rows = qb.build().fetch_all(&self.pool).await.ctx("reading the catalog's long keys")?;
+        let rows = qb.build().fetch_all(&self.pool).await.ctx("reading keys by id")?;
         rows.iter().map(|r| Ok((r.try_get("id")?, key_from_row(r, "object_key")?))).collect()
     }
 
@@ -549,9 +552,13 @@ impl Catalog {
                 _ => c.failed = n,
             }
         }
+        // Keys the latest plan left out because another key holds their id fail too.
+        c.failed += self.latest_plan().await?.map_or(0, |p| p.counts.collided);
         Ok(c)
     }
 
+    /// Up to `limit` objects that failed (their key order), then the keys the latest plan left
+    /// out because another key holds their id.
     pub async fn failures(&self, limit: u32) -> Result<Vec<Failure>> {
         let rows = sqlx::query(
             "SELECT object_key, error, state FROM images WHERE collection = ? AND state IN ('failed', 'stale') \
@@ -561,7 +568,8 @@ impl Catalog {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
+        let mut failures = rows
+            .into_iter()
             .map(|r| {
                 Ok(Failure {
                     key: key_from_row(&r, "object_key")?,
@@ -569,7 +577,13 @@ impl Catalog {
                     stale: r.try_get::<String, _>("state")? == "stale",
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let left = limit.saturating_sub(failures.len() as u32);
+        if let (Some(plan), true) = (self.latest_plan().await?, left > 0) {
+            let collided = self.collisions(plan.id, left).await?;
+            failures.extend(collided.into_iter().map(|c| Failure { error: c.to_string(), key: c.key, stale: false }));
+        }
+        Ok(failures)
     }
 
     /// Counts plus the latest run of each shard (of the latest shard count).
@@ -677,6 +691,7 @@ impl Catalog {
             "DELETE FROM images WHERE collection = ?",
             "DELETE FROM runs WHERE collection = ?",
             "DELETE w FROM work w JOIN plans p ON w.plan = p.id WHERE p.collection = ?",
+            "DELETE k FROM key_collisions k JOIN plans p ON k.plan = p.id WHERE p.collection = ?",
             "DELETE FROM plans WHERE collection = ?",
             "DELETE FROM collections WHERE collection = ?",
         ] {

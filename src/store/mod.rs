@@ -8,8 +8,8 @@ pub mod milvus;
 pub mod source;
 
 pub use catalog::{
-    Catalog, CatalogTime, Counts, Entry, KeyCursor, MAX_KEY_BYTES, PlanCounts, PlanRecord, PlanStatus, Progress,
-    Record, RunProgress, WorkItem, WorkKind,
+    Catalog, CatalogTime, Collision, Counts, Entry, KeyCursor, MAX_KEY_BYTES, PlanCounts, PlanRecord, PlanStatus,
+    Progress, Record, RunProgress, WorkItem, WorkKind,
 };
 pub use generations::{Generation, Generations};
 pub use milvus::{Ensured, Hit, KeyPrefix, MilvusConfig, VectorStore};

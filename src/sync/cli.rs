@@ -360,6 +360,13 @@ fn print_summary(s: &Summary) {
             crate::store::MAX_KEY_BYTES
         );
     }
+    if s.collided > 0 {
+        eprintln!(
+            "  {} new objects were left out: another key holds their id (a 63-bit hash collision of the keys). \
+             Rename one of each pair; the failures below say which.",
+            s.collided
+        );
+    }
     for (key, err) in &s.failures {
         eprintln!("  failed {key}: {err}");
     }

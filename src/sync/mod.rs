@@ -129,6 +129,9 @@ pub struct Summary {
     pub held: usize,
     /// Objects listed whose key is longer than the catalog holds (`store::MAX_KEY_BYTES`): left out.
     pub too_long: usize,
+    /// Objects listed as new whose id another key holds (`store::Collision`): left out, and
+    /// listed with the failures.
+    pub collided: usize,
     /// Objects that failed in this run, with the reason.
     pub failures: Vec<(String, String)>,
     /// Vectors in the collection after the run (all shards).

@@ -145,7 +145,8 @@ impl Merge {
             (None, Some(e)) => {
                 c.deleted += 1;
                 let object = Object { key: e.key, etag: e.etag, size: e.size, archived: false };
-                return Some(WorkItem::of(object, WorkKind::Deleted, e.indexed));
+                // The row's own id: what is removed is what the catalog holds.
+                return Some(WorkItem { id: e.id, ..WorkItem::of(object, WorkKind::Deleted, e.indexed) });
             }
             // Same etag and size: the bytes are the ones we saw (a failed object stays failed
             // until it changes, unless its bytes were never seen). A skipped archived object

@@ -104,8 +104,10 @@ async fn merge(source: &Source, index: &Index, plan: i64) -> Result<store::PlanC
     lister.abort();
     reader.abort();
     merged?;
-    written?;
-    Ok(m.counts())
+    let collided = written?;
+    let mut counts = m.counts();
+    (counts.new, counts.collided) = (counts.new - collided, collided);
+    Ok(counts)
 }
 
 fn out_of_order(e: super::plan::OutOfOrder) -> Error {
@@ -157,15 +159,17 @@ fn read_catalog(index: &Index) -> (mpsc::Receiver<CatalogPage>, JoinHandle<()>) 
     (rx, task)
 }
 
-/// Writes batches of work to the catalog as they come.
-fn write_work(index: &Index, plan: i64) -> (mpsc::Sender<Vec<WorkItem>>, JoinHandle<store::Result<()>>) {
+/// Writes batches of work to the catalog as they come; returns how many new keys it left out
+/// because another key holds their id.
+fn write_work(index: &Index, plan: i64) -> (mpsc::Sender<Vec<WorkItem>>, JoinHandle<store::Result<u64>>) {
     let (tx, mut rx) = mpsc::channel::<Vec<WorkItem>>(2);
     let catalog = index.catalog.clone();
     let task = tokio::spawn(async move {
+        let mut collided = 0;
         while let Some(batch) = rx.recv().await {
-            catalog.add_work(plan, &batch).await?;
+            collided += catalog.add_work(plan, batch).await?;
         }
-        Ok(())
+        Ok(collided)
     });
     (tx, task)
 }

@@ -18,6 +18,8 @@ use crate::store::{Index, PlanRecord, PlanStatus, Repair, RunProgress, Source, W
 
 /// Work items read at once.
 const WORK_PAGE: u32 = 1000;
+/// Keys left out for a collision of ids that a summary lists (the plan records all of them).
+const COLLISIONS_LISTED: u32 = 100;
 
 /// Plans (one listing of the whole source) and carries out shard `opts.shard` of the plan, and
 /// records the run: `imageindex index`. When the plan finds nothing to do, nothing more is done
@@ -53,7 +55,11 @@ pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) ->
     };
     (summary.discovered, summary.new, summary.changed, summary.unchanged) =
         (c.discovered as usize, c.new as usize, c.changed as usize, c.unchanged as usize);
-    (summary.held, summary.too_long) = (c.held as usize, c.too_long as usize);
+    (summary.held, summary.too_long, summary.collided) = (c.held as usize, c.too_long as usize, c.collided as usize);
+    if c.collided > 0 {
+        let collided = index.catalog.collisions(record.id, COLLISIONS_LISTED).await?;
+        summary.failures.extend(collided.into_iter().map(|c| (c.key.clone(), c.to_string())));
+    }
     summary.repaired.orphans += repaired.orphans;
     summary.repaired.missing += repaired.missing;
     Ok(summary)

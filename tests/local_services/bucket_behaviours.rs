@@ -5,12 +5,27 @@
 
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
+
 use imageindex::core::IndexKind;
 use imageindex::store::Counts;
 use imageindex::sync::{Backends, SyncOptions, sync};
 
 use super::s3_proxy::S3Proxy;
 use super::support::*;
+
+/// `photos` indexed through a new S3 proxy, then each rewritten (new bytes, new etag) under a
+/// customer key the pods lack: no GET can read them. A bucket re-encrypted behind the index's back.
+async fn indexed_then_refused(fx: &Fixture, photos: &[(String, Bytes)]) -> (S3Proxy, Backends) {
+    let proxy = S3Proxy::start().await;
+    let b = Backends { source: proxy.source(fx), index: fx.index(IndexKind::Hnsw).await };
+    assert_eq!(sync(&b, model(), &SyncOptions::default()).await.unwrap().indexed, photos.len());
+    for (i, (key, _)) in photos.iter().enumerate() {
+        fx.source.put(key, photos[(i + 1) % photos.len()].1.clone()).await.unwrap();
+        proxy.faults.customer_key.lock().unwrap().insert(key.clone());
+    }
+    (proxy, b)
+}
 
 /// How many GETs of `key` the proxy saw.
 fn gets(proxy: &S3Proxy, key: &str) -> usize {
@@ -100,15 +115,7 @@ async fn a_looping_or_repeating_listing_stops_the_plan() {
 async fn a_changed_object_that_cannot_be_read_keeps_its_older_vector() {
     let fx = Fixture::new("refused_change");
     let photos = upload_photos(&fx, 4).await;
-    let proxy = S3Proxy::start().await;
-    let b = Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
-    assert_eq!(sync(&b, model(), &SyncOptions::default()).await.unwrap().indexed, 4);
-
-    // Every object rewritten (new bytes, new etag) under a customer key: no GET can read them.
-    for (i, (key, _)) in photos.iter().enumerate() {
-        fx.source.put(key, photos[(i + 1) % photos.len()].1.clone()).await.unwrap();
-        proxy.faults.customer_key.lock().unwrap().insert(key.clone());
-    }
+    let (proxy, b) = indexed_then_refused(&fx, &photos).await;
     let refused = sync(&b, model(), &SyncOptions::default()).await.expect("refused reads are outcomes, not a stop");
     assert_eq!((refused.changed, refused.indexed, refused.failed, refused.stale), (4, 0, 4, 4), "{refused:?}");
     assert_eq!(b.index.vectors.count().await.unwrap(), 4, "no refused read takes a vector out of search");
@@ -141,13 +148,7 @@ async fn a_changed_object_that_cannot_be_read_keeps_its_older_vector() {
 async fn deletions_wait_while_the_bucket_refuses_most_reads() {
     let fx = Fixture::new("refused_deletes");
     let photos = upload_photos(&fx, 14).await;
-    let proxy = S3Proxy::start().await;
-    let b = Backends { source: proxy.source(&fx), index: fx.index(IndexKind::Hnsw).await };
-    assert_eq!(sync(&b, model(), &SyncOptions::default()).await.unwrap().indexed, 14);
-    for (i, (key, _)) in photos.iter().enumerate() {
-        fx.source.put(key, photos[(i + 1) % photos.len()].1.clone()).await.unwrap();
-        proxy.faults.customer_key.lock().unwrap().insert(key.clone());
-    }
+    let (proxy, b) = indexed_then_refused(&fx, &photos).await;
     let refused = sync(&b, model(), &SyncOptions::default()).await.unwrap();
     assert_eq!((refused.stale, refused.held), (14, 0), "{refused:?}");
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use image::{DynamicImage, ImageFormat};
 use imageindex::core::IndexKind;
 use imageindex::serve::{AppState, ServeConfig};
-use imageindex::store::Index;
+use imageindex::store::{Index, content_hash, key_id};
 use imageindex::sync::Backends;
 
 use super::support::*;
@@ -193,6 +193,29 @@ async fn serve_routes_errors_and_auth() {
         .unwrap();
     let (_, second) = Server::json(upload(Some(TOKEN), other)).await;
     assert_ne!(second["key"], first["key"], "different files never share a key");
+
+    // A file whose key's id another key holds (a 63-bit hash collision; made here by moving the
+    // second upload's row to that id) is refused, and nothing is stored or written over.
+    let mut third = Vec::new();
+    DynamicImage::ImageRgb8(synthetic(&mut Rng(9), 64, 64))
+        .write_to(&mut Cursor::new(&mut third), ImageFormat::Png)
+        .unwrap();
+    let third_key = format!("uploads/{}.png", content_hash(&third));
+    let second_key = second["key"].as_str().unwrap();
+    let pool = sqlx::MySqlPool::connect(&env("IMAGEINDEX_MYSQL_URL")).await.unwrap();
+    let move_row = |from: i64, to: i64| {
+        sqlx::query("UPDATE images SET id = ? WHERE collection = ? AND id = ?")
+            .bind(to)
+            .bind(&fx.name)
+            .bind(from)
+            .execute(&pool)
+    };
+    move_row(key_id(second_key), key_id(&third_key)).await.unwrap();
+    let (status, refused) = Server::json(upload(Some(TOKEN), third.clone())).await;
+    assert_eq!((status, refused["error"].as_str()), (409, Some("key_collision")), "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains(second_key), "{refused}");
+    assert!(fx.source.get(&third_key).await.is_err(), "nothing was stored");
+    move_row(key_id(&third_key), key_id(second_key)).await.unwrap();
     assert_error(Server::json(upload(Some(TOKEN), b"not an image".to_vec())).await, 415, "unsupported_media_type");
     let (_, body) = srv.search(png.clone(), "1").await;
     assert_eq!(body["results"][0]["key"], key.as_str());

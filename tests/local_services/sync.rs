@@ -306,3 +306,82 @@ async fn processes_starting_together_migrate_an_empty_catalog_once() {
     let migrations = std::fs::read_dir("migrations").unwrap().count() as i64;
     assert_eq!((applied, dirty), (migrations, 0));
 }
+
+/// Two keys with one 63-bit id (`key_id`) would share a catalog row and a Milvus primary key and
+/// overwrite each other run after run. No colliding pair of real keys is known, so the test
+/// moves an indexed object's row and vector to the id of a key it then uploads. The later key is
+/// left out and listed with the failures, the held one keeps its row and vector, and once the
+/// held one is deleted, the later one is indexed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_whose_id_another_key_holds_is_left_out_and_listed() {
+    let fx = Fixture::new("key_collision");
+    let b = fx.backends(IndexKind::Hnsw).await;
+    let photos = photo_set(2).into_iter().map(|(_, img)| jpeg(&img, 88)).collect::<Vec<_>>();
+    fx.source.put("held.jpg", photos[0].clone()).await.unwrap();
+    assert_eq!(fx.sync(&b).await.indexed, 1);
+
+    // held.jpg moves to the id of later.jpg, in the catalog and in Milvus.
+    let (own, taken) = (key_id("held.jpg"), key_id("later.jpg"));
+    let pool = sqlx::MySqlPool::connect(&env("IMAGEINDEX_MYSQL_URL")).await.unwrap();
+    sqlx::query("UPDATE images SET id = ? WHERE collection = ? AND id = ?")
+        .bind(taken)
+        .bind(&fx.name)
+        .bind(own)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let moved = store::Vector { id: taken, key: "held.jpg".into(), embedding: embed(&photos[0]) };
+    b.index.write(store::WriteBatch { vectors: vec![moved], remove: vec![own], records: vec![] }).await.unwrap();
+    assert_eq!(fx.sync(&b).await.unchanged, 1);
+
+    fx.source.put("later.jpg", photos[1].clone()).await.unwrap();
+    for run in 0..2 {
+        let s = fx.sync(&b).await;
+        assert_eq!((s.new, s.collided, s.indexed, s.unchanged), (0, 1, 0, 1), "run {run}: {s:?}");
+        assert!(s.failures.iter().any(|(k, e)| k == "later.jpg" && e.contains("\"held.jpg\"")), "{s:?}");
+        assert_eq!(b.index.catalog.key_at(taken).await.unwrap().as_deref(), Some("held.jpg"), "run {run}");
+        assert_eq!(b.index.vectors.count().await.unwrap(), 1);
+        let hits = b.index.vectors.search(embed(&photos[0]), 1, None).await.unwrap();
+        assert_eq!((hits[0].id, hits[0].key.as_str()), (taken, "held.jpg"), "held.jpg keeps its vector");
+    }
+    assert_eq!(b.index.catalog.counts().await.unwrap().failed, 1, "a collision is counted with the failures");
+    let failures = b.index.catalog.failures(10).await.unwrap();
+    assert_eq!(failures.iter().map(|f| f.key.as_str()).collect::<Vec<_>>(), ["later.jpg"], "{failures:?}");
+
+    // held.jpg deleted: the plan that deletes it still finds its row, the next indexes later.jpg.
+    fx.source.delete("held.jpg").await.unwrap();
+    let deleted = fx.sync(&b).await;
+    assert_eq!((deleted.deleted, deleted.collided), (1, 1), "{deleted:?}");
+    let freed = fx.sync(&b).await;
+    assert_eq!((freed.new, freed.indexed, freed.collided), (1, 1, 0), "{freed:?}");
+    let hits = b.index.vectors.search(embed(&photos[1]), 1, None).await.unwrap();
+    assert_eq!((hits[0].id, hits[0].key.as_str()), (taken, "later.jpg"));
+    assert_eq!(b.index.catalog.counts().await.unwrap().failed, 0);
+    fx.cleanup().await;
+}
+
+/// Two new keys of one id in one plan: in one batch of work or in two, the first holds the id
+/// and the other is recorded, never written over it or failing the plan.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_new_keys_of_one_id_in_a_plan_keep_the_first() {
+    let name = format!("t_plan_collision_{}_{}", std::process::id(), nanos());
+    let catalog = store::Catalog::connect(&env("IMAGEINDEX_MYSQL_URL"), &name, "m").await.unwrap();
+    let plan = catalog.start_plan(catalog.clock().await.unwrap()).await.unwrap();
+    let item = |key: &str| store::WorkItem {
+        id: 7,
+        key: key.into(),
+        etag: None,
+        size: 1,
+        kind: store::WorkKind::New,
+        indexed: false,
+        archived: false,
+    };
+    assert_eq!(catalog.add_work(plan, vec![item("a.jpg"), item("b.jpg")]).await.unwrap(), 1, "in one batch");
+    assert_eq!(catalog.add_work(plan, vec![item("c.jpg")]).await.unwrap(), 1, "in a later batch");
+    let work = catalog.work(plan, &shard_ids(0, 1), None, false, 10).await.unwrap();
+    assert_eq!(work.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(), ["a.jpg"]);
+    let collided = catalog.collisions(plan, 10).await.unwrap();
+    let pairs: Vec<(&str, &str)> = collided.iter().map(|c| (c.key.as_str(), c.held_by.as_str())).collect();
+    assert_eq!(pairs, [("b.jpg", "a.jpg"), ("c.jpg", "a.jpg")]);
+    catalog.fail_plan(plan).await.unwrap();
+}

@@ -2,6 +2,7 @@
 //! (`plans`), and what it found to do, one row per object (`work`). The embedding shards read
 //! the work of their id range instead of listing the bucket.
 
+use std::collections::HashMap;
 use std::ops::RangeInclusive;
 
 use sqlx::{QueryBuilder, Row};
@@ -77,6 +78,29 @@ pub struct PlanCounts {
     /// Objects listed whose key is longer than the catalog holds (`MAX_KEY_BYTES`; no supported
     /// store makes one): counted, never planned.
     pub too_long: u64,
+    /// Objects listed as new whose id another key holds (`Collision`): left out, not in `new`.
+    pub collided: u64,
+}
+
+/// A key whose 63-bit id another key holds (`key_id`; about once in 10^19 pairs, 0.05% of
+/// buckets of 100 M objects). They would share a catalog row and a Milvus primary key and
+/// overwrite each other on every run, so the plan leaves the later key out and records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collision {
+    pub key: String,
+    pub id: i64,
+    /// The key that holds the id: in the catalog, or earlier in the same plan.
+    pub held_by: String,
+}
+
+impl std::fmt::Display for Collision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its id {} is held by {:?} (a 63-bit hash collision): left out until one of the two is renamed or deleted",
+            self.id, self.held_by
+        )
+    }
 }
 
 impl PlanCounts {
@@ -136,7 +160,7 @@ const DELETE_CHUNK: u32 = 10_000;
 macro_rules! select_plan {
     ($filter:literal) => {
         concat!(
-            "SELECT id, status, listing_began, discovered, catalog, new, changed, deleted, unchanged, stale, held, too_long, refused ",
+            "SELECT id, status, listing_began, discovered, catalog, new, changed, deleted, unchanged, stale, held, too_long, collided, refused ",
             "FROM plans WHERE ",
             $filter
         )
@@ -171,6 +195,7 @@ fn plan_from_row(r: &sqlx::mysql::MySqlRow) -> Result<PlanRecord> {
             stale: get("stale")?,
             held: get("held")?,
             too_long: get("too_long")?,
+            collided: get("collided")?,
         },
         refused: r.try_get("refused")?,
     })
@@ -191,8 +216,51 @@ impl Catalog {
         Ok(plan)
     }
 
-    /// Records work in one statement.
-    pub async fn add_work(&self, plan: i64, items: &[WorkItem]) -> Result<()> {
+    /// Records work, leaving out and recording the new keys whose id another key holds (in the
+    /// catalog, or earlier in this plan); returns how many.
+    pub async fn add_work(&self, plan: i64, items: Vec<WorkItem>) -> Result<u64> {
+        let (items, mut collided) = self.without_collisions(items).await?;
+        match self.insert_work(plan, &items).await {
+            // Two new keys of one id in different batches of this plan: the first holds it.
+            Err(e) if e.as_database_error().is_some_and(|d| d.is_unique_violation()) => {
+                let ids: Vec<i64> = items.iter().map(|w| w.id).collect();
+                let held = self.work_keys(plan, &ids).await?;
+                let (fresh, later): (Vec<_>, Vec<_>) = items.into_iter().partition(|w| !held.contains_key(&w.id));
+                collided.extend(later.into_iter().map(|w| Collision {
+                    held_by: held[&w.id].clone(),
+                    key: w.key,
+                    id: w.id,
+                }));
+                self.insert_work(plan, &fresh).await.ctx("recording a plan's work")?;
+            }
+            done => done.ctx("recording a plan's work")?,
+        }
+        self.record_collisions(plan, &collided).await?;
+        Ok(collided.len() as u64)
+    }
+
+    /// Splits off the new keys whose id is held by another key of the catalog or of `items`.
+    /// A changed or deleted item was read from the catalog by its key: its row is its own.
+    async fn without_collisions(&self, items: Vec<WorkItem>) -> Result<(Vec<WorkItem>, Vec<Collision>)> {
+        let new_ids: Vec<i64> = items.iter().filter(|w| w.kind == WorkKind::New).map(|w| w.id).collect();
+        let mut held = self.keys_of(&new_ids).await?;
+        let (mut kept, mut collided) = (Vec::with_capacity(items.len()), Vec::new());
+        for w in items {
+            match held.get(&w.id) {
+                Some(holder) if w.kind == WorkKind::New && *holder != w.key => {
+                    collided.push(Collision { held_by: holder.clone(), key: w.key, id: w.id })
+                }
+                _ => {
+                    held.insert(w.id, w.key.clone());
+                    kept.push(w);
+                }
+            }
+        }
+        Ok((kept, collided))
+    }
+
+    /// One statement.
+    async fn insert_work(&self, plan: i64, items: &[WorkItem]) -> sqlx::Result<()> {
         if items.is_empty() {
             return Ok(());
         }
@@ -207,15 +275,56 @@ impl Catalog {
                 .push_bind(w.indexed)
                 .push_bind(w.archived);
         });
-        qb.build().execute(&self.pool).await.ctx("recording a plan's work")?;
+        qb.build().execute(&self.pool).await.map(drop)
+    }
+
+    /// The keys of a plan's work items with these ids.
+    async fn work_keys(&self, plan: i64, ids: &[i64]) -> Result<HashMap<i64, String>> {
+        let mut qb = QueryBuilder::new("SELECT id, object_key FROM work WHERE plan = ");
+        qb.push_bind(plan).push(" AND id IN ");
+        push_ids(&mut qb, ids);
+        let rows = qb.build().fetch_all(&self.pool).await.ctx("reading a plan's work")?;
+        rows.iter().map(|r| Ok((r.try_get("id")?, key_from_row(r, "object_key")?))).collect()
+    }
+
+    async fn record_collisions(&self, plan: i64, collided: &[Collision]) -> Result<()> {
+        if collided.is_empty() {
+            return Ok(());
+        }
+        let mut qb = QueryBuilder::new("INSERT INTO key_collisions (plan, id, object_key, held_by) ");
+        qb.push_values(collided, |mut b, c| {
+            b.push_bind(plan).push_bind(c.id).push_bind(c.key.as_bytes()).push_bind(c.held_by.as_bytes());
+        });
+        qb.build().execute(&self.pool).await.ctx("recording key collisions")?;
         Ok(())
+    }
+
+    /// Up to `limit` of the keys a plan left out because another key holds their id, in key order.
+    pub async fn collisions(&self, plan: i64, limit: u32) -> Result<Vec<Collision>> {
+        let rows = sqlx::query(
+            "SELECT id, object_key, held_by FROM key_collisions WHERE plan = ? ORDER BY object_key LIMIT ?",
+        )
+        .bind(plan)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading key collisions")?;
+        rows.iter()
+            .map(|r| {
+                Ok(Collision {
+                    id: r.try_get("id")?,
+                    key: key_from_row(r, "object_key")?,
+                    held_by: key_from_row(r, "held_by")?,
+                })
+            })
+            .collect()
     }
 
     /// Completes a plan: ready, or refused (and its work forgotten) when `refused` says why.
     pub async fn finish_plan(&self, plan: i64, c: &PlanCounts, refused: Option<&str>) -> Result<()> {
         sqlx::query(
             "UPDATE plans SET status = ?, discovered = ?, catalog = ?, new = ?, changed = ?, deleted = ?, \
-             unchanged = ?, stale = ?, held = ?, too_long = ?, refused = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?",
+             unchanged = ?, stale = ?, held = ?, too_long = ?, collided = ?, refused = ?, finished_at = CURRENT_TIMESTAMP(3) WHERE id = ?",
         )
         .bind(if refused.is_some() { PlanStatus::Refused } else { PlanStatus::Ready }.as_str())
         .bind(c.discovered as i64)
@@ -227,6 +336,7 @@ impl Catalog {
         .bind(c.stale as i64)
         .bind(c.held as i64)
         .bind(c.too_long as i64)
+        .bind(c.collided as i64)
         .bind(refused)
         .bind(plan)
         .execute(&self.pool)
@@ -240,17 +350,12 @@ impl Catalog {
 
     /// Takes a plan's deletions out of its work, before it is complete (see `DeletionGuard::holds`).
     pub async fn hold_deletions(&self, plan: i64) -> Result<()> {
-        loop {
-            let done = sqlx::query("DELETE FROM work WHERE plan = ? AND kind = 'deleted' LIMIT ?")
-                .bind(plan)
-                .bind(DELETE_CHUNK)
-                .execute(&self.pool)
-                .await
-                .ctx("holding a plan's deletions back")?;
-            if done.rows_affected() < u64::from(DELETE_CHUNK) {
-                return Ok(());
-            }
-        }
+        self.delete_in_chunks(
+            "DELETE FROM work WHERE plan = ? AND kind = 'deleted' LIMIT ?",
+            plan,
+            "holding a plan's deletions back",
+        )
+        .await
     }
 
     /// A plan that stopped before it was complete: its work is forgotten, never done.
@@ -366,25 +471,31 @@ impl Catalog {
             self.delete_work(*id).await?;
         }
         if let Some(last_forgotten) = older.len().checked_sub(PLANS_KEPT).map(|i| older[i]) {
-            sqlx::query("DELETE FROM plans WHERE collection = ? AND id <= ?")
-                .bind(&self.collection)
-                .bind(last_forgotten)
-                .execute(&self.pool)
-                .await
-                .ctx("forgetting old plans")?;
+            for sql in [
+                "DELETE k FROM key_collisions k JOIN plans p ON k.plan = p.id WHERE p.collection = ? AND p.id <= ?",
+                "DELETE FROM plans WHERE collection = ? AND id <= ?",
+            ] {
+                sqlx::query(sql)
+                    .bind(&self.collection)
+                    .bind(last_forgotten)
+                    .execute(&self.pool)
+                    .await
+                    .ctx("forgetting old plans")?;
+            }
         }
         Ok(())
     }
 
-    /// Forgets a plan's work, a chunk at a time.
+    /// Forgets a plan's work.
     async fn delete_work(&self, plan: i64) -> Result<()> {
+        self.delete_in_chunks("DELETE FROM work WHERE plan = ? LIMIT ?", plan, "forgetting a plan's work").await
+    }
+
+    /// Runs `sql` (a DELETE of `plan`'s rows ending in `LIMIT ?`) until it deletes less than a
+    /// chunk: no one statement holds millions of row locks.
+    async fn delete_in_chunks(&self, sql: &'static str, plan: i64, what: &'static str) -> Result<()> {
         loop {
-            let done = sqlx::query("DELETE FROM work WHERE plan = ? LIMIT ?")
-                .bind(plan)
-                .bind(DELETE_CHUNK)
-                .execute(&self.pool)
-                .await
-                .ctx("forgetting a plan's work")?;
+            let done = sqlx::query(sql).bind(plan).bind(DELETE_CHUNK).execute(&self.pool).await.ctx(what)?;
             if done.rows_affected() < u64::from(DELETE_CHUNK) {
                 return Ok(());
             }
