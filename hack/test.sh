@@ -15,13 +15,17 @@ source "$STATE/env"
 source "$STATE/kube.env"
 export IMAGEINDEX_MODEL=$model IMAGEINDEX_PARITY_PHOTOS=$parity IMAGEINDEX_MODEL_RESNET18=$("$ROOT/hack/model.sh" --resnet18)
 cd "$ROOT"
-rm -f "$STATE/artifacts/parity.txt" "$STATE/artifacts/cuda.txt" "$STATE/artifacts/fault-matrix.txt"
+rm -f "$STATE/artifacts/parity.txt" "$STATE/artifacts/cuda.txt" "$STATE/artifacts/fault-matrix.txt" \
+  "$STATE/artifacts/loadtest-hostile.txt"
 cargo test --locked "$@"
 "$ROOT/hack/fault-matrix.sh" --print
 # What the passing tests measured or skipped (cargo captures their output).
 for f in parity.txt cuda.txt; do
   if [[ -f $STATE/artifacts/$f ]]; then log "$f:"; cat "$STATE/artifacts/$f" >&2; fi
 done
+# 2,000 idle connections and 200 slow bodies: probes and searches must still answer (their
+# latencies are printed beside the same requests on an idle server, never judged).
+"$ROOT/hack/loadtest-hostile.sh" --check
 "$ROOT/hack/browser-test.sh"
 # The operator as a cluster runs it: the chart on a real single-node Kubernetes (hack/cluster.sh).
 "$ROOT/hack/cluster-e2e.sh"
