@@ -217,13 +217,22 @@ impl Index {
     /// Makes Milvus and the catalog agree on the objects of `shard`: vectors without an indexed
     /// row (a crash between the two writes, then the object deleted) are deleted, and indexed
     /// rows without a vector (lost outside) are marked to be embedded again. Safe beside writers,
-    /// which write the vector first and the row second: an "orphan" whose row appears meanwhile
-    /// was a write in flight, and is marked to be embedded again since its vector went.
+    /// which write the vector first and the row second: a vector without a row is given
+    /// `ORPHAN_GRACE` for its row to land, and an "orphan" whose row still appears after its
+    /// delete was a write in flight, marked to be embedded again since its vector went.
     pub async fn reconcile(&self, shard: u32, shards: u32) -> Result<Repair> {
         let rows: HashSet<i64> = self.catalog.indexed_ids(shard, shards).await?.into_iter().collect();
         let vectors: HashSet<i64> = self.vectors.ids(shard, shards).await?.into_iter().collect();
         let missing: Vec<i64> = rows.difference(&vectors).copied().collect();
-        let orphans: Vec<i64> = vectors.difference(&rows).copied().collect();
+        let mut orphans: Vec<i64> = vectors.difference(&rows).copied().collect();
+        if !orphans.is_empty() {
+            // A write puts its vector first and its row second, so a vector without a row may be
+            // a write in flight (an upload answered a moment later): only one still without its
+            // row a moment later is an orphan.
+            tokio::time::sleep(ORPHAN_GRACE).await;
+            let landed: HashSet<i64> = self.catalog.indexed_among(&orphans).await?.into_iter().collect();
+            orphans.retain(|id| !landed.contains(id));
+        }
         self.catalog.redo(&missing).await?;
         self.vectors.delete(&orphans).await?;
         let in_flight = self.catalog.indexed_among(&orphans).await?;
@@ -286,6 +295,10 @@ impl Index {
         self.catalog.drop_collection().await
     }
 }
+
+/// How long a vector without a catalog row is given for its row to arrive before `reconcile`
+/// deletes it: a write's two steps are milliseconds apart, even on a loaded machine.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What `Index::reconcile` repaired.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]

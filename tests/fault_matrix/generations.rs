@@ -63,3 +63,40 @@ async fn a_rebuild_killed_between_alias_and_table() {
     assert!(gens.unfinished().await.unwrap().is_none());
     fx.cleanup().await;
 }
+
+/// A rebuild whose serving generation holds objects deleted from the bucket since it last synced
+/// (half of them) and a key the client cannot address: the swap waits for none of them, and the
+/// new generation serves the bucket as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_swaps_past_deleted_and_unaddressable_objects() {
+    use imageindex::store::{Record, WriteBatch};
+    use imageindex::sync::generation::still_missing;
+    let _serial = SERIAL.lock().await;
+    let fx = Fixture::new("matrix_swap_gone");
+    let photos = upload_photos(&fx, PHOTOS).await;
+    reset_peak_rss();
+    let plain = fx.backends(IndexKind::Hnsw).await;
+    fx.sync(&plain).await;
+    // A key the client cannot address, recorded in the serving catalog (failed: no vector).
+    let odd = Record { error: Some("cannot be fetched safely".into()), ..Record::indexed("a//b.jpg", None, 1, None) };
+    plain.index.write(WriteBatch { records: vec![odd], ..Default::default() }).await.unwrap();
+    for (key, _) in &photos[..PHOTOS / 2] {
+        fx.source.delete(key).await.unwrap();
+    }
+    let gens = generations_of(&fx).await;
+    let (serving, building) = gens.begin(model().id(), LOCAL_OWNER).await.unwrap();
+    let serving = serving.expect("the plain collection, adopted");
+    let b = Backends { source: fx.source.clone(), index: gens.to_build(&building, model().id()) };
+    assert_eq!(sync(&b, model(), &Default::default()).await.unwrap().indexed, PHOTOS / 2);
+    let missing = tokio::time::timeout(Duration::from_secs(60), still_missing(&gens, &serving, &building, &fx.source))
+        .await
+        .expect("the comparison ends")
+        .expect("no HEAD stops it");
+    assert_eq!(missing, 0, "nothing gone or unaddressable is waited for");
+    gens.swap(Some(&serving), &building).await.unwrap();
+    let (embedded, c) = plan_and_check(&fx, &gens).await;
+    add_row("rebuild swapped while half the serving objects were deleted and one key is unaddressable", &c);
+    assert_eq!(c, Consistency { expected: PHOTOS / 2, indexed: PHOTOS / 2, ..Default::default() });
+    assert_eq!(embedded, 0, "nothing embedded again");
+    fx.cleanup().await;
+}
