@@ -32,11 +32,7 @@ enum Command {
     Crd,
 }
 
-/// The exit code of a failure that no retry can fix (sysexits' `EX_CONFIG`): the model file or
-/// its variant is missing or unusable, the collection holds another model's vectors or another
-/// index type, another index owns it, or a setting is invalid. The embedding Jobs' pod failure
-/// policy fails the Job at once on it instead of retrying a pod that will fail the same way.
-pub const EXIT_CONFIG: u8 = 78;
+use crate::contract::EXIT_CONFIG;
 
 /// 78 for a configuration error anywhere in the chain (see `EXIT_CONFIG`), else 1.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
@@ -100,7 +96,8 @@ mod tests {
         let down = crate::store::Error::backend("Milvus upsert", "connection refused");
         assert_eq!(exit_code(&anyhow::Error::from(down)), 1);
         assert_eq!(exit_code(&anyhow::anyhow!("anything else")), 1);
-        use crate::sync::{report::Stop, tasks::Stopped};
+        use crate::contract::report::Stop;
+        use crate::sync::tasks::Stopped;
         assert_eq!(exit_code(&Stopped(Stop::IndexMismatch, "HNSW".into()).into()), EXIT_CONFIG);
     }
 }

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::contract::env;
 use crate::core::{IndexKind, ModelId, Precision, Preprocess, Redacted};
 use crate::embed::{DecodeLimits, Device, GpuOptions, Model, ModelOptions};
-use crate::env;
 use crate::store::{Index, MilvusConfig, Source, SourceConfig};
 
 /// What every data-plane command (`index`, `embed`, `serve`) is configured with.

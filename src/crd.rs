@@ -19,8 +19,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use crate::contract::report::GenerationReport;
 use crate::core::{IndexKind, Precision};
-use crate::sync::report::GenerationReport;
 
 /// Set to `"true"` on an ImageIndex, its deletion keeps the collection and catalog rows as they
 /// are and finishes at once, whatever `deletionPolicy` says (a Milvus or MySQL gone for good).
@@ -132,17 +132,8 @@ fn default_max_delete_percent() -> u8 {
     10
 }
 
-impl SourceSpec {
-    pub fn deletion_guard(&self) -> crate::sync::DeletionGuard {
-        crate::sync::DeletionGuard {
-            max_share: f64::from(self.max_delete_percent) / 100.0,
-            allow: self.allow_mass_deletion,
-        }
-    }
-}
-
 fn default_include() -> Vec<String> {
-    crate::store::source::DEFAULT_INCLUDE.iter().map(|s| s.to_string()).collect()
+    crate::contract::DEFAULT_INCLUDE.iter().map(|s| s.to_string()).collect()
 }
 fn default_resync() -> String {
     "10m".into()

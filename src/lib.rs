@@ -1,20 +1,26 @@
 //! imageindex: a bucket of images turned into a reverse-image-search service.
 //!
-//! Dependencies point one way, down this list:
+//! Dependencies point one way, down this list (`layers.rs` checks it, and that no two files of
+//! one folder use each other):
 //! - `cli` parses the command line and runs a role's command.
 //! - The roles: `controller` (the operator) schedules everything on Kubernetes; `serve` answers
-//!   searches; `sync` keeps a collection in step with its bucket. They use the leaves and `config`.
-//! - `config` (the flags the data-plane commands share), `crd` (the ImageIndex resource).
+//!   searches; `sync` keeps a collection in step with its bucket. No role uses another; the
+//!   controller uses no data-plane module at all (only `crd`, `core`, `contract`).
+//! - `config` (the flags the data-plane commands share), `crd` (the ImageIndex resource),
+//!   `telemetry` (logging).
 //! - The leaves: `embed` turns image bytes into vectors; `store` keeps them (Milvus, the MySQL
 //!   catalog, the bucket). Neither uses the other.
-//! - `core` (model identity, index kind) and `env` (variable names): used by all, using nothing.
+//! - `core` (model identity, index kind) and `contract` (what the binary and the operator agree
+//!   on: environment names, Job reports, exit codes): used by all, using nothing.
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod controller;
 pub mod core;
 pub mod crd;
 pub mod embed;
-pub mod env;
+#[cfg(test)]
+mod layers;
 pub mod serve;
 pub mod store;
 pub mod sync;

@@ -19,9 +19,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
+use sha2::Digest;
 
+use crate::contract::env;
 use crate::crd::{ImageIndex, SecretKeyRef};
-use crate::env;
 
 /// Set on everything the operator creates; `INSTANCE` names the ImageIndex.
 pub const INSTANCE: &str = "app.kubernetes.io/instance";
@@ -113,7 +114,8 @@ pub fn embedding_hash(image_index: &ImageIndex, resolved: &Resolved) -> String {
         e.image,
     ]);
     // 64 bits of SHA-256, as hex: short enough for an annotation and a log line.
-    crate::store::content_hash(fields.to_string().as_bytes())[..16].to_string()
+    let digest = sha2::Sha256::digest(fields.to_string().as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Selects the ImageIndex's Jobs (and their pods) of one component.
@@ -363,7 +365,7 @@ fn pod_template(
 }
 
 /// A pod evicted, preempted or lost with its node (a spot GPU node reclaimed) is retried without
-/// counting against the backoff limit; a configuration error (`cli::EXIT_CONFIG`: a model file
+/// counting against the backoff limit; a configuration error (`contract::EXIT_CONFIG`: a model file
 /// missing, another model's collection) fails the Job at once, since every retry fails the same.
 fn pod_failure_policy() -> PodFailurePolicy {
     PodFailurePolicy {
@@ -373,7 +375,7 @@ fn pod_failure_policy() -> PodFailurePolicy {
                 on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
                     container_name: Some("embed".into()),
                     operator: "In".into(),
-                    values: vec![i32::from(crate::cli::EXIT_CONFIG)],
+                    values: vec![i32::from(crate::contract::EXIT_CONFIG)],
                 }),
                 on_pod_conditions: None,
             },

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{ControllerConfig, Settings};
-use crate::env;
+use crate::contract::env;
 
 #[derive(clap::Args)]
 pub struct ControllerArgs {

@@ -9,8 +9,8 @@ use anyhow::Result;
 
 use super::{AppState, ServeConfig, follow, reload};
 use crate::config::DataPlaneArgs;
+use crate::contract::env;
 use crate::core::Redacted;
-use crate::env;
 use crate::store::Generation;
 
 #[derive(clap::Args)]

@@ -27,9 +27,6 @@ use url::Url;
 use super::{Error, Result};
 use crate::core::{Redacted, without_secrets};
 
-/// Default include patterns: the formats we decode.
-pub const DEFAULT_INCLUDE: &[&str] = &["**/*.jpg", "**/*.jpeg", "**/*.png", "**/*.webp"];
-
 /// One listed object. `key` is relative to the source prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Object {
@@ -122,7 +119,7 @@ impl Source {
         };
         let lister = lister.map(|s| Lister::new(s, cfg.endpoint.is_some())).transpose()?;
         let patterns: Vec<&str> = if cfg.include.is_empty() {
-            DEFAULT_INCLUDE.to_vec()
+            crate::contract::DEFAULT_INCLUDE.to_vec()
         } else {
             cfg.include.iter().map(String::as_str).collect()
         };

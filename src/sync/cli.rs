@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use super::generation::{still_missing, target};
 use super::{Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
 use crate::config::{BackendArgs, DataPlaneArgs};
+use crate::contract::env;
 use crate::embed::Model;
-use crate::env;
 use crate::store::{self, Generation, Generations, Source};
 
 #[derive(clap::Args)]

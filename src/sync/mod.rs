@@ -14,7 +14,6 @@ pub mod generation;
 mod pipeline;
 pub mod plan;
 pub mod planner;
-pub mod report;
 mod run;
 pub mod sorted;
 pub mod tasks;

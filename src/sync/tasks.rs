@@ -8,7 +8,7 @@
 //!   only if the catalog shows they are this index's), or let go of the claim (`Retain`).
 //!
 //! Each writes a `Report` to `--report` (the pod's termination message) and stdout, and exits 0
-//! when it did its part, `cli::EXIT_CONFIG` when the spec cannot work, 1 when a backend failed.
+//! when it did its part, `contract::EXIT_CONFIG` when the spec cannot work, 1 when a backend failed.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -18,12 +18,12 @@ use anyhow::Result;
 
 use super::generation::still_missing;
 use super::plan::DeletionGuard;
-use super::report::{GenerationReport, GenerationsReport, Report, Stop};
 use super::{Error, Reconcile, planner};
 use crate::config::{BackendArgs, SourceArgs};
+use crate::contract::env;
+use crate::contract::report::{GenerationReport, GenerationsReport, Report, Stop};
 use crate::core::{ModelId, Precision, Preprocess};
 use crate::embed::describe_file;
-use crate::env;
 use crate::store::{self, Catalog, Generation, Generations, Index, Source, VectorStore, generations};
 
 #[derive(clap::Args)]
@@ -109,7 +109,7 @@ impl Out {
     }
 }
 
-/// A configuration error a plan stopped at (exit `cli::EXIT_CONFIG`).
+/// A configuration error a plan stopped at (exit `contract::EXIT_CONFIG`).
 #[derive(Debug, thiserror::Error)]
 #[error("{0:?}: {1}")]
 pub struct Stopped(pub Stop, pub String);

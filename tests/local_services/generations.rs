@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use imageindex::contract::report::Report;
 use imageindex::core::IndexKind;
 use imageindex::store::generations::State;
 use imageindex::store::{Generation, Generations, VectorStore};
-use imageindex::sync::report::Report;
 
 use super::serve::TOKEN;
 use super::support::*;

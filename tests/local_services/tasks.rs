@@ -3,9 +3,9 @@
 
 use std::process::Command;
 
+use imageindex::contract::report::{Report, Stop};
 use imageindex::core::IndexKind;
 use imageindex::embed::{DecodeLimits, Model, ModelOptions};
-use imageindex::sync::report::{Report, Stop};
 
 use super::support::*;
 

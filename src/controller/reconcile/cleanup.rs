@@ -26,14 +26,15 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::apply::publish;
-use super::dereference::{self, Milvus};
+use super::dereference;
 use super::jobs::JobState;
+use super::validate::Milvus;
 use super::validate::{self, MilvusSource};
 use super::{Context, MANAGER, update_status};
+use crate::contract::report::Report;
 use crate::controller::builders::{self, Resolved};
 use crate::controller::status::{Observed, READY, reason};
 use crate::crd::{DeletionPolicy, ImageIndex, SKIP_CLEANUP};
-use crate::sync::report::Report;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

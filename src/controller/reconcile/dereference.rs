@@ -11,24 +11,13 @@ use kube::{Client, ResourceExt};
 
 use super::jobs::JobView;
 use super::tasks::Task;
-use super::validate::MilvusSource;
+use super::validate::{Milvus, MilvusSource};
 use crate::controller::builders;
 use crate::crd::ImageIndex;
 
 #[derive(Debug, thiserror::Error)]
 #[error("Kubernetes API: {0}")]
 pub struct Error(#[from] kube::Error);
-
-/// The Milvus to use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Milvus {
-    /// Its gRPC address.
-    Ready(String),
-    /// The referenced CR does not exist (message says which).
-    NotFound(String),
-    /// The CR exists but is not MilvusReady yet.
-    NotReady(String),
-}
 
 pub fn milvus_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("milvus.io", "v1beta1", "Milvus"), "milvuses")

@@ -41,8 +41,8 @@ use validate::ValidSpec;
 
 use super::builders::{self, PlanFor, Resolved};
 use super::status::{INDEXED, Observed, READY, SEARCH_READY, reason};
+use crate::contract::report::Report;
 use crate::crd::{ImageIndex, ImageIndexStatus};
-use crate::sync::report::Report;
 
 pub const MANAGER: &str = "imageindex-controller";
 pub const FINALIZER: &str = "imageindex.dev/cleanup";

@@ -10,10 +10,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::jobs::{Diff, JobState, JobView, age};
+use crate::contract::report::{GenerationReport, GenerationsReport, Report, Stop};
 use crate::controller::builders::{AFTER_JOB, RESYNC_FOR};
 use crate::controller::status::{COLLECTION_READY, INDEXED, MILVUS_READY, Observed, REBUILDING, reason};
 use crate::crd::{GenerationsStatus, ImageCounts, ImageIndex};
-use crate::sync::report::{GenerationReport, GenerationsReport, Report, Stop};
 
 /// A plan or cleanup Job with what its pod said.
 #[derive(Clone, Debug, PartialEq)]

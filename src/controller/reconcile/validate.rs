@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 
-use super::dereference::Milvus;
 use crate::controller::status::{self, COLLECTION_READY, INDEXED, MILVUS_READY, Observed, SEARCH_READY, reason};
 use crate::crd::{ImageIndex, parse_interval};
 
@@ -135,6 +134,17 @@ pub fn invalid(message: &str) -> Vec<Observed> {
 
 fn waiting(types: &[&'static str]) -> impl Iterator<Item = Observed> {
     types.iter().map(|&t| Observed::unknown(t, reason::WAITING, "waiting for the conditions before it"))
+}
+
+/// The Milvus to use, as `dereference::milvus` found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Milvus {
+    /// Its gRPC address.
+    Ready(String),
+    /// The referenced CR does not exist (message says which).
+    NotFound(String),
+    /// The CR exists but is not MilvusReady yet.
+    NotReady(String),
 }
 
 /// The Milvus address, or the conditions that say why there is none yet.

@@ -110,7 +110,7 @@ pub enum Stop {
 }
 
 impl Stop {
-    /// A spec or data error no retry can fix: the Job exits `cli::EXIT_CONFIG`.
+    /// A spec or data error no retry can fix: the Job exits `contract::EXIT_CONFIG`.
     pub fn is_config(self) -> bool {
         matches!(self, Stop::ModelMismatch | Stop::ModelUnusable | Stop::IndexMismatch | Stop::Claimed)
     }
