@@ -106,7 +106,8 @@ async fn merge(source: &Source, index: &Index, plan: i64) -> Result<store::PlanC
     merged?;
     let collided = written?;
     let mut counts = m.counts();
-    (counts.new, counts.collided) = (counts.new - collided, collided);
+    // Only new keys collide: a changed or deleted one was read from its own catalog row.
+    (counts.new, counts.collided) = (counts.new.saturating_sub(collided), collided);
     Ok(counts)
 }
 
