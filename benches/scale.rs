@@ -24,8 +24,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
+use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::IndexKind;
-use imageindex::store::{Index, MilvusConfig, Record, Source, SourceConfig, WriteBatch, shard_ids};
+use imageindex::store::{Index, MilvusConfig, Record, WriteBatch, shard_ids};
 use imageindex::sync::{DeletionGuard, plan};
 
 const BUCKET: &str = "imageindex-scale";

@@ -26,9 +26,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
+use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::{IndexKind, Precision};
 use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Preprocessor};
-use imageindex::store::{Index, MilvusConfig, Source, SourceConfig};
+use imageindex::store::{Index, MilvusConfig};
 use imageindex::sync::{Backends, SyncOptions, embed_only, sync};
 
 fn env(name: &str) -> Result<String> {

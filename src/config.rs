@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::bucket::{Source, SourceConfig};
 use crate::contract::env;
 use crate::core::{IndexKind, ModelId, Precision, Preprocess, Redacted};
 use crate::embed::{DecodeLimits, Device, GpuOptions, Model, ModelOptions};
-use crate::store::{Index, MilvusConfig, Source, SourceConfig};
+use crate::store::{Index, MilvusConfig};
 
 /// What every data-plane command (`index`, `embed`, `serve`) is configured with.
 #[derive(Args, Clone, Debug)]

@@ -1,7 +1,10 @@
 //! Domain facts every part shares, with no dependency on the rest of the crate: which model,
 //! precision and preprocessing made a collection's vectors, and which vector index (and so which
-//! metric) it has.
-//! `embed`, `store`, `crd` and the roles above them all point here; this module points nowhere.
+//! metric) it has; an object as a bucket lists it; and the backends' one error (`error`).
+//! `embed`, `bucket`, `store`, `crd` and the roles above them all point here; this module points
+//! nowhere.
+
+pub mod error;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -374,6 +377,17 @@ impl From<&str> for Redacted {
     fn from(s: &str) -> Self {
         Self(s.to_string())
     }
+}
+
+/// One object as a bucket lists it. `key` is relative to the source prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    pub key: String,
+    pub etag: Option<String>,
+    pub size: u64,
+    /// In an archive tier (S3 `GLACIER` and `DEEP_ARCHIVE`, Azure `Archive`): a GET is refused
+    /// until it is restored, so it is recorded as skipped, never fetched.
+    pub archived: bool,
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ pub const LAYERS: &[&[&str]] = &[
     // The roles.
     &["controller", "serve", "sync"],
     &["config", "crd", "telemetry"],
-    // The leaves: neither uses the other.
-    &["embed", "store"],
+    // The leaves: none uses another.
+    &["embed", "store", "bucket"],
     &["core", "contract"],
 ];
 

@@ -9,9 +9,10 @@
 //! - `config` (the flags the data-plane commands share), `crd` (the ImageIndex resource),
 //!   `telemetry` (logging).
 //! - The leaves: `embed` turns image bytes into vectors; `store` keeps them (Milvus, the MySQL
-//!   catalog, the bucket). Neither uses the other.
+//!   catalog); `bucket` lists and reads the images. None uses another.
 //! - `core` (model identity, index kind) and `contract` (what the binary and the operator agree
 //!   on: environment names, Job reports, exit codes): used by all, using nothing.
+pub mod bucket;
 pub mod cli;
 pub mod config;
 pub mod contract;

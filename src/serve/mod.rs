@@ -31,8 +31,9 @@ use tokio::sync::Semaphore;
 pub use error::ApiError;
 pub use http::ConnectionLimits;
 
+use crate::bucket::Source;
 use crate::embed::{DecodeLimits, MemoryBudget, Model, available_cores};
-use crate::store::{Generation, Index, Source};
+use crate::store::{Generation, Index};
 
 /// Limits and switches of the service.
 #[derive(Clone, Debug)]

@@ -13,9 +13,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::AppState;
+use crate::bucket::Source;
 use crate::config::{BackendArgs, SourceArgs};
 use crate::core::Redacted;
-use crate::store::{Generations, Index, Source};
+use crate::store::{Generations, Index};
 
 /// How often the files are read. The kubelet's own delay (its sync period plus its cache) is
 /// longer.

@@ -136,7 +136,7 @@ async fn embed(
 }
 
 /// The bucket, for the routes that need one.
-fn bucket(clients: &Clients) -> Result<&crate::store::Source, ApiError> {
+fn bucket(clients: &Clients) -> Result<&crate::bucket::Source, ApiError> {
     clients
         .source
         .as_ref()

@@ -821,3 +821,9 @@ impl Catalog {
         Ok(())
     }
 }
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Self::backend("MySQL", e)
+    }
+}

@@ -523,6 +523,12 @@ fn id_filter(ids: &[i64]) -> String {
     format!("{ID} in [{}]", list.join(","))
 }
 
+impl From<::milvus::v2::error::Error> for Error {
+    fn from(e: ::milvus::v2::error::Error) -> Self {
+        Self::backend("Milvus", e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

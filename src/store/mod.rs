@@ -1,11 +1,10 @@
-//! Where things live: images in a bucket (`source`), vectors in Milvus (`milvus`), and the
-//! catalog of what was indexed in MySQL (`catalog`). `Index` is the one way to change a
-//! collection: it owns the order of the writes. A leaf: it uses `core` only, never `embed` or the
-//! roles above it.
+//! The adapters of the two stores an index writes: vectors in Milvus (`milvus`) and the catalog
+//! of what was indexed in MySQL (`catalog`, which holds every SQL statement). `Index` is the one
+//! way to change a collection: it owns the order of the writes. A leaf: it uses `core` only,
+//! never `bucket`, `embed` or the roles above it.
 pub mod catalog;
 pub mod generations;
 pub mod milvus;
-pub mod source;
 
 pub use catalog::{
     Catalog, CatalogTime, Collision, Counts, Entry, KeyCursor, MAX_KEY_BYTES, PlanCounts, PlanRecord, PlanStatus,
@@ -13,113 +12,17 @@ pub use catalog::{
 };
 pub use generations::{Generation, Generations};
 pub use milvus::{Ensured, Hit, KeyPrefix, MilvusConfig, VectorStore};
-pub use source::{Fetched, Object, Source, SourceConfig};
 
 use std::collections::HashSet;
 
 use sha2::{Digest, Sha256};
 
-use crate::core::{ModelId, ModelMismatch, without_secrets};
+use crate::core::ModelId;
+pub use crate::core::error::{BoxError, Context, Error, Result};
 
 /// The owner a run or server claims a collection for when it is given none: every CLI run on
 /// every machine, as one. The operator claims for its ImageIndex by UID.
 pub const LOCAL_OWNER: &str = "imageindex-cli";
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// What went wrong in a store, told apart so that callers need not guess from a message.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The object is not in the bucket (deleted since it was listed, or never there).
-    #[error("{0} not found")]
-    NotFound(String),
-    /// The collection holds vectors of another model or precision.
-    #[error(transparent)]
-    ModelMismatch(#[from] ModelMismatch),
-    /// The collection has another index type than the one asked for.
-    #[error("{0}")]
-    IndexMismatch(String),
-    /// What was asked cannot work as given: a bad URL, glob or key, or a collection that
-    /// imageindex did not make.
-    #[error("{0}")]
-    Invalid(String),
-    /// The object is larger than the limit (found when fetched, before its bytes are read).
-    #[error("{0}")]
-    TooLarge(String),
-    /// The bucket answered but refused this object (access denied, a customer key it needs, a
-    /// key it cannot address): about the object, not a bucket that is down.
-    #[error("the bucket refused it: {0}")]
-    Refused(String),
-    /// The object is in an archive tier (S3's 403 InvalidObjectState, Azure's 409 BlobArchived):
-    /// readable only once restored.
-    #[error("the object is archived: {0}")]
-    Archived(String),
-    /// Another index owns the collection (their names collide): the message names it.
-    #[error("{0}")]
-    Claimed(String),
-    /// Milvus, MySQL or the bucket failed at `what`; worth a retry.
-    #[error("{what}: {error}")]
-    Backend { what: String, error: BoxError },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    /// The error's text (and its sources') loses the query strings and passwords of the URLs in
-    /// it (see `core::without_secrets`): a store's error ends up in status, events and logs.
-    pub(crate) fn backend(what: impl Into<String>, error: impl Into<BoxError>) -> Self {
-        let error: BoxError = error.into();
-        Self::Backend { what: without_secrets(&what.into()), error: Box::new(Scrubbed::of(&*error)) }
-    }
-}
-
-/// An error's text and its sources', without secrets.
-#[derive(Debug)]
-struct Scrubbed {
-    text: String,
-    source: Option<Box<Scrubbed>>,
-}
-
-impl Scrubbed {
-    fn of(e: &(dyn std::error::Error + 'static)) -> Self {
-        Self { text: without_secrets(&e.to_string()), source: e.source().map(|s| Box::new(Self::of(s))) }
-    }
-}
-
-impl std::fmt::Display for Scrubbed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl std::error::Error for Scrubbed {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|s| s as _)
-    }
-}
-
-impl From<sqlx::Error> for Error {
-    fn from(e: sqlx::Error) -> Self {
-        Self::backend("MySQL", e)
-    }
-}
-
-impl From<::milvus::v2::error::Error> for Error {
-    fn from(e: ::milvus::v2::error::Error) -> Self {
-        Self::backend("Milvus", e)
-    }
-}
-
-/// Says which backend call failed, keeping the cause.
-pub(crate) trait Context<T> {
-    fn ctx(self, what: impl Into<String>) -> Result<T>;
-}
-
-impl<T, E: Into<BoxError>> Context<T> for std::result::Result<T, E> {
-    fn ctx(self, what: impl Into<String>) -> Result<T> {
-        self.map_err(|e| Error::backend(what, e))
-    }
-}
 
 /// A vector to upsert: the object's id and key, and its embedding.
 #[derive(Clone, Debug)]

@@ -9,10 +9,11 @@ use anyhow::{Context, Result};
 
 use super::generation::{still_missing, target};
 use super::{Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
+use crate::bucket::Source;
 use crate::config::{BackendArgs, DataPlaneArgs};
 use crate::contract::env;
 use crate::embed::Model;
-use crate::store::{self, Generation, Generations, Source};
+use crate::store::{self, Generation, Generations};
 
 #[derive(clap::Args)]
 pub struct IndexArgs {

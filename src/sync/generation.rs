@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt, stream};
 
+use crate::bucket::Source;
 use crate::core::ModelId;
-use crate::store::{self, Generation, Generations, Source};
+use crate::store::{self, Generation, Generations};
 
 /// HEADs in flight at once while comparing two generations.
 const HEADS_AT_ONCE: usize = 16;

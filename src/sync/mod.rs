@@ -22,8 +22,9 @@ pub use plan::{DeletionGuard, MassDeletion, Work, shard_of};
 pub use planner::{Planned, plan};
 pub use run::{carry_out, embed_only, sync};
 
+use crate::bucket::Source;
 use crate::embed::{DecodeLimits, ModelError};
-use crate::store::{self, Index, Source};
+use crate::store::{self, Index};
 
 /// Why a sync stopped. Bad objects never stop it; these do.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,8 @@
 
 use std::collections::VecDeque;
 
-use crate::store::{Entry, MAX_KEY_BYTES, Object, PlanCounts, WorkItem, WorkKind, key_id, shard_of_id};
+use crate::bucket::Object;
+use crate::store::{Entry, MAX_KEY_BYTES, PlanCounts, WorkItem, WorkKind, key_id, shard_of_id};
 
 /// An object to embed.
 #[derive(Clone, Debug, PartialEq, Eq)]

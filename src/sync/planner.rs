@@ -10,7 +10,8 @@ use tokio::task::JoinHandle;
 use super::plan::{DeletionGuard, MassDeletion, Merge, Step};
 use super::sorted::{self, SortError};
 use super::{Error, Reconcile};
-use crate::store::{self, Entry, Index, Object, PlanRecord, Repair, Source, WorkItem};
+use crate::bucket::{Object, Source};
+use crate::store::{self, Entry, Index, PlanRecord, Repair, WorkItem};
 
 /// Catalog entries read at once (a few MB).
 const CATALOG_PAGE: u32 = 5000;

@@ -13,8 +13,9 @@ use super::pipeline::produce;
 use super::plan::Work;
 use super::planner::{self, Planned};
 use super::{Backends, Error, Reconcile, Summary, SyncOptions};
+use crate::bucket::Source;
 use crate::embed::Model;
-use crate::store::{Index, PlanRecord, PlanStatus, Repair, RunProgress, Source, WorkItem, WriteBatch, shard_ids};
+use crate::store::{Index, PlanRecord, PlanStatus, Repair, RunProgress, WorkItem, WriteBatch, shard_ids};
 
 /// Work items read at once.
 const WORK_PAGE: u32 = 1000;

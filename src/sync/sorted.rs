@@ -14,7 +14,8 @@ use extsort::{ExternalSorter, PushExternalSorter, Sortable};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::store::{self, Object};
+use crate::bucket::Object;
+use crate::store;
 
 /// Objects sorted in memory before a segment is written: ~20 MB of objects with 40-byte keys.
 pub const SEGMENT: usize = 100_000;

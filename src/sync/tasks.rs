@@ -19,12 +19,13 @@ use anyhow::Result;
 use super::generation::still_missing;
 use super::plan::DeletionGuard;
 use super::{Error, Reconcile, planner};
+use crate::bucket::Source;
 use crate::config::{BackendArgs, SourceArgs};
 use crate::contract::env;
 use crate::contract::report::{GenerationReport, GenerationsReport, Report, Stop};
 use crate::core::{ModelId, Precision, Preprocess};
 use crate::embed::describe_file;
-use crate::store::{self, Catalog, Generation, Generations, Index, Source, VectorStore, generations};
+use crate::store::{self, Catalog, Generation, Generations, Index, VectorStore, generations};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {

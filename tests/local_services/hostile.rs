@@ -1,9 +1,9 @@
 //! Hostile inputs and odd names, on the real services (issue 12): what a bucket holds or a client
 //! sends never kills a process, halts the index, or reaches what it should not.
 
+use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::IndexKind;
 use imageindex::serve::ServeConfig;
-use imageindex::store::{Source, SourceConfig};
 
 use super::serve::{Server, assert_error};
 use super::support::*;

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use imageindex::store::{Source, SourceConfig};
+use imageindex::bucket::{Source, SourceConfig};
 
 use super::support::*;
 

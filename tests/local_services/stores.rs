@@ -2,8 +2,8 @@
 //! shared-key auth as an account key gives) and `gs://` through Google Cloud Storage's XML API.
 
 use http::Method;
+use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::IndexKind;
-use imageindex::store::{Source, SourceConfig};
 use object_store::azure::{AzureAccessKey, AzureAuthorizer, AzureCredential};
 use object_store::client::{HttpRequest, HttpRequestBody};
 

@@ -5,9 +5,10 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use image::{RgbImage, imageops::FilterType};
+use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::IndexKind;
 use imageindex::embed::{DecodeLimits, Model, ModelOptions};
-use imageindex::store::{Generations, Index, MilvusConfig, Source, SourceConfig};
+use imageindex::store::{Generations, Index, MilvusConfig};
 use imageindex::sync::{Backends, Summary, SyncOptions, sync};
 
 pub fn env(name: &str) -> String {

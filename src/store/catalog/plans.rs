@@ -52,7 +52,7 @@ pub struct WorkItem {
 }
 
 impl WorkItem {
-    pub fn of(object: crate::store::Object, kind: WorkKind, indexed: bool) -> Self {
+    pub fn of(object: crate::core::Object, kind: WorkKind, indexed: bool) -> Self {
         let id = crate::store::key_id(&object.key);
         let archived = object.archived;
         Self { id, key: object.key, etag: object.etag, size: object.size, kind, indexed, archived }

@@ -1,5 +1,7 @@
 //! The image source: a bucket (S3, Google Cloud Storage, Azure Blob Storage) or a folder behind
-//! `object_store`, listed with include globs.
+//! `object_store`, listed with include globs, and its objects read. A leaf: it uses `core` only
+//! (the listed `Object` and the backends' `Error` live there, since the catalog and the planner
+//! take them too).
 //!
 //! Buckets are listed by `listing` (each store's list request, authorized by object_store), not by
 //! object_store's own lister: that one fails the whole listing on a single key its `Path` cannot
@@ -24,19 +26,9 @@ use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig};
 use url::Url;
 
-use super::{Error, Result};
+pub use crate::core::Object;
+use crate::core::error::{Error, Result};
 use crate::core::{Redacted, without_secrets};
-
-/// One listed object. `key` is relative to the source prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Object {
-    pub key: String,
-    pub etag: Option<String>,
-    pub size: u64,
-    /// In an archive tier (S3 `GLACIER` and `DEEP_ARCHIVE`, Azure `Archive`): a GET is refused
-    /// until it is restored, so it is recorded as skipped, never fetched.
-    pub archived: bool,
-}
 
 #[derive(Clone, Debug, Default)]
 pub struct SourceConfig {

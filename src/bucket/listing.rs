@@ -24,7 +24,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::Object;
-use crate::store::{Context, Error, Result};
+use crate::core::error::{Context, Error, Result};
 
 /// Attempts at one page: 5xx, 429 and transport errors are retried with exponential backoff.
 const ATTEMPTS: u32 = 6;
