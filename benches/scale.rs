@@ -26,7 +26,8 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::IndexKind;
-use imageindex::store::{Index, MilvusConfig, Record, WriteBatch, shard_ids};
+use imageindex::index::{Index, WriteBatch};
+use imageindex::store::{MilvusConfig, Record, shard_ids};
 use imageindex::sync::{DeletionGuard, plan};
 
 const BUCKET: &str = "imageindex-scale";

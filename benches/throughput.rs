@@ -29,7 +29,8 @@ use futures::{StreamExt, TryStreamExt, stream};
 use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::{IndexKind, Precision};
 use imageindex::embed::{DecodeLimits, Device, Model, ModelOptions, Preprocessor};
-use imageindex::store::{Index, MilvusConfig};
+use imageindex::index::Index;
+use imageindex::store::MilvusConfig;
 use imageindex::sync::{Backends, SyncOptions, embed_only, sync};
 
 fn env(name: &str) -> Result<String> {

@@ -11,7 +11,8 @@ use crate::bucket::{Source, SourceConfig};
 use crate::contract::env;
 use crate::core::{IndexKind, ModelId, Precision, Preprocess, Redacted};
 use crate::embed::{DecodeLimits, Device, GpuOptions, Model, ModelOptions};
-use crate::store::{Index, MilvusConfig};
+use crate::index::Index;
+use crate::store::MilvusConfig;
 
 /// What every data-plane command (`index`, `embed`, `serve`) is configured with.
 #[derive(Args, Clone, Debug)]
@@ -53,7 +54,7 @@ pub struct BackendArgs {
     pub mysql_url_file: Option<PathBuf>,
     /// Who this run claims the collection for. A collection another owner holds is refused, so
     /// two indexes never share one by accident; the operator sets its ImageIndex here.
-    #[arg(long, env = env::OWNER, default_value = crate::store::LOCAL_OWNER)]
+    #[arg(long, env = env::OWNER, default_value = crate::index::LOCAL_OWNER)]
     pub owner: String,
 }
 

@@ -8,6 +8,8 @@
 //!   controller uses no data-plane module at all (only `crd`, `core`, `contract`).
 //! - `config` (the flags the data-plane commands share), `crd` (the ImageIndex resource),
 //!   `telemetry` (logging).
+//! - `index`: one collection's writes in order (`Index`), and the generations behind an index's
+//!   name, over the adapters of `store`.
 //! - The leaves: `embed` turns image bytes into vectors; `store` keeps them (Milvus, the MySQL
 //!   catalog); `bucket` lists and reads the images. None uses another.
 //! - `core` (model identity, index kind) and `contract` (what the binary and the operator agree
@@ -20,6 +22,7 @@ pub mod controller;
 pub mod core;
 pub mod crd;
 pub mod embed;
+pub mod index;
 #[cfg(test)]
 mod layers;
 pub mod serve;

@@ -53,7 +53,7 @@ pub enum Report {
     Released,
 }
 
-/// The index's generations as a plan left them (see `store::generations`).
+/// The index's generations as a plan left them (see `index::generations`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GenerationsReport {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 
 use super::AppState;
 use crate::config::ModelArgs;
-use crate::store::Generations;
+use crate::index::Generations;
 
 /// How often the alias is read.
 pub const EVERY: Duration = Duration::from_secs(5);

@@ -33,7 +33,8 @@ pub use http::ConnectionLimits;
 
 use crate::bucket::Source;
 use crate::embed::{DecodeLimits, MemoryBudget, Model, available_cores};
-use crate::store::{Generation, Index};
+use crate::index::Index;
+use crate::store::Generation;
 
 /// Limits and switches of the service.
 #[derive(Clone, Debug)]
@@ -93,7 +94,7 @@ impl Default for ServeConfig {
             protect_search: false,
             allow_drop: false,
             allow_private_urls: false,
-            owner: crate::store::LOCAL_OWNER.into(),
+            owner: crate::index::LOCAL_OWNER.into(),
             connections: ConnectionLimits::default(),
         }
     }

@@ -16,7 +16,7 @@ use super::AppState;
 use crate::bucket::Source;
 use crate::config::{BackendArgs, SourceArgs};
 use crate::core::Redacted;
-use crate::store::{Generations, Index};
+use crate::index::{Generations, Index};
 
 /// How often the files are read. The kubelet's own delay (its sync period plus its cache) is
 /// longer.

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use super::api::{CountResponse, ErrorBody, ImageForm, SearchResponse, SearchResult, UploadResponse, UrlForm};
 use super::{ApiError, AppState, Clients};
 use crate::embed::preprocess::sniff;
-use crate::store::{self, KeyPrefix, Progress, Record, Vector, WriteBatch, content_hash, key_id};
+use crate::index::WriteBatch;
+use crate::store::{self, KeyPrefix, Progress, Record, Vector, content_hash, key_id};
 
 const MAX_TOPK: usize = 100;
 

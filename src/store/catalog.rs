@@ -11,7 +11,9 @@ use sqlx::{QueryBuilder, Row};
 use super::{Context, Error, Result};
 use crate::core::ModelId;
 
+mod generations;
 mod plans;
+pub use generations::{Fix, Generation, State, collection_of};
 pub use plans::{Collision, PlanCounts, PlanRecord, PlanStatus, WorkItem, WorkKind};
 
 /// What the catalog knows of one object.
@@ -286,10 +288,6 @@ impl Catalog {
     /// Whose rows these are (`images.collection`).
     pub fn collection(&self) -> &str {
         &self.collection
-    }
-
-    pub(super) fn pool(&self) -> &MySqlPool {
-        &self.pool
     }
 
     /// Every entry of this collection whose id falls in `shard` of `shards` (see `shard_ids`).

@@ -141,10 +141,6 @@ impl VectorStore {
         &self.collection
     }
 
-    pub(crate) fn client(&self) -> &ClientV2 {
-        &self.client
-    }
-
     /// The same connection, for another collection (or alias) of the same index type.
     pub fn scoped(&self, collection: &str) -> Self {
         Self {
@@ -183,6 +179,12 @@ impl VectorStore {
             let req = CreateAliasRequest::builder().alias(alias).collection_name(collection).build()?;
             self.client.create_alias(req).await.ctx(what)
         }
+    }
+
+    /// Drops the alias named after this handle's collection (the collection it points at stays).
+    pub async fn drop_alias(&self) -> Result<()> {
+        let req = DropAliasRequest::builder().alias(&self.collection).build()?;
+        self.client.drop_alias(req).await.ctx(format!("dropping the alias {}", self.collection))
     }
 
     /// Renames the collection (its vectors, index and load state stay).

@@ -13,7 +13,8 @@ use crate::bucket::Source;
 use crate::config::{BackendArgs, DataPlaneArgs};
 use crate::contract::env;
 use crate::embed::Model;
-use crate::store::{self, Generation, Generations};
+use crate::index::Generations;
+use crate::store::{self, Generation};
 
 #[derive(clap::Args)]
 pub struct IndexArgs {

@@ -1,5 +1,5 @@
 //! Which generation of the index a sync works on, and when a new generation has caught up with
-//! the serving one (see `store::generations`).
+//! the serving one (see `index::generations`).
 
 use std::time::Duration;
 
@@ -7,7 +7,8 @@ use futures::{StreamExt, TryStreamExt, stream};
 
 use crate::bucket::Source;
 use crate::core::ModelId;
-use crate::store::{self, Generation, Generations};
+use crate::index::Generations;
+use crate::store::{self, Generation};
 
 /// HEADs in flight at once while comparing two generations.
 const HEADS_AT_ONCE: usize = 16;

@@ -24,7 +24,8 @@ pub use run::{carry_out, embed_only, sync};
 
 use crate::bucket::Source;
 use crate::embed::{DecodeLimits, ModelError};
-use crate::store::{self, Index};
+use crate::index::Index;
+use crate::store::{self};
 
 /// Why a sync stopped. Bad objects never stop it; these do.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +103,7 @@ impl Default for SyncOptions {
             progress_bar: false,
             mixed_precision: false,
             deletion: DeletionGuard::default(),
-            owner: store::LOCAL_OWNER.into(),
+            owner: crate::index::LOCAL_OWNER.into(),
             reconcile: Reconcile::default(),
         }
     }
@@ -137,7 +138,7 @@ pub struct Summary {
     /// Vectors in the collection after the run (all shards).
     pub vectors: u64,
     /// What disagreed between Milvus and the catalog, and was repaired.
-    pub repaired: store::Repair,
+    pub repaired: crate::index::Repair,
     /// Seconds spent embedding (fetch to write), excluding listing and deletes.
     pub embed_seconds: f64,
 }

@@ -21,7 +21,8 @@ use super::{Error, SyncOptions};
 use crate::bucket::Source;
 use crate::core::Preprocess;
 use crate::embed::{DecodeLimits, MemoryBudget, Model, available_cores, decode_cost, preprocess_into};
-use crate::store::{self, Record, Vector, WriteBatch, content_hash};
+use crate::index::WriteBatch;
+use crate::store::{self, Record, Vector, content_hash};
 
 /// Fewest rows per write to Milvus and the catalog (except the last): every upsert and insert
 /// costs the servers CPU on the cores we share.

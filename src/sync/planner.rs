@@ -11,7 +11,8 @@ use super::plan::{DeletionGuard, MassDeletion, Merge, Step};
 use super::sorted::{self, SortError};
 use super::{Error, Reconcile};
 use crate::bucket::{Object, Source};
-use crate::store::{self, Entry, Index, PlanRecord, Repair, WorkItem};
+use crate::index::{Index, Repair};
+use crate::store::{self, Entry, PlanRecord, WorkItem};
 
 /// Catalog entries read at once (a few MB).
 const CATALOG_PAGE: u32 = 5000;

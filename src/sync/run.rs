@@ -15,7 +15,8 @@ use super::planner::{self, Planned};
 use super::{Backends, Error, Reconcile, Summary, SyncOptions};
 use crate::bucket::Source;
 use crate::embed::Model;
-use crate::store::{Index, PlanRecord, PlanStatus, Repair, RunProgress, WorkItem, WriteBatch, shard_ids};
+use crate::index::{Index, Repair, WriteBatch};
+use crate::store::{PlanRecord, PlanStatus, RunProgress, WorkItem, shard_ids};
 
 /// Work items read at once.
 const WORK_PAGE: u32 = 1000;

@@ -25,7 +25,8 @@ use crate::contract::env;
 use crate::contract::report::{GenerationReport, GenerationsReport, Report, Stop};
 use crate::core::{ModelId, Precision, Preprocess};
 use crate::embed::describe_file;
-use crate::store::{self, Catalog, Generation, Generations, Index, VectorStore, generations};
+use crate::index::{self, Generations, Index};
+use crate::store::{self, Catalog, Generation, VectorStore};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -376,7 +377,7 @@ impl CleanupArgs {
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };
         // The claim is the serving generation's (the name's own before there were generations).
-        let catalog = match out.within(generations::serving_catalog(&catalog, collection)).await {
+        let catalog = match out.within(catalog.serving_catalog(collection)).await {
             Ok(key) => catalog.scoped(&key, ""),
             Err(e) => return Report::stopped(Stop::MysqlUnavailable, e),
         };
@@ -405,7 +406,7 @@ impl CleanupArgs {
                 Err(e) => Report::stopped(Stop::MilvusUnavailable, format!("dropping {collection}: {e}")),
             };
         }
-        match out.within(generations::forget_all(&catalog, collection, owner)).await {
+        match out.within(index::generations::forget_all(&catalog, collection, owner)).await {
             Ok(()) => Report::Dropped,
             Err(e) => Report::stopped(Stop::MysqlUnavailable, e),
         }

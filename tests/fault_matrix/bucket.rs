@@ -186,7 +186,7 @@ async fn writes_during_a_listing_survive_the_sync() {
     let id = imageindex::store::key_id(key);
     let record = imageindex::store::Record::indexed(key, None, img.len() as u64, None);
     let vectors = vec![imageindex::store::Vector { id, key: key.into(), embedding: embed(&img) }];
-    writer.write(imageindex::store::WriteBatch { vectors, records: vec![record], remove: vec![] }).await.unwrap();
+    writer.write(imageindex::index::WriteBatch { vectors, records: vec![record], remove: vec![] }).await.unwrap();
     release_tx.send(()).unwrap();
     let (s, backends) = running.await.unwrap().unwrap();
     // The plan reads the catalog beside the listing: it either never saw the upload's row, or

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use imageindex::core::IndexKind;
-use imageindex::store::{Generations, LOCAL_OWNER};
+use imageindex::index::{Generations, LOCAL_OWNER};
 use imageindex::sync::{Backends, generation::target, sync};
 
 use super::consistency::{Consistency, consistency};
@@ -69,7 +69,8 @@ async fn a_rebuild_killed_between_alias_and_table() {
 /// new generation serves the bucket as it is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rebuild_swaps_past_deleted_and_unaddressable_objects() {
-    use imageindex::store::{Record, WriteBatch};
+    use imageindex::index::WriteBatch;
+    use imageindex::store::Record;
     use imageindex::sync::generation::still_missing;
     let _serial = SERIAL.lock().await;
     let fx = Fixture::new("matrix_swap_gone");

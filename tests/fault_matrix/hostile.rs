@@ -99,7 +99,7 @@ async fn uploads_while_idle_connections_hold_every_slot() {
 }
 
 /// The sync of `b` (the fixture's own helper, on a task of its own); its index, for the check.
-async fn fx_sync(b: imageindex::sync::Backends) -> imageindex::store::Index {
+async fn fx_sync(b: imageindex::sync::Backends) -> imageindex::index::Index {
     sync(&b, model(), &SyncOptions::default()).await.expect("sync");
     b.index
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use imageindex::store::Index;
+use imageindex::index::Index;
 
 use super::support::Fixture;
 

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use imageindex::contract::report::Report;
 use imageindex::core::IndexKind;
-use imageindex::store::generations::State;
-use imageindex::store::{Generation, Generations, VectorStore};
+use imageindex::index::Generations;
+use imageindex::store::State;
+use imageindex::store::{Generation, VectorStore};
 
 use super::serve::TOKEN;
 use super::support::*;
@@ -354,7 +355,8 @@ async fn the_operators_jobs_rebuild_the_index_for_a_new_model_and_swap_when_it_i
 /// A generation is claimed before it is recorded now, and only its holder drops or forgets it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_index_never_drops_or_forgets_a_generation_another_index_holds() {
-    use imageindex::store::{Catalog, Error, generations};
+    use imageindex::index::generations;
+    use imageindex::store::{Catalog, Error};
     use imageindex::sync::{Backends, SyncOptions, sync};
     let fx = Fixture::new("generations_owners");
     upload_photos(&fx, 3).await;
@@ -399,7 +401,8 @@ async fn an_index_never_drops_or_forgets_a_generation_another_index_holds() {
 /// waited for; what is still there is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_swap_waits_only_for_objects_still_in_the_bucket() {
-    use imageindex::store::{Catalog, LOCAL_OWNER, Record, WriteBatch};
+    use imageindex::index::{LOCAL_OWNER, WriteBatch};
+    use imageindex::store::{Catalog, Record};
     use imageindex::sync::generation::still_missing;
     let fx = Fixture::new("generations_missing");
     let photos = upload_photos(&fx, 1).await;
@@ -449,7 +452,7 @@ async fn plan_again(fx: &Fixture, gens: &Generations) -> imageindex::sync::Summa
 /// Each cut is the state a crash between the two calls leaves, made here with the same calls.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rebuild_cut_at_any_step_is_finished_by_the_next_reader() {
-    use imageindex::store::LOCAL_OWNER;
+    use imageindex::index::LOCAL_OWNER;
     let fx = Fixture::new("generations_cut");
     let plain = plain_index(&fx, 3).await;
     let gens = generations_of(&fx).await;
@@ -501,7 +504,8 @@ async fn a_rebuild_cut_at_any_step_is_finished_by_the_next_reader() {
 /// catalog claim and, after an upload, vectors nobody would ever collect.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_generation_is_never_made_again() {
-    use imageindex::store::{Error, LOCAL_OWNER};
+    use imageindex::index::LOCAL_OWNER;
+    use imageindex::store::Error;
     let fx = Fixture::new("generations_resurrect");
     let plain = plain_index(&fx, 2).await;
     let gens = generations_of(&fx).await;

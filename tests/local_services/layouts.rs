@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 
 use futures::TryStreamExt;
 use imageindex::core::IndexKind;
-use imageindex::store::{Index, key_id};
+use imageindex::index::Index;
+use imageindex::store::key_id;
 
 use super::consistency::{Consistency, consistency};
 use super::support::*;

@@ -5,7 +5,8 @@
 use milvus::v2::prelude::*;
 
 use imageindex::core::IndexKind;
-use imageindex::store::{self, Record, Repair, Vector, WriteBatch, key_id};
+use imageindex::index::{Repair, WriteBatch};
+use imageindex::store::{self, Record, Vector, key_id};
 use imageindex::sync::{Backends, Reconcile, SyncOptions, sync};
 
 use super::consistency::{Consistency, consistency};

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use image::{DynamicImage, ImageFormat};
 use imageindex::core::IndexKind;
+use imageindex::index::Index;
 use imageindex::serve::{AppState, ServeConfig};
-use imageindex::store::{Index, content_hash, key_id};
+use imageindex::store::{content_hash, key_id};
 use imageindex::sync::Backends;
 
 use super::support::*;
@@ -411,7 +412,7 @@ async fn rotated_credentials_are_put_to_use_without_a_restart() {
             index_type: IndexKind::Hnsw,
             mysql_url: None,
             mysql_url_file: Some(dir.join("url")),
-            owner: imageindex::store::LOCAL_OWNER.into(),
+            owner: imageindex::index::LOCAL_OWNER.into(),
         },
         src: SourceArgs {
             s3_endpoint: Some(env("IMAGEINDEX_S3_ENDPOINT")),

@@ -8,7 +8,8 @@ use image::{RgbImage, imageops::FilterType};
 use imageindex::bucket::{Source, SourceConfig};
 use imageindex::core::IndexKind;
 use imageindex::embed::{DecodeLimits, Model, ModelOptions};
-use imageindex::store::{Generations, Index, MilvusConfig};
+use imageindex::index::{Generations, Index};
+use imageindex::store::MilvusConfig;
 use imageindex::sync::{Backends, Summary, SyncOptions, sync};
 
 pub fn env(name: &str) -> String {
@@ -72,7 +73,7 @@ impl Fixture {
     pub async fn cleanup(&self) {
         let url = env("IMAGEINDEX_MYSQL_URL");
         let gens = Generations::connect(&self.milvus(IndexKind::Hnsw), &url).await.unwrap();
-        let mut owners = vec![imageindex::store::LOCAL_OWNER.to_string()];
+        let mut owners = vec![imageindex::index::LOCAL_OWNER.to_string()];
         let catalogs = gens.list().await.unwrap().into_iter().map(|g| g.catalog).chain([self.name.clone()]);
         for catalog in catalogs {
             let held = imageindex::store::Catalog::connect(&url, &catalog, "").await.unwrap().owner().await.unwrap();

@@ -7,7 +7,8 @@ use bytes::Bytes;
 
 use imageindex::core::{IndexKind, ModelId, Precision};
 use imageindex::embed::{DecodeLimits, Preprocessor};
-use imageindex::store::{self, Repair, VectorStore, key_id, shard_ids};
+use imageindex::index::Repair;
+use imageindex::store::{self, VectorStore, key_id, shard_ids};
 use imageindex::sync::{DeletionGuard, SyncOptions, carry_out, plan};
 
 use super::support::*;
@@ -190,7 +191,7 @@ async fn a_plan_lists_once_and_shards_read_only_their_work() {
     upload_photos(&fx, 40).await;
     let b = fx.backends(IndexKind::Hnsw).await;
     let model = model();
-    b.index.ensure(model.dim(), model.id(), false, store::LOCAL_OWNER).await.unwrap();
+    b.index.ensure(model.dim(), model.id(), false, imageindex::index::LOCAL_OWNER).await.unwrap();
     let planned = plan(&b.source, &b.index, DeletionGuard::default()).await.unwrap();
     assert_eq!(b.source.list_requests(), 1, "40 objects: one page");
     let counts = planned.record.counts;
@@ -331,7 +332,10 @@ async fn a_key_whose_id_another_key_holds_is_left_out_and_listed() {
         .await
         .unwrap();
     let moved = store::Vector { id: taken, key: "held.jpg".into(), embedding: embed(&photos[0]) };
-    b.index.write(store::WriteBatch { vectors: vec![moved], remove: vec![own], records: vec![] }).await.unwrap();
+    b.index
+        .write(imageindex::index::WriteBatch { vectors: vec![moved], remove: vec![own], records: vec![] })
+        .await
+        .unwrap();
     assert_eq!(fx.sync(&b).await.unchanged, 1);
 
     fx.source.put("later.jpg", photos[1].clone()).await.unwrap();

@@ -11,107 +11,10 @@
 
 use std::time::Duration;
 
-use milvus::v2::prelude::DropAliasRequest;
-use sqlx::Row;
-
-use super::{Catalog, Context, Error, Index, MilvusConfig, Result, VectorStore};
+use super::Index;
 use crate::core::ModelId;
-
-/// Where a generation stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    /// Being filled; search does not read it.
-    Building,
-    /// What the alias points at.
-    Serving,
-    /// Search moved off it; dropped after the grace period unless kept.
-    Retired,
-    /// Its build stopped (the reason says why); the next build of the same model resumes it.
-    Failed,
-    /// Gone from Milvus and the catalog.
-    Dropped,
-}
-
-impl State {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Building => "building",
-            Self::Serving => "serving",
-            Self::Retired => "retired",
-            Self::Failed => "failed",
-            Self::Dropped => "dropped",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "building" => Self::Building,
-            "serving" => Self::Serving,
-            "retired" => Self::Retired,
-            "failed" => Self::Failed,
-            "dropped" => Self::Dropped,
-            other => return Err(Error::Invalid(format!("unknown generation state {other:?}"))),
-        })
-    }
-}
-
-/// One collection behind an index name.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Generation {
-    pub number: u32,
-    /// The Milvus collection.
-    pub collection: String,
-    /// Whose catalog rows are its (`images.collection`).
-    pub catalog: String,
-    pub state: State,
-    /// The model its vectors come from, once recorded (`ModelId`'s form).
-    pub model: Option<String>,
-    /// Why its build failed.
-    pub reason: Option<String>,
-    pub keep: bool,
-    pub created_at: Option<chrono::NaiveDateTime>,
-    pub swapped_at: Option<chrono::NaiveDateTime>,
-    pub retired_at: Option<chrono::NaiveDateTime>,
-}
-
-impl Generation {
-    /// The name itself as a collection (no alias): generation 0.
-    pub fn plain(name: &str) -> Self {
-        Self {
-            number: 0,
-            collection: name.to_string(),
-            catalog: name.to_string(),
-            state: State::Serving,
-            model: None,
-            reason: None,
-            keep: false,
-            created_at: None,
-            swapped_at: None,
-            retired_at: None,
-        }
-    }
-
-    /// Whether it is a collection made before generations, still under the index's name.
-    pub fn is_plain(&self, name: &str) -> bool {
-        self.collection == name
-    }
-
-    /// Whether its vectors can come from `model` (nothing recorded yet, or the same model; see
-    /// `ModelId::check`).
-    pub fn fits(&self, model: &ModelId, mixed_precision: bool) -> bool {
-        match self.model.as_deref().map(str::parse::<ModelId>) {
-            None => true,
-            Some(Ok(recorded)) => model.check(&recorded, mixed_precision, "").is_ok(),
-            Some(Err(_)) => false,
-        }
-    }
-}
-
-/// The collection of generation `number` of index `name`.
-pub fn collection_of(name: &str, number: u32) -> String {
-    format!("{name}_g{number}")
-}
+use crate::store::{Catalog, Error, MilvusConfig, Result, VectorStore};
+use crate::store::{Fix, Generation, State, collection_of};
 
 /// The next generation's number: one past every number used, and never 0 (the plain collection's).
 pub fn next_number(used: impl IntoIterator<Item = u32>) -> u32 {
@@ -124,33 +27,6 @@ pub struct Generations {
     /// The index's name in Milvus: the alias, or a plain collection.
     alias: VectorStore,
     catalog: Catalog,
-}
-
-/// A static SELECT of one name's generations (and their models), with more of the WHERE clause.
-macro_rules! select_generations {
-    ($more:literal) => {
-        concat!(
-            "SELECT g.number, g.collection, g.catalog, g.state, g.reason, g.keep, g.created_at, g.swapped_at, ",
-            "g.retired_at, c.model FROM generations g LEFT JOIN collections c ON c.collection = g.catalog ",
-            "WHERE g.name = ? ",
-            $more
-        )
-    };
-}
-
-fn generation_from_row(r: &sqlx::mysql::MySqlRow) -> Result<Generation> {
-    Ok(Generation {
-        number: r.try_get::<i32, _>("number")? as u32,
-        collection: r.try_get("collection")?,
-        catalog: r.try_get("catalog")?,
-        state: State::parse(&r.try_get::<String, _>("state")?)?,
-        model: r.try_get("model")?,
-        reason: r.try_get("reason")?,
-        keep: r.try_get("keep")?,
-        created_at: r.try_get("created_at")?,
-        swapped_at: r.try_get("swapped_at")?,
-        retired_at: r.try_get("retired_at")?,
-    })
 }
 
 impl Generations {
@@ -188,21 +64,7 @@ impl Generations {
     }
 
     async fn rows(&self) -> Result<Vec<Generation>> {
-        let rows = sqlx::query(select_generations!("ORDER BY g.number"))
-            .bind(&self.name)
-            .fetch_all(self.catalog.pool())
-            .await
-            .ctx("reading the generations")?;
-        rows.iter().map(generation_from_row).collect()
-    }
-
-    async fn model_of(&self, catalog: &str) -> Result<Option<String>> {
-        let model: Option<Option<String>> = sqlx::query_scalar("SELECT model FROM collections WHERE collection = ?")
-            .bind(catalog)
-            .fetch_optional(self.catalog.pool())
-            .await
-            .ctx("reading the collection's model")?;
-        Ok(model.flatten())
+        self.catalog.generations(&self.name).await
     }
 
     /// The generation search reads now; None when the name has no collection yet. The alias is
@@ -215,7 +77,7 @@ impl Generations {
             Some(collection) => collection,
             None if self.alias.exists().await? => {
                 let mut g = Generation::plain(&self.name);
-                g.model = self.model_of(&self.name).await?;
+                g.model = self.catalog.model_of(&self.name).await?;
                 return Ok(Some(g));
             }
             None => match self.restore_alias().await? {
@@ -227,7 +89,7 @@ impl Generations {
         let fixes = settle(&self.name, &rows, &target);
         if !fixes.is_empty() {
             tracing::warn!("the generations of {} disagreed with the alias (a step cut short): {fixes:?}", self.name);
-            self.apply(&fixes).await?;
+            self.catalog.settle_generations(&self.name, &fixes).await?;
             rows = self.rows().await?;
         }
         let mut g = match rows.into_iter().find(|g| g.collection == target) {
@@ -237,7 +99,7 @@ impl Generations {
         };
         g.state = State::Serving;
         if g.model.is_none() {
-            g.model = self.model_of(&g.catalog).await?;
+            g.model = self.catalog.model_of(&g.catalog).await?;
         }
         Ok(Some(g))
     }
@@ -254,36 +116,6 @@ impl Generations {
             }
         }
         Ok(None)
-    }
-
-    /// Applies what `settle` found, in one transaction.
-    async fn apply(&self, fixes: &[Fix]) -> Result<()> {
-        let mut tx = self.catalog.pool().begin().await.ctx("beginning a transaction")?;
-        for fix in fixes {
-            let q = match *fix {
-                Fix::RecordAdopted => sqlx::query(
-                    "INSERT INTO generations (name, number, collection, catalog, state, swapped_at) \
-                     VALUES (?, 0, ?, ?, 'serving', NOW(3)) ON DUPLICATE KEY UPDATE state = 'serving'",
-                )
-                .bind(&self.name)
-                .bind(collection_of(&self.name, 0))
-                .bind(&self.name),
-                Fix::Serve(n) => sqlx::query(
-                    "UPDATE generations SET state = 'serving', reason = NULL, swapped_at = NOW(3) \
-                     WHERE name = ? AND number = ? AND state NOT IN ('serving', 'dropped')",
-                )
-                .bind(&self.name)
-                .bind(n as i32),
-                Fix::Retire(n) => sqlx::query(
-                    "UPDATE generations SET state = 'retired', retired_at = NOW(3) \
-                     WHERE name = ? AND number = ? AND state = 'serving'",
-                )
-                .bind(&self.name)
-                .bind(n as i32),
-            };
-            q.execute(&mut *tx).await.ctx("recording the generations' states")?;
-        }
-        tx.commit().await.ctx("recording the generations' states")
     }
 
     /// Every generation, oldest first, the serving one as the alias says.
@@ -306,11 +138,7 @@ impl Generations {
     /// The generation plan `plan` was made for (its work is in that generation's catalog); None
     /// for a plan of another index, or none.
     pub async fn of_plan(&self, plan: i64) -> Result<Option<Generation>> {
-        let catalog: Option<String> = sqlx::query_scalar("SELECT collection FROM plans WHERE id = ?")
-            .bind(plan)
-            .fetch_optional(self.catalog.pool())
-            .await
-            .ctx("reading the plan")?;
+        let catalog = self.catalog.catalog_of_plan(plan).await?;
         let Some(catalog) = catalog else { return Ok(None) };
         let all = self.list().await?;
         Ok(all.into_iter().find(|g| g.catalog == catalog && g.state != State::Dropped).or_else(|| {
@@ -365,16 +193,7 @@ impl Generations {
         // Claimed before it is recorded: a generation row always names a collection its owner
         // holds, and nothing drops one it does not hold.
         self.catalog.scoped(&collection, "").claim_owner(owner).await?;
-        sqlx::query(
-            "INSERT INTO generations (name, number, collection, catalog, state) VALUES (?, ?, ?, ?, 'building')",
-        )
-        .bind(&self.name)
-        .bind(number as i32)
-        .bind(&collection)
-        .bind(&collection)
-        .execute(self.catalog.pool())
-        .await
-        .ctx("recording the new generation")?;
+        self.catalog.record_generation(&self.name, number, &collection).await?;
         let building = Generation {
             number,
             catalog: collection.clone(),
@@ -386,15 +205,7 @@ impl Generations {
     }
 
     async fn set_state(&self, g: &Generation, state: State, reason: Option<&str>) -> Result<()> {
-        sqlx::query("UPDATE generations SET state = ?, reason = ? WHERE name = ? AND number = ?")
-            .bind(state.as_str())
-            .bind(reason)
-            .bind(&self.name)
-            .bind(g.number as i32)
-            .execute(self.catalog.pool())
-            .await
-            .ctx("recording the generation's state")?;
-        Ok(())
+        self.catalog.set_generation_state(&self.name, g.number, state, reason).await
     }
 
     /// Records that the build of `g` stopped, and why; search is untouched.
@@ -412,19 +223,7 @@ impl Generations {
         after: i64,
         limit: u32,
     ) -> Result<Vec<(i64, String)>> {
-        let rows = sqlx::query(
-            "SELECT a.id, a.object_key FROM images a LEFT JOIN images b ON b.collection = ? AND b.id = a.id \
-             WHERE a.collection = ? AND a.id > ? AND (b.id IS NULL OR (b.retry AND NOT a.retry)) \
-             ORDER BY a.id LIMIT ?",
-        )
-        .bind(&to.catalog)
-        .bind(&from.catalog)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(self.catalog.pool())
-        .await
-        .ctx("comparing two generations' catalogs")?;
-        rows.iter().map(|r| Ok((r.try_get("id")?, super::catalog::key_from_row(r, "object_key")?))).collect()
+        self.catalog.missing_from(&from.catalog, &to.catalog, after, limit).await
     }
 
     /// Puts a plain collection (generation 0) behind the alias: renamed `<name>_g0`, with the
@@ -441,7 +240,7 @@ impl Generations {
             return Err(e);
         }
         // Its rows are the name's: the plain collection's catalog.
-        self.apply(&[Fix::RecordAdopted]).await?;
+        self.catalog.settle_generations(&self.name, &[Fix::RecordAdopted]).await?;
         tracing::info!("collection {} is now generation 0 ({renamed}) behind the alias {}", self.name, self.name);
         Ok(Generation { collection: renamed, ..plain.clone() })
     }
@@ -457,30 +256,14 @@ impl Generations {
 
     /// Keeps a retired generation (never dropped by `collect`), or lets it go.
     pub async fn keep(&self, g: &Generation, keep: bool) -> Result<()> {
-        sqlx::query("UPDATE generations SET keep = ? WHERE name = ? AND number = ?")
-            .bind(keep)
-            .bind(&self.name)
-            .bind(g.number as i32)
-            .execute(self.catalog.pool())
-            .await
-            .ctx("recording whether to keep the generation")?;
-        Ok(())
+        self.catalog.keep_generation(&self.name, g.number, keep).await
     }
 
     /// Drops the retired generations whose grace period is over, not kept, and held by `owner`;
     /// returns them. One another index holds is left (with a warning), never dropped.
     pub async fn collect(&self, grace: Duration, owner: &str) -> Result<Vec<Generation>> {
         self.serving().await?; // a swap cut short retires its old generation, from now
-        let due = sqlx::query(select_generations!(
-            "AND g.state = 'retired' AND NOT g.keep AND g.retired_at <= NOW(3) - INTERVAL ? MICROSECOND \
-             ORDER BY g.number"
-        ))
-        .bind(&self.name)
-        .bind(grace.as_micros() as u64)
-        .fetch_all(self.catalog.pool())
-        .await
-        .ctx("reading the retired generations")?;
-        let due = due.iter().map(generation_from_row).collect::<Result<Vec<_>>>()?;
+        let due = self.catalog.generations_due(&self.name, grace).await?;
         let mut dropped = Vec::new();
         for g in due {
             match self.drop_generation(&g, owner).await {
@@ -501,8 +284,7 @@ impl Generations {
             if serving.is_plain(&self.name) {
                 self.alias.drop_collection().await?;
             } else {
-                let req = DropAliasRequest::builder().alias(&self.name).build()?;
-                self.alias.client().drop_alias(req).await.ctx(format!("dropping the alias {}", self.name))?;
+                self.alias.drop_alias().await?;
             }
         }
         if self.holds(&self.name, owner).await? {
@@ -514,12 +296,7 @@ impl Generations {
                 Err(e) => return Err(e),
             }
         }
-        sqlx::query("DELETE FROM generations WHERE name = ? AND state = 'dropped'")
-            .bind(&self.name)
-            .execute(self.catalog.pool())
-            .await
-            .ctx("forgetting the generations")?;
-        Ok(())
+        self.catalog.forget_dropped_generations(&self.name).await
     }
 
     /// Whether the catalog says `owner` holds the collection whose rows are under `catalog`.
@@ -556,52 +333,19 @@ impl Generations {
     }
 }
 
-/// The catalog key whose rows (and owner) are the serving generation's, as the catalog recorded
-/// it: the name itself before there were generations. Needs no Milvus.
-pub async fn serving_catalog(catalog: &Catalog, name: &str) -> Result<String> {
-    let key: Option<String> =
-        sqlx::query_scalar("SELECT catalog FROM generations WHERE name = ? AND state = 'serving' ORDER BY number DESC")
-            .bind(name)
-            .fetch_optional(catalog.pool())
-            .await
-            .ctx("reading the serving generation")?;
-    Ok(key.unwrap_or_else(|| name.to_string()))
-}
-
 /// Forgets the catalog rows of every generation of `name` that `owner` holds (its Milvus is
 /// gone); another index's are left.
 pub async fn forget_all(catalog: &Catalog, name: &str, owner: &str) -> Result<()> {
-    let keys: Vec<String> = sqlx::query_scalar("SELECT catalog FROM generations WHERE name = ?")
-        .bind(name)
-        .fetch_all(catalog.pool())
-        .await
-        .ctx("reading the generations")?;
+    let keys = catalog.generation_catalogs(name).await?;
     for key in keys.iter().map(String::as_str).chain([name]) {
         let scoped = catalog.scoped(key, "");
         if scoped.owner().await?.as_deref() != Some(owner) {
             continue;
         }
         scoped.drop_collection().await?;
-        sqlx::query("DELETE FROM generations WHERE name = ? AND catalog = ?")
-            .bind(name)
-            .bind(key)
-            .execute(catalog.pool())
-            .await
-            .ctx("forgetting the generations")?;
+        catalog.forget_generations_of(name, key).await?;
     }
     Ok(())
-}
-
-/// A change to the generations table that makes it agree with the alias.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fix {
-    /// The alias points at `<name>_g0` with no row: the move of a plain collection behind the
-    /// alias was cut before it was recorded (its rows are under the name).
-    RecordAdopted,
-    /// The alias points at this generation, which the table says is not serving.
-    Serve(u32),
-    /// The table says this generation serves, and the alias points elsewhere.
-    Retire(u32),
 }
 
 /// What the table of `name`'s generations (`rows`) must change to agree with its alias, which
@@ -671,20 +415,5 @@ mod tests {
         assert_eq!(next_number([0]), 1);
         assert_eq!(next_number([1, 3, 2]), 4);
         assert_eq!(collection_of("photos", 2), "photos_g2");
-    }
-
-    #[test]
-    fn a_generation_fits_its_own_model_only() {
-        let resnet50: ModelId = "resnet50.onnx@fp32".parse().unwrap();
-        let resnet18: ModelId = "resnet18.onnx@fp32".parse().unwrap();
-        let mut g = Generation::plain("photos");
-        assert!(g.fits(&resnet18, false), "nothing recorded yet");
-        g.model = Some(resnet50.to_string());
-        assert!(g.fits(&resnet50, false));
-        assert!(!g.fits(&resnet18, false));
-        assert!(!g.fits(&"resnet50.onnx@int8".parse().unwrap(), false));
-        assert!(g.fits(&"resnet50.onnx@int8".parse().unwrap(), true));
-        g.model = Some("not a model id".into());
-        assert!(!g.fits(&resnet50, false));
     }
 }
