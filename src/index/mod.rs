@@ -1,10 +1,13 @@
 //! An index: one collection's vectors in Milvus and their rows in the catalog, changed only
 //! through `Index`, which owns the order of the writes; and the generations behind an index's
-//! name (`generations`), the lifecycle that builds, swaps and retires them. Uses the adapters of
-//! `store` and `core`; the roles above use it.
+//! name (`generations`: their record and their steps; `lifecycle`: the choices the commands
+//! make with them, written once). Uses the adapters of `store`, `bucket` (a swap HEADs what it
+//! waits for) and `core`; the roles above use it.
 pub mod generations;
+mod lifecycle;
 
 pub use generations::Generations;
+pub use lifecycle::{CaughtUp, ChooseError, Chosen, SwapError};
 
 use std::collections::HashSet;
 

@@ -7,13 +7,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::generation::{still_missing, target};
 use super::{Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
 use crate::bucket::Source;
 use crate::config::{BackendArgs, DataPlaneArgs};
 use crate::contract::env;
 use crate::embed::Model;
-use crate::index::Generations;
+use crate::index::{CaughtUp, Generations, SwapError};
 use crate::store::{self, Generation};
 
 #[derive(clap::Args)]
@@ -153,7 +152,7 @@ impl IndexArgs {
         if self.generation.new_generation {
             return rebuild(&gens, source, model, &opts, &self.generation).await;
         }
-        let target = target(&gens, model.id(), opts.mixed_precision).await?;
+        let target = gens.target(model.id(), opts.mixed_precision).await?;
         let backends = Backends { source, index: gens.index(&target, model.id()) };
         let summary = sync(&backends, model, &opts).await.map_err(|e| match e {
             super::Error::Store(store::Error::ModelMismatch(m)) => anyhow::Error::from(store::Error::ModelMismatch(m))
@@ -207,17 +206,22 @@ async fn rebuild(
         None => eprintln!("building generation {} of {} for {}", building.number, gens.name(), model.id()),
     }
     let backends = Backends { source, index: gens.to_build(&building, model.id()) };
-    if let Err(e) = build(gens, serving.as_ref(), &building, &backends, model, opts).await {
-        if let Err(also) = gens.fail(&building, &format!("{e:#}")).await {
-            tracing::warn!("recording the failed build: {also}");
+    let retired = match build(gens, serving.as_ref(), &building, &backends, model, opts, args.keep_old).await {
+        Ok(retired) => retired,
+        Err(e) => {
+            // A swap cut short may have moved the alias: the next reader settles it, and the
+            // build is not failed.
+            if !matches!(e.downcast_ref::<SwapError>(), Some(SwapError::Moving(_)))
+                && let Err(also) = gens.fail(&building, &format!("{e:#}")).await
+            {
+                tracing::warn!("recording the failed build: {also}");
+            }
+            return Err(e.context(format!("building generation {} (search stays where it was)", building.number)));
         }
-        return Err(e.context(format!("building generation {} (search stays where it was)", building.number)));
-    }
-    let retired = gens.swap(serving.as_ref(), &building).await?;
+    };
     eprintln!("search moved to generation {} ({})", building.number, building.collection);
     let Some(old) = retired else { return Ok(()) };
     if args.keep_old {
-        gens.keep(&old, true).await?;
         eprintln!("kept generation {} ({}), retired", old.number, old.collection);
         return Ok(());
     }
@@ -232,7 +236,8 @@ async fn rebuild(
 }
 
 /// Syncs the new generation until it holds every object the serving one holds, or the object is
-/// gone from the bucket (deleted since the serving generation last synced).
+/// gone from the bucket (deleted since the serving generation last synced), then moves search to
+/// it; returns the generation it retired.
 async fn build(
     gens: &Generations,
     serving: Option<&Generation>,
@@ -240,24 +245,28 @@ async fn build(
     backends: &Backends,
     model: Arc<Model>,
     opts: &SyncOptions,
-) -> Result<()> {
-    for round in 1..=CATCH_UP_ROUNDS {
+    keep_old: bool,
+) -> Result<Option<Generation>> {
+    // A command on a terminal: each step takes as long as it takes (interrupted with ^C).
+    let no_limit = Duration::MAX;
+    let mut round = 0;
+    loop {
+        round += 1;
         let summary = sync(backends, model.clone(), opts).await?;
         print_summary(&summary);
-        let Some(serving) = serving else { break };
-        let arrived = still_missing(gens, serving, building, &backends.source).await?;
-        if arrived == 0 {
-            break;
+        let caught_up =
+            gens.swap_when_caught_up(serving, building, &backends.index, &backends.source, keep_old, no_limit);
+        match caught_up.await? {
+            CaughtUp::Swapped(retired) => return Ok(retired),
+            CaughtUp::Missing(arrived) if round < CATCH_UP_ROUNDS => {
+                eprintln!("{arrived} objects arrived during the build; syncing again");
+            }
+            CaughtUp::Missing(arrived) => anyhow::bail!(
+                "{arrived} objects of the serving generation are still missing after {round} rounds: the bucket \
+                 changes faster than the build catches up"
+            ),
         }
-        anyhow::ensure!(
-            round < CATCH_UP_ROUNDS,
-            "{arrived} objects of the serving generation are still missing after {round} rounds: the bucket changes \
-             faster than the build catches up"
-        );
-        eprintln!("{arrived} objects arrived during the build; syncing again");
     }
-    backends.index.wait_searchable().await?;
-    Ok(())
 }
 
 impl EmbedArgs {
@@ -276,7 +285,7 @@ impl EmbedArgs {
         };
         let generation = match planned {
             Some(g) => g,
-            None => target(&gens, model.id(), args.data.model.allow_mixed_precision).await?,
+            None => gens.target(model.id(), args.data.model.allow_mixed_precision).await?,
         };
         let index = gens.index(&generation, model.id());
         let backends = Backends { source: src.open(self.source.clone())?, index };

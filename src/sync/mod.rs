@@ -3,14 +3,13 @@
 //! (pure), `planner` feeds it and records the plan's work in the catalog, `pipeline` fetches,
 //! decodes and embeds, `run` carries out one shard's work and records the run; `cli` is the
 //! `index` and `embed` commands, `tasks` the operator's `plan` and `cleanup`.
-//! Uses `embed` and `store`; nothing below it uses it.
+//! Uses `embed`, `index`, `store` and `bucket`; nothing below it uses it.
 //!
 //! A bad object (corrupt, truncated, not an image, too large) is recorded as failed with its
 //! reason and never stops the run. A backend failure (Milvus, MySQL, the bucket) does: what was
 //! written stays written, and the next run picks up where this one stopped.
 
 pub mod cli;
-pub mod generation;
 mod pipeline;
 pub mod plan;
 pub mod planner;
@@ -25,7 +24,7 @@ pub use run::{carry_out, embed_only, sync};
 use crate::bucket::Source;
 use crate::embed::{DecodeLimits, ModelError};
 use crate::index::Index;
-use crate::store::{self};
+use crate::store;
 
 /// Why a sync stopped. Bad objects never stop it; these do.
 #[derive(Debug, thiserror::Error)]

@@ -16,16 +16,14 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::generation::still_missing;
 use super::plan::DeletionGuard;
 use super::{Error, Reconcile, planner};
-use crate::bucket::Source;
 use crate::config::{BackendArgs, SourceArgs};
 use crate::contract::env;
 use crate::contract::report::{GenerationReport, GenerationsReport, Report, Stop};
 use crate::core::{ModelId, Precision, Preprocess};
 use crate::embed::describe_file;
-use crate::index::{self, Generations, Index};
+use crate::index::{self, CaughtUp, ChooseError, Chosen, Generations, SwapError};
 use crate::store::{self, Catalog, Generation, VectorStore};
 
 #[derive(clap::Args)]
@@ -170,9 +168,9 @@ impl PlanArgs {
             }
         }
         let limit = Duration::from_secs(out.io_timeout);
-        let (serving, building, index) = match self.choose(&gens, &model, width, limit).await {
+        let Chosen { serving, building, index } = match gens.choose(&model, width, &self.backend.owner, limit).await {
             Ok(chosen) => chosen,
-            Err(stopped) => return stopped,
+            Err(e) => return Report::stopped(stop_of(&e), e),
         };
         // Milvus and the catalog agreeing first, so that the plan embeds what lost its vector.
         let repaired = tokio::time::timeout(limit, planner::repair(&index, Reconcile::IfCountsDiffer)).await;
@@ -205,10 +203,12 @@ impl PlanArgs {
             && c.pending() == 0
             && refused.is_none()
         {
-            match self.swap_if_caught_up(&gens, s, b, &index, &source).await {
-                Ok(false) => {}
-                Ok(true) => (serving, building, swapped) = (Some(b.clone()), None, true),
-                Err(stopped) => return stopped,
+            match gens.swap_when_caught_up(Some(s), b, &index, &source, self.keep_generations, limit).await {
+                // Arrived since the listing: the next plan has them.
+                Ok(CaughtUp::Missing(_)) => {}
+                Ok(CaughtUp::Swapped(_)) => (serving, building, swapped) = (Some(b.clone()), None, true),
+                Err(e @ SwapError::Comparing(_)) => return Report::stopped(Stop::SourceUnavailable, e),
+                Err(e) => return Report::stopped(Stop::MilvusUnavailable, e),
             }
         }
         let describe = |g: Generation| {
@@ -267,91 +267,18 @@ impl PlanArgs {
             generations,
         }
     }
-
-    /// The generation to plan for, with the one serving, made or checked for `model`: the serving
-    /// one, or a new generation beside it when the serving one cannot hold this model's vectors
-    /// (another model, width or index type: the spec changed). Its `Index` comes with it.
-    async fn choose(
-        &self,
-        gens: &Generations,
-        model: &ModelId,
-        width: usize,
-        limit: Duration,
-    ) -> Result<(Option<Generation>, Option<Generation>, Index), Report> {
-        let owner = &self.backend.owner;
-        let serving = match tokio::time::timeout(limit, gens.serving()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(Report::stopped(Stop::MilvusUnavailable, format!("reading the index's alias: {e}")));
-            }
-            Err(_) => return Err(Report::stopped(Stop::MilvusUnavailable, format!("no answer in {limit:?}"))),
-        };
-        let ensure = |index: Index| async move {
-            match tokio::time::timeout(limit, index.ensure(width, model, false, owner)).await {
-                Ok(Ok(_)) => Ok(index),
-                Ok(Err(e)) => Err(e),
-                Err(_) => {
-                    Err(store::Error::backend("making or checking the collection", format!("no answer in {limit:?}")))
-                }
-            }
-        };
-        let target = serving.clone().unwrap_or_else(|| Generation::plain(gens.name()));
-        match ensure(gens.index(&target, model)).await {
-            Ok(index) => return Ok((serving, None, index)),
-            Err(store::Error::ModelMismatch(_) | store::Error::IndexMismatch(_)) if serving.is_some() => {}
-            Err(e) => return Err(Report::stopped(stop_of(&e), e)),
-        }
-        let (serving, building) = match tokio::time::timeout(limit, gens.begin(model, owner)).await {
-            Ok(Ok(begun)) => begun,
-            Ok(Err(e)) => return Err(Report::stopped(stop_of(&e), format!("beginning a new generation: {e}"))),
-            Err(_) => return Err(Report::stopped(Stop::CollectionUnavailable, format!("no answer in {limit:?}"))),
-        };
-        match ensure(gens.to_build(&building, model)).await {
-            Ok(index) => Ok((serving, Some(building), index)),
-            Err(e) => Err(Report::stopped(stop_of(&e), e)),
-        }
-    }
-
-    /// Moves search to `building` when it holds every object `serving` holds that the bucket
-    /// still has; retires `serving` (kept when asked). Says whether it moved.
-    async fn swap_if_caught_up(
-        &self,
-        gens: &Generations,
-        serving: &Generation,
-        building: &Generation,
-        index: &Index,
-        source: &Source,
-    ) -> Result<bool, Report> {
-        let out = &self.out;
-        // Bounded per HEAD inside (thousands of deletions are not one limit's worth of HEADs).
-        match still_missing(gens, serving, building, source).await {
-            Ok(0) => {}
-            Ok(_) => return Ok(false), // arrived since the listing: the next plan has them
-            Err(e) => return Err(Report::stopped(Stop::SourceUnavailable, format!("comparing generations: {e}"))),
-        }
-        if let Err(e) = out.within(index.wait_searchable()).await {
-            return Err(Report::stopped(Stop::MilvusUnavailable, e));
-        }
-        let retired = match out.within(gens.swap(Some(serving), building)).await {
-            Ok(r) => r,
-            Err(e) => return Err(Report::stopped(Stop::MilvusUnavailable, format!("moving the alias: {e}"))),
-        };
-        if let Some(old) = retired.filter(|_| self.keep_generations)
-            && let Err(e) = out.within(gens.keep(&old, true)).await
-        {
-            tracing::warn!("keeping generation {}: {e}", old.number);
-        }
-        Ok(true)
-    }
 }
 
-/// Where an ensure that failed stopped.
-fn stop_of(e: &store::Error) -> Stop {
+/// Where choosing the generation stopped.
+fn stop_of(e: &ChooseError) -> Stop {
     match e {
-        store::Error::ModelMismatch(_) => Stop::ModelMismatch,
-        store::Error::IndexMismatch(_) => Stop::IndexMismatch,
-        store::Error::Claimed(_) => Stop::Claimed,
-        _ => Stop::CollectionUnavailable,
+        ChooseError::Alias(_) => Stop::MilvusUnavailable,
+        ChooseError::Ensure(e) | ChooseError::Begin(e) => match e {
+            store::Error::ModelMismatch(_) => Stop::ModelMismatch,
+            store::Error::IndexMismatch(_) => Stop::IndexMismatch,
+            store::Error::Claimed(_) => Stop::Claimed,
+            _ => Stop::CollectionUnavailable,
+        },
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use imageindex::core::IndexKind;
 use imageindex::index::{Generations, LOCAL_OWNER};
-use imageindex::sync::{Backends, generation::target, sync};
+use imageindex::sync::{Backends, sync};
 
 use super::consistency::{Consistency, consistency};
 use super::matrix::{SERIAL, add_row, reset_peak_rss};
@@ -20,7 +20,7 @@ async fn generations_of(fx: &Fixture) -> Generations {
 
 /// A plan of the index as the next plan Job makes it: on the generation it reads, then checked.
 async fn plan_and_check(fx: &Fixture, gens: &Generations) -> (usize, Consistency) {
-    let g = target(gens, model().id(), false).await.unwrap();
+    let g = gens.target(model().id(), false).await.unwrap();
     let b = Backends { source: fx.source.clone(), index: gens.index(&g, model().id()) };
     let s = fx.sync(&b).await;
     (s.indexed, consistency(fx, &b.index, &[]).await)
@@ -71,7 +71,6 @@ async fn a_rebuild_killed_between_alias_and_table() {
 async fn a_rebuild_swaps_past_deleted_and_unaddressable_objects() {
     use imageindex::index::WriteBatch;
     use imageindex::store::Record;
-    use imageindex::sync::generation::still_missing;
     let _serial = SERIAL.lock().await;
     let fx = Fixture::new("matrix_swap_gone");
     let photos = upload_photos(&fx, PHOTOS).await;
@@ -89,7 +88,7 @@ async fn a_rebuild_swaps_past_deleted_and_unaddressable_objects() {
     let serving = serving.expect("the plain collection, adopted");
     let b = Backends { source: fx.source.clone(), index: gens.to_build(&building, model().id()) };
     assert_eq!(sync(&b, model(), &Default::default()).await.unwrap().indexed, PHOTOS / 2);
-    let missing = tokio::time::timeout(Duration::from_secs(60), still_missing(&gens, &serving, &building, &fx.source))
+    let missing = tokio::time::timeout(Duration::from_secs(60), gens.still_missing(&serving, &building, &fx.source))
         .await
         .expect("the comparison ends")
         .expect("no HEAD stops it");

@@ -403,7 +403,6 @@ async fn an_index_never_drops_or_forgets_a_generation_another_index_holds() {
 async fn a_swap_waits_only_for_objects_still_in_the_bucket() {
     use imageindex::index::{LOCAL_OWNER, WriteBatch};
     use imageindex::store::{Catalog, Record};
-    use imageindex::sync::generation::still_missing;
     let fx = Fixture::new("generations_missing");
     let photos = upload_photos(&fx, 1).await;
     let gens = generations_of(&fx).await;
@@ -422,10 +421,10 @@ async fn a_swap_waits_only_for_objects_still_in_the_bucket() {
         let records = chunk.iter().map(record).collect();
         index.write(WriteBatch { vectors: vec![], remove: vec![], records }).await.unwrap();
     }
-    let missing = still_missing(&gens, &serving, &building, &fx.source).await.expect("no HEAD stops the comparison");
+    let missing = gens.still_missing(&serving, &building, &fx.source).await.expect("no HEAD stops the comparison");
     assert_eq!(missing, 1, "only the photo still in the bucket is waited for");
     fx.source.delete(&photos[0].0).await.unwrap();
-    assert_eq!(still_missing(&gens, &serving, &building, &fx.source).await.unwrap(), 0);
+    assert_eq!(gens.still_missing(&serving, &building, &fx.source).await.unwrap(), 0);
     fx.cleanup().await;
 }
 
@@ -439,8 +438,8 @@ async fn plain_index(fx: &Fixture, n: usize) -> VectorStore {
 
 /// What a plan (or a search pod) does first: the generation to sync, and the sync.
 async fn plan_again(fx: &Fixture, gens: &Generations) -> imageindex::sync::Summary {
-    use imageindex::sync::{Backends, generation::target};
-    let target = target(gens, model().id(), false).await.unwrap();
+    use imageindex::sync::Backends;
+    let target = gens.target(model().id(), false).await.unwrap();
     fx.sync(&Backends { source: fx.source.clone(), index: gens.index(&target, model().id()) }).await
 }
 
