@@ -13,17 +13,17 @@ pub struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Index a whole bucket or folder in one process: list, diff, delete, embed, upsert.
-    Index(crate::sync::cli::IndexArgs),
+    Index(crate::commands::index::IndexArgs),
     /// The collections behind an index name: which serves search, which is being built, which
     /// are retired (see `index --new-generation`).
-    Generations(crate::sync::cli::GenerationsArgs),
+    Generations(crate::commands::generations::GenerationsArgs),
     /// The embedding Job's work: the same sync, for one shard of the listing.
-    Embed(crate::sync::cli::EmbedArgs),
+    Embed(crate::commands::index::EmbedArgs),
     /// An operator Job's first step: make or check the collection, diff the bucket against the
     /// catalog, and report what an embedding Job would have to do.
-    Plan(crate::sync::tasks::PlanArgs),
+    Plan(crate::commands::plan::PlanArgs),
     /// An operator Job on deletion: drop the collection and its catalog rows, or let go of them.
-    Cleanup(crate::sync::tasks::CleanupArgs),
+    Cleanup(crate::commands::cleanup::CleanupArgs),
     /// The search server: HTTP API and a web page.
     Serve(crate::serve::cli::ServeArgs),
     /// The operator: reconcile ImageIndex resources (in a cluster, or against a kubeconfig).
@@ -44,7 +44,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 c.downcast_ref::<Store>(),
                 Some(Store::ModelMismatch(_) | Store::IndexMismatch(_) | Store::Claimed(_) | Store::Invalid(_))
             )
-            || c.downcast_ref::<crate::sync::tasks::Stopped>().is_some_and(|s| s.0.is_config())
+            || c.downcast_ref::<crate::commands::Stopped>().is_some_and(|s| s.0.is_config())
     });
     if config { EXIT_CONFIG } else { 1 }
 }
@@ -96,8 +96,8 @@ mod tests {
         let down = crate::store::Error::backend("Milvus upsert", "connection refused");
         assert_eq!(exit_code(&anyhow::Error::from(down)), 1);
         assert_eq!(exit_code(&anyhow::anyhow!("anything else")), 1);
+        use crate::commands::Stopped;
         use crate::contract::report::Stop;
-        use crate::sync::tasks::Stopped;
         assert_eq!(exit_code(&Stopped(Stop::IndexMismatch, "HNSW".into()).into()), EXIT_CONFIG);
     }
 }

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 /// The top-level modules, top to bottom. A module may use those of lower layers only.
 pub const LAYERS: &[&[&str]] = &[
     &["cli"],
-    // The roles.
-    &["controller", "serve", "sync"],
-    &["config", "crd", "telemetry"],
+    // The roles: the operator, search, and the data-plane commands.
+    &["controller", "serve", "commands"],
+    &["config", "crd", "telemetry", "sync"],
     // An index and its generations, over the adapters.
     &["index"],
     // The leaves: none uses another.
@@ -190,7 +190,7 @@ mod tests {
         assert_eq!(violations(&[up]).len(), 1);
         let grouped = file("embed/model.rs", "use crate::{core::ModelId, index::Index};");
         assert_eq!(violations(&[grouped]).len(), 1, "found inside a use group");
-        let role = file("serve/routes.rs", "use crate::sync::run;");
+        let role = file("serve/routes.rs", "use crate::commands::plan;");
         assert_eq!(violations(&[role]).len(), 1, "roles never use each other");
         let data = file("controller/builders.rs", "use crate::store::key_id;");
         assert_eq!(violations(&[data]).len(), 1, "the control plane uses no data plane");

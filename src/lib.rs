@@ -4,10 +4,11 @@
 //! one folder use each other):
 //! - `cli` parses the command line and runs a role's command.
 //! - The roles: `controller` (the operator) schedules everything on Kubernetes; `serve` answers
-//!   searches; `sync` keeps a collection in step with its bucket. No role uses another; the
-//!   controller uses no data-plane module at all (only `crd`, `core`, `contract`).
+//!   searches; `commands` are the data-plane commands (`index`, `embed`, `plan`, `cleanup`, ...).
+//!   No role uses another; the controller uses no data-plane module at all (only `crd`, `core`,
+//!   `contract`).
 //! - `config` (the flags the data-plane commands share), `crd` (the ImageIndex resource),
-//!   `telemetry` (logging).
+//!   `telemetry` (logging), `sync` (the loop that keeps a collection in step with its bucket).
 //! - `index`: one collection's writes in order (`Index`), and the generations behind an index's
 //!   name, over the adapters of `store`.
 //! - The leaves: `embed` turns image bytes into vectors; `store` keeps them (Milvus, the MySQL
@@ -16,6 +17,7 @@
 //!   on: environment names, Job reports, exit codes): used by all, using nothing.
 pub mod bucket;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod contract;
 pub mod controller;

@@ -1,21 +1,19 @@
 //! The sync, the product's core loop: list the source once, diff it against the catalog, remove
 //! what is gone, and embed what is new or changed. `plan` merges the listing with the catalog
 //! (pure), `planner` feeds it and records the plan's work in the catalog, `pipeline` fetches,
-//! decodes and embeds, `run` carries out one shard's work and records the run; `cli` is the
-//! `index` and `embed` commands, `tasks` the operator's `plan` and `cleanup`.
+//! decodes and embeds, `run` carries out one shard's work and records the run. The commands that
+//! run it are in `commands`.
 //! Uses `embed`, `index`, `store` and `bucket`; nothing below it uses it.
 //!
 //! A bad object (corrupt, truncated, not an image, too large) is recorded as failed with its
 //! reason and never stops the run. A backend failure (Milvus, MySQL, the bucket) does: what was
 //! written stays written, and the next run picks up where this one stopped.
 
-pub mod cli;
 mod pipeline;
 pub mod plan;
 pub mod planner;
 mod run;
 pub mod sorted;
-pub mod tasks;
 
 pub use plan::{DeletionGuard, MassDeletion, Work, shard_of};
 pub use planner::{Planned, plan};

@@ -1,19 +1,19 @@
 //! `imageindex index` (a whole bucket or folder, with a progress bar; or a new generation of the
 //! index, built beside the serving one and swapped in), `imageindex embed` (one shard, in an
-//! embedding Job's pod): the same sync. `imageindex generations` lists an index's generations.
+//! embedding Job's pod): the same sync.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
 use crate::bucket::Source;
-use crate::config::{BackendArgs, DataPlaneArgs};
+use crate::config::DataPlaneArgs;
 use crate::contract::env;
 use crate::embed::Model;
 use crate::index::{CaughtUp, Generations, SwapError};
 use crate::store::{self, Generation};
+use crate::sync::{self, Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
 
 #[derive(clap::Args)]
 pub struct IndexArgs {
@@ -47,53 +47,6 @@ struct GenerationArgs {
     /// Keep the retired generation instead of dropping it.
     #[arg(long, requires = "new_generation")]
     keep_old: bool,
-}
-
-/// `imageindex generations`: the collections behind an index name, which one serves, and how
-/// each build went.
-#[derive(clap::Args)]
-pub struct GenerationsArgs {
-    #[command(flatten)]
-    backend: BackendArgs,
-    /// Print them as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-impl GenerationsArgs {
-    pub async fn run(self) -> Result<()> {
-        let gens = Generations::connect(&self.backend.milvus()?, self.backend.mysql_url()?.expose()).await?;
-        let all = gens.list().await?;
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&all)?);
-            return Ok(());
-        }
-        if all.is_empty() {
-            eprintln!("{} has no collection yet", gens.name());
-        }
-        let time =
-            |t: Option<chrono::NaiveDateTime>| t.map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
-        println!(
-            "{:<4} {:<9} {:<32} {:<40} {:<19} {:<19}",
-            "GEN", "STATE", "COLLECTION", "MODEL", "SERVING SINCE", "RETIRED"
-        );
-        for g in all {
-            let state = if g.keep { format!("{:?} (kept)", g.state) } else { format!("{:?}", g.state) };
-            println!(
-                "{:<4} {:<9} {:<32} {:<40} {:<19} {:<19}",
-                g.number,
-                state.to_lowercase(),
-                g.collection,
-                g.model.as_deref().unwrap_or("-"),
-                time(g.swapped_at),
-                time(g.retired_at)
-            );
-            if let Some(reason) = g.reason {
-                println!("     failed: {reason}");
-            }
-        }
-        Ok(())
-    }
 }
 
 /// One shard of a plan's work (`imageindex plan` lists the bucket; a shard never does).
@@ -155,7 +108,7 @@ impl IndexArgs {
         let target = gens.target(model.id(), opts.mixed_precision).await?;
         let backends = Backends { source, index: gens.index(&target, model.id()) };
         let summary = sync(&backends, model, &opts).await.map_err(|e| match e {
-            super::Error::Store(store::Error::ModelMismatch(m)) => anyhow::Error::from(store::Error::ModelMismatch(m))
+            sync::Error::Store(store::Error::ModelMismatch(m)) => anyhow::Error::from(store::Error::ModelMismatch(m))
                 .context(
                     "to move the index to this model without a gap in search, run `imageindex index --new-generation`",
                 ),
