@@ -121,6 +121,22 @@ fn paths_after(code: &str, prefix: &str) -> Vec<String> {
     out.into_iter().map(|p| ident(p.trim()).trim_end_matches(':').to_string()).filter(|p| !p.is_empty()).collect()
 }
 
+/// Files of one top-level module (a role, or a layer's module) that share a name (`mod.rs` aside):
+/// two `tasks.rs` in one role are two places a reader must tell apart by their folder.
+pub fn shared_names(files: &[File]) -> Vec<String> {
+    let mut seen: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for f in files {
+        let (Some((top, _)), Some(name)) = (f.path.split_once('/'), f.path.rsplit('/').next()) else { continue };
+        if name != "mod.rs" {
+            seen.entry((top, name)).or_default().push(&f.path);
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, paths)| paths.len() > 1)
+        .map(|((top, name), paths)| format!("{top}/: {} files named {name}: {}", paths.len(), paths.join(", ")))
+        .collect()
+}
+
 /// A loop in the graph, if it has one: its nodes in order, the first repeated at the end.
 fn find_cycle<'a>(edges: &BTreeMap<&'a str, Vec<&'a str>>) -> Option<Vec<&'a str>> {
     fn visit<'a>(
@@ -182,6 +198,19 @@ mod tests {
         assert!(files.len() > 40, "read the tree: {} files", files.len());
         let bad = violations(&files);
         assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    #[test]
+    fn no_two_files_of_one_module_share_a_name() {
+        let shared = shared_names(&tree());
+        assert!(shared.is_empty(), "{}", shared.join("\n"));
+        let twice =
+            [file("controller/tasks.rs", ""), file("controller/reconcile/tasks.rs", ""), file("sync/tasks.rs", "")];
+        assert_eq!(
+            shared_names(&twice),
+            ["controller/: 2 files named tasks.rs: controller/tasks.rs, controller/reconcile/tasks.rs"]
+        );
+        assert!(shared_names(&[file("serve/mod.rs", ""), file("serve/a/mod.rs", "")]).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::contract::env;
 use crate::embed::Model;
 use crate::index::{CaughtUp, Generations, SwapError};
 use crate::store::{self, Generation};
-use crate::sync::{self, Backends, DeletionGuard, Reconcile, Summary, SyncOptions, carry_out, sync};
+use crate::sync::{self, Backends, DeletionGuard, RepairWhen, Summary, SyncOptions, carry_out, sync};
 
 #[derive(clap::Args)]
 pub struct IndexArgs {
@@ -84,8 +84,8 @@ struct RunArgs {
     decode_workers: usize,
     /// When to compare Milvus with the catalog object by object and repair what disagrees:
     /// when their counts differ (one count each), or on every run (lists every id).
-    #[arg(long, env = env::RECONCILE, value_enum, default_value = "if-counts-differ")]
-    reconcile: Reconcile,
+    #[arg(long, alias = "reconcile", env = env::REPAIR, value_enum, default_value = "if-counts-differ")]
+    repair: RepairWhen,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -265,7 +265,7 @@ impl RunArgs {
             mixed_precision: model.allow_mixed_precision,
             deletion,
             owner: backend.owner.clone(),
-            reconcile: self.reconcile,
+            repair: self.repair,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::core::{ModelId, Precision, Preprocess};
 use crate::embed::describe_file;
 use crate::index::{CaughtUp, ChooseError, Chosen, Generations, Index, SwapError};
 use crate::store::{self, Catalog, Generation, VectorStore};
-use crate::sync::{self, DeletionGuard, Planned, Reconcile, planner};
+use crate::sync::{self, DeletionGuard, Planned, RepairWhen, planner};
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -159,7 +159,7 @@ impl PlanArgs {
     /// Milvus and the catalog made to agree first, so that the plan embeds what lost its vector.
     async fn repair(&self, index: &Index) -> Result<(), Stopped> {
         let limit = self.out.limit();
-        match tokio::time::timeout(limit, planner::repair(index, Reconcile::IfCountsDiffer)).await {
+        match tokio::time::timeout(limit, planner::repair(index, RepairWhen::IfCountsDiffer)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(Stopped(Stop::MilvusUnavailable, format!("comparing Milvus and the catalog: {e}"))),
             Err(_) => Err(Stopped(Stop::MilvusUnavailable, format!("no answer in {limit:?}"))),

@@ -31,7 +31,7 @@ pub const COMPONENT: &str = "app.kubernetes.io/component";
 /// `cleanup_job`), and this label is what says it is this ImageIndex's.
 pub const OWNER_UID: &str = "imageindex.dev/owner-uid";
 /// The spec generation a Job was created for.
-pub const GENERATION: &str = "imageindex.dev/generation";
+pub const SPEC_GENERATION: &str = "imageindex.dev/generation";
 /// The `embedding_hash` a Job was created for.
 pub const EMBEDDING: &str = "imageindex.dev/embedding";
 /// On a plan Job: the last finished embedding Job when it was made (its diff is of the catalog
@@ -418,7 +418,7 @@ pub fn embed_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan
     let per_index = features.indexed && features.backoff_limit_per_index;
     let mut meta = meta(image_index, name.to_string(), "embed");
     meta.annotations = Some(BTreeMap::from([
-        (GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
+        (SPEC_GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
         (EMBEDDING.to_string(), embedding_hash(image_index, resolved)),
     ]));
     Job {
@@ -526,7 +526,7 @@ pub fn plan_job(image_index: &ImageIndex, resolved: &Resolved, name: &str, plan:
         env.push(var(env::GENERATION_KEEP, "true"));
     }
     let mut annotations = BTreeMap::from([
-        (GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
+        (SPEC_GENERATION.to_string(), image_index.metadata.generation.unwrap_or_default().to_string()),
         (EMBEDDING.to_string(), embedding_hash(image_index, resolved)),
     ]);
     annotations.extend(plan.after_job.clone().map(|j| (AFTER_JOB.to_string(), j)));
@@ -781,7 +781,7 @@ mod tests {
         assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
         let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!((owner.kind.as_str(), owner.controller), ("ImageIndex", Some(true)));
-        assert_eq!(job.metadata.annotations.as_ref().unwrap()[GENERATION], "3");
+        assert_eq!(job.metadata.annotations.as_ref().unwrap()[SPEC_GENERATION], "3");
         let pod = spec.template.spec.as_ref().unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
         let c = &pod.containers[0];

@@ -111,7 +111,7 @@ impl Index {
     /// which write the vector first and the row second: a vector without a row is given
     /// `ORPHAN_GRACE` for its row to land, and an "orphan" whose row still appears after its
     /// delete was a write in flight, marked to be embedded again since its vector went.
-    pub async fn reconcile(&self, shard: u32, shards: u32) -> Result<Repair> {
+    pub async fn repair(&self, shard: u32, shards: u32) -> Result<Repair> {
         let rows: HashSet<i64> = self.catalog.indexed_ids(shard, shards).await?.into_iter().collect();
         let vectors: HashSet<i64> = self.vectors.ids(shard, shards).await?.into_iter().collect();
         let missing: Vec<i64> = rows.difference(&vectors).copied().collect();
@@ -141,7 +141,7 @@ impl Index {
     }
 
     /// Whether Milvus holds as many vectors as the catalog has indexed rows (all shards): the
-    /// cheap check that says when `reconcile` is worth its listing.
+    /// cheap check that says when `repair` is worth its listing.
     pub async fn counts_agree(&self) -> Result<bool> {
         Ok(self.vectors.count().await? == self.catalog.counts().await?.indexed)
     }
@@ -187,11 +187,11 @@ impl Index {
     }
 }
 
-/// How long a vector without a catalog row is given for its row to arrive before `reconcile`
+/// How long a vector without a catalog row is given for its row to arrive before `repair`
 /// deletes it: a write's two steps are milliseconds apart, even on a loaded machine.
 const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// What `Index::reconcile` repaired.
+/// What `Index::repair` repaired.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Repair {
     /// Vectors without an indexed catalog row, deleted.

@@ -71,12 +71,12 @@ pub struct SyncOptions {
     pub deletion: DeletionGuard,
     /// Who this run claims the collection for (see `Catalog::claim_owner`).
     pub owner: String,
-    pub reconcile: Reconcile,
+    pub repair: RepairWhen,
 }
 
-/// When a run compares Milvus with the catalog object by object (see `Index::reconcile`).
+/// When a run compares Milvus with the catalog object by object (see `Index::repair`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Reconcile {
+pub enum RepairWhen {
     /// When the vector count and the indexed rows differ, before and after the run: one count
     /// each, but blind to errors that cancel out (an orphan and a lost vector).
     #[default]
@@ -101,7 +101,7 @@ impl Default for SyncOptions {
             mixed_precision: false,
             deletion: DeletionGuard::default(),
             owner: crate::index::LOCAL_OWNER.into(),
-            reconcile: Reconcile::default(),
+            repair: RepairWhen::default(),
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use super::plan::{DeletionGuard, MassDeletion, Merge, Step};
 use super::sorted::{self, SortError};
-use super::{Error, Reconcile};
+use super::{Error, RepairWhen};
 use crate::bucket::{Object, Source};
 use crate::index::{Index, Repair};
 use crate::store::{self, Entry, PlanRecord, WorkItem};
@@ -32,12 +32,12 @@ pub struct Planned {
 }
 
 /// Makes Milvus and the catalog agree before a plan (when their counts say they do not, or
-/// `reconcile` says always), so that the plan embeds what lost its vector.
-pub async fn repair(index: &Index, reconcile: Reconcile) -> Result<Repair, Error> {
-    if reconcile == Reconcile::IfCountsDiffer && index.counts_agree().await? {
+/// `when` says always), so that the plan embeds what lost its vector.
+pub async fn repair(index: &Index, when: RepairWhen) -> Result<Repair, Error> {
+    if when == RepairWhen::IfCountsDiffer && index.counts_agree().await? {
         return Ok(Repair::default());
     }
-    Ok(index.reconcile(0, 1).await?)
+    Ok(index.repair(0, 1).await?)
 }
 
 /// Lists `source` once, diffs it against the catalog of `index`, and records the work.

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::pipeline::produce;
 use super::plan::Work;
 use super::planner::{self, Planned};
-use super::{Backends, Error, Reconcile, Summary, SyncOptions};
+use super::{Backends, Error, RepairWhen, Summary, SyncOptions};
 use crate::bucket::Source;
 use crate::embed::Model;
 use crate::index::{Index, Repair, WriteBatch};
@@ -30,7 +30,7 @@ pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) ->
     let index = &backends.index;
     index.ensure(model.dim(), model.id(), opts.mixed_precision, &opts.owner).await?;
     let planned = async {
-        let repaired = planner::repair(index, opts.reconcile).await?;
+        let repaired = planner::repair(index, opts.repair).await?;
         let Planned { record, refused } = planner::plan(&backends.source, index, opts.deletion).await?;
         match refused {
             Some(refused) => Err(Error::MassDeletion(refused)),
@@ -50,7 +50,7 @@ pub async fn sync(backends: &Backends, model: Arc<Model>, opts: &SyncOptions) ->
         }
     };
     let c = record.counts;
-    let mut summary = if c.pending() == 0 && opts.reconcile == Reconcile::IfCountsDiffer {
+    let mut summary = if c.pending() == 0 && opts.repair == RepairWhen::IfCountsDiffer {
         Summary { vectors: index.vectors.count().await?, ..Default::default() }
     } else {
         carry_out_ensured(backends, model, opts, &record).await?
@@ -159,12 +159,12 @@ async fn run_shard(
     Ok(summary)
 }
 
-/// Reconciles this shard when the counts say Milvus and the catalog disagree (cheap when they do not).
+/// Repairs this shard when the counts say Milvus and the catalog disagree (cheap when they do not).
 async fn repair(index: &Index, opts: &SyncOptions) -> Result<Repair, Error> {
-    if opts.reconcile == Reconcile::IfCountsDiffer && index.counts_agree().await? {
+    if opts.repair == RepairWhen::IfCountsDiffer && index.counts_agree().await? {
         return Ok(Repair::default());
     }
-    Ok(index.reconcile(opts.shard, opts.shards).await?)
+    Ok(index.repair(opts.shard, opts.shards).await?)
 }
 
 /// The plan's deletions in `ids`, a page at a time: those proven gone are removed, unless

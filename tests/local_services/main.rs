@@ -11,7 +11,7 @@ mod layouts;
 mod mock_api;
 mod operator;
 mod precision;
-mod reconcile;
+mod repair;
 mod s3_proxy;
 mod serve;
 mod stores;

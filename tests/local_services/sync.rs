@@ -75,7 +75,7 @@ async fn index_search_resync_and_delete() {
             let rows = b.index.catalog.indexed_ids(shard, shards).await.unwrap();
             assert_eq!(ids.iter().collect::<HashSet<_>>(), rows.iter().collect(), "shard {shard}/{shards}");
             union.extend(ids);
-            assert_eq!(b.index.reconcile(shard, shards).await.unwrap(), Repair::default());
+            assert_eq!(b.index.repair(shard, shards).await.unwrap(), Repair::default());
         }
         assert_eq!(union, all, "{shards} shards do not cover the collection");
     }

@@ -8,14 +8,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::controller::builders::{EMBEDDING, GENERATION};
+use crate::controller::builders::{EMBEDDING, SPEC_GENERATION};
 
 /// A Job as the decision needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobView {
     pub name: String,
     /// The spec generation it was created for.
-    pub generation: i64,
+    pub spec_generation: i64,
     /// The embedding hash it was created for (`builders::embedding_hash`); None on Jobs made
     /// before Jobs carried one.
     pub embedding: Option<String>,
@@ -45,7 +45,7 @@ impl JobView {
         let finished = status.completion_time.clone().or_else(|| cond("Failed").and_then(|c| c.last_transition_time));
         Self {
             name: j.name_any(),
-            generation: j.annotations().get(GENERATION).and_then(|g| g.parse().ok()).unwrap_or_default(),
+            spec_generation: j.annotations().get(SPEC_GENERATION).and_then(|g| g.parse().ok()).unwrap_or_default(),
             embedding: j.annotations().get(EMBEDDING).cloned(),
             created: j.metadata.creation_timestamp.as_ref().map(|t| t.0),
             finished,
@@ -61,7 +61,7 @@ impl JobView {
 pub struct Diff {
     pub at: Timestamp,
     /// The spec generation it was made for, and the last finished Job it was made after.
-    pub generation: i64,
+    pub spec_generation: i64,
     pub after_job: Option<String>,
     /// Objects in the bucket, and objects new, changed or deleted since the catalog saw them.
     pub discovered: u64,
@@ -75,7 +75,7 @@ pub struct Diff {
 /// What the decision looks at.
 pub struct Inputs<'a> {
     pub jobs: &'a [JobView],
-    pub generation: i64,
+    pub spec_generation: i64,
     /// The embedding hash of the spec now, and the one the last successful Job indexed.
     pub embedding: &'a str,
     pub synced_embedding: Option<&'a str>,
@@ -138,7 +138,7 @@ pub fn decide(i: &Inputs) -> JobDecision {
     let last_job = latest.map(|j| j.name.clone());
     let holds = |d: &&Diff| {
         Duration::try_from(i.now.duration_since(d.at)).unwrap_or_default() < i.resync
-            && d.generation == i.generation
+            && d.spec_generation == i.spec_generation
             && d.after_job == last_job
     };
     let Some(diff) = i.diff.filter(holds) else { return JobDecision::Diff };
@@ -164,11 +164,11 @@ mod tests {
     }
 
     /// A Job for the embedding settings `h<generation>`.
-    fn job(name: &str, generation: i64, state: JobState, finished_ago: Option<i64>) -> JobView {
+    fn job(name: &str, spec_generation: i64, state: JobState, finished_ago: Option<i64>) -> JobView {
         JobView {
             name: name.into(),
-            generation,
-            embedding: Some(format!("h{generation}")),
+            spec_generation,
+            embedding: Some(format!("h{spec_generation}")),
             created: Some(at(3600)),
             finished: finished_ago.map(|s| Time(at(s))),
             completions: 2,
@@ -180,7 +180,7 @@ mod tests {
     fn diff(secs_ago: i64, after: Option<&str>, pending: u64) -> Diff {
         Diff {
             at: at(secs_ago),
-            generation: 3,
+            spec_generation: 3,
             after_job: after.map(Into::into),
             discovered: 10,
             pending,
@@ -194,7 +194,7 @@ mod tests {
         let synced = synced.map(|g| format!("h{g}"));
         decide(&Inputs {
             jobs,
-            generation: 3,
+            spec_generation: 3,
             embedding: "h3",
             synced_embedding: synced.as_deref(),
             resync: Duration::from_secs(600),
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(decide_with(&done, Some(3), None), JobDecision::Diff, "no diff yet");
         assert_eq!(decide_with(&done, Some(3), Some(&diff(700, Some("j1"), 0))), JobDecision::Diff, "too old");
         assert_eq!(decide_with(&done, Some(3), Some(&diff(5, None, 0))), JobDecision::Diff, "made before j1");
-        let other_gen = Diff { generation: 2, ..diff(5, Some("j1"), 0) };
+        let other_gen = Diff { spec_generation: 2, ..diff(5, Some("j1"), 0) };
         assert_eq!(decide_with(&done, Some(3), Some(&other_gen)), JobDecision::Diff, "another spec");
         assert_eq!(
             decide_with(&done, Some(3), Some(&diff(5, Some("j1"), 0))),
@@ -257,10 +257,10 @@ mod tests {
     #[test]
     fn an_edit_that_changes_no_vector_starts_no_job() {
         let done = [job("j1", 3, JobState::Succeeded, Some(50))];
-        let d = Diff { generation: 4, ..diff(5, Some("j1"), 0) };
+        let d = Diff { spec_generation: 4, ..diff(5, Some("j1"), 0) };
         let inputs = Inputs {
             jobs: &done,
-            generation: 4,
+            spec_generation: 4,
             embedding: "h3",
             synced_embedding: Some("h3"),
             resync: Duration::from_secs(600),
@@ -281,7 +281,7 @@ mod tests {
         let d = diff(5, Some("j1"), 4);
         let inputs = Inputs {
             jobs: &failed,
-            generation: 3,
+            spec_generation: 3,
             embedding: "h3",
             synced_embedding: Some("h3"),
             resync: Duration::from_secs(600),

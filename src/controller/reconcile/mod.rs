@@ -233,7 +233,7 @@ async fn embedding(
     let jobs = dereference::jobs(image_index, &ctx.client).await?;
     let latest = jobs::latest_done(&jobs);
     if let Some(j) = latest.filter(|j| j.state == JobState::Succeeded && status.last_sync_time != j.finished) {
-        status.synced_generation = Some(j.generation.max(status.synced_generation.unwrap_or_default()));
+        status.synced_generation = Some(j.spec_generation.max(status.synced_generation.unwrap_or_default()));
         status.synced_embedding = j.embedding.clone();
         status.last_sync_time = j.finished.clone();
         if let (Some(created), Some(finished)) = (j.created, &j.finished) {
@@ -243,7 +243,7 @@ async fn embedding(
         }
         apply::publish(ctx, image_index, EventType::Normal, "Indexed", format!("Job {} completed", j.name)).await;
     }
-    let generation = image_index.metadata.generation.unwrap_or_default();
+    let spec_generation = image_index.metadata.generation.unwrap_or_default();
     let embedding = builders::embedding_hash(image_index, resolved);
     // The status's record, else the last successful Job's own (an apiserver still serving an
     // older CRD prunes the status field; the Jobs keep their annotations).
@@ -261,7 +261,7 @@ async fn embedding(
     let diff = answered.and_then(tasks::diff);
     let decision = jobs::decide(&Inputs {
         jobs: &jobs,
-        generation,
+        spec_generation,
         embedding: &embedding,
         synced_embedding: synced.as_deref(),
         resync: spec.resync,
@@ -328,14 +328,14 @@ async fn plan(
     resync: Option<String>,
     observed: &mut Vec<Observed>,
 ) -> Result<Action, Halt> {
-    let generation = image_index.metadata.generation.unwrap_or_default();
+    let spec_generation = image_index.metadata.generation.unwrap_or_default();
     let first = image_index.status.as_ref().is_none_or(|s| !s.conditions.iter().any(|c| c.type_ == INDEXED));
     let planning = |msg: String| {
         let told = observed.iter().any(|o| o.type_ == INDEXED);
         (first && !told).then(|| Observed::unknown(INDEXED, reason::PLANNING, msg))
     };
     let url = &image_index.spec.source.url;
-    match tasks::next_plan(found.plans, generation, Timestamp::now()) {
+    match tasks::next_plan(found.plans, spec_generation, Timestamp::now()) {
         PlanNext::Running { name, blocked: Some(b) } => {
             observed.push(tasks::blocked_condition(image_index, &format!("plan Job {name}"), &b));
             Ok(Action::requeue(Duration::from_secs(30)))

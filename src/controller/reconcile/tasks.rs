@@ -124,7 +124,7 @@ pub fn diff(plan: &Task) -> Option<Diff> {
     let Some(Report::Planned { plan: id, discovered, pending, refused, .. }) = &plan.report else { return None };
     (plan.job.state == JobState::Succeeded).then(|| Diff {
         at: plan.job.finished.as_ref().map(|t| t.0).or(plan.job.created).unwrap_or_default(),
-        generation: plan.job.generation,
+        spec_generation: plan.job.spec_generation,
         after_job: plan.after_job.clone(),
         discovered: *discovered,
         pending: *pending,
@@ -151,7 +151,7 @@ pub enum PlanNext {
 }
 
 /// Plans are retried with backoff: 10 s, doubling with each failure in a row, at most 5 min.
-pub fn next_plan(plans: &[Task], generation: i64, now: Timestamp) -> PlanNext {
+pub fn next_plan(plans: &[Task], spec_generation: i64, now: Timestamp) -> PlanNext {
     if let Some(t) = plans.iter().find(|t| t.job.state == JobState::Active) {
         return PlanNext::Running { name: t.job.name.clone(), blocked: t.blocked.clone() };
     }
@@ -161,7 +161,7 @@ pub fn next_plan(plans: &[Task], generation: i64, now: Timestamp) -> PlanNext {
     }
     if let Some(Report::Stopped { at, .. }) = &last.report
         && at.is_config()
-        && last.job.generation == generation
+        && last.job.spec_generation == spec_generation
     {
         return PlanNext::Halted;
     }
@@ -363,7 +363,7 @@ mod tests {
         assert_eq!(t.report.as_ref(), Some(&planned));
         let d = diff(&t).unwrap();
         assert_eq!(
-            (d.generation, d.after_job.as_deref(), d.pending, d.at, d.plan),
+            (d.spec_generation, d.after_job.as_deref(), d.pending, d.at, d.plan),
             (3, Some("photos-embed-1"), 2, at(30), Some(12))
         );
         assert_eq!(conditions(&t, "http://m").iter().map(|o| o.ok).collect::<Vec<_>>(), vec![Some(true); 2]);

@@ -7,7 +7,7 @@ use milvus::v2::prelude::*;
 use imageindex::core::IndexKind;
 use imageindex::index::{Repair, WriteBatch};
 use imageindex::store::{self, Record, Vector, key_id};
-use imageindex::sync::{Backends, Reconcile, SyncOptions, sync};
+use imageindex::sync::{Backends, RepairWhen, SyncOptions, sync};
 
 use super::consistency::{Consistency, consistency};
 use super::support::*;
@@ -74,11 +74,11 @@ async fn orphans_and_lost_vectors_are_repaired() {
     assert_eq!(s.repaired, Repair { orphans: 0, missing: 1 }, "{s:?}");
     assert_eq!((s.changed, s.indexed, s.vectors), (1, 1, 10), "{s:?}");
 
-    // Both at once keep the counts equal, which the cheap check cannot see; a full reconcile does.
+    // Both at once keep the counts equal, which the cheap check cannot see; a full repair does.
     b.index.write(orphan()).await.unwrap();
     forget(id).await;
     milvus.delete(delete(lost)).await.unwrap();
-    let full = SyncOptions { reconcile: Reconcile::Always, ..Default::default() };
+    let full = SyncOptions { repair: RepairWhen::Always, ..Default::default() };
     let s = sync(&b, model(), &full).await.unwrap();
     assert_eq!((s.repaired, s.indexed, s.vectors), (Repair { orphans: 1, missing: 1 }, 1, 10), "{s:?}");
     let c = consistency(&fx, &b.index, &[]).await;
@@ -102,7 +102,7 @@ async fn a_write_between_its_vector_and_its_row_is_not_an_orphan() {
     let id = key_id(key);
     let vector = Vector { id, key: key.into(), embedding: embed(&photos[0].1) };
     b.index.write(WriteBatch { vectors: vec![vector], ..Default::default() }).await.unwrap(); // the first step
-    let (repair, row) = tokio::join!(b.index.reconcile(0, 1), async {
+    let (repair, row) = tokio::join!(b.index.repair(0, 1), async {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let records = vec![Record::indexed(key, Some("e".into()), 1, None)];
         b.index.write(WriteBatch { records, ..Default::default() }).await
