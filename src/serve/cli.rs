@@ -8,9 +8,11 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::{AppState, ServeConfig, follow, reload};
-use crate::config::DataPlaneArgs;
+use crate::config::{DataPlaneArgs, ModelArgs};
 use crate::contract::env;
 use crate::core::Redacted;
+use crate::embed::Model;
+use crate::index::{Generations, Index};
 use crate::store::Generation;
 
 #[derive(clap::Args)]
@@ -89,7 +91,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub async fn run(self) -> Result<()> {
-        let DataPlaneArgs { backend, model, src, limits } = &self.data;
+        let DataPlaneArgs { backend, model, src, .. } = &self.data;
         let watch = reload::Watch {
             backend: backend.clone(),
             src: src.clone(),
@@ -101,68 +103,9 @@ impl ServeArgs {
         };
         let credentials = watch.read()?;
         let (gens, source) = watch.connect(&credentials).await?;
-        // The generation that serves, and the model its vectors came from: --model where it fits
-        // them, else that generation's own file beside it. A new --model (an index being rebuilt
-        // for it) is not even needed until search moves to it. A generation dropped while its
-        // model loaded (a server that outlived its grace period) is not made again: the alias
-        // is read again, a few times.
         let mixed = model.allow_mixed_precision;
-        let mut attempts = 0;
-        let (generation, loaded, index) = loop {
-            let generation = gens.serving().await?.unwrap_or_else(|| Generation::plain(gens.name()));
-            let recorded = generation.model.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
-            let loaded = match recorded {
-                Some(id) if !model.describe().is_ok_and(|wanted| generation.fits(&wanted, mixed)) => {
-                    eprintln!(
-                        "generation {} of {} holds vectors of {id}: searching with that model",
-                        generation.number,
-                        gens.name()
-                    );
-                    model.load_for(&id)?
-                }
-                _ => model.load()?,
-            };
-            let index = gens.index(&generation, loaded.id());
-            match index.ensure(loaded.dim(), loaded.id(), mixed, &backend.owner).await {
-                Ok(_) => break (generation, loaded, index),
-                Err(e @ crate::store::Error::NotFound(_)) if attempts < 3 => {
-                    attempts += 1;
-                    eprintln!(
-                        "generation {} of {} is gone ({e}): reading the alias again",
-                        generation.number,
-                        gens.name()
-                    );
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let token = credentials.token();
-        let defaults = ServeConfig::default();
-        let config = ServeConfig {
-            max_upload_bytes: self.max_upload_bytes,
-            limits: limits.decode(),
-            request_timeout: Duration::from_secs(self.request_timeout),
-            max_concurrent_embeddings: match self.max_concurrent_embeddings {
-                0 => defaults.max_concurrent_embeddings,
-                n => n,
-            },
-            max_queued_embeddings: self.max_queued_embeddings,
-            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
-            max_batch: self.max_batch.into(),
-            batch_window: Duration::from_millis(self.batch_window_ms),
-            decode_memory: limits.decode_memory_mib << 20,
-            body_memory: self.body_memory_mib << 20,
-            token,
-            read_token: credentials.read_token(),
-            protect_search: self.protect_search || self.read_token.is_some() || self.read_token_file.is_some(),
-            allow_drop: self.allow_drop,
-            allow_private_urls: self.allow_private_urls,
-            owner: backend.owner.clone(),
-            connections: super::ConnectionLimits {
-                header_timeout: Duration::from_secs(self.header_timeout),
-                max_connections: self.max_connections,
-            },
-        };
+        let (generation, loaded, index) = serving(&gens, model, &backend.owner).await?;
+        let config = self.config(&credentials);
         let state = Arc::new(AppState::serving(generation, Arc::new(loaded), index, source, config));
         let every = Duration::from_secs(self.follow_seconds);
         state.follow(follow::Follow {
@@ -176,5 +119,69 @@ impl ServeArgs {
         }
         eprintln!("search on http://{}/  (API: POST /img/search, GET /img/count, GET /progress)", self.listen);
         super::serve(self.listen, state, Duration::from_secs(self.shutdown_delay_seconds)).await
+    }
+
+    /// The server's settings, from its flags and the credentials read.
+    fn config(&self, credentials: &reload::Credentials) -> ServeConfig {
+        let DataPlaneArgs { backend, limits, .. } = &self.data;
+        let defaults = ServeConfig::default();
+        ServeConfig {
+            max_upload_bytes: self.max_upload_bytes,
+            limits: limits.decode(),
+            request_timeout: Duration::from_secs(self.request_timeout),
+            max_concurrent_embeddings: match self.max_concurrent_embeddings {
+                0 => defaults.max_concurrent_embeddings,
+                n => n,
+            },
+            max_queued_embeddings: self.max_queued_embeddings,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            max_batch: self.max_batch.into(),
+            batch_window: Duration::from_millis(self.batch_window_ms),
+            decode_memory: limits.decode_memory_mib << 20,
+            body_memory: self.body_memory_mib << 20,
+            token: credentials.token(),
+            read_token: credentials.read_token(),
+            protect_search: self.protect_search || self.read_token.is_some() || self.read_token_file.is_some(),
+            allow_drop: self.allow_drop,
+            allow_private_urls: self.allow_private_urls,
+            owner: backend.owner.clone(),
+            connections: super::ConnectionLimits {
+                header_timeout: Duration::from_secs(self.header_timeout),
+                max_connections: self.max_connections,
+            },
+        }
+    }
+}
+
+/// The generation that serves, and the model its vectors came from: `model` where it fits them,
+/// else that generation's own file beside it. A new model (an index being rebuilt for it) is not
+/// even needed until search moves to it. A generation dropped while its model loaded (a server
+/// that outlived its grace period) is not made again: the alias is read again, a few times.
+async fn serving(gens: &Generations, model: &ModelArgs, owner: &str) -> Result<(Generation, Model, Index)> {
+    let mixed = model.allow_mixed_precision;
+    let mut attempts = 0;
+    loop {
+        let generation = gens.serving().await?.unwrap_or_else(|| Generation::plain(gens.name()));
+        let recorded = generation.model.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+        let loaded = match recorded {
+            Some(id) if !model.describe().is_ok_and(|wanted| generation.fits(&wanted, mixed)) => {
+                eprintln!(
+                    "generation {} of {} holds vectors of {id}: searching with that model",
+                    generation.number,
+                    gens.name()
+                );
+                model.load_for(&id)?
+            }
+            _ => model.load()?,
+        };
+        let index = gens.index(&generation, loaded.id());
+        match index.ensure(loaded.dim(), loaded.id(), mixed, owner).await {
+            Ok(_) => return Ok((generation, loaded, index)),
+            Err(e @ crate::store::Error::NotFound(_)) if attempts < 3 => {
+                attempts += 1;
+                eprintln!("generation {} of {} is gone ({e}): reading the alias again", generation.number, gens.name());
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
