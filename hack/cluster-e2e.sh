@@ -389,16 +389,16 @@ EOF
 for f in "${all[@]:500:30}"; do
   s3 -T "$f" "$IMAGEINDEX_S3_ENDPOINT/$bucket/b/${f##*/}" >/dev/null || fail "upload b/${f##*/}"
 done
-team $team_a e2e
-team $team_b b
+team "$team_a" e2e
+team "$team_b" b
 for ns in $team_a $team_b; do
   k -n "$ns" wait imgidx/photos --for=condition=Ready --timeout=600s >/dev/null || fail "$ns/photos not Ready"
 done
-a_col=$(status_of $team_a photos .status.collection)
-b_col=$(status_of $team_b photos .status.collection)
+a_col=$(status_of "$team_a" photos .status.collection)
+b_col=$(status_of "$team_b" photos .status.collection)
 [[ -n $a_col && -n $b_col && $a_col != "$b_col" ]] || fail "the two namespaces share a collection ($a_col, $b_col)"
-[[ $(status_of $team_a photos .status.images.indexed) == "$in_bucket" ]] || fail "team-a indexed"
-[[ $(status_of $team_b photos .status.images.indexed) == 30 ]] || fail "team-b indexed"
+[[ $(status_of "$team_a" photos .status.images.indexed) == "$in_bucket" ]] || fail "team-a indexed"
+[[ $(status_of "$team_b" photos .status.images.indexed) == 30 ]] || fail "team-b indexed"
 [[ $(catalog_rows "$a_col") == "$in_bucket" && $(catalog_rows "$b_col") == 30 ]] || fail "catalog rows per namespace"
 search_in() { # NS QUERY: the top hit through that namespace's search Service
   local ip port
@@ -407,40 +407,40 @@ search_in() { # NS QUERY: the top hit through that namespace's search Service
   curl -fsS --max-time 30 -F image=@"$2" -F topk=1 "http://$ip:$port/img/search" |
     "$PY" -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["key"])'
 }
-[[ $(search_in $team_a "$photos/queries/00000.jpg") == 00000.jpg ]] || fail "team-a search"
-[[ $(search_in $team_b "$photos/queries/00500.jpg") == 00500.jpg ]] || fail "team-b search"
-[[ $(search_in $team_b "$photos/queries/00000.jpg") != 00000.jpg ]] || fail "team-b found team-a's photo"
-k -n $team_b delete imgidx photos --timeout 180s >/dev/null || fail "team-b's ImageIndex did not go"
+[[ $(search_in "$team_a" "$photos/queries/00000.jpg") == 00000.jpg ]] || fail "team-a search"
+[[ $(search_in "$team_b" "$photos/queries/00500.jpg") == 00500.jpg ]] || fail "team-b search"
+[[ $(search_in "$team_b" "$photos/queries/00000.jpg") != 00000.jpg ]] || fail "team-b found team-a's photo"
+k -n "$team_b" delete imgidx photos --timeout 180s >/dev/null || fail "team-b's ImageIndex did not go"
 milvus_has "$b_col" && fail "team-b's collection $b_col was kept"
 milvus_has "$a_col" || fail "deleting team-b's index dropped team-a's collection"
 [[ $(catalog_rows "$a_col") == "$in_bucket" ]] || fail "deleting team-b's index touched team-a's catalog rows"
-[[ $(search_in $team_a "$photos/queries/00000.jpg") == 00000.jpg ]] || fail "team-a search after team-b went"
+[[ $(search_in "$team_a" "$photos/queries/00000.jpg") == 00000.jpg ]] || fail "team-a search after team-b went"
 log "two namespaces on one Milvus and MySQL: $a_col ($in_bucket) and $b_col (30) apart; team-b's deletion left team-a whole"
 snapshot 7-two-namespaces
 
 # Single-namespace mode: a Role in $team_a instead of the ClusterRole.
 "$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" upgrade imageindex "$ROOT/charts/imageindex" -n imageindex-system \
-  --reuse-values --set watchNamespace=$team_a --wait --timeout 180s >/dev/null || fail "helm upgrade to single-namespace mode"
+  --reuse-values --set watchNamespace="$team_a" --wait --timeout 180s >/dev/null || fail "helm upgrade to single-namespace mode"
 k -n imageindex-system rollout status deploy/imageindex-controller --timeout 120s >/dev/null || fail "single-namespace rollout"
 k get clusterrole imageindex-controller >/dev/null 2>&1 && fail "the ClusterRole is still there in single-namespace mode"
-k -n $team_a get role imageindex-controller >/dev/null || fail "no Role in $team_a"
+k -n "$team_a" get role imageindex-controller >/dev/null || fail "no Role in $team_a"
 wait_for "a controller pod to lead" 60 current_leader || fail "no controller pod leads (holder $(holder))"
-team $team_b b other
+team "$team_b" b other
 upload "$next" 5 && next=$((next + 5))
-resync $team_a photos || fail "team-a's resync in single-namespace mode"
-[[ $(status_of $team_a photos .status.images.indexed) == "$in_bucket" ]] || fail "team-a indexed in single-namespace mode"
+resync "$team_a" photos || fail "team-a's resync in single-namespace mode"
+[[ $(status_of "$team_a" photos .status.images.indexed) == "$in_bucket" ]] || fail "team-a indexed in single-namespace mode"
 # The controller has just reconciled $team_a; $team_b is not its business any more.
-[[ -z $(status_of $team_b other .status) && -z $(status_of $team_b other .metadata.finalizers) ]] ||
+[[ -z $(status_of "$team_b" other .status) && -z $(status_of "$team_b" other .metadata.finalizers) ]] ||
   fail "single-namespace mode reconciled $team_b/other"
 k -n imageindex-system logs "$(holder)" | grep -q "code: 403" && fail "the controller hit RBAC in single-namespace mode"
 "$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" upgrade imageindex "$ROOT/charts/imageindex" -n imageindex-system \
   --reuse-values --set watchNamespace= --wait --timeout 180s >/dev/null || fail "helm upgrade back to cluster-wide"
-k -n $team_b wait imgidx/other --for=condition=Ready --timeout=600s >/dev/null ||
+k -n "$team_b" wait imgidx/other --for=condition=Ready --timeout=600s >/dev/null ||
   fail "$team_b/other not Ready once cluster-wide again"
 log "single-namespace mode reconciled $team_a only; cluster-wide again, $team_b/other became Ready"
 snapshot 7-single-namespace
 for ns in $team_a $team_b; do
   k -n "$ns" delete imgidx --all --timeout 180s >/dev/null || fail "$ns's ImageIndexes did not go"
 done
-k delete namespace $team_a $team_b --timeout 300s >/dev/null || fail "the team namespaces did not go"
+k delete namespace "$team_a" "$team_b" --timeout 300s >/dev/null || fail "the team namespaces did not go"
 log "cluster e2e: ok"

@@ -34,20 +34,7 @@ k() { "$KUBECTL" --kubeconfig "$CDIR/admin.kubeconfig" "$@"; }
 ctr_() { ctr --address "$sock" -n k8s.io "$@"; }
 
 kubeconfig() { # FILE USER TOKEN
-  cat >"$1" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster: {server: "https://$GW:$API_PORT", certificate-authority: "$CDIR/ca.crt"}
-users:
-- name: $2
-  user: {token: "$3"}
-contexts:
-- name: local
-  context: {cluster: local, user: $2}
-current-context: local
-EOF
+  write_kubeconfig "$1" "https://$GW:$API_PORT" "$CDIR/ca.crt" "$2" "token: \"$3\""
 }
 
 # One CA; the apiserver's serving certificate (for the gateway address, the kubernetes Service's
@@ -57,20 +44,11 @@ certs() {
   [[ -f $CDIR/tokens.csv ]] && return
   mkdir -p "$CDIR"
   log "cluster: making a CA, certificates, the service-account key and tokens"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=imageindex-cluster-ca" \
-    -keyout "$CDIR/ca.key" -out "$CDIR/ca.crt" 2>/dev/null
-  cert() { # NAME SUBJECT [SAN]
-    openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$CDIR/$1.key" -out "$CDIR/$1.csr" 2>/dev/null
-    local ext=/dev/null
-    if [[ -n ${3:-} ]]; then ext=$CDIR/$1.ext; echo "subjectAltName=$3" >"$ext"; fi
-    openssl x509 -req -in "$CDIR/$1.csr" -CA "$CDIR/ca.crt" -CAkey "$CDIR/ca.key" -CAcreateserial \
-      -days 3650 -extfile "$ext" -out "$CDIR/$1.crt" 2>/dev/null
-  }
-  cert apiserver "/CN=kube-apiserver" \
+  make_ca "$CDIR" imageindex-cluster-ca
+  make_cert "$CDIR" apiserver "/CN=kube-apiserver" \
     "IP:$GW,IP:$SVC_KUBERNETES,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
-  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
-  openssl genrsa -out "$CDIR/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$CDIR/sa.key" -pubout -out "$CDIR/sa.pub" 2>/dev/null
+  make_cert "$CDIR" apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
+  make_sa_key "$CDIR"
   : >"$CDIR/tokens.csv"
   local who user groups token
   for who in admin controller-manager scheduler kubelet kube-proxy; do
@@ -81,7 +59,7 @@ certs() {
       kubelet) user=system:node:$NODE groups=system:nodes ;;
       kube-proxy) user=system:kube-proxy groups=system:authenticated ;;
     esac
-    token=$(head -c 24 /dev/urandom | base64 | tr -d '/+=\n')
+    token=$(new_token)
     echo "$token,$user,$user,\"$groups\"" >>"$CDIR/tokens.csv"
     kubeconfig "$CDIR/$who.kubeconfig" "$user" "$token"
   done

@@ -17,13 +17,14 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "${PIP_PACKAGES[*]}" ]]; then
   echo "${PIP_PACKAGES[*]}" >"$stamp"
 fi
 
-# Debian packages: MariaDB (the catalog), Node.js (Azurite, the browser test's driver), and cmake + nasm, which build libjpeg-turbo (statically
-# linked into the binary by turbojpeg-sys) with its SIMD code.
+# Debian packages: MariaDB (the catalog), Node.js (Azurite, the browser test's driver), cmake + nasm, which build libjpeg-turbo (statically
+# linked into the binary by turbojpeg-sys) with its SIMD code, and shellcheck, which CI runs on these scripts.
 apt_packages=()
 command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || apt_packages+=(mariadb-server mariadb-client)
 command -v cmake >/dev/null || apt_packages+=(cmake)
 command -v nasm >/dev/null || apt_packages+=(nasm)
 command -v npm >/dev/null || apt_packages+=(nodejs npm)
+command -v shellcheck >/dev/null || apt_packages+=(shellcheck)
 if ((${#apt_packages[@]})); then
   log "apt-get install ${apt_packages[*]}"
   sudo_=""; [[ $(id -u) == 0 ]] || sudo_=sudo

@@ -22,37 +22,18 @@ apiserver_ready() { [[ $(curl -fsS --cacert "$KDIR/ca.crt" -H "Authorization: Be
   "https://127.0.0.1:$KUBE_PORT/readyz") == ok ]]; }
 
 kubeconfig() { # FILE TOKEN-FILE USER
-  cat >"$1" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster: {server: "https://127.0.0.1:$KUBE_PORT", certificate-authority: "$KDIR/ca.crt"}
-users:
-- name: $3
-  user: {tokenFile: "$2"}
-contexts:
-- name: local
-  context: {cluster: local, user: $3}
-current-context: local
-EOF
+  write_kubeconfig "$1" "https://127.0.0.1:$KUBE_PORT" "$KDIR/ca.crt" "$3" "tokenFile: \"$2\""
 }
 
 certs() {
   [[ -f $KDIR/apiserver.crt ]] && return
   mkdir -p "$KDIR"
   log "making a CA, a serving certificate and the service-account key"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=imageindex-local-ca" \
-    -keyout "$KDIR/ca.key" -out "$KDIR/ca.crt" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout "$KDIR/apiserver.key" \
-    -out "$KDIR/apiserver.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' >"$KDIR/san.ext"
-  openssl x509 -req -in "$KDIR/apiserver.csr" -CA "$KDIR/ca.crt" -CAkey "$KDIR/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$KDIR/san.ext" -out "$KDIR/apiserver.crt" 2>/dev/null
-  openssl genrsa -out "$KDIR/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$KDIR/sa.key" -pubout -out "$KDIR/sa.pub" 2>/dev/null
-  head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$KDIR/admin.token"
-  head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$KDIR/controller.token"
+  make_ca "$KDIR" imageindex-local-ca
+  make_cert "$KDIR" apiserver "/CN=kube-apiserver" "IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc"
+  make_sa_key "$KDIR"
+  new_token >"$KDIR/admin.token"
+  new_token >"$KDIR/controller.token"
   {
     echo "$(cat "$KDIR/admin.token"),admin,admin,\"system:masters\""
     echo "$(cat "$KDIR/controller.token"),system:serviceaccount:$SA_NS:$SA_NAME,$SA_NAME,\"system:serviceaccounts,system:serviceaccounts:$SA_NS,system:authenticated\""

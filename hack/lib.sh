@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # its settings are read by the scripts that source it
 # Shared settings for the hack/ scripts. Source it; do not run it.
 # Two places: CACHE (outside the clone, survives fresh clones: venv, unpacked Milvus, models, cargo target)
 # and STATE (inside the clone, ignored: service data, logs, pid files).
@@ -46,9 +47,53 @@ running_pid() {
 start_daemon() {
   local name=$1 dir=$2 log=$3; shift 3
   rm -f "$STATE/$name.pid"
+  # shellcheck disable=SC2016 # $$ is the new shell's PID, expanded by it
   (cd "$dir" && exec setsid bash -c 'echo $$ >"$0"; exec "$@"' "$STATE/$name.pid" "$@" >"$log" 2>&1 </dev/null) &
   wait_for "$name to start" 10 test -s "$STATE/$name.pid"
 }
+
+# The local apiservers' credentials (hack/kube.sh's, hack/cluster.sh's): a kubeconfig FILE for
+# SERVER trusting CA, as USER authenticated by AUTH (`token: "..."` or `tokenFile: "..."`).
+write_kubeconfig() { # FILE SERVER CA USER AUTH
+  cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {server: "$2", certificate-authority: "$3"}
+users:
+- name: $4
+  user: {$5}
+contexts:
+- name: local
+  context: {cluster: local, user: $4}
+current-context: local
+EOF
+}
+
+# A CA in DIR (ca.key, ca.crt) named CN.
+make_ca() { # DIR CN
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=$2" \
+    -keyout "$1/ca.key" -out "$1/ca.crt" 2>/dev/null
+}
+
+# NAME.key and NAME.crt in DIR, signed by DIR's CA, for SUBJECT and the subjectAltName SAN if given.
+make_cert() { # DIR NAME SUBJECT [SAN]
+  local dir=$1 ext=/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "$3" -keyout "$dir/$2.key" -out "$dir/$2.csr" 2>/dev/null
+  if [[ -n ${4:-} ]]; then ext=$dir/$2.ext; echo "subjectAltName=$4" >"$ext"; fi
+  openssl x509 -req -in "$dir/$2.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$ext" -out "$dir/$2.crt" 2>/dev/null
+}
+
+# The service-account signing key pair in DIR (sa.key, sa.pub).
+make_sa_key() { # DIR
+  openssl genrsa -out "$1/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$1/sa.key" -pubout -out "$1/sa.pub" 2>/dev/null
+}
+
+# A random bearer token.
+new_token() { head -c 24 /dev/urandom | base64 | tr -d '/+=\n'; }
 
 # Fails if something that is not ours listens on the port.
 port_free() {
@@ -58,4 +103,10 @@ port_free() {
   fi
 }
 
-ort_dylib() { ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1; }
+ort_dylib() {
+  local f
+  for f in "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*; do
+    [[ -e $f ]] && echo "$f" && break
+  done
+  return 0
+}

@@ -13,7 +13,8 @@ parity=$CACHE/photos/parity-1000
 [[ -d $parity/queries ]] || "$PY" "$ROOT/hack/make-photos.py" "$parity" --count 1000 --queries >&2
 source "$STATE/env"
 source "$STATE/kube.env"
-export IMAGEINDEX_MODEL=$model IMAGEINDEX_PARITY_PHOTOS=$parity IMAGEINDEX_MODEL_RESNET18=$("$ROOT/hack/model.sh" --resnet18)
+resnet18=$("$ROOT/hack/model.sh" --resnet18)
+export IMAGEINDEX_MODEL=$model IMAGEINDEX_PARITY_PHOTOS=$parity IMAGEINDEX_MODEL_RESNET18=$resnet18
 cd "$ROOT"
 rm -f "$STATE/artifacts/parity.txt" "$STATE/artifacts/cuda.txt" "$STATE/artifacts/fault-matrix.txt" \
   "$STATE/artifacts/loadtest-hostile.txt"
