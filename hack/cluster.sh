@@ -230,12 +230,7 @@ images() {
 control_plane() {
   if [[ -z $(running_pid cluster-etcd) ]]; then
     log "cluster: starting etcd (127.0.0.1:$ETCD_PORT)"
-    start_daemon cluster-etcd "$CDIR" "$CDIR/etcd.log" etcd --name cluster --data-dir "$CDIR/etcd" \
-      --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-      --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-      --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-      --initial-cluster "cluster=http://127.0.0.1:$((ETCD_PORT + 1))"
-    wait_for etcd 30 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+    start_etcd cluster-etcd "$CDIR" cluster "$ETCD_PORT"
   fi
   if [[ -z $(running_pid cluster-apiserver) ]]; then
     log "cluster: starting kube-apiserver ($GW:$API_PORT)"

@@ -49,12 +49,7 @@ up() {
   if [[ -z $(running_pid etcd) ]]; then
     port_free "$ETCD_PORT" etcd ETCD_PORT || exit 1
     log "starting etcd (:$ETCD_PORT)"
-    start_daemon etcd "$KDIR" "$KDIR/etcd.log" etcd --name imageindex --data-dir "$KDIR/etcd" \
-      --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-      --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-      --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-      --initial-cluster "imageindex=http://127.0.0.1:$((ETCD_PORT + 1))"
-    wait_for etcd 30 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+    start_etcd etcd "$KDIR" imageindex "$ETCD_PORT"
   fi
   if [[ -z $(running_pid kube-apiserver) ]]; then
     port_free "$KUBE_PORT" kube-apiserver KUBE_PORT || exit 1

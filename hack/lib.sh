@@ -92,6 +92,18 @@ make_sa_key() { # DIR
   openssl rsa -in "$1/sa.key" -pubout -out "$1/sa.pub" 2>/dev/null
 }
 
+# etcd for a local apiserver: daemon PID-NAME, data and log in DIR, member NAME, clients on PORT
+# and peers on PORT+1 (loopback only), waited for until healthy.
+start_etcd() { # PID-NAME DIR NAME PORT
+  local port=$4
+  start_daemon "$1" "$2" "$2/etcd.log" etcd --name "$3" --data-dir "$2/etcd" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$((port + 1))" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$((port + 1))" \
+    --initial-cluster "$3=http://127.0.0.1:$((port + 1))"
+  wait_for etcd 30 curl -fsS "http://127.0.0.1:$port/health"
+}
+
 # A random bearer token.
 new_token() { head -c 24 /dev/urandom | base64 | tr -d '/+=\n'; }
 
